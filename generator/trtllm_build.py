@@ -1,0 +1,243 @@
+"""The TensorRT-LLM engine path: one `trtllm-build` command per checkpoint, run inside NVIDIA's container.
+
+Pinned release: TensorRT-LLM 1.2.1, the version inside `nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3`
+(Triton's compatibility matrix maps 26.04-26.07 to 1.2.1). Every flag below was checked against that era's
+`tensorrt_llm/commands/build.py` and `tensorrt_llm/plugin/plugin.py`, and against the MPT and DBRX READMEs under
+`examples/models/contrib/`:
+
+- plugin flags take a dtype (`float16`, `bfloat16`, `float32`), `auto` or `disable`; gen-repo resolves `auto`
+  to the checkpoint's dtype so the command line says what the engine gets, as the READMEs write it;
+- `--paged_kv_cache` is only a deprecated alias in 1.x (it logs a warning and sets nothing), so the paged KV
+  cache is asked for with `--kv_cache_type paged` (`continuous` otherwise);
+- `--strongly_typed` (old DBRX INT8-KV docs) no longer exists: 1.x always builds strongly typed networks;
+- weight-only checkpoints (W8A16 / W4A16) need no extra flag: the builder turns on the weight-only matmul plugin
+  from the checkpoint's `quant_algo` (unless the checkpoint sets `disable_weight_only_quant_plugin`, which int4
+  does not support). `--gemm_plugin` then only serves the layers left in 16 bits (lm_head). MoE layers with
+  weight-only weights need the MoE plugin (the plain-TensorRT MoE rejects them);
+- INT8 KV cache (`kv_cache_quant_algo: INT8`) is read from the checkpoint; it needs the GPT attention plugin;
+- `--workers N` builds N ranks in parallel, one GPU each; trtllm-build itself caps it at the GPUs present.
+
+The engine dir trtllm-build writes holds `config.json` (`version`, `pretrained_config`, `build_config`) and
+`rank{r}.engine` for every rank; `build_with_trtllm` checks exactly that after a build.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from generator.engine.config import read_config_json
+from generator.errors import ConfigError, GenRepoError
+from generator.mapping import Mapping
+
+TRTLLM_VERSION = "1.2.1"
+TRITON_CONTAINER_TAG = "26.07"
+TRTLLM_CONTAINER = f"nvcr.io/nvidia/tritonserver:{TRITON_CONTAINER_TAG}-trtllm-python-py3"
+
+SUPPORTED_ARCHITECTURES = ("MPTForCausalLM", "DbrxForCausalLM")
+PLUGIN_DTYPES = ("float16", "bfloat16", "float32")
+SUPPORTED_QUANT_ALGOS = (None, "W8A16", "W4A16")
+SUPPORTED_KV_CACHE_QUANT_ALGOS = (None, "INT8")
+
+
+class TrtllmBuildInputs(Protocol):
+    """The fields of `generator.build.BuildSettings` this module reads (typed structurally so that build.py
+    can import this module without a cycle)."""
+
+    @property
+    def checkpoint_dir(self) -> Path: ...
+    @property
+    def output_dir(self) -> Path: ...
+    @property
+    def max_batch_size(self) -> int: ...
+    @property
+    def max_input_len(self) -> int: ...
+    @property
+    def max_seq_len(self) -> int | None: ...
+    @property
+    def max_num_tokens(self) -> int | None: ...
+    @property
+    def max_beam_width(self) -> int: ...
+    @property
+    def workers(self) -> int: ...
+    @property
+    def gpt_attention_plugin(self) -> str: ...
+    @property
+    def gemm_plugin(self) -> str: ...
+    @property
+    def moe_plugin(self) -> str: ...
+    @property
+    def paged_kv_cache(self) -> bool: ...
+    @property
+    def remove_input_padding(self) -> bool: ...
+    @property
+    def dry_run(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What the build needs to know about a TensorRT-LLM checkpoint, read from its config.json."""
+
+    architecture: str
+    dtype: str
+    mapping: Mapping
+    is_moe: bool
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    weight_only_plugin_disabled: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.mapping.world_size
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CheckpointFacts:
+        """Read a checkpoint's config.json (or an engine's `pretrained_config`)."""
+        quantization = dict(config.get("quantization") or {})
+        moe = dict(config.get("moe") or config.get("moe_config") or {})
+        num_experts = int(moe.get("num_experts", config.get("moe_num_experts", 0)) or 0)
+        return cls(
+            architecture=str(config.get("architecture")),
+            dtype=str(config.get("dtype", "float16")),
+            mapping=Mapping.from_json(dict(config.get("mapping") or {})),
+            is_moe=num_experts > 1,
+            quant_algo=quantization.get("quant_algo"),
+            kv_cache_quant_algo=quantization.get("kv_cache_quant_algo"),
+            weight_only_plugin_disabled=bool(config.get("disable_weight_only_quant_plugin", False)),
+        )
+
+
+def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
+    """Reject checkpoints trtllm-build cannot build, naming the config field; return their facts.
+
+    gen-repo's converter can write MPT variants that only its pytorch engine runs (docs in
+    generator/models/mpt.py): biases, q/k LayerNorm and learned positions have no TensorRT-LLM counterpart.
+    """
+    facts = CheckpointFacts.from_config(config)
+    if facts.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"architecture {facts.architecture!r} cannot be built here "
+                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if facts.dtype not in PLUGIN_DTYPES:
+        raise ConfigError(f"dtype {facts.dtype!r} is not one trtllm-build accepts ({', '.join(PLUGIN_DTYPES)})")
+    if facts.quant_algo not in SUPPORTED_QUANT_ALGOS:
+        raise ConfigError(f"quantization.quant_algo {facts.quant_algo!r} is not supported (none, W8A16, W4A16)")
+    if facts.kv_cache_quant_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
+        raise ConfigError(f"quantization.kv_cache_quant_algo {facts.kv_cache_quant_algo!r} is not supported "
+                          "(none, INT8)")
+    if facts.architecture == "MPTForCausalLM":
+        if config.get("bias"):
+            raise ConfigError("bias: true (an MPT with no_bias false) is a gen-repo extension TensorRT-LLM's MPT "
+                              "cannot load; use --engine-backend pytorch")
+        if config.get("qk_layernorm"):
+            raise ConfigError("qk_layernorm: true (MPT attn_config.qk_ln) is not supported by TensorRT-LLM's MPT; "
+                              "use --engine-backend pytorch")
+        if config.get("position_embedding_type", "alibi") != "alibi":
+            raise ConfigError(f"position_embedding_type {config.get('position_embedding_type')!r}: TensorRT-LLM's "
+                              "MPT only builds ALiBi models; use --engine-backend pytorch")
+    if facts.quant_algo == "W4A16" and facts.weight_only_plugin_disabled:
+        raise ConfigError("int4 weight-only (W4A16) needs the weight-only plugin, but the checkpoint sets "
+                          "disable_weight_only_quant_plugin")
+    return facts
+
+
+def resolve_plugin(value: str, dtype: str, name: str) -> str:
+    """A plugin setting as trtllm-build takes it: `auto` becomes the checkpoint dtype, `disable` stays."""
+    if value == "auto":
+        return dtype
+    if value == "disable" or value in PLUGIN_DTYPES:
+        return value
+    raise ConfigError(f"{name} {value!r}: use auto, disable or one of {', '.join(PLUGIN_DTYPES)}")
+
+
+def _enable(flag: bool) -> str:
+    return "enable" if flag else "disable"
+
+
+def trtllm_build_command(settings: TrtllmBuildInputs, config: dict[str, Any]) -> list[str]:
+    """The `trtllm-build` argv for one checkpoint config (see the module docstring for each flag)."""
+    facts = check_trtllm_compatible(config)
+    attention = resolve_plugin(settings.gpt_attention_plugin, facts.dtype, "gpt_attention_plugin")
+    gemm = resolve_plugin(settings.gemm_plugin, facts.dtype, "gemm_plugin")
+    moe = resolve_plugin(settings.moe_plugin, facts.dtype, "moe_plugin")
+    if attention == "disable" and (settings.paged_kv_cache or settings.remove_input_padding
+                                   or facts.kv_cache_quant_algo):
+        raise ConfigError("the paged KV cache, remove_input_padding and an INT8 KV cache all need the GPT "
+                          "attention plugin; do not disable it")
+    if facts.is_moe and facts.quant_algo and moe == "disable":
+        raise ConfigError(f"{facts.quant_algo} MoE weights need the MoE plugin; do not disable moe_plugin")
+
+    argv = ["trtllm-build",
+            "--checkpoint_dir", str(settings.checkpoint_dir),
+            "--output_dir", str(settings.output_dir),
+            "--gpt_attention_plugin", attention,
+            "--gemm_plugin", gemm]
+    if facts.is_moe:
+        argv += ["--moe_plugin", moe]
+    argv += ["--max_batch_size", str(settings.max_batch_size),
+             "--max_input_len", str(settings.max_input_len)]
+    if settings.max_seq_len is not None:
+        argv += ["--max_seq_len", str(settings.max_seq_len)]
+    if settings.max_num_tokens is not None:
+        argv += ["--max_num_tokens", str(settings.max_num_tokens)]
+    argv += ["--max_beam_width", str(settings.max_beam_width),
+             "--workers", str(max(1, min(settings.workers, facts.world_size))),
+             "--kv_cache_type", "paged" if settings.paged_kv_cache else "continuous",
+             "--remove_input_padding", _enable(settings.remove_input_padding),
+             "--context_fmha", _enable(attention != "disable")]
+    return argv
+
+
+def trtllm_build_commands(settings: TrtllmBuildInputs) -> list[list[str]]:
+    """The commands that build `settings.checkpoint_dir` into `settings.output_dir`: one trtllm-build."""
+    config = read_config_json(Path(settings.checkpoint_dir))
+    return [trtllm_build_command(settings, config)]
+
+
+def missing_rank_files(directory: Path, world_size: int, suffix: str) -> list[str]:
+    """Names of `rank{r}{suffix}` files absent from `directory`, for r in 0..world_size-1."""
+    return [f"rank{r}{suffix}" for r in range(world_size) if not (directory / f"rank{r}{suffix}").is_file()]
+
+
+def check_engine_dir(engine_dir: Path) -> int:
+    """Check a trtllm-build output dir (config.json + rank{r}.engine for every rank); return its world size."""
+    engine_dir = Path(engine_dir)
+    config = read_config_json(engine_dir)
+    if "pretrained_config" not in config or "build_config" not in config:
+        raise GenRepoError(f"{engine_dir / 'config.json'} is not an engine config (no pretrained_config / "
+                           "build_config)")
+    world_size = CheckpointFacts.from_config(config["pretrained_config"]).world_size
+    missing = missing_rank_files(engine_dir, world_size, ".engine")
+    if missing:
+        raise GenRepoError(f"engine dir {engine_dir} lacks {', '.join(missing)} (world size {world_size})")
+    return world_size
+
+
+def build_with_trtllm(settings: TrtllmBuildInputs) -> Path:
+    """Run trtllm-build on the checkpoint; with `dry_run`, print the commands and write nothing.
+
+    Needs TensorRT-LLM (`trtllm-build` on PATH), i.e. NVIDIA's Triton TensorRT-LLM container.
+    """
+    commands = trtllm_build_commands(settings)
+    if settings.dry_run:
+        for argv in commands:
+            print(shlex.join(argv))
+        return Path(settings.output_dir)
+    if shutil.which("trtllm-build") is None:
+        raise GenRepoError(
+            f"trtllm-build is not on PATH: the tensorrtllm engine backend needs TensorRT-LLM {TRTLLM_VERSION}, "
+            f"e.g. inside {TRTLLM_CONTAINER} (or use --engine-backend pytorch; --dry-run prints the commands)")
+    checkpoint_dir = Path(settings.checkpoint_dir)
+    world_size = CheckpointFacts.from_config(read_config_json(checkpoint_dir)).world_size
+    missing = missing_rank_files(checkpoint_dir, world_size, ".safetensors")
+    if missing:
+        raise GenRepoError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)} (world size {world_size})")
+    for argv in commands:
+        print(shlex.join(argv), flush=True)
+        if subprocess.run(argv, check=False).returncode != 0:
+            raise GenRepoError(f"trtllm-build failed (command: {shlex.join(argv)})")
+    check_engine_dir(Path(settings.output_dir))
+    return Path(settings.output_dir)
