@@ -1,0 +1,164 @@
+"""Build an engine dir from a TensorRT-LLM checkpoint.
+
+- `pytorch`: the engine dir of docs/DESIGN.md: `config.json` (`version`, `engine_backend`, the checkpoint's
+  config verbatim as `pretrained_config`, `build_config` with the limits) and `rank{r}.safetensors` hard-linked
+  to the checkpoint's files (copied when a link is impossible, e.g. across file systems).
+- `tensorrtllm`: the real `trtllm-build`, through `generator.trtllm_build.build_with_trtllm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from generator import __version__
+from generator.engine.config import parse_pretrained_config, read_config_json
+from generator.errors import ConfigError, GenRepoError
+
+ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
+DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Inputs of `build_engine`; limits are per engine, as trtllm-build takes them.
+
+    `max_seq_len` None: the checkpoint's max_position_embeddings (2048 when unset, as trtllm-build does).
+    `max_num_tokens` None: min(8192, max_batch_size x max_input_len), at least max_input_len.
+    Plugin flags and `paged_kv_cache` / `remove_input_padding` only matter to trtllm-build; the pytorch
+    backend records them in `build_config`.
+    """
+
+    checkpoint_dir: Path
+    output_dir: Path
+    engine_backend: str = "pytorch"
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int | None = None
+    max_num_tokens: int | None = None
+    max_beam_width: int = 1
+    workers: int = 1
+    gpt_attention_plugin: str = "auto"
+    gemm_plugin: str = "auto"
+    moe_plugin: str = "auto"
+    paged_kv_cache: bool = True
+    remove_input_padding: bool = True
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The resolved limits written to `build_config`."""
+
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_num_tokens: int
+    max_beam_width: int
+
+
+def resolve_limits(settings: BuildSettings, pretrained: dict[str, Any]) -> EngineLimits:
+    """Fill in the defaults and check the limits against each other and against the checkpoint."""
+    max_positions = pretrained.get("max_position_embeddings")
+    max_seq_len = settings.max_seq_len or (int(max_positions) if max_positions else 2048)
+    for name, value in (("max_batch_size", settings.max_batch_size), ("max_input_len", settings.max_input_len),
+                        ("max_seq_len", max_seq_len), ("max_beam_width", settings.max_beam_width)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if max_positions and max_seq_len > int(max_positions):
+        raise ConfigError(f"max_seq_len {max_seq_len} is larger than the checkpoint's max_position_embeddings "
+                          f"{max_positions}")
+    if settings.max_input_len >= max_seq_len:
+        raise ConfigError(f"max_input_len ({settings.max_input_len}) must be smaller than max_seq_len "
+                          f"({max_seq_len}) to leave room for at least one output token")
+    max_num_tokens = settings.max_num_tokens or max(
+        settings.max_input_len, min(DEFAULT_MAX_NUM_TOKENS, settings.max_batch_size * settings.max_input_len))
+    if max_num_tokens < settings.max_input_len:
+        raise ConfigError(f"max_num_tokens ({max_num_tokens}) must be at least max_input_len "
+                          f"({settings.max_input_len}): a whole prompt runs in one context step")
+    return EngineLimits(settings.max_batch_size, settings.max_input_len, max_seq_len, max_num_tokens,
+                        settings.max_beam_width)
+
+
+def _plugin(value: str, dtype: str) -> str:
+    return dtype if value == "auto" else value
+
+
+def build_config_section(settings: BuildSettings, limits: EngineLimits, dtype: str) -> dict[str, Any]:
+    """`build_config` as trtllm-build writes it (the plugin part is informative for the pytorch backend)."""
+    return {
+        **asdict(limits),
+        "kv_cache_type": "PAGED" if settings.paged_kv_cache else "CONTINUOUS",
+        "plugin_config": {
+            "gpt_attention_plugin": _plugin(settings.gpt_attention_plugin, dtype),
+            "gemm_plugin": _plugin(settings.gemm_plugin, dtype),
+            "moe_plugin": _plugin(settings.moe_plugin, dtype),
+            "paged_kv_cache": settings.paged_kv_cache,
+            "remove_input_padding": settings.remove_input_padding,
+            "context_fmha": True,
+        },
+    }
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:  # other file system, or links not allowed
+        shutil.copy2(source, target)
+
+
+def build_pytorch_engine(settings: BuildSettings) -> Path:
+    """Write the pytorch engine dir; returns it."""
+    checkpoint_dir, output_dir = Path(settings.checkpoint_dir), Path(settings.output_dir)
+    pretrained = read_config_json(checkpoint_dir)
+    if "pretrained_config" in pretrained:
+        raise ConfigError(f"{checkpoint_dir} is already an engine dir; pass the TensorRT-LLM checkpoint dir")
+    config = parse_pretrained_config(pretrained)  # raises ConfigError for what the engine cannot run
+    if settings.max_beam_width != 1:
+        raise ConfigError("the pytorch engine supports max_beam_width 1 only")
+    limits = resolve_limits(settings, pretrained)
+    world_size = config.world_size
+    sources = [checkpoint_dir / f"rank{r}.safetensors" for r in range(world_size)]
+    missing = [p.name for p in sources if not p.is_file()]
+    if missing:
+        raise GenRepoError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)} (world size {world_size})")
+    engine_config = {
+        "version": f"gen-repo {__version__}",
+        "engine_backend": "pytorch",
+        "pretrained_config": pretrained,
+        "build_config": build_config_section(settings, limits, str(pretrained.get("dtype", "float32"))),
+    }
+    if settings.dry_run:
+        print(f"would write {output_dir / 'config.json'}:")
+        print(json.dumps(engine_config["build_config"], indent=2))
+        for source in sources:
+            print(f"would link {output_dir / source.name} -> {source}")
+        return output_dir
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise ConfigError("the engine dir must differ from the checkpoint dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(output_dir.glob("rank*.safetensors")) + list(output_dir.glob("rank*.engine")):
+        stale.unlink()
+    for source in sources:
+        _link_or_copy(source, output_dir / source.name)
+    (output_dir / "config.json").write_text(json.dumps(engine_config, indent=2) + "\n")
+    return output_dir
+
+
+def build_engine(settings: BuildSettings) -> Path:
+    """Build the engine dir with the chosen backend; returns it."""
+    if settings.engine_backend not in ENGINE_BACKENDS:
+        raise ConfigError(f"engine backend {settings.engine_backend!r} is unknown (use {' or '.join(ENGINE_BACKENDS)})")
+    if settings.workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {settings.workers}")
+    if settings.engine_backend == "tensorrtllm":
+        from generator.trtllm_build import build_with_trtllm  # needs nothing from TensorRT-LLM until it runs
+
+        return build_with_trtllm(settings)
+    return build_pytorch_engine(settings)

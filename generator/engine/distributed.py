@@ -1,0 +1,148 @@
+"""Ranks and collectives of the pytorch engine: torch.distributed with gloo on CPU and NCCL on GPU.
+
+The launcher (mpirun, or `mpirun ... tritonserver` in leader mode) gives each process its rank through the
+OpenMPI / PMI environment and the rendezvous through MASTER_ADDR / MASTER_PORT; no MPI call is made here, so
+this also works inside tritonserver's python-backend stubs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from generator.errors import ConfigError
+from generator.mapping import Mapping
+
+_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK")
+_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")
+_LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "LOCAL_RANK")
+# followers block in a broadcast while rank 0 is idle (a server can sit idle for days): never time out there
+_IDLE_TIMEOUT = timedelta(days=365)
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process sits in the launch: global rank, world size, rank on its host."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def process_info() -> ProcessInfo:
+    """Rank, world size and local rank from the launcher's environment (1 process when there is none)."""
+    rank = _first_int(_RANK_VARIABLES, 0)
+    world = _first_int(_SIZE_VARIABLES, 1)
+    return ProcessInfo(rank, world, _first_int(_LOCAL_RANK_VARIABLES, rank))
+
+
+def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
+    """`requested` if given, else cuda:{local_rank % device_count} when CUDA is available, else CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class Communicator:
+    """The collectives one rank needs: TP all-reduce / all-gather, PP send / recv, and the step-plan broadcast.
+
+    With one rank every operation is the identity, and torch.distributed is never initialised.
+    """
+
+    def __init__(self, mapping: Mapping, device: torch.device) -> None:
+        self.mapping = mapping
+        self.device = device
+        self.world_size = mapping.world_size
+        self._tp_group: Any = None
+        self._control_group: Any = None
+        if self.world_size == 1:
+            return
+        if not dist.is_initialized():
+            if "MASTER_PORT" not in os.environ:
+                raise ConfigError("a multi-rank engine needs MASTER_ADDR/MASTER_PORT in the environment "
+                                  "(`gen-repo run` and `gen-repo serve` set them; with a bare mpirun pass "
+                                  "-x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=<free port>)")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend, init_method="env://", rank=mapping.rank,
+                                    world_size=self.world_size, timeout=_IDLE_TIMEOUT)
+        if dist.get_world_size() != self.world_size:
+            raise ConfigError(f"the launch has {dist.get_world_size()} ranks but the engine needs "
+                              f"{self.world_size} (tp_size x pp_size)")
+        # every rank must create every group, in the same order
+        tp = mapping.tensor_parallel_size
+        for pp_rank in range(mapping.pipeline_parallel_size):
+            ranks = list(range(pp_rank * tp, (pp_rank + 1) * tp))
+            group = dist.new_group(ranks) if tp > 1 else None
+            if mapping.rank in ranks:
+                self._tp_group = group
+        # step plans are small python objects: send them over gloo even when tensors go over NCCL
+        self._control_group = (dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+                               if dist.get_backend() != "gloo" else dist.group.WORLD)
+
+    # tensor parallelism -------------------------------------------------------------------------------
+    def tp_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's TP group (in place)."""
+        if self._tp_group is not None:
+            dist.all_reduce(tensor, group=self._tp_group)
+        return tensor
+
+    def tp_all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate every TP rank's `tensor` along `dim`, in TP-rank order."""
+        if self._tp_group is None:
+            return tensor
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.mapping.tensor_parallel_size)]
+        dist.all_gather(parts, tensor, group=self._tp_group)
+        return torch.cat(parts, dim=dim)
+
+    # pipeline parallelism -----------------------------------------------------------------------------
+    def send_to_next_stage(self, tensor: torch.Tensor) -> None:
+        dist.send(tensor.contiguous(), dst=self.mapping.rank + self.mapping.tensor_parallel_size)
+
+    def recv_from_previous_stage(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(tensor, src=self.mapping.rank - self.mapping.tensor_parallel_size)
+        return tensor
+
+    def logits_source_rank(self) -> int:
+        """The rank that hands the logits to rank 0: TP rank 0 of the last pipeline stage."""
+        return (self.mapping.pipeline_parallel_size - 1) * self.mapping.tensor_parallel_size
+
+    def send_logits_to_leader(self, logits: torch.Tensor) -> None:
+        dist.send(logits.contiguous(), dst=0)
+
+    def recv_logits(self, shape: tuple[int, ...]) -> torch.Tensor:
+        logits = torch.empty(shape, dtype=torch.float32, device=self.device)
+        dist.recv(logits, src=self.logits_source_rank())
+        return logits
+
+    # step plans -------------------------------------------------------------------------------------------
+    def broadcast_plan(self, plan: Any) -> Any:
+        """Rank 0 passes its plan, the others pass None and get rank 0's plan back."""
+        if self.world_size == 1:
+            return plan
+        box = [plan]
+        dist.broadcast_object_list(box, src=0, group=self._control_group)
+        return box[0]
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,366 @@
+"""The executor: a request queue and a step-loop thread doing in-flight batching over the model runner.
+
+Every step the loop (1) admits queued requests into free KV-cache slots, (2) runs ONE batched generation
+forward (one new token per running request), (3) runs the context phase of the requests admitted in (1),
+sampling their first token, and (4) hands out results and frees the slots of finished requests. Requests
+therefore join and leave between steps, as in TensorRT-LLM's in-flight batcher.
+
+Multi-rank: rank 0 owns the executor and broadcasts each forward's `ForwardPlan`; the other ranks run
+`follow(engine_dir)`, which replays the plans until rank 0 shuts down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from generator.engine.config import EngineConfig, load_engine_config
+from generator.engine.distributed import Communicator, pick_device, process_info
+from generator.engine.model import DecoderModel, ForwardPlan, make_batch
+from generator.engine.sampling import SamplingConfig, SequenceState, new_generator, sample
+from generator.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_SHUTDOWN = "shutdown"
+_FORWARD = "forward"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete. `streaming`: a result per step instead of one at the end."""
+
+    input_ids: list[int]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    streaming: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """New token ids (streaming) or all generated ids (non-streaming); `finished` is True exactly once."""
+
+    request_id: int
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled" | "error"
+    log_probs: list[float] | None = None
+    cum_log_prob: float | None = None
+    error: str | None = None
+
+
+Callback = Callable[[GenerationResult], None]
+
+
+@dataclass(eq=False)
+class _Running:
+    request_id: int
+    request: GenerationRequest
+    callback: Callback
+    state: SequenceState
+    slot: int = -1
+    log_probs: list[float] = field(default_factory=list)
+    pending_token: int | None = None  # sampled, not yet fed through the model
+
+    @property
+    def cached_length(self) -> int:
+        return len(self.state.prompt) + len(self.state.output) - 1
+
+
+def _set_cpu_threads(world_size: int, device: torch.device) -> None:
+    # several ranks on a small CPU host: one thread each, or they fight over the cores
+    if world_size > 1 and device.type == "cpu":
+        torch.set_num_threads(1)
+
+
+def _load_rank(engine_dir: Path, device: str | None) -> tuple[EngineConfig, Communicator, DecoderModel]:
+    config = load_engine_config(Path(engine_dir))
+    info = process_info()
+    if info.world_size != config.world_size:
+        raise ConfigError(f"the engine needs {config.world_size} ranks (tp_size {config.mapping.tensor_parallel_size}"
+                          f" x pp_size {config.mapping.pipeline_parallel_size}) but this launch has "
+                          f"{info.world_size}: run it under `mpirun -n {config.world_size}`")
+    mapping = config.mapping.with_rank(info.rank)
+    torch_device = pick_device(info.local_rank, device)
+    _set_cpu_threads(config.world_size, torch_device)
+    comm = Communicator(mapping, torch_device)
+    model = DecoderModel(config, Path(engine_dir), comm, torch_device)
+    return config, comm, model
+
+
+def follow(engine_dir: Path | str, device: str | None = None) -> None:
+    """Run a rank > 0: load this rank's weights, then replay rank 0's forwards until it shuts down."""
+    config, comm, model = _load_rank(Path(engine_dir), device)
+    if comm.mapping.rank == 0:
+        raise ConfigError("follow() is for ranks > 0; rank 0 creates the Executor")
+    cache = model.new_cache()
+    with torch.inference_mode():
+        while True:
+            kind, plan = comm.broadcast_plan(None)
+            if kind == _SHUTDOWN:
+                break
+            model.forward(make_batch(plan, model.device), cache)
+    comm.close()
+
+
+class Executor:
+    """Rank 0's engine: `enqueue` requests from any thread, results come back through callbacks."""
+
+    def __init__(self, engine_dir: Path | str, device: str | None = None) -> None:
+        self.engine_dir = Path(engine_dir)
+        config, comm, model = _load_rank(self.engine_dir, device)
+        if comm.mapping.rank != 0:
+            raise ConfigError(f"rank {comm.mapping.rank} must call generator.engine.follow(), not Executor()")
+        self.config = config
+        self._comm = comm
+        self._model = model
+        self._cache = model.new_cache()
+        self.max_batch_size = config.max_batch_size
+        self.max_input_len = config.max_input_len
+        self.max_seq_len = config.max_seq_len
+        self.max_num_tokens = config.max_num_tokens
+        self.vocab_size = config.vocab_size
+        self._lock = threading.Condition()
+        self._queue: deque[_Running] = deque()
+        self._running: dict[int, _Running] = {}
+        self._cancelled: set[int] = set()
+        self._free_slots = list(range(config.max_batch_size))
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="gen-repo-executor", daemon=True)
+        self._thread.start()
+
+    # public API -----------------------------------------------------------------------------------------
+    def enqueue(self, request: GenerationRequest, callback: Callback) -> int:
+        """Queue a request; returns its id. Raises ValueError for a request the engine cannot take."""
+        self._validate(request)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the executor is shut down")
+            request_id = next(self._ids)
+            state = SequenceState(request.sampling, list(request.input_ids), [],
+                                  new_generator(request.sampling, self._model.device))
+            self._queue.append(_Running(request_id, request, callback, state))
+            self._lock.notify_all()
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a queued or running request; it finishes with reason "cancelled" at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._lock.notify_all()
+
+    def generate(self, input_ids: list[int], sampling: SamplingConfig | None = None,
+                 timeout: float | None = None) -> GenerationResult:
+        """Blocking convenience: run one request and return its final (non-streaming) result."""
+        done = threading.Event()
+        box: list[GenerationResult] = []
+
+        def on_result(result: GenerationResult) -> None:
+            box.append(result)
+            done.set()
+
+        self.enqueue(GenerationRequest(list(input_ids), sampling or SamplingConfig()), on_result)
+        if not done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        return box[0]
+
+    def shutdown(self) -> None:
+        """Finish queued and running requests as cancelled, stop the loop and release the other ranks."""
+        with self._lock:
+            if self._closed:
+                return
+            self._stopping = True
+            self._lock.notify_all()
+        self._thread.join()
+        with self._lock:
+            self._closed = True
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # validation -----------------------------------------------------------------------------------------
+    def _validate(self, request: GenerationRequest) -> None:
+        ids = request.input_ids
+        sampling = request.sampling
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty: give at least one input token")
+        if len(ids) > self.max_input_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the engine's max_input_len "
+                             f"{self.max_input_len}")
+        if sampling.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {sampling.max_new_tokens}")
+        if len(ids) + sampling.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) is more "
+                             f"than the engine's max_seq_len {self.max_seq_len}")
+        if sampling.beam_width != 1:
+            raise ValueError(f"beam_width {sampling.beam_width} is not supported by the pytorch engine (only 1)")
+        bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if sampling.end_id is not None and not 0 <= sampling.end_id < self.vocab_size:
+            raise ValueError(f"end_id {sampling.end_id} is outside the vocabulary [0, {self.vocab_size})")
+        if sampling.temperature < 0 or not 0.0 <= sampling.top_p <= 1.0 or sampling.top_k < 0:
+            raise ValueError("temperature and top_k must be >= 0 and top_p within [0, 1]")
+        for words in list(sampling.bad_words) + list(sampling.stop_words):
+            if any(not 0 <= int(t) < self.vocab_size for t in words):
+                raise ValueError(f"bad/stop word {words} has token ids outside the vocabulary")
+
+    # the step loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._step():
+                    pass
+        except Exception:  # keep going would hide the error; fail every request instead
+            log.exception("the executor's step loop crashed")
+            self._fail_all("the executor's step loop crashed; see the server log")
+        finally:
+            self._finish_shutdown()
+
+    def _step(self) -> bool:
+        """One step of the loop; False once shutdown was asked."""
+        with self._lock:
+            while not self._stopping and not self._queue and not self._running:
+                self._lock.wait()
+            if self._stopping:
+                return False
+            cancelled = set(self._cancelled)
+            self._cancelled.clear()
+            admitted = self._admit(cancelled)
+            to_cancel = [r for r in list(self._queue) + list(self._running.values()) if r.request_id in cancelled]
+        for running in to_cancel:
+            self._finish(running, "cancelled")
+        generating = [r for r in self._running.values() if r.pending_token is not None]
+        if generating:
+            self._run_forward(generating, [[r.pending_token or 0] for r in generating],
+                              [r.cached_length for r in generating])
+        if admitted:
+            self._run_forward(admitted, [r.state.prompt for r in admitted], [0] * len(admitted))
+        return True
+
+    def _admit(self, cancelled: set[int]) -> list[_Running]:
+        """Move queued requests into free slots (lowest first), within max_num_tokens of context tokens."""
+        admitted: list[_Running] = []
+        tokens = 0
+        while self._queue and self._free_slots:
+            candidate = self._queue[0]
+            if candidate.request_id in cancelled:
+                break  # the caller finishes it this step; the rest are admitted next step
+            if admitted and tokens + len(candidate.state.prompt) > self.max_num_tokens:
+                break
+            self._queue.popleft()
+            self._free_slots.sort()
+            candidate.slot = self._free_slots.pop(0)
+            tokens += len(candidate.state.prompt)
+            self._running[candidate.request_id] = candidate
+            admitted.append(candidate)
+        return admitted
+
+    def _run_forward(self, requests: list[_Running], tokens: list[list[int]], past: list[int]) -> None:
+        plan = ForwardPlan([r.slot for r in requests], tokens, past)
+        try:
+            self._comm.broadcast_plan((_FORWARD, plan))
+            logits = self._model.forward(make_batch(plan, self._model.device), self._cache)
+            assert logits is not None
+            new_tokens, log_probs = sample(logits, [r.state for r in requests])
+        except Exception as error:  # noqa: BLE001 - report it on the requests, keep serving
+            log.exception("forward failed")
+            for running in requests:
+                self._finish(running, "error", error=f"{type(error).__name__}: {error}")
+            return
+        for running, token, log_prob in zip(requests, new_tokens, log_probs, strict=True):
+            self._accept(running, token, log_prob)
+
+    def _accept(self, running: _Running, token: int, log_prob: float | None) -> None:
+        """Append a sampled token, then deliver a result and decide whether the request is done."""
+        config = running.state.config
+        if config.end_id is not None and token == config.end_id:
+            self._finish(running, "end_id")
+            return
+        running.state.output.append(token)
+        if log_prob is not None:
+            running.log_probs.append(log_prob)
+        running.pending_token = token
+        output = running.state.output
+        reason = None
+        if any(words and output[-len(words):] == list(words) for words in config.stop_words):
+            reason = "stop_words"
+        elif len(output) >= config.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            self._finish(running, reason, last_token=token)
+        elif running.request.streaming:
+            self._deliver(running, [token], False, None)
+
+    def _finish(self, running: _Running, reason: str, last_token: int | None = None,
+                error: str | None = None) -> None:
+        with self._lock:
+            known = self._running.pop(running.request_id, None) is not None
+            if known:
+                self._free_slots.append(running.slot)
+            elif running in self._queue:
+                self._queue.remove(running)
+            else:
+                return  # already finished
+        if running.request.streaming:
+            tokens = [last_token] if last_token is not None else []
+        else:
+            tokens = list(running.state.output)
+        self._deliver(running, tokens, True, reason, error)
+
+    def _deliver(self, running: _Running, tokens: list[int], finished: bool, reason: str | None,
+                 error: str | None = None) -> None:
+        log_probs = None
+        cum = None
+        if running.state.config.return_log_probs:
+            log_probs = running.log_probs[-len(tokens):] if running.request.streaming and tokens else (
+                [] if running.request.streaming else list(running.log_probs))
+            cum = float(sum(running.log_probs))
+        result = GenerationResult(running.request_id, tokens, finished, reason, log_probs, cum, error)
+        try:
+            running.callback(result)
+        except Exception:  # noqa: BLE001 - a broken callback must not stop the other requests
+            log.exception("callback of request %d raised", running.request_id)
+
+    def _fail_all(self, message: str) -> None:
+        for running in list(self._running.values()) + list(self._queue):
+            self._finish(running, "error", error=message)
+
+    def _finish_shutdown(self) -> None:
+        for running in list(self._running.values()) + list(self._queue):
+            self._finish(running, "cancelled")
+        try:
+            self._comm.broadcast_plan((_SHUTDOWN, None))
+        finally:
+            self._comm.close()
+
+
+def run_prompts(engine_dir: Path | str, prompts: list[list[int]], sampling: SamplingConfig | None = None,
+                device: str | None = None) -> list[GenerationResult]:
+    """Generate for every prompt at once (in-flight batched) and return the final results in prompt order."""
+    with Executor(engine_dir, device=device) as executor:
+        events = [threading.Event() for _ in prompts]
+        results: list[GenerationResult | None] = [None] * len(prompts)
+
+        def callback_for(index: int) -> Callback:
+            def on_result(result: GenerationResult) -> None:
+                results[index] = result
+                events[index].set()
+            return on_result
+
+        for index, ids in enumerate(prompts):
+            executor.enqueue(GenerationRequest(list(ids), sampling or SamplingConfig()), callback_for(index))
+        for event in events:
+            event.wait()
+    return [r for r in results if r is not None]
