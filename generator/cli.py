@@ -5,7 +5,9 @@ Each subcommand lives beside its step's settings; this module holds no logic of 
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -38,6 +40,71 @@ def main(ctx: click.Context, model: str | None, output: str) -> None:
         click.echo(ctx.get_help())
         return
     raise GenRepoError("the whole-job pipeline is not wired yet")
+
+
+@main.command("convert")
+@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Hugging Face checkpoint directory (config.json + *.safetensors or pytorch_model*.bin).")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="TensorRT-LLM checkpoint directory to write (config.json + rank{r}.safetensors); replaced "
+              "if it already holds a checkpoint.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Weight dtype of the checkpoint; auto keeps the HF checkpoint's dtype.")
+@click.option("--tp-size", "tensor_parallel_size", type=int, default=1, show_default=True,
+              help="Tensor-parallel size T: attention heads, MLP and lm_head are split over T ranks.")
+@click.option("--pp-size", "pipeline_parallel_size", type=int, default=1, show_default=True,
+              help="Pipeline-parallel size P: layers are split into P contiguous stages; T*P rank files.")
+@click.option("--moe-tp-size", "moe_tensor_parallel_size", type=int, default=None,
+              help="MoE (DBRX) only: split each expert's FFN over this many ranks. With --moe-ep-size the "
+              "product must be T; default T (or T / --moe-ep-size).")
+@click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
+              help="MoE (DBRX) only: distribute the experts over this many ranks (expert parallelism); "
+              "default 1 (or T / --moe-tp-size).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Ranks converted in parallel (threads); memory grows with about one tensor per worker.")
+@click.option("--use-weight-only", is_flag=True,
+              help="Weight-only quantization of the GEMM weights (qkv, dense, fc, proj); see "
+              "--weight-only-precision.")
+@click.option("--weight-only-precision", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="Precision for --use-weight-only: int8 (W8A16) or int4 (W4A16).")
+@click.option("--int8-kv-cache", is_flag=True,
+              help="INT8 KV cache: calibrate per-layer scales by running the HF model (CPU, float32) on text.")
+@click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Text file for --int8-kv-cache calibration (default: the text shipped with gen-repo).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the checkpoint's own modeling code (llm-foundry MPT) for --int8-kv-cache "
+              "calibration; needed for GQA/MQA MPT such as Replit Code v1.5.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def convert_command(model_dir: Path, output_dir: Path, dtype: str, tensor_parallel_size: int,
+                    pipeline_parallel_size: int, moe_tensor_parallel_size: int | None,
+                    moe_expert_parallel_size: int | None, workers: int, use_weight_only: bool,
+                    weight_only_precision: str, int8_kv_cache: bool, calib_text: Path | None,
+                    trust_remote_code: bool, quiet: bool) -> None:
+    """Convert a Hugging Face MPT / DBRX checkpoint into a TensorRT-LLM checkpoint."""
+    from generator.convert import ConvertSettings, convert_checkpoint
+
+    settings = ConvertSettings(
+        model_dir=model_dir, output_dir=output_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size, moe_tensor_parallel_size=moe_tensor_parallel_size,
+        moe_expert_parallel_size=moe_expert_parallel_size, workers=workers,
+        weight_only_precision=weight_only_precision if use_weight_only else None, int8_kv_cache=int8_kv_cache,
+        calib_text=calib_text, trust_remote_code=trust_remote_code, progress=not quiet)
+    click.echo(str(convert_checkpoint(settings)))
+
+
+@main.command("inspect")
+@click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--unshard", "unshard_dir", type=click.Path(path_type=Path), default=None,
+              help="Also merge the checkpoint back into a single-rank (TP1/PP1) checkpoint in this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: bool) -> None:
+    """Describe a TensorRT-LLM checkpoint: mapping, ranks, and every tensor's shape, dtype and size."""
+    from generator.inspect import describe_checkpoint, format_description, unshard_checkpoint
+
+    description = describe_checkpoint(checkpoint_dir)
+    click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+    if unshard_dir is not None:
+        click.echo(f"unsharded into {unshard_checkpoint(checkpoint_dir, unshard_dir)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,251 @@
+"""HF checkpoint -> TensorRT-LLM checkpoint (config.json + rank{r}.safetensors), streaming.
+
+Every check that can fail (config, layout, weight files, tensor names and shapes) runs before any tensor is
+read. Tensors are then read one at a time from the HF checkpoint, split for the rank, optionally quantized and
+appended to that rank's file, so memory holds about one HF tensor per worker. Everything is written into a
+temporary directory beside the output and renamed at the end: a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from tqdm import tqdm
+
+from generator.errors import ConfigError, GenRepoError
+from generator.hf_checkpoint import HFCheckpoint, read_hf_config
+from generator.mapping import Mapping
+from generator.models import ModelSpec, spec_for
+from generator.models.base import shard_tensor
+from generator.quantize import (
+    WEIGHT_ONLY_ALGOS,
+    calibrate_kv_cache_scales,
+    default_calibration_text,
+    is_weight_only_target,
+    per_channel_scale_name,
+    quantize_weight,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """What `convert_checkpoint` needs; see `gen-repo convert --help` for each field's meaning."""
+
+    model_dir: Path
+    output_dir: Path
+    dtype: str = "auto"  # float32 | float16 | bfloat16 | auto (the HF checkpoint's dtype)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    moe_tensor_parallel_size: int | None = None
+    moe_expert_parallel_size: int | None = None
+    workers: int = 1
+    weight_only_precision: str | None = None  # None | "int8" | "int4"
+    int8_kv_cache: bool = False
+    calib_text: Path | None = None
+    trust_remote_code: bool = False
+    progress: bool = True  # tqdm bars on stderr
+
+
+def convert_checkpoint(settings: ConvertSettings) -> Path:
+    """Convert an HF MPT/DBRX checkpoint; returns the output directory."""
+    model_dir, output_dir = Path(settings.model_dir), Path(settings.output_dir)
+    if settings.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {settings.workers}")
+    if settings.weight_only_precision not in (None, *WEIGHT_ONLY_ALGOS):
+        raise ConfigError(f"--weight-only-precision must be int8 or int4, got {settings.weight_only_precision!r}")
+    hf_config = read_hf_config(model_dir)
+    spec = spec_for(hf_config)
+    dtype = resolve_dtype(settings.dtype, hf_config)
+    mapping = Mapping.create(settings.tensor_parallel_size, settings.pipeline_parallel_size,
+                             settings.moe_tensor_parallel_size, settings.moe_expert_parallel_size)
+    spec.check_mapping(mapping)
+    checkpoint = HFCheckpoint(model_dir)
+    spec.check_hf_checkpoint(checkpoint)
+    check_output_dir(output_dir)
+    calib_text = _calibration_text(settings.calib_text) if settings.int8_kv_cache else None
+
+    quantization = {
+        "quant_algo": WEIGHT_ONLY_ALGOS[settings.weight_only_precision] if settings.weight_only_precision else None,
+        "kv_cache_quant_algo": "INT8" if settings.int8_kv_cache else None,
+    }
+    config = spec.trtllm_config(mapping, dtype, quantization)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+    try:
+        kv_scales = None
+        if calib_text is not None:
+            kv_scales = calibrate_kv_cache_scales(model_dir, spec.calibration_module_suffix, spec.num_layers,
+                                                  calib_text, settings.trust_remote_code)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        job = _RankJob(spec, checkpoint, DTYPES[dtype], settings.weight_only_precision, kv_scales,
+                       settings.progress)
+        ranks = [mapping.with_rank(rank) for rank in range(mapping.world_size)]
+        if settings.workers == 1:
+            for position, rank_mapping in enumerate(ranks):
+                job.convert(rank_mapping, staging, position)
+        else:
+            with ThreadPoolExecutor(max_workers=settings.workers) as pool:
+                futures = [pool.submit(job.convert, m, staging, i % settings.workers) for i, m in enumerate(ranks)]
+                for future in futures:
+                    future.result()
+        replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def resolve_dtype(dtype: str, hf_config: dict[str, Any]) -> str:
+    """The output dtype name; "auto" takes the HF config's `torch_dtype`/`dtype` (float32 if unset)."""
+    if dtype == "auto":
+        declared = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+        return declared if declared in DTYPES else "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
+    return dtype
+
+
+def _calibration_text(path: Path | None) -> str:
+    if path is None:
+        return default_calibration_text()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise GenRepoError(f"cannot read --calib-text {path}: {error}") from error
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse to replace a directory that is neither empty nor a TensorRT-LLM checkpoint."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise GenRepoError(f"output {output_dir} exists and is not a directory")
+    if any(output_dir.iterdir()) and not (output_dir / "config.json").is_file():
+        raise GenRepoError(f"output {output_dir} exists and is not a TensorRT-LLM checkpoint; refusing to replace it")
+
+
+def replace_dir(staging: Path, output_dir: Path) -> None:
+    """Move a finished staging directory to `output_dir`, replacing what was there."""
+    old = None
+    if output_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+        os.replace(output_dir, old / "checkpoint")
+    os.replace(staging, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _RankJob:
+    """Writes one rank's file; shared by the worker threads (it holds no per-rank state)."""
+
+    spec: ModelSpec
+    checkpoint: HFCheckpoint
+    dtype: torch.dtype
+    weight_only_precision: str | None
+    kv_scales: list[float] | None
+    progress: bool
+
+    def convert(self, mapping: Mapping, out_dir: Path, position: int) -> None:
+        layout = self.spec.shard_layout()
+        tensors = list(self.spec.rank_tensors(mapping))
+        layers = mapping.pp_layers(self.spec.num_layers)
+        with SafetensorsWriter(out_dir / f"rank{mapping.rank}.safetensors") as writer, \
+                tqdm(total=len(tensors), desc=f"rank {mapping.rank}", unit="tensor", position=position,
+                     leave=False, disable=not self.progress, file=sys.stderr) as bar:
+            for name, tensor in tensors:
+                shard = shard_tensor(tensor.source(self.checkpoint), tensor.rule, layout, mapping)
+                shard = shard.to(torch.float32 if tensor.keep_float32 else self.dtype)
+                if self.weight_only_precision and is_weight_only_target(name):
+                    quantized, scale = quantize_weight(shard, self.weight_only_precision)
+                    writer.add(name, quantized)
+                    writer.add(per_channel_scale_name(name), scale)
+                else:
+                    writer.add(name, shard)
+                del shard
+                bar.update()
+            if self.kv_scales is not None:
+                for local, layer in enumerate(layers):
+                    writer.add(f"transformer.layers.{local}.attention.kv_cache_scaling_factor",
+                               torch.tensor([self.kv_scales[layer]], dtype=torch.float32))
+
+
+_SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor, without holding the tensors in memory.
+
+    Data goes to a side file as tensors arrive; `close` writes the header and appends the data. Tensors whose
+    byte size is not a multiple of 8 are kept back and written last, largest element size first, so every
+    tensor stays aligned to its element size (safetensors readers view the bytes in place).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._data_path = self.path.with_name(self.path.name + ".data")
+        self._data: BinaryIO = self._data_path.open("wb")
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._deferred: list[tuple[str, torch.Tensor]] = []
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries or any(name == deferred for deferred, _ in self._deferred):
+            raise GenRepoError(f"tensor {name} written twice to {self.path}")
+        tensor = tensor.detach().contiguous()
+        if tensor.dtype not in _SAFETENSORS_NAMES:
+            raise GenRepoError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot hold")
+        if tensor.numel() * tensor.element_size() % 8:
+            self._deferred.append((name, tensor))
+        else:
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.numel():
+            self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        size = tensor.numel() * tensor.element_size()
+        self._entries[name] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
+
+    def close(self) -> None:
+        for name, tensor in sorted(self._deferred, key=lambda item: -item[1].element_size()):
+            self._write(name, tensor)
+        self._deferred.clear()
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with self.path.open("wb") as out, self._data_path.open("rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, length=16 << 20)
+        self._data_path.unlink()
+
+    def abort(self) -> None:
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,273 @@
+"""What every architecture file provides, and the tensor-parallel shard rules they share.
+
+A `ModelSpec` knows one architecture: how its HF config maps to a TensorRT-LLM config, which HF tensors make
+each TensorRT-LLM tensor (in the TP1 layout, the "canonical" tensor), and which `ShardRule` spreads that
+tensor over the tensor-parallel ranks. `generator.convert` applies the rules; `generator.inspect` undoes
+them (`merge_shards`). Rules depend only on tensor names and the checkpoint's `ShardLayout`, so both
+directions read the same table.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from generator.errors import ConfigError
+from generator.hf_checkpoint import HFCheckpoint
+from generator.mapping import Mapping
+
+RuleKind = Literal["replicated", "split", "vocab", "qkv", "experts", "experts_fc"]
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """How one canonical (TP1) tensor is spread over the ranks of a tensor-parallel group.
+
+    - `replicated`: every rank holds the whole tensor.
+    - `split`: contiguous equal chunks along `dim`.
+    - `vocab`: rows (dim 0) padded with zeros to a multiple of tp_size, then split (lm_head).
+    - `qkv`: fused [Q; K; V] rows; Q, K and V split by heads, KV heads repeated when tp_size > kv heads,
+      re-concatenated per rank as [Q_r; K_r; V_r].
+    - `experts`: experts (dim 0) split over moe_ep ranks, then `dim` split over moe_tp ranks.
+    - `experts_fc`: like `experts` on dim 1, but dim 1 is [up; gate] and each half is split separately.
+    """
+
+    kind: RuleKind
+    dim: int = 0
+
+
+REPLICATED = ShardRule("replicated")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """The sizes the shard rules need, readable from a TensorRT-LLM checkpoint config alone."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_trtllm_config(cls, config: dict[str, Any]) -> ShardLayout:
+        heads = int(config["num_attention_heads"])
+        return cls(heads, int(config.get("num_key_value_heads") or heads),
+                   int(config.get("head_size") or config["hidden_size"] // heads), int(config["vocab_size"]))
+
+
+def chunk(tensor: torch.Tensor, parts: int, index: int, dim: int) -> torch.Tensor:
+    """Part `index` of `parts` equal contiguous chunks along `dim` (the caller checked divisibility)."""
+    size = tensor.shape[dim] // parts
+    return tensor.narrow(dim, index * size, size)
+
+
+def kv_heads_per_rank(num_key_value_heads: int, tensor_parallel_size: int) -> int:
+    """KV heads each rank holds: KV heads are split when there are enough, else each rank holds one copy."""
+    return max(1, num_key_value_heads // tensor_parallel_size)
+
+
+def shard_tensor(tensor: torch.Tensor, rule: ShardRule, layout: ShardLayout, mapping: Mapping) -> torch.Tensor:
+    """The part of a canonical tensor that `mapping`'s rank holds (a contiguous copy)."""
+    tp, tp_rank = mapping.tensor_parallel_size, mapping.tp_rank
+    if rule.kind == "replicated" or tp == 1 and rule.kind != "vocab":
+        return tensor.contiguous()
+    if rule.kind == "split":
+        return chunk(tensor, tp, tp_rank, rule.dim).contiguous()
+    if rule.kind == "vocab":
+        rows = math.ceil(tensor.shape[0] / tp) * tp
+        if rows != tensor.shape[0]:
+            padding = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+            tensor = torch.cat([tensor, padding])
+        return chunk(tensor, tp, tp_rank, 0).contiguous()
+    if rule.kind == "qkv":
+        q, k, v = _split_qkv(tensor, layout)
+        q = chunk(q, tp, tp_rank, 0)
+        kv_heads = layout.num_key_value_heads
+        if kv_heads >= tp:
+            k, v = chunk(k, tp, tp_rank, 0), chunk(v, tp, tp_rank, 0)
+        else:  # rank r holds KV head r // (tp / kv): the heads its query heads attend with
+            head = tp_rank // (tp // kv_heads)
+            k, v = chunk(k, kv_heads, head, 0), chunk(v, kv_heads, head, 0)
+        return torch.cat([q, k, v]).contiguous()
+    if rule.kind in ("experts", "experts_fc"):
+        local = chunk(tensor, mapping.moe_expert_parallel_size, mapping.moe_ep_rank, 0)
+        moe_tp, moe_tp_rank = mapping.moe_tensor_parallel_size, mapping.moe_tp_rank
+        if rule.kind == "experts":
+            return chunk(local, moe_tp, moe_tp_rank, rule.dim).contiguous()
+        up, gate = local.chunk(2, dim=1)
+        return torch.cat([chunk(up, moe_tp, moe_tp_rank, 1), chunk(gate, moe_tp, moe_tp_rank, 1)], dim=1)
+    raise ValueError(f"unknown shard rule {rule}")
+
+
+def merge_shards(shards: list[torch.Tensor], rule: ShardRule, layout: ShardLayout,
+                 mapping: Mapping) -> torch.Tensor:
+    """Undo `shard_tensor`: `shards[i]` is tp rank i's tensor; returns the canonical tensor."""
+    tp = mapping.tensor_parallel_size
+    if rule.kind == "replicated" or tp == 1 and rule.kind != "vocab":
+        return shards[0]
+    if rule.kind == "split":
+        return torch.cat(shards, dim=rule.dim)
+    if rule.kind == "vocab":
+        return torch.cat(shards)[: layout.vocab_size]
+    if rule.kind == "qkv":
+        local = ShardLayout(layout.num_attention_heads // tp,
+                            kv_heads_per_rank(layout.num_key_value_heads, tp), layout.head_size,
+                            layout.vocab_size)
+        parts = [_split_qkv(shard, local) for shard in shards]
+        # with repeated KV heads, the first rank of each group of tp / kv ranks holds the original copy
+        kv_ranks = range(tp) if layout.num_key_value_heads >= tp else range(0, tp, tp // layout.num_key_value_heads)
+        return torch.cat([torch.cat([p[0] for p in parts]), torch.cat([parts[r][1] for r in kv_ranks]),
+                          torch.cat([parts[r][2] for r in kv_ranks])])
+    if rule.kind in ("experts", "experts_fc"):
+        ep, moe_tp = mapping.moe_expert_parallel_size, mapping.moe_tensor_parallel_size
+        per_ep = []
+        for ep_rank in range(ep):
+            group = [shards[moe_tp_rank * ep + ep_rank] for moe_tp_rank in range(moe_tp)]
+            if rule.kind == "experts":
+                per_ep.append(torch.cat(group, dim=rule.dim))
+            else:
+                halves = [shard.chunk(2, dim=1) for shard in group]
+                per_ep.append(torch.cat([torch.cat([h[0] for h in halves], dim=1),
+                                         torch.cat([h[1] for h in halves], dim=1)], dim=1))
+        return torch.cat(per_ep)
+    raise ValueError(f"unknown shard rule {rule}")
+
+
+def _split_qkv(tensor: torch.Tensor, layout: ShardLayout) -> tuple[torch.Tensor, ...]:
+    q_rows = layout.num_attention_heads * layout.head_size
+    kv_rows = layout.num_key_value_heads * layout.head_size
+    if tensor.shape[0] != q_rows + 2 * kv_rows:
+        raise ConfigError(f"fused qkv tensor has {tensor.shape[0]} rows, expected {q_rows + 2 * kv_rows} "
+                          f"({layout.num_attention_heads} query + 2 x {layout.num_key_value_heads} kv heads of "
+                          f"{layout.head_size})")
+    return tuple(torch.split(tensor, [q_rows, kv_rows, kv_rows]))
+
+
+# A canonical tensor, produced on demand from the HF checkpoint (so nothing is read before it is needed).
+TensorSource = Callable[[HFCheckpoint], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CanonicalTensor:
+    """One TensorRT-LLM tensor in its TP1 layout: its name (global layer index), how to read it, its rule."""
+
+    name: str
+    source: TensorSource
+    rule: ShardRule
+    keep_float32: bool = False  # e.g. the MoE router, which TensorRT-LLM runs in float32
+
+
+class ModelSpec(ABC):
+    """All knowledge of one architecture. Construct from the HF config dict; raises ConfigError on
+    anything unsupported, naming the config field."""
+
+    architecture: ClassVar[str]  # the TensorRT-LLM `architecture` string
+    calibration_module_suffix: ClassVar[str]  # HF module whose output is the fused QKV (for INT8 KV)
+
+    def __init__(self, hf_config: dict[str, Any]) -> None:
+        self.hf_config = hf_config
+
+    # sizes every architecture has
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    intermediate_size: int
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def shard_layout(self) -> ShardLayout:
+        return ShardLayout(self.num_attention_heads, self.num_key_value_heads, self.head_size, self.vocab_size)
+
+    def check_mapping(self, mapping: Mapping) -> None:
+        """Reject a layout this model cannot be split into; the message names the flag and the field."""
+        tp = mapping.tensor_parallel_size
+        if self.num_attention_heads % tp:
+            raise ConfigError(f"--tp-size {tp} does not divide the number of attention heads "
+                              f"({self.num_attention_heads}, config n_heads)")
+        kv = self.num_key_value_heads
+        if kv % tp and tp % kv:
+            raise ConfigError(f"--tp-size {tp} and the number of KV heads ({kv}, config attn_config.kv_n_heads) "
+                              "are incompatible: one must divide the other")
+        if mapping.pipeline_parallel_size > self.num_layers:
+            raise ConfigError(f"--pp-size {mapping.pipeline_parallel_size} is larger than the number of layers "
+                              f"({self.num_layers}, config n_layers)")
+
+    @abstractmethod
+    def trtllm_config(self, mapping: Mapping, dtype: str, quantization: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's config.json (mapping is any rank of the layout)."""
+
+    @abstractmethod
+    def layer_tensors(self, layer: int) -> list[CanonicalTensor]:
+        """The canonical tensors of one decoder layer (names use the global layer index)."""
+
+    @abstractmethod
+    def first_stage_tensors(self) -> list[CanonicalTensor]:
+        """Tensors of the first pipeline stage besides its layers (embeddings)."""
+
+    @abstractmethod
+    def last_stage_tensors(self) -> list[CanonicalTensor]:
+        """Tensors of the last pipeline stage besides its layers (final norm, lm_head)."""
+
+    @abstractmethod
+    def expected_hf_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor the conversion reads, with its expected shape."""
+
+    def optional_hf_tensors(self) -> set[str]:
+        """HF tensors that may be present but are not read (e.g. a tied lm_head saved anyway)."""
+        return set()
+
+    @classmethod
+    @abstractmethod
+    def shard_rule(cls, name: str) -> ShardRule:
+        """The rule of a TensorRT-LLM tensor name (any layer index)."""
+
+    def check_hf_checkpoint(self, checkpoint: HFCheckpoint) -> None:
+        """Fail before any work on missing, unknown or mis-shaped HF tensors."""
+        expected = self.expected_hf_tensors()
+        present = set(checkpoint.names())
+        missing = sorted(set(expected) - present)
+        if missing:
+            raise ConfigError(f"the HF checkpoint lacks {len(missing)} tensor(s) the config implies, e.g. "
+                              f"{', '.join(missing[:3])}")
+        unknown = sorted(present - set(expected) - self.optional_hf_tensors())
+        if unknown:
+            raise ConfigError(f"the HF checkpoint has {len(unknown)} tensor(s) this converter does not know "
+                              f"(an unsupported variant?), e.g. {', '.join(unknown[:3])}")
+        for name, shape in expected.items():
+            if tuple(checkpoint.shape(name)) != tuple(shape):
+                raise ConfigError(f"HF tensor {name} has shape {list(checkpoint.shape(name))}, the config implies "
+                                  f"{list(shape)}")
+
+    def rank_tensors(self, mapping: Mapping) -> Iterator[tuple[str, CanonicalTensor]]:
+        """(local name, canonical tensor) for every tensor `mapping`'s rank holds, layers renumbered locally."""
+        layers = mapping.pp_layers(self.num_layers)
+        if mapping.is_first_pp_rank:
+            for tensor in self.first_stage_tensors():
+                yield tensor.name, tensor
+        for local, layer in enumerate(layers):
+            prefix, local_prefix = f"transformer.layers.{layer}.", f"transformer.layers.{local}."
+            for tensor in self.layer_tensors(layer):
+                yield local_prefix + tensor.name.removeprefix(prefix), tensor
+        if mapping.is_last_pp_rank:
+            for tensor in self.last_stage_tensors():
+                yield tensor.name, tensor
+
+
+def hf_get(name: str) -> TensorSource:
+    """A source that reads one HF tensor as is."""
+    return lambda checkpoint: checkpoint.get(name)
+
+
+def config_value(config: dict[str, Any], key: str, default: Any) -> Any:
+    """`config[key]`, or `default` when the key is absent or null."""
+    value = config.get(key)
+    return default if value is None else value

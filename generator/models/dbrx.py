@@ -1,0 +1,204 @@
+"""DBRX (HF `DbrxForCausalLM`): GQA attention with RoPE and clip_qkv, a 16-expert top-4 MoE with SwiGLU experts.
+
+TensorRT-LLM layout (architecture "DbrxForCausalLM"), as its DBRX converter writes it:
+
+| HF tensor                                       | TensorRT-LLM tensor                       | split |
+|-------------------------------------------------|-------------------------------------------|-------|
+| transformer.wte.weight                          | transformer.vocab_embedding.weight (first pp stage) | replicated |
+| blocks.i.norm_attn_norm.norm_1.weight / norm_2  | layers.j.input_layernorm / post_layernorm  | replicated |
+| blocks.i.norm_attn_norm.attn.Wqkv.weight        | layers.j.attention.qkv.weight              | Q, K, V by heads |
+| blocks.i.norm_attn_norm.attn.out_proj.weight    | layers.j.attention.dense.weight            | dim 1 |
+| blocks.i.ffn.router.layer.weight [E, d]         | layers.j.mlp.router.weight, float32        | replicated |
+| blocks.i.ffn.experts.mlp.v1 (up), w1 (gate) [E*F, d] | layers.j.mlp.fc.weight [E, 2F, d] = [up; gate] per expert | experts over EP, F over MoE-TP |
+| blocks.i.ffn.experts.mlp.w2 [E*F, d]            | layers.j.mlp.proj.weight [E, d, F] (transposed) | experts over EP, dim 2 over MoE-TP |
+| transformer.norm_f.weight                       | transformer.ln_f.weight (last pp stage)    | replicated |
+| lm_head.weight (untied)                         | lm_head.weight (last pp stage)             | rows, zero-padded to a multiple of tp |
+
+Routing: transformers softmaxes the router logits over all experts, takes the top k and divides the k weights by
+their p-norm (`moe_normalize_expert_weights` = p) when p is set. TensorRT-LLM's RENORMALIZE (1) equals p = 1;
+NONE (0) equals p = null. The config always carries `moe_normalize_expert_weights` too, so gen-repo's engine can
+follow transformers exactly for any p (TensorRT-LLM ignores the extra key).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from generator.errors import ConfigError
+from generator.hf_checkpoint import HFCheckpoint
+from generator.mapping import Mapping
+from generator.models.base import (
+    REPLICATED,
+    CanonicalTensor,
+    ModelSpec,
+    ShardRule,
+    TensorSource,
+    config_value,
+    hf_get,
+)
+from generator.models.mpt import mpt_shard_rule
+
+NORMALIZATION_NONE = 0
+NORMALIZATION_RENORMALIZE = 1
+
+
+class DbrxSpec(ModelSpec):
+    """DBRX, configured from the HF config.json."""
+
+    architecture: ClassVar[str] = "DbrxForCausalLM"
+    calibration_module_suffix: ClassVar[str] = "norm_attn_norm.attn.Wqkv"
+
+    def __init__(self, hf_config: dict[str, Any]) -> None:
+        super().__init__(hf_config)
+        config = hf_config
+        attn = config.get("attn_config") or {}
+        ffn = config.get("ffn_config") or {}
+        try:
+            self.hidden_size = int(config["d_model"])
+            self.num_attention_heads = int(config["n_heads"])
+            self.num_layers = int(config["n_layers"])
+            self.vocab_size = int(config["vocab_size"])
+            self.max_seq_len = int(config["max_seq_len"])
+            self.intermediate_size = int(ffn["ffn_hidden_size"])
+            self.num_experts = int(ffn["moe_num_experts"])
+        except KeyError as error:
+            raise ConfigError(f"DBRX config.json lacks {error.args[0]}") from error
+        self.num_key_value_heads = int(config_value(attn, "kv_n_heads", 1))
+        self.top_k = int(config_value(ffn, "moe_top_k", 1))
+        self.normalize_expert_weights = ffn.get("moe_normalize_expert_weights", 1)
+        self.clip_qkv = attn.get("clip_qkv")
+        self.rotary_base = float(config_value(attn, "rope_theta", 10000.0))
+        self.tied = bool(config_value(config, "tie_word_embeddings", False))
+        act = config_value(ffn, "ffn_act_fn", {"name": "silu"})
+        if act.get("name") != "silu":
+            raise ConfigError(f"ffn_config.ffn_act_fn {act!r} is not supported (only silu)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"d_model {self.hidden_size} is not divisible by n_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"n_heads {self.num_attention_heads} is not divisible by attn_config.kv_n_heads "
+                              f"{self.num_key_value_heads}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"ffn_config.moe_top_k {self.top_k} must be between 1 and moe_num_experts "
+                              f"{self.num_experts}")
+
+    @property
+    def normalization_mode(self) -> int:
+        """TensorRT-LLM's ExpertScaleNormalizationMode: NONE when transformers does not renormalize."""
+        return NORMALIZATION_NONE if self.normalize_expert_weights is None else NORMALIZATION_RENORMALIZE
+
+    def check_mapping(self, mapping: Mapping) -> None:
+        super().check_mapping(mapping)
+        if self.num_experts % mapping.moe_expert_parallel_size:
+            raise ConfigError(f"--moe-ep-size {mapping.moe_expert_parallel_size} does not divide the number of "
+                              f"experts ({self.num_experts}, config ffn_config.moe_num_experts)")
+        if self.intermediate_size % mapping.moe_tensor_parallel_size:
+            raise ConfigError(f"--moe-tp-size {mapping.moe_tensor_parallel_size} does not divide the expert "
+                              f"size ({self.intermediate_size}, config ffn_config.ffn_hidden_size)")
+
+    def trtllm_config(self, mapping: Mapping, dtype: str, quantization: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "dtype": dtype,
+            "logits_dtype": "float32",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_size": self.head_size,
+            "max_position_embeddings": self.max_seq_len,
+            "norm_epsilon": 1e-5,
+            "position_embedding_type": "rope_gpt_neox",
+            "hidden_act": "swiglu",
+            "rotary_base": self.rotary_base,
+            "rotary_scaling": None,
+            "quantization": quantization,
+            "moe": {"num_experts": self.num_experts, "top_k": self.top_k,
+                    "normalization_mode": self.normalization_mode},
+            "moe_normalize_expert_weights": self.normalize_expert_weights,
+            "mapping": mapping.to_json(),
+            "bias": False,
+            "clip_qkv": self.clip_qkv,
+            "dense_context_fmha": False,
+            "use_parallel_embedding": False,
+            "embedding_sharding_dim": 0,
+            "disable_weight_only_quant_plugin": False,
+        }
+
+    def expected_hf_tensors(self) -> dict[str, tuple[int, ...]]:
+        d, experts, ffn = self.hidden_size, self.num_experts, self.intermediate_size
+        qkv_rows = d + 2 * self.num_key_value_heads * self.head_size
+        shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (self.vocab_size, d),
+                                              "transformer.norm_f.weight": (d,)}
+        if not self.tied:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        for i in range(self.num_layers):
+            block = f"transformer.blocks.{i}."
+            shapes.update({
+                block + "norm_attn_norm.norm_1.weight": (d,), block + "norm_attn_norm.norm_2.weight": (d,),
+                block + "norm_attn_norm.attn.Wqkv.weight": (qkv_rows, d),
+                block + "norm_attn_norm.attn.out_proj.weight": (d, d),
+                block + "ffn.router.layer.weight": (experts, d),
+                block + "ffn.experts.mlp.w1": (experts * ffn, d), block + "ffn.experts.mlp.v1": (experts * ffn, d),
+                block + "ffn.experts.mlp.w2": (experts * ffn, d)})
+        return shapes
+
+    def optional_hf_tensors(self) -> set[str]:
+        return {"lm_head.weight"}
+
+    def layer_tensors(self, layer: int) -> list[CanonicalTensor]:
+        hf, trt = f"transformer.blocks.{layer}.", f"transformer.layers.{layer}."
+        rule = self.shard_rule
+        return [
+            CanonicalTensor(trt + "input_layernorm.weight", hf_get(hf + "norm_attn_norm.norm_1.weight"), REPLICATED),
+            CanonicalTensor(trt + "attention.qkv.weight", hf_get(hf + "norm_attn_norm.attn.Wqkv.weight"),
+                            rule("attention.qkv.weight")),
+            CanonicalTensor(trt + "attention.dense.weight", hf_get(hf + "norm_attn_norm.attn.out_proj.weight"),
+                            rule("attention.dense.weight")),
+            CanonicalTensor(trt + "post_layernorm.weight", hf_get(hf + "norm_attn_norm.norm_2.weight"), REPLICATED),
+            CanonicalTensor(trt + "mlp.router.weight", hf_get(hf + "ffn.router.layer.weight"), REPLICATED,
+                            keep_float32=True),
+            CanonicalTensor(trt + "mlp.fc.weight", self._experts_fc(hf + "ffn.experts.mlp."), rule("mlp.fc.weight")),
+            CanonicalTensor(trt + "mlp.proj.weight", self._experts_proj(hf + "ffn.experts.mlp.w2"),
+                            rule("mlp.proj.weight")),
+        ]
+
+    def _experts_fc(self, prefix: str) -> TensorSource:
+        shape = (self.num_experts, self.intermediate_size, self.hidden_size)
+
+        def read(checkpoint: HFCheckpoint) -> torch.Tensor:
+            # up (v1, no activation) first, gate (w1, SiLU) second: TensorRT-LLM's swiglu order
+            return torch.cat([checkpoint.get(prefix + "v1").view(shape), checkpoint.get(prefix + "w1").view(shape)],
+                             dim=1)
+        return read
+
+    def _experts_proj(self, name: str) -> TensorSource:
+        shape = (self.num_experts, self.intermediate_size, self.hidden_size)
+        # HF computes x @ w2[e] (w2[e] is [F, d], no transpose); TensorRT-LLM wants [out, in] = [d, F]
+        return lambda checkpoint: checkpoint.get(name).view(shape).transpose(1, 2)
+
+    def first_stage_tensors(self) -> list[CanonicalTensor]:
+        return [CanonicalTensor("transformer.vocab_embedding.weight", hf_get("transformer.wte.weight"), REPLICATED)]
+
+    def last_stage_tensors(self) -> list[CanonicalTensor]:
+        lm_head = "transformer.wte.weight" if self.tied else "lm_head.weight"
+        return [CanonicalTensor("transformer.ln_f.weight", hf_get("transformer.norm_f.weight"), REPLICATED),
+                CanonicalTensor("lm_head.weight", hf_get(lm_head), self.shard_rule("lm_head.weight"))]
+
+    @classmethod
+    def shard_rule(cls, name: str) -> ShardRule:
+        return dbrx_shard_rule(name)
+
+
+def dbrx_shard_rule(name: str) -> ShardRule:
+    """Tensor-parallel rule of a TensorRT-LLM DBRX tensor name."""
+    if name.endswith("mlp.fc.weight"):
+        return ShardRule("experts_fc", 1)
+    if name.endswith("mlp.proj.weight"):
+        return ShardRule("experts", 2)
+    if name.endswith("mlp.router.weight"):
+        return REPLICATED
+    return mpt_shard_rule(name)
