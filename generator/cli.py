@@ -107,5 +107,69 @@ def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: boo
         click.echo(f"unsharded into {unshard_checkpoint(checkpoint_dir, unshard_dir)}")
 
 
+@main.command("build")
+@click.option("--checkpoint-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="TensorRT-LLM checkpoint directory (config.json + rank{r}.safetensors), e.g. from `convert`.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Engine directory to write.")
+@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default="pytorch",
+              show_default=True, help="pytorch: gen-repo's PyTorch engine (links the weights); tensorrtllm: the "
+              "real trtllm-build (needs TensorRT-LLM, i.e. NVIDIA's container).")
+@click.option("--max-batch-size", type=int, default=8, show_default=True, help="Requests running at once.")
+@click.option("--max-input-len", type=int, default=1024, show_default=True, help="Longest prompt, in tokens.")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Longest prompt + output; default the checkpoint's max_position_embeddings (else 2048).")
+@click.option("--max-num-tokens", type=int, default=None,
+              help="Most tokens in one forward (context phase); default min(8192, batch x input len).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Ranks built in parallel (tensorrtllm).")
+@click.option("--dry-run", is_flag=True, help="Print what would be built (the trtllm-build commands) and stop.")
+def build_command(checkpoint_dir: Path, output_dir: Path, engine_backend: str, max_batch_size: int,
+                  max_input_len: int, max_seq_len: int | None, max_num_tokens: int | None, workers: int,
+                  dry_run: bool) -> None:
+    """Build an engine dir from a TensorRT-LLM checkpoint."""
+    from generator.build import BuildSettings, build_engine
+
+    settings = BuildSettings(checkpoint_dir=checkpoint_dir, output_dir=output_dir, engine_backend=engine_backend,
+                             max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+                             max_num_tokens=max_num_tokens, workers=workers, dry_run=dry_run)
+    click.echo(str(build_engine(settings)))
+
+
+@main.command("run")
+@click.argument("prompts", nargs=-1)
+@click.option("--engine-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Engine dir written by `gen-repo build --engine pytorch`.")
+@click.option("--tokenizer-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Tokenizer for text prompts and decoding the output (default: none, ids only).")
+@click.option("--input-ids", "input_ids", multiple=True,
+              help="A prompt as token ids, comma or space separated; repeat for several prompts.")
+@click.option("--max-tokens", "max_new_tokens", type=int, default=32, show_default=True,
+              help="New tokens per prompt.")
+@click.option("--end-id", type=int, default=None, help="Stop token (default: the tokenizer's eos).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 with --top-p 0: greedy.")
+@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="torch device (default cuda:<local rank> if available, else cpu).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per prompt (ids, text, finish reason).")
+def run_command(prompts: tuple[str, ...], engine_dir: Path, tokenizer_dir: Path | None, input_ids: tuple[str, ...],
+                max_new_tokens: int, end_id: int | None, temperature: float, top_k: int, top_p: float,
+                seed: int | None, device: str | None, as_json: bool) -> None:
+    """Generate with the pytorch engine (no Triton). Several ranks: `mpirun -n N gen-repo run ...`."""
+    from generator.run import RunSettings, print_outputs, run
+
+    try:
+        ids = [[int(t) for t in text.replace(",", " ").split()] for text in input_ids]
+    except ValueError as error:
+        raise GenRepoError(f"--input-ids takes integers: {error}") from error
+    settings = RunSettings(engine_dir=engine_dir, prompts=list(prompts), input_ids=ids,
+                           tokenizer_dir=tokenizer_dir, max_new_tokens=max_new_tokens, end_id=end_id,
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, as_json=as_json,
+                           device=device)
+    outputs = run(settings)
+    if outputs is not None:
+        print_outputs(outputs, as_json)
+
+
 if __name__ == "__main__":
     main()
