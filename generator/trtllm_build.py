@@ -28,8 +28,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from generator.build import BuildSettings, build_config_section, resolve_limits
 from generator.engine.config import read_config_json
 from generator.errors import ConfigError, GenRepoError
 from generator.mapping import Mapping
@@ -42,40 +43,6 @@ SUPPORTED_ARCHITECTURES = ("MPTForCausalLM", "DbrxForCausalLM")
 PLUGIN_DTYPES = ("float16", "bfloat16", "float32")
 SUPPORTED_QUANT_ALGOS = (None, "W8A16", "W4A16")
 SUPPORTED_KV_CACHE_QUANT_ALGOS = (None, "INT8")
-
-
-class TrtllmBuildInputs(Protocol):
-    """The fields of `generator.build.BuildSettings` this module reads (typed structurally so that build.py
-    can import this module without a cycle)."""
-
-    @property
-    def checkpoint_dir(self) -> Path: ...
-    @property
-    def output_dir(self) -> Path: ...
-    @property
-    def max_batch_size(self) -> int: ...
-    @property
-    def max_input_len(self) -> int: ...
-    @property
-    def max_seq_len(self) -> int | None: ...
-    @property
-    def max_num_tokens(self) -> int | None: ...
-    @property
-    def max_beam_width(self) -> int: ...
-    @property
-    def workers(self) -> int: ...
-    @property
-    def gpt_attention_plugin(self) -> str: ...
-    @property
-    def gemm_plugin(self) -> str: ...
-    @property
-    def moe_plugin(self) -> str: ...
-    @property
-    def paged_kv_cache(self) -> bool: ...
-    @property
-    def remove_input_padding(self) -> bool: ...
-    @property
-    def dry_run(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -144,10 +111,7 @@ def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
     return facts
 
 
-def resolve_plugin(value: str, dtype: str, name: str) -> str:
-    """A plugin setting as trtllm-build takes it: `auto` becomes the checkpoint dtype, `disable` stays."""
-    if value == "auto":
-        return dtype
+def _checked_plugin(value: str, name: str) -> str:
     if value == "disable" or value in PLUGIN_DTYPES:
         return value
     raise ConfigError(f"{name} {value!r}: use auto, disable or one of {', '.join(PLUGIN_DTYPES)}")
@@ -157,16 +121,23 @@ def _enable(flag: bool) -> str:
     return "enable" if flag else "disable"
 
 
-def trtllm_build_command(settings: TrtllmBuildInputs, config: dict[str, Any]) -> list[str]:
-    """The `trtllm-build` argv for one checkpoint config (see the module docstring for each flag)."""
+def trtllm_build_command(settings: BuildSettings, config: dict[str, Any]) -> list[str]:
+    """The `trtllm-build` argv for one checkpoint config (see the module docstring for each flag).
+
+    Limits and plugins come from `generator.build`'s `build_config` section, the same one the pytorch
+    backend writes, so both engine backends get the same max_seq_len / max_num_tokens defaults and the same
+    resolution of `auto` plugins to the checkpoint dtype.
+    """
     facts = check_trtllm_compatible(config)
-    attention = resolve_plugin(settings.gpt_attention_plugin, facts.dtype, "gpt_attention_plugin")
-    gemm = resolve_plugin(settings.gemm_plugin, facts.dtype, "gemm_plugin")
-    moe = resolve_plugin(settings.moe_plugin, facts.dtype, "moe_plugin")
-    if attention == "disable" and (settings.paged_kv_cache or settings.remove_input_padding
-                                   or facts.kv_cache_quant_algo):
-        raise ConfigError("the paged KV cache, remove_input_padding and an INT8 KV cache all need the GPT "
-                          "attention plugin; do not disable it")
+    limits = resolve_limits(settings, config)
+    section = build_config_section(settings, limits, facts.dtype)
+    plugins = section["plugin_config"]
+    attention = _checked_plugin(plugins["gpt_attention_plugin"], "gpt_attention_plugin")
+    gemm = _checked_plugin(plugins["gemm_plugin"], "gemm_plugin")
+    moe = _checked_plugin(plugins["moe_plugin"], "moe_plugin")
+    if attention == "disable":
+        # the in-flight batching runtime needs it (paged KV cache, packed inputs, INT8 KV cache)
+        raise ConfigError("gpt_attention_plugin cannot be disabled: Triton's in-flight batching needs it")
     if facts.is_moe and facts.quant_algo and moe == "disable":
         raise ConfigError(f"{facts.quant_algo} MoE weights need the MoE plugin; do not disable moe_plugin")
 
@@ -177,21 +148,19 @@ def trtllm_build_command(settings: TrtllmBuildInputs, config: dict[str, Any]) ->
             "--gemm_plugin", gemm]
     if facts.is_moe:
         argv += ["--moe_plugin", moe]
-    argv += ["--max_batch_size", str(settings.max_batch_size),
-             "--max_input_len", str(settings.max_input_len)]
-    if settings.max_seq_len is not None:
-        argv += ["--max_seq_len", str(settings.max_seq_len)]
-    if settings.max_num_tokens is not None:
-        argv += ["--max_num_tokens", str(settings.max_num_tokens)]
-    argv += ["--max_beam_width", str(settings.max_beam_width),
+    argv += ["--max_batch_size", str(limits.max_batch_size),
+             "--max_input_len", str(limits.max_input_len),
+             "--max_seq_len", str(limits.max_seq_len),
+             "--max_num_tokens", str(limits.max_num_tokens),
+             "--max_beam_width", str(limits.max_beam_width),
              "--workers", str(max(1, min(settings.workers, facts.world_size))),
-             "--kv_cache_type", "paged" if settings.paged_kv_cache else "continuous",
-             "--remove_input_padding", _enable(settings.remove_input_padding),
-             "--context_fmha", _enable(attention != "disable")]
+             "--kv_cache_type", str(section["kv_cache_type"]).lower(),
+             "--remove_input_padding", _enable(plugins["remove_input_padding"]),
+             "--context_fmha", _enable(plugins["context_fmha"])]
     return argv
 
 
-def trtllm_build_commands(settings: TrtllmBuildInputs) -> list[list[str]]:
+def trtllm_build_commands(settings: BuildSettings) -> list[list[str]]:
     """The commands that build `settings.checkpoint_dir` into `settings.output_dir`: one trtllm-build."""
     config = read_config_json(Path(settings.checkpoint_dir))
     return [trtllm_build_command(settings, config)]
@@ -216,7 +185,7 @@ def check_engine_dir(engine_dir: Path) -> int:
     return world_size
 
 
-def build_with_trtllm(settings: TrtllmBuildInputs) -> Path:
+def build_with_trtllm(settings: BuildSettings) -> Path:
     """Run trtllm-build on the checkpoint; with `dry_run`, print the commands and write nothing.
 
     Needs TensorRT-LLM (`trtllm-build` on PATH), i.e. NVIDIA's Triton TensorRT-LLM container.

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from generator.build import BuildSettings
 from generator.errors import ConfigError, GenRepoError
 from generator.mapping import Mapping
 from generator.models import spec_for
@@ -23,29 +24,6 @@ from generator.trtllm_build import (
     check_engine_dir,
     trtllm_build_commands,
 )
-
-try:
-    from generator.build import BuildSettings
-except ImportError:  # pragma: no cover - build.py (helper H2) not landed yet
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class BuildSettings:  # type: ignore[no-redef]
-        checkpoint_dir: Path
-        output_dir: Path
-        engine_backend: str = "tensorrtllm"
-        max_batch_size: int = 8
-        max_input_len: int = 1024
-        max_seq_len: int | None = None
-        max_num_tokens: int | None = None
-        max_beam_width: int = 1
-        workers: int = 1
-        gpt_attention_plugin: str = "auto"
-        gemm_plugin: str = "auto"
-        moe_plugin: str = "auto"
-        paged_kv_cache: bool = True
-        remove_input_padding: bool = True
-        dry_run: bool = False
 
 _MPT_ATTN = {"alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0.0,
              "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
@@ -148,6 +126,29 @@ def test_explicit_plugins_and_continuous_cache(tmp_path: Path) -> None:
                          "--context_fmha", "enable"]
 
 
+def test_limits_default_like_the_pytorch_build(tmp_path: Path) -> None:
+    """Unset limits resolve as generator.build does: max_seq_len = max_position_embeddings,
+    max_num_tokens = min(8192, batch x input)."""
+    checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(1))
+    settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine", max_batch_size=4,
+                             max_input_len=512)
+    (argv,) = trtllm_build_commands(settings)
+    assert argv[argv.index("--max_seq_len") + 1] == "2048"
+    assert argv[argv.index("--max_num_tokens") + 1] == "2048"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"gpt_attention_plugin": "disable"}, "gpt_attention_plugin cannot be disabled"),
+    ({"gemm_plugin": "int8"}, "gemm_plugin 'int8'"),
+    ({"max_seq_len": 4096}, "max_position_embeddings"),
+])
+def test_rejects_bad_settings(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
+    checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(1))
+    settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine", **overrides)
+    with pytest.raises(ConfigError, match=message):
+        trtllm_build_commands(settings)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("bias", True, "bias: true"),
     ("qk_layernorm", True, "qk_layernorm"),
@@ -175,7 +176,8 @@ def test_weight_only_moe_needs_moe_plugin(tmp_path: Path) -> None:
 
 def test_dry_run_prints_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(1))
-    settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine", max_seq_len=512,
+    settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine", max_input_len=256,
+                             max_seq_len=512,
                              max_num_tokens=1024, dry_run=True)
     assert build_with_trtllm(settings) == tmp_path / "engine"
     printed = capsys.readouterr().out.strip()
