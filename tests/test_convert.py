@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,14 +17,56 @@ from generator.errors import GenRepoError
 from tests.factories import make_dbrx, make_mpt
 
 
-def convert(model_dir: Path, output_dir: Path, **kwargs: object) -> Path:
-    settings = ConvertSettings(model_dir=model_dir, output_dir=output_dir, **{"dtype": "float32", "progress": False,
-                                                                              **kwargs})  # type: ignore[arg-type]
-    return convert_checkpoint(settings)
+def convert(model_dir: Path, output_dir: Path, **kwargs: Any) -> Path:
+    """`convert_checkpoint` with float32 and no progress bars unless given."""
+    settings: dict[str, Any] = {"dtype": "float32", "progress": False, **kwargs}
+    return convert_checkpoint(ConvertSettings(model_dir=model_dir, output_dir=output_dir, **settings))
 
 
-def read_config(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "config.json").read_text())
+def read_json(path: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def rank_tensors(checkpoint: Path, rank: int) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / f"rank{rank}.safetensors")
+
+
+def write_variant(source: Path, target: Path, config_updates: dict[str, Any],
+                  tensors: dict[str, torch.Tensor]) -> Path:
+    """An HF checkpoint dir with `source`'s config updated (nested dicts merged one level) and `tensors`."""
+    config = read_json(source / "config.json")
+    for key, value in config_updates.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, target / "model.safetensors")
+    return target
+
+
+def make_gqa_mpt(mha_dir: Path, target: Path, kv_heads: int) -> Path:
+    """A GQA (or MQA when kv_heads == 1) MPT made from an MHA one by keeping the first kv_heads K and V heads.
+
+    transformers' MPT is MHA-only, so llm-foundry's GQA layout is written directly: Wqkv rows [Q; K; V] with
+    K and V of kv_heads heads each.
+    """
+    config = read_json(mha_dir / "config.json")
+    d, heads = config["d_model"], config["n_heads"]
+    kv_rows = kv_heads * (d // heads)
+    tensors = load_file(mha_dir / "model.safetensors")
+    for name in list(tensors):
+        if name.endswith("attn.Wqkv.weight"):
+            q, k, v = tensors[name].split(d)
+            tensors[name] = torch.cat([q, k[:kv_rows], v[:kv_rows]])
+    attn_type = "multiquery_attention" if kv_heads == 1 else "grouped_query_attention"
+    return write_variant(mha_dir, target, {"attn_config": {"attn_type": attn_type, "kv_n_heads": kv_heads}}, tensors)
+
+
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    return read_json(checkpoint / "config.json")
 
 
 @pytest.fixture(scope="module")
