@@ -31,15 +31,55 @@ class _Group(click.Group):
               "(see `gen-repo models`) or a local Hugging Face checkpoint directory.")
 @click.option("--output", "output", type=click.Path(), default="model_repo", show_default=True,
               help="Directory for the whole job's output (checkpoint/, engine/, tokenizer/, triton_repo/).")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local Hugging Face checkpoint for a real preset (e.g. --model mpt-7b --model-dir ./mpt-7b).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
+              help="Checkpoint dtype (default: the preset's; auto = the HF checkpoint's).")
+@click.option("--tp-size", "tensor_parallel_size", type=int, default=None,
+              help="Tensor-parallel size (default: the preset's, else 1).")
+@click.option("--pp-size", "pipeline_parallel_size", type=int, default=None,
+              help="Pipeline-parallel size (default: the preset's, else 1).")
+@click.option("--moe-tp-size", "moe_tensor_parallel_size", type=int, default=None,
+              help="MoE only: tensor-parallel size inside each expert.")
+@click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
+              help="MoE only: expert-parallel size.")
+@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default="pytorch",
+              show_default=True, help="Engine backend: our PyTorch engine, or real trtllm-build (NVIDIA container).")
+@click.option("--max-batch-size", type=int, default=None, help="Engine limit (default: the preset's).")
+@click.option("--max-input-len", type=int, default=None, help="Engine limit (default: the preset's).")
+@click.option("--max-seq-len", type=int, default=None, help="Engine limit: prompt + new tokens (default: the preset's).")
+@click.option("--max-num-tokens", type=int, default=None, help="Engine limit: tokens per step (default: build's).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Ranks converted / built in parallel.")
+@click.option("--weight-only-precision", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantization of the GEMM weights (default: none).")
+@click.option("--int8-kv-cache", is_flag=True, help="Calibrate and use an INT8 KV cache.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (never by default).")
 @click.pass_context
-def main(ctx: click.Context, model: str | None, output: str) -> None:
-    """gen-repo: Hugging Face LLM checkpoint -> TensorRT-LLM checkpoint -> engine -> Triton repository."""
+def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | None, dtype: str | None,
+         tensor_parallel_size: int | None, pipeline_parallel_size: int | None,
+         moe_tensor_parallel_size: int | None, moe_expert_parallel_size: int | None, engine_backend: str,
+         max_batch_size: int | None, max_input_len: int | None, max_seq_len: int | None,
+         max_num_tokens: int | None, workers: int, weight_only_precision: str | None, int8_kv_cache: bool,
+         trust_remote_code: bool) -> None:
+    """gen-repo: Hugging Face LLM checkpoint -> TensorRT-LLM checkpoint -> engine -> Triton repository.
+
+    With --model (and no subcommand) it runs the whole job into --output; see the subcommands for each step.
+    """
     if ctx.invoked_subcommand is not None:
         return
     if model is None:
         click.echo(ctx.get_help())
         return
-    raise GenRepoError("the whole-job pipeline is not wired yet")
+    from generator.pipeline import PipelineSettings, run_pipeline
+
+    run_pipeline(PipelineSettings(
+        model=model, output_dir=Path(output), model_dir=model_dir, dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+        moe_tensor_parallel_size=moe_tensor_parallel_size, moe_expert_parallel_size=moe_expert_parallel_size,
+        engine_backend=engine_backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
+        max_seq_len=max_seq_len, max_num_tokens=max_num_tokens, workers=workers,
+        weight_only_precision=weight_only_precision, int8_kv_cache=int8_kv_cache,
+        trust_remote_code=trust_remote_code))
 
 
 @main.command("convert")
@@ -169,6 +209,87 @@ def run_command(prompts: tuple[str, ...], engine_dir: Path, tokenizer_dir: Path 
     outputs = run(settings)
     if outputs is not None:
         print_outputs(outputs, as_json)
+
+
+@main.command("models")
+@click.option("--gpu-memory", "gpu_memory_gib", type=float, default=80.0, show_default=True,
+              help="GPU memory in GiB for the 'which layouts fit' column.")
+def models_command(gpu_memory_gib: float) -> None:
+    """List the presets: parameters, weight bytes per dtype and the parallel layouts that fit."""
+    from generator.presets import models_table
+
+    click.echo(models_table(gpu_memory_gib))
+
+
+@main.command("serve")
+@click.option("--model-repository", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The Triton repository (`<output>/triton_repo` of the whole job).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address all endpoints bind to (0.0.0.0 to accept remote clients).")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--triton-bin", default=None, help="tritonserver binary (default: $TRITON_BIN, PATH, then the "
+              "nvidia-pytriton wheel).")
+@click.option("--world-size", type=int, default=None,
+              help="Ranks (default: the engine's tp x pp); > 1 launches one tritonserver per rank under mpirun.")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None,
+              help="Server output (default: tritonserver.log next to the repository).")
+@click.option("--log-verbose", type=int, default=0, show_default=True, help="tritonserver --log-verbose level.")
+@click.option("--ready-timeout", "ready_timeout_s", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for /v2/health/ready.")
+@click.option("--dry-run", is_flag=True, help="Print the exact command (and PATH/LD_LIBRARY_PATH) and exit.")
+@click.argument("extra_args", nargs=-1, type=click.UNPROCESSED)
+def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
+                  triton_bin: str | None, world_size: int | None, log_file: Path | None, log_verbose: int,
+                  ready_timeout_s: float, dry_run: bool, extra_args: tuple[str, ...]) -> None:
+    """Run tritonserver on a repository until Ctrl-C; extra args after `--` go to tritonserver."""
+    from generator.serve import ServeSettings, serve
+
+    sys.exit(serve(ServeSettings(
+        model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
+        metrics_port=metrics_port, triton_bin=triton_bin, world_size=world_size, log_file=log_file,
+        log_verbose=log_verbose, ready_timeout_s=ready_timeout_s, dry_run=dry_run, extra_args=extra_args)))
+
+
+@main.command("infer")
+@click.argument("prompt")
+@click.option("--url", default=None, help="host:port (default localhost:8001 for grpc, localhost:8000 for http).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--model", type=click.Choice(["ensemble", "tensorrt_llm_bls"]), default="ensemble", show_default=True)
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Most new tokens.")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None, help="Sampling seed (random_seed).")
+@click.option("--stop-word", "stop_words", multiple=True, help="Stop when this text is generated (repeatable).")
+@click.option("--bad-word", "bad_words", multiple=True, help="Never generate this text (repeatable).")
+@click.option("--end-id", type=int, default=None, help="Token id that ends generation.")
+@click.option("--pad-id", type=int, default=None)
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--presence-penalty", type=float, default=None)
+@click.option("--frequency-penalty", type=float, default=None)
+@click.option("--exclude-input-in-output/--include-input-in-output", default=None,
+              help="Whether the answer repeats the prompt (default: the model's setting).")
+@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+              help="Wait up to this many seconds for the server and model to be ready.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True)
+def infer_command(prompt: str, url: str | None, protocol: str, model: str, stream: bool, max_tokens: int,
+                  temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None,
+                  stop_words: tuple[str, ...], bad_words: tuple[str, ...], end_id: int | None,
+                  pad_id: int | None, repetition_penalty: float | None, presence_penalty: float | None,
+                  frequency_penalty: float | None, exclude_input_in_output: bool | None, wait_s: float,
+                  timeout_s: float) -> None:
+    """Send PROMPT to a running server and print the generated text."""
+    from generator.client import InferSettings, infer
+
+    infer(InferSettings(
+        prompt=prompt, url=url, protocol=protocol, model=model, stream=stream, max_tokens=max_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_words=stop_words,
+        bad_words=bad_words, end_id=end_id, pad_id=pad_id, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        exclude_input_in_output=exclude_input_in_output, wait_s=wait_s, timeout_s=timeout_s))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""The whole job: `gen-repo --model PRESET|DIR` runs convert -> build -> tokenizer copy -> render.
+
+Output layout (docs/DESIGN.md):
+
+    <output>/hf/           only for the tiny presets: the generated HF checkpoint + tokenizer (reused on re-runs)
+    <output>/checkpoint/   TensorRT-LLM checkpoint
+    <output>/engine/       engine dir
+    <output>/tokenizer/    tokenizer files copied from the HF dir
+    <output>/triton_repo/  the Triton model repository
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from generator.errors import GenRepoError
+from generator.presets import PRESETS, Preset, get_preset, resolve_checkpoint
+from generator.tiny import TINY_NAMES, make_tiny_model
+
+# Files a tokenizer dir may need; anything else in the HF dir (weights, remote code) stays behind.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "generation_config.json", "config.json")
+TOKENIZER_SUFFIXES = (".tiktoken",)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Everything `gen-repo --model ...` needs. None means: the preset's default, else the step's default."""
+
+    model: str                                   # preset name or HF checkpoint dir
+    output_dir: Path = Path("model_repo")
+    model_dir: Path | None = None                # local checkpoint for a real preset
+    dtype: str | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    moe_tensor_parallel_size: int | None = None
+    moe_expert_parallel_size: int | None = None
+    engine_backend: str = "pytorch"              # "pytorch" or "tensorrtllm"
+    max_batch_size: int | None = None
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    max_num_tokens: int | None = None
+    workers: int = 1
+    weight_only_precision: str | None = None     # None | "int8" | "int4"
+    int8_kv_cache: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """Where each step wrote its output."""
+
+    output_dir: Path
+    hf_dir: Path
+    checkpoint_dir: Path
+    engine_dir: Path
+    tokenizer_dir: Path
+    triton_repo: Path
+
+
+def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click.echo) -> PipelineResult:
+    """Run the whole job and return the output paths; prints one line per step."""
+    output = settings.output_dir.resolve()
+    preset, hf_dir = _resolve_model(settings, output, echo)
+    result = PipelineResult(output_dir=output, hf_dir=hf_dir, checkpoint_dir=output / "checkpoint",
+                            engine_dir=output / "engine", tokenizer_dir=output / "tokenizer",
+                            triton_repo=output / "triton_repo")
+    echo(f"[1/4] convert  {hf_dir} -> {result.checkpoint_dir}")
+    _timed(echo, lambda: _convert(settings, preset, hf_dir, result.checkpoint_dir))
+    echo(f"[2/4] build    {result.checkpoint_dir} -> {result.engine_dir} ({settings.engine_backend} engine)")
+    _timed(echo, lambda: _build(settings, preset, hf_dir, result.checkpoint_dir, result.engine_dir))
+    echo(f"[3/4] tokenizer {hf_dir} -> {result.tokenizer_dir}")
+    _timed(echo, lambda: copy_tokenizer_files(hf_dir, result.tokenizer_dir))
+    echo(f"[4/4] render   {result.triton_repo}")
+    _timed(echo, lambda: _render(result))
+    echo("")
+    echo(f"Triton repository ready: {result.triton_repo}")
+    echo(f"Serve it with:  gen-repo serve --model-repository {result.triton_repo}")
+    return result
+
+
+def _timed(echo: Callable[[str], None], step: Callable[[], Any]) -> None:
+    start = time.monotonic()
+    step()
+    echo(f"      done in {time.monotonic() - start:.1f} s")
+
+
+def _resolve_model(settings: PipelineSettings, output: Path,
+                   echo: Callable[[str], None]) -> tuple[Preset | None, Path]:
+    """(preset or None, local HF checkpoint dir); tiny presets are generated into `<output>/hf`."""
+    if settings.model in PRESETS:
+        preset = get_preset(settings.model)
+        if settings.model in TINY_NAMES:
+            hf_dir = output / "hf"
+            verb = "reusing" if (hf_dir / "config.json").is_file() else "creating"
+            echo(f"[0/4] {verb} {preset.name} in {hf_dir}")
+            return preset, make_tiny_model(preset.name, hf_dir)
+        return preset, resolve_checkpoint(preset, settings.model_dir, trust_remote_code=settings.trust_remote_code)
+    path = Path(settings.model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GenRepoError(f"{path} has no config.json: pass a Hugging Face checkpoint directory or a preset "
+                               f"({', '.join(PRESETS)})")
+        return None, path.resolve()
+    if "/" in settings.model or settings.model.startswith("."):
+        raise GenRepoError(f"{settings.model}: no such directory (presets: {', '.join(PRESETS)})")
+    get_preset(settings.model)  # raises the "unknown preset" error listing the presets
+    raise AssertionError("unreachable")
+
+
+def _fresh(path: Path) -> Path:
+    """Remove a previous run's output of one step so no stale rank files survive."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path) -> None:
+    from generator.convert import ConvertSettings, convert_checkpoint
+
+    _fresh(checkpoint_dir)
+    tensor_parallel_size = settings.tensor_parallel_size or (preset.tensor_parallel_size if preset else 1)
+    pipeline_parallel_size = settings.pipeline_parallel_size or (preset.pipeline_parallel_size if preset else 1)
+    convert_checkpoint(make_settings(
+        ConvertSettings, model_dir=hf_dir, output_dir=checkpoint_dir,
+        dtype=settings.dtype or (preset.dtype if preset else None),
+        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+        moe_tensor_parallel_size=settings.moe_tensor_parallel_size,
+        moe_expert_parallel_size=settings.moe_expert_parallel_size, workers=settings.workers,
+        optional={"trust_remote_code": settings.trust_remote_code,
+                  "weight_only_precision": settings.weight_only_precision,
+                  "int8_kv_cache": settings.int8_kv_cache, "progress": settings.progress}))
+
+
+def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path,
+           engine_dir: Path) -> None:
+    from generator.build import BuildSettings, build_engine
+
+    _fresh(engine_dir)
+    limits = default_limits(preset, hf_dir)
+    max_batch_size = settings.max_batch_size or limits["max_batch_size"]
+    max_input_len = settings.max_input_len or limits["max_input_len"]
+    max_seq_len = settings.max_seq_len or max(limits["max_seq_len"], max_input_len + 1)
+    build_engine(make_settings(
+        BuildSettings, checkpoint_dir=checkpoint_dir, output_dir=engine_dir, engine_backend=settings.engine_backend,
+        max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+        max_num_tokens=settings.max_num_tokens, optional={"workers": settings.workers}))
+
+
+def _render(result: PipelineResult) -> None:
+    from generator.render import RenderSettings, render_repository
+
+    _fresh(result.triton_repo)
+    render_repository(make_settings(RenderSettings, engine_dir=result.engine_dir,
+                                    tokenizer_dir=result.tokenizer_dir, output_dir=result.triton_repo))
+
+
+def default_limits(preset: Preset | None, hf_dir: Path) -> dict[str, int]:
+    """Build limits: the preset's, else derived from the checkpoint's max sequence length."""
+    if preset is not None:
+        return {"max_batch_size": preset.max_batch_size, "max_input_len": preset.max_input_len,
+                "max_seq_len": preset.max_seq_len}
+    config = json.loads((hf_dir / "config.json").read_text())
+    max_positions = int(config.get("max_seq_len") or config.get("max_position_embeddings") or 2048)
+    max_seq_len = min(max_positions, 2048)
+    return {"max_batch_size": 8, "max_input_len": max(1, min(1024, max_seq_len // 2)), "max_seq_len": max_seq_len}
+
+
+def copy_tokenizer_files(hf_dir: Path, tokenizer_dir: Path) -> list[Path]:
+    """Copy the tokenizer files (never weights or remote code) of `hf_dir` into `tokenizer_dir`."""
+    _fresh(tokenizer_dir).mkdir(parents=True)
+    copied = []
+    for path in sorted(hf_dir.iterdir()):
+        if path.is_file() and (path.name in TOKENIZER_FILES or path.name.endswith(TOKENIZER_SUFFIXES)):
+            copied.append(Path(shutil.copy2(path, tokenizer_dir / path.name)))
+    if not any(p.name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json") for p in copied):
+        raise GenRepoError(f"{hf_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json / ...): "
+                           "the Triton preprocessing model needs one")
+    return copied
+
+
+def make_settings(cls: type, optional: dict[str, Any] | None = None, **required: Any) -> Any:
+    """Build a step's frozen settings: `required` keys must be fields; `optional` ones are passed only if the
+    dataclass has them. None values are left to the dataclass defaults."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise TypeError(f"{cls.__name__} lacks the fields {missing} that docs/DESIGN.md promises")
+    kwargs = {k: v for k, v in required.items() if v is not None}
+    kwargs.update({k: v for k, v in (optional or {}).items() if k in names and v is not None})
+    return cls(**kwargs)

