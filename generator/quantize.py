@@ -38,6 +38,7 @@ _BITS = {"int8": 8, "int4": 4}
 _QUANTIZED_SUFFIXES = ("attention.qkv.weight", "attention.dense.weight", "mlp.fc.weight", "mlp.proj.weight")
 CALIBRATION_MAX_TOKENS = 512
 DEFAULT_CALIBRATION_FILE = "calib.txt"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def is_weight_only_target(name: str) -> bool:
@@ -171,15 +172,20 @@ def _fix_dbrx_config(config: object) -> None:
 def _tokenize(model_dir: Path, text: str, config: object, trust_remote_code: bool) -> torch.Tensor:
     """Token ids of the calibration text; byte values modulo the vocabulary when the dir has no tokenizer."""
     limit = min(CALIBRATION_MAX_TOKENS, int(getattr(config, "max_seq_len", CALIBRATION_MAX_TOKENS)))
-    try:
+    ids: list[int] = []
+    # transformers 5 hands out an empty tokenizer for a dir without tokenizer files, so look for them first
+    if any((Path(model_dir) / name).exists() for name in _TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        ids = tokenizer(text)["input_ids"]
-    except Exception:  # no tokenizer files: still calibrate, on a deterministic id sequence
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        except Exception as error:
+            raise GenRepoError(f"INT8 KV calibration cannot load the tokenizer in {model_dir}: {error}") from error
+        ids = list(tokenizer(text)["input_ids"])
+    else:
         print(f"warning: no tokenizer in {model_dir}; calibrating INT8 KV on UTF-8 byte ids", file=sys.stderr)
         vocab = int(config.vocab_size)  # type: ignore[attr-defined]
         ids = [byte % vocab for byte in text.encode("utf-8")]
     if not ids:
-        raise GenRepoError("the INT8 KV calibration text is empty")
+        raise GenRepoError("the INT8 KV calibration text gives no tokens")
     return torch.tensor([ids[:limit]])

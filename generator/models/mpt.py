@@ -217,6 +217,10 @@ class MptSpec(ModelSpec):
         return names
 
     def check_hf_checkpoint(self, checkpoint: HFCheckpoint) -> None:
+        if self.bias and not any(name.endswith("attn.Wqkv.bias") for name in checkpoint.names()):
+            # transformers' MptForCausalLM builds every Linear without bias whatever no_bias says, so a
+            # checkpoint it saved with no_bias false has no biases: its forward pass is the bias-free one
+            self.bias = False
         super().check_hf_checkpoint(checkpoint)
         if not self.tied and self._untied_lm_head(checkpoint) is None:
             raise ConfigError("tie_word_embeddings is false but the checkpoint has no lm_head.weight")

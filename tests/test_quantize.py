@@ -1,0 +1,158 @@
+"""Weight-only INT8/INT4 quantization (TensorRT-LLM's symmetric per-channel formula) and INT8 KV calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator.quantize import dequantize_weight, pack_int4, quantize_weight, unpack_int4
+from tests.factories import make_dbrx, make_mpt
+from tests.test_convert import convert, rank_tensors, read_config
+
+
+@pytest.fixture(scope="module")
+def mpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mpt(tmp_path_factory.mktemp("hf") / "mpt")
+
+
+@pytest.fixture(scope="module")
+def dbrx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dbrx(tmp_path_factory.mktemp("hf") / "dbrx")
+
+
+def reference_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula written out element by element: [out, in] -> (q [in, out] unpacked, scale [out])."""
+    out_features, in_features = weight.shape
+    levels = 2 ** (bits - 1)
+    q = torch.zeros(in_features, out_features, dtype=torch.int8)
+    scale = torch.zeros(out_features)
+    for c in range(out_features):
+        amax = max(abs(float(x)) for x in weight[c])
+        scale[c] = amax / levels
+        for i in range(in_features):
+            ratio = float(weight[c, i]) / float(scale[c]) if amax else 0.0
+            rounded = int(abs(ratio) + 0.5) * (1 if ratio >= 0 else -1)  # halves away from zero
+            q[i, c] = min(max(rounded, -levels), levels - 1)
+    return q, scale
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantize_matches_formula_and_round_trips(precision: str) -> None:
+    bits = 8 if precision == "int8" else 4
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    weight[2] = 0.0  # an all-zero channel: scale 0, q 0
+    weight[3, 4] = 0.5 * weight[3].abs().max() / 2 ** (bits - 1) * 3  # exactly 1.5 steps: rounds away to 2
+    q, scale = quantize_weight(weight, precision)
+    expected_q, expected_scale = reference_quantize(weight, bits)
+    assert scale.dtype == weight.dtype and scale.shape == (6,)
+    assert torch.equal(scale, expected_scale)
+    if bits == 4:
+        assert q.shape == (10, 3) and q.dtype == torch.int8
+        assert torch.equal(unpack_int4(q), expected_q)
+    else:
+        assert q.shape == (10, 6) and q.dtype == torch.int8
+        assert torch.equal(q, expected_q)
+    restored = dequantize_weight(q, scale, precision)
+    assert restored.shape == weight.shape
+    # half a step, except +max which saturates at 2^(bits-1) - 1: one step (the /128, /8 convention)
+    error = (restored - weight).abs()
+    saturated = (weight / scale.clamp(min=1e-12).unsqueeze(1)) > 2 ** (bits - 1) - 0.5
+    assert torch.all(error[~saturated] <= (scale.unsqueeze(1) / 2 + 1e-6).expand_as(error)[~saturated])
+    assert torch.all(error <= scale.unsqueeze(1) + 1e-6)
+
+
+def test_int4_packing_nibble_order() -> None:
+    values = torch.tensor([[-8, 7, 0, -1, 3, -5]], dtype=torch.int8)
+    packed = pack_int4(values)
+    assert packed.tolist() == [[0x78 - 0, 0xF0 - 256, 0xB3 - 256]]  # low nibble = even column
+    assert torch.equal(unpack_int4(packed), values)
+    every = torch.arange(-8, 8, dtype=torch.int8).repeat(2).view(2, 16)
+    assert torch.equal(unpack_int4(pack_int4(every)), every)
+
+
+def test_quantize_experts_3d() -> None:
+    weight = torch.randn(3, 8, 5, dtype=torch.float16)
+    q, scale = quantize_weight(weight, "int8")
+    assert q.shape == (3, 5, 8) and scale.shape == (3, 8) and scale.dtype == torch.float16
+    for expert in range(3):
+        q_e, scale_e = quantize_weight(weight[expert], "int8")
+        assert torch.equal(q[expert], q_e) and torch.equal(scale[expert], scale_e)
+    assert dequantize_weight(q, scale, "int8").shape == weight.shape
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_weight_only_mpt_checkpoint(mpt_dir: Path, tmp_path: Path, precision: str) -> None:
+    out = convert(mpt_dir, tmp_path / "ckpt", dtype="float16", tensor_parallel_size=2,
+                  weight_only_precision=precision)
+    assert read_config(out)["quantization"] == {"quant_algo": "W8A16" if precision == "int8" else "W4A16",
+                                                "kv_cache_quant_algo": None}
+    float_ckpt = convert(mpt_dir, tmp_path / "float", dtype="float16", tensor_parallel_size=2)
+    pack = 2 if precision == "int4" else 1
+    for rank in range(2):
+        quantized, reference = rank_tensors(out, rank), rank_tensors(float_ckpt, rank)
+        for name in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj"):
+            weight_name = f"transformer.layers.0.{name}.weight"
+            weight, scale = quantized[weight_name], quantized[f"transformer.layers.0.{name}.per_channel_scale"]
+            out_features, in_features = reference[weight_name].shape
+            assert weight.dtype == torch.int8 and weight.shape == (in_features, out_features // pack)
+            assert scale.dtype == torch.float16 and scale.shape == (out_features,)
+            expected_q, expected_scale = quantize_weight(reference[weight_name], precision)
+            assert torch.equal(weight, expected_q) and torch.equal(scale, expected_scale)
+            error = (dequantize_weight(weight, scale, precision).float() - reference[weight_name].float()).abs()
+            assert torch.all(error <= scale.float().unsqueeze(1) + 1e-3)
+        for name in ("lm_head.weight", "transformer.vocab_embedding.weight", "transformer.ln_f.weight"):
+            assert torch.equal(quantized[name], reference[name])
+        assert not any(name.startswith("lm_head.") and name != "lm_head.weight" for name in quantized)
+
+
+def test_weight_only_dbrx_experts(dbrx_dir: Path, tmp_path: Path) -> None:
+    out = convert(dbrx_dir, tmp_path / "ckpt", weight_only_precision="int4", tensor_parallel_size=2,
+                  moe_expert_parallel_size=2)
+    hf = load_file(dbrx_dir / "model.safetensors")
+    trt = rank_tensors(out, 1)  # moe_ep_rank 1: experts 2 and 3
+    fc, fc_scale = trt["transformer.layers.0.mlp.fc.weight"], trt["transformer.layers.0.mlp.fc.per_channel_scale"]
+    assert fc.shape == (2, 64, 192 // 2) and fc_scale.shape == (2, 192)
+    proj, proj_scale = trt["transformer.layers.0.mlp.proj.weight"], trt["transformer.layers.0.mlp.proj.per_channel_scale"]
+    assert proj.shape == (2, 96, 64 // 2) and proj_scale.shape == (2, 64)
+    assert trt["transformer.layers.0.mlp.router.weight"].dtype == torch.float32
+    assert "transformer.layers.0.mlp.router.per_channel_scale" not in trt
+    up = hf["transformer.blocks.0.ffn.experts.mlp.v1"].view(4, 96, 64)[2:]
+    restored = dequantize_weight(fc, fc_scale, "int4")
+    assert torch.all((restored[:, :96] - up).abs() <= fc_scale[:, :96].unsqueeze(2) + 1e-6)
+
+
+def _qkv_amax_per_layer(model_dir: Path, input_ids: torch.Tensor) -> list[float]:
+    """max |norm_1(h_l) @ Wqkv^T| from the HF model's hidden states: independent of the hooks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+        return [float(block.attn.Wqkv(block.norm_1(hidden[i])).abs().max())
+                for i, block in enumerate(model.transformer.blocks)]
+
+
+def test_int8_kv_cache_scales(mpt_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("def add(a, b):\n    return a + b\n")
+    out = convert(mpt_dir, tmp_path / "ckpt", int8_kv_cache=True, calib_text=text, pipeline_parallel_size=2)
+    assert read_config(out)["quantization"]["kv_cache_quant_algo"] == "INT8"
+    # no tokenizer in the tiny model dir: calibration runs on UTF-8 byte ids
+    ids = torch.tensor([[byte % 512 for byte in text.read_bytes()]])
+    expected = [amax / 127 for amax in _qkv_amax_per_layer(mpt_dir, ids)]
+    for rank in range(2):  # one layer per pipeline stage, renumbered 0
+        scale = rank_tensors(out, rank)["transformer.layers.0.attention.kv_cache_scaling_factor"]
+        assert scale.dtype == torch.float32 and scale.shape == (1,)
+        assert float(scale) > 0
+        assert float(scale) == pytest.approx(expected[rank], rel=1e-5)
+
+
+def test_int8_kv_cache_dbrx_default_text(dbrx_dir: Path, tmp_path: Path) -> None:
+    out = convert(dbrx_dir, tmp_path / "ckpt", int8_kv_cache=True, tensor_parallel_size=2)
+    scales = [rank_tensors(out, rank)[f"transformer.layers.{layer}.attention.kv_cache_scaling_factor"]
+              for rank in range(2) for layer in range(2)]
+    assert all(float(scale) > 0 for scale in scales)
+    assert torch.equal(scales[0], scales[2])  # the same per-layer scale on every tensor-parallel rank
