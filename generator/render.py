@@ -1,0 +1,309 @@
+"""Render a Triton model repository for an engine dir: preprocessing, tensorrt_llm, postprocessing, ensemble,
+tensorrt_llm_bls.
+
+Template version pinned: NVIDIA tensorrtllm_backend `all_models/inflight_batcher_llm` at commit c2e65b8
+(2025-05-13, the last state of that repo with `all_models/`, = release v0.19.0). Our templates keep its tensor
+names, dtypes, dims, optional / reshape / allow_ragged_batch flags, ensemble maps and, for the C++ `tensorrtllm`
+backend, every `parameters` key of its tensorrt_llm template; they drop the duplicated ensemble output
+`kv_cache_alloc_total_blocks` of that commit. Values come from the engine's own config.json and
+`RenderSettings`, never from hand edits, and every path written is absolute.
+
+Engine backends: `pytorch` (our engine, `generator.engine.Executor` in a decoupled python-backend model) and
+`tensorrtllm` (a TensorRT-LLM engine served by NVIDIA's C++ backend).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from generator import __version__
+from generator.errors import ConfigError, GenRepoError
+
+ANCHOR_COMMIT = "c2e65b8"
+MODEL_NAMES = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
+ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
+BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1")
+BATCH_SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+#: python-backend models and the file of generator/triton_models/ each one runs
+PYTHON_MODEL_SOURCES = {
+    "preprocessing": "preprocessing.py",
+    "postprocessing": "postprocessing.py",
+    "tensorrt_llm": "tensorrt_llm.py",
+    "tensorrt_llm_bls": "tensorrt_llm_bls.py",
+}
+#: tensorrt_llm outputs that the ensemble passes through under their own names
+PASSTHROUGH_OUTPUTS = (
+    "cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index", "sequence_index",
+    "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
+    "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
+    "total_accepted_draft_tokens", "total_draft_tokens",
+)
+_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What `render_repository` needs; `None` means "take it from the engine's config.json"."""
+
+    engine_dir: Path
+    tokenizer_dir: Path
+    output_dir: Path
+    engine_backend: str | None = None
+    triton_max_batch_size: int | None = None
+    decoupled: bool = True
+    preprocessing_instance_count: int = 1
+    postprocessing_instance_count: int = 1
+    bls_instance_count: int = 1
+    max_queue_delay_microseconds: int = 0
+    max_queue_size: int = 0
+    exclude_input_in_output: bool = False
+    add_special_tokens: bool = True
+    skip_special_tokens: bool = True
+    trust_remote_code: bool = False
+    accumulate_tokens: bool = False
+    cancellation_check_period_ms: int = 100
+    # tensorrtllm (C++ backend) only
+    batching_strategy: str = "inflight_fused_batching"
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    max_beam_width: int | None = None
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    max_tokens_in_paged_kv_cache: int | None = None
+    enable_kv_cache_reuse: bool = False
+    enable_chunked_context: bool = False
+    normalize_log_probs: bool = True
+    gpu_device_ids: str | None = None
+    decoding_mode: str = ""
+    stats_check_period_ms: int = 100
+    iter_stats_max_iterations: int = 1000
+    request_stats_max_iterations: int = 0
+    kv_cache_host_memory_bytes: int = 0
+    kv_cache_onboard_blocks: bool = True
+    multi_block_mode: bool = True
+    enable_context_fmha_fp32_acc: bool = False
+    cuda_graph_mode: bool = False
+    cuda_graph_cache_size: int = 0
+    gpu_weights_percent: float = 1.0
+    lora_cache_optimal_adapter_size: int = 8
+    lora_cache_max_adapter_size: int = 64
+    lora_cache_gpu_memory_fraction: float = 0.05
+    lora_cache_host_memory_bytes: int = 1 << 30
+    executor_worker_path: str = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
+    overwrite: bool = True
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The facts of an engine dir that the repository depends on."""
+
+    engine_backend: str
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_beam_width: int
+    world_size: int
+    dtype: str
+    logits_dtype: str
+    paged_context_fmha: bool
+
+
+def read_engine_config(engine_dir: Path) -> dict[str, Any]:
+    """The engine dir's config.json (same shape for trtllm-build and our pytorch build)."""
+    config_file = Path(engine_dir) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"engine dir {engine_dir} has no config.json (run `gen-repo build` first)")
+    try:
+        return dict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{config_file}: not valid JSON ({error})") from error
+
+
+def engine_info(engine_dir: Path) -> EngineInfo:
+    """Limits, dtype and world size of an engine dir; `engine_backend` is "tensorrtllm" when not written."""
+    config = read_engine_config(engine_dir)
+    pretrained = config.get("pretrained_config", {})
+    build = config.get("build_config", {})
+    mapping = pretrained.get("mapping", {})
+    try:
+        max_batch_size = int(build["max_batch_size"])
+        max_input_len = int(build["max_input_len"])
+        max_seq_len = int(build.get("max_seq_len") or max_input_len + int(build.get("max_output_len", 0)))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{engine_dir}/config.json: build_config lacks {error}") from error
+    world_size = int(mapping.get("world_size") or int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1)))
+    dtype = str(pretrained.get("dtype", "float16"))
+    return EngineInfo(
+        engine_backend=str(config.get("engine_backend", "tensorrtllm")),
+        max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+        max_beam_width=int(build.get("max_beam_width", 1)), world_size=world_size, dtype=dtype,
+        logits_dtype=str(pretrained.get("logits_dtype", "float32")),
+        paged_context_fmha=bool(build.get("plugin_config", {}).get("use_paged_context_fmha", False)))
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _optional(value: Any) -> str:
+    """A parameter the backend may leave at its default: the empty string counts as "not given"."""
+    return "" if value is None else str(value)
+
+
+def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, Any]:
+    """Every template variable, from the engine's facts and the settings."""
+    backend = settings.engine_backend or info.engine_backend
+    max_batch_size = settings.triton_max_batch_size or info.max_batch_size
+    logits_datatype = _TRITON_DTYPES.get(info.logits_dtype)
+    if logits_datatype is None:
+        raise ConfigError(f"engine logits_dtype '{info.logits_dtype}' has no Triton type "
+                          f"(expected one of {sorted(_TRITON_DTYPES)})")
+    gpu_device_ids = settings.gpu_device_ids or ",".join(str(rank) for rank in range(info.world_size))
+    return {
+        "gen_repo_version": __version__,
+        "anchor_commit": ANCHOR_COMMIT,
+        "engine_backend": backend,
+        "triton_backend": "tensorrtllm" if backend == "tensorrtllm" else "python",
+        "triton_max_batch_size": max_batch_size,
+        "decoupled_mode": _flag(settings.decoupled),
+        "max_queue_delay_microseconds": settings.max_queue_delay_microseconds,
+        "max_queue_size": settings.max_queue_size,
+        "engine_dir": str(Path(settings.engine_dir).resolve()),
+        "encoder_engine_dir": "",
+        "tokenizer_dir": str(Path(settings.tokenizer_dir).resolve()),
+        "add_special_tokens": _flag(settings.add_special_tokens),
+        "skip_special_tokens": _flag(settings.skip_special_tokens),
+        "trust_remote_code": _flag(settings.trust_remote_code),
+        "accumulate_tokens": _flag(settings.accumulate_tokens),
+        "preprocessing_instance_count": settings.preprocessing_instance_count,
+        "postprocessing_instance_count": settings.postprocessing_instance_count,
+        "bls_instance_count": settings.bls_instance_count,
+        "logits_datatype": logits_datatype,
+        "encoder_input_features_data_type": _TRITON_DTYPES.get(info.dtype, "TYPE_FP16"),
+        "passthrough_outputs": PASSTHROUGH_OUTPUTS,
+        "exclude_input_in_output": _flag(settings.exclude_input_in_output),
+        "cancellation_check_period_ms": settings.cancellation_check_period_ms,
+        # tensorrtllm parameters, named as the anchor template's variables
+        "max_beam_width": settings.max_beam_width or info.max_beam_width,
+        "batching_strategy": settings.batching_strategy,
+        "max_tokens_in_paged_kv_cache": _optional(settings.max_tokens_in_paged_kv_cache),
+        "max_attention_window_size": "",
+        "sink_token_length": "",
+        "batch_scheduler_policy": settings.batch_scheduler_policy,
+        "kv_cache_free_gpu_mem_fraction": settings.kv_cache_free_gpu_mem_fraction,
+        "cross_kv_cache_fraction": "",
+        "kv_cache_host_memory_bytes": settings.kv_cache_host_memory_bytes,
+        "kv_cache_onboard_blocks": _flag(settings.kv_cache_onboard_blocks),
+        "stats_check_period_ms": settings.stats_check_period_ms,
+        "iter_stats_max_iterations": settings.iter_stats_max_iterations,
+        "request_stats_max_iterations": settings.request_stats_max_iterations,
+        "enable_kv_cache_reuse": _flag(settings.enable_kv_cache_reuse),
+        "normalize_log_probs": _flag(settings.normalize_log_probs),
+        "enable_chunked_context": _flag(settings.enable_chunked_context),
+        "gpu_device_ids": gpu_device_ids,
+        "participant_ids": "",
+        "num_nodes": 1,
+        "lora_cache_optimal_adapter_size": settings.lora_cache_optimal_adapter_size,
+        "lora_cache_max_adapter_size": settings.lora_cache_max_adapter_size,
+        "lora_cache_gpu_memory_fraction": settings.lora_cache_gpu_memory_fraction,
+        "lora_cache_host_memory_bytes": settings.lora_cache_host_memory_bytes,
+        "lora_prefetch_dir": "",
+        "decoding_mode": settings.decoding_mode,
+        "executor_worker_path": settings.executor_worker_path,
+        "lookahead_window_size": "",
+        "lookahead_ngram_size": "",
+        "lookahead_verification_set_size": "",
+        "medusa_choices": "",
+        "eagle_choices": "",
+        "gpu_weights_percent": settings.gpu_weights_percent,
+        "enable_context_fmha_fp32_acc": _flag(settings.enable_context_fmha_fp32_acc),
+        "multi_block_mode": _flag(settings.multi_block_mode),
+        "cuda_graph_mode": _flag(settings.cuda_graph_mode),
+        "cuda_graph_cache_size": settings.cuda_graph_cache_size,
+        "speculative_decoding_fast_logits": "false",
+        "guided_decoding_backend": "",
+        "xgrammar_tokenizer_info_path": "",
+    }
+
+
+def check_settings(settings: RenderSettings, info: EngineInfo) -> None:
+    """Reject settings the engine or Triton cannot honour, naming the setting."""
+    backend = settings.engine_backend or info.engine_backend
+    if backend not in ENGINE_BACKENDS:
+        raise ConfigError(f"engine_backend '{backend}' is not one of {ENGINE_BACKENDS}")
+    if backend != info.engine_backend:
+        raise ConfigError(f"engine_backend '{backend}' does not match the engine dir, which holds a "
+                          f"'{info.engine_backend}' engine")
+    if settings.triton_max_batch_size is not None and not 0 < settings.triton_max_batch_size <= info.max_batch_size:
+        raise ConfigError(f"triton_max_batch_size {settings.triton_max_batch_size} must be in 1..{info.max_batch_size} "
+                          f"(the engine's max_batch_size)")
+    if settings.batching_strategy not in BATCHING_STRATEGIES:
+        raise ConfigError(f"batching_strategy '{settings.batching_strategy}' is not one of {BATCHING_STRATEGIES}")
+    if settings.batch_scheduler_policy not in BATCH_SCHEDULER_POLICIES:
+        raise ConfigError(f"batch_scheduler_policy '{settings.batch_scheduler_policy}' is not one of "
+                          f"{BATCH_SCHEDULER_POLICIES}")
+    if not 0.0 < settings.kv_cache_free_gpu_mem_fraction <= 1.0:
+        raise ConfigError("kv_cache_free_gpu_mem_fraction must be in (0, 1]")
+    if settings.max_beam_width is not None and settings.max_beam_width > info.max_beam_width:
+        raise ConfigError(f"max_beam_width {settings.max_beam_width} exceeds the engine's {info.max_beam_width}")
+    if backend == "pytorch" and (settings.max_beam_width or 1) > 1:
+        raise ConfigError("max_beam_width > 1 is not supported by the pytorch engine")
+    if settings.enable_kv_cache_reuse and backend == "tensorrtllm" and not info.paged_context_fmha:
+        raise ConfigError("enable_kv_cache_reuse needs an engine built with use_paged_context_fmha")
+    if backend == "tensorrtllm" and settings.gpu_device_ids is not None:
+        count = len(settings.gpu_device_ids.split(";")[0].split(","))
+        if count != info.world_size:
+            raise ConfigError(f"gpu_device_ids '{settings.gpu_device_ids}' names {count} GPUs per instance but the "
+                              f"engine has world size {info.world_size}")
+    for name in ("preprocessing_instance_count", "postprocessing_instance_count", "bls_instance_count"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if not Path(settings.tokenizer_dir).is_dir():
+        raise ConfigError(f"tokenizer dir {settings.tokenizer_dir} does not exist")
+
+
+def templates_dir() -> Path:
+    """Where the `*.pbtxt.j2` templates are: the repo's `templates/` (editable) or the wheel's copy."""
+    for candidate in (Path(__file__).resolve().parent.parent / "templates",
+                      Path(__file__).resolve().parent / "templates"):
+        if (candidate / "ensemble.pbtxt.j2").is_file():
+            return candidate
+    raise GenRepoError("cannot find gen-repo's templates/ directory (broken install?)")
+
+
+def render_config(model_name: str, context: dict[str, Any]) -> str:
+    """The config.pbtxt text of one model."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                                     undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                     autoescape=False)
+    return environment.get_template(f"{model_name}.pbtxt.j2").render(**context)
+
+
+def render_repository(settings: RenderSettings) -> Path:
+    """Write the Triton repository for `settings.engine_dir` into `settings.output_dir`, validate it, return it."""
+    from generator.validate import format_problems, validate_repository
+
+    info = engine_info(Path(settings.engine_dir))
+    check_settings(settings, info)
+    context = template_context(settings, info)
+    output = Path(settings.output_dir).resolve()
+    if output.exists() and any(output.iterdir()):
+        if not settings.overwrite:
+            raise GenRepoError(f"{output} is not empty (pass overwrite to replace it)")
+        for name in MODEL_NAMES:
+            shutil.rmtree(output / name, ignore_errors=True)
+    source_dir = Path(__file__).resolve().parent / "triton_models"
+    for name in MODEL_NAMES:
+        version_dir = output / name / "1"
+        version_dir.mkdir(parents=True, exist_ok=True)
+        (output / name / "config.pbtxt").write_text(render_config(name, context))
+        if name in PYTHON_MODEL_SOURCES and not (name == "tensorrt_llm" and context["triton_backend"] != "python"):
+            shutil.copyfile(source_dir / PYTHON_MODEL_SOURCES[name], version_dir / "model.py")
+    problems = validate_repository(output, streaming=settings.decoupled)
+    if problems:
+        raise GenRepoError(f"the rendered repository {output} has problems:\n{format_problems(problems)}")
+    return output

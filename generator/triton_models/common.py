@@ -1,0 +1,119 @@
+"""Helpers shared by the python-backend models (they run inside Triton's python stub, which imports this module
+from the installed `generator` package). Nothing here imports `triton_python_backend_utils`, so it is testable
+without a server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+_TRUE = {"true", "1", "t", "y", "yes", "on"}
+_FALSE = {"false", "0", "f", "n", "no", "off"}
+
+
+def parameter(model_config: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    """A `parameters` string of config.pbtxt; empty or unfilled (`${...}`) values count as unset."""
+    value = model_config.get("parameters", {}).get(key, {}).get("string_value")
+    if value is None or value == "" or value.startswith("${"):
+        return default
+    return str(value)
+
+
+def parse_bool(text: str | None, default: bool) -> bool:
+    """true/false/1/0/t/f/y/n/yes/no (any case); anything else gives `default`."""
+    if text is None:
+        return default
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    return default
+
+
+def load_model_config(args: dict[str, Any]) -> dict[str, Any]:
+    """The model's config as a dict, from the `args` Triton passes to `initialize`."""
+    return dict(json.loads(args["model_config"]))
+
+
+def to_word_list_format(word_lists: list[list[str]], encode: Any) -> np.ndarray:
+    """Stop / bad words per batch item -> INT32 [batch, 2, N]: row 0 the concatenated ids (padded with 0),
+    row 1 the cumulative end offsets (padded with -1), as TensorRT-LLM expects. Empty words are skipped."""
+    flat_ids: list[list[int]] = []
+    offsets: list[list[int]] = []
+    for words in word_lists:
+        ids: list[int] = []
+        ends: list[int] = []
+        for word in words:
+            word_ids = encode(word)
+            if not word_ids:
+                continue
+            ids.extend(word_ids)
+            ends.append(len(ids))
+        flat_ids.append(ids)
+        offsets.append(ends)
+    width = max([1, *[len(ids) for ids in flat_ids]])
+    out = np.zeros((len(word_lists), 2, width), dtype=np.int32)
+    out[:, 1, :] = -1
+    for row, (ids, ends) in enumerate(zip(flat_ids, offsets, strict=True)):
+        out[row, 0, :len(ids)] = ids
+        out[row, 1, :len(ends)] = ends
+    return out
+
+
+def from_word_list_format(word_list: np.ndarray) -> list[list[int]]:
+    """One batch item's [2, N] stop / bad word array -> the token sequences it holds."""
+    array = np.asarray(word_list).reshape(2, -1)
+    ids, ends = array[0], array[1]
+    sequences: list[list[int]] = []
+    start = 0
+    for end in ends:
+        end = int(end)
+        if end < 0:
+            break
+        if end > start:
+            sequences.append([int(token) for token in ids[start:end]])
+        start = end
+    return sequences
+
+
+def decode_strings(array: np.ndarray) -> list[str]:
+    """A numpy array of Triton BYTES (bytes or str objects) -> list of str."""
+    out = []
+    for item in np.asarray(array).reshape(-1):
+        out.append(item.decode("utf-8") if isinstance(item, bytes) else str(item))
+    return out
+
+
+class Utf8HoldBack:
+    """Streaming guard: holds back new tokens while they decode to an incomplete UTF-8 character.
+
+    A byte-level BPE token can carry half of a multi-byte character; decoding it alone gives U+FFFD. We keep
+    such tokens until the character completes (the decode of the held tokens no longer ends in U+FFFD), and give
+    up after `MAX_HELD` tokens, since one character spans at most 4 bytes: what still ends in U+FFFD then is an
+    invalid sequence that waiting cannot fix.
+    """
+
+    MAX_HELD = 4
+
+    def __init__(self, decode: Any) -> None:
+        self._decode = decode
+        self._held: list[int] = []
+
+    def push(self, token_ids: list[int]) -> list[int]:
+        """Add new tokens; return those that can be sent now (possibly none)."""
+        self._held.extend(int(token) for token in token_ids)
+        if not self._held:
+            return []
+        if len(self._held) < self.MAX_HELD and self._decode(self._held).endswith("\ufffd"):
+            return []
+        ready, self._held = self._held, []
+        return ready
+
+    def flush(self) -> list[int]:
+        """Everything still held (at the end of the stream)."""
+        ready, self._held = self._held, []
+        return ready

@@ -1,0 +1,47 @@
+"""Triton python model `postprocessing`: token ids -> text.
+
+Inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/postprocessing (c2e65b8). Each beam is cut to
+its SEQUENCE_LENGTH and decoded without space clean-up, so that for byte-level BPE tokenizers the chunks of a
+stream, joined, equal the text of the whole sequence (tensorrt_llm never splits a multi-byte character across
+two chunks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from generator.tokenizer import load_tokenizer
+from generator.triton_models.common import load_model_config, parameter, parse_bool
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = load_model_config(args)
+        tokenizer_dir = parameter(config, "tokenizer_dir")
+        if tokenizer_dir is None:
+            raise pb_utils.TritonModelException("postprocessing: parameter tokenizer_dir is not set")
+        self.tokenizer = load_tokenizer(tokenizer_dir,
+                                        trust_remote_code=parse_bool(parameter(config, "trust_remote_code"), False))
+        self.skip_special_tokens = parse_bool(parameter(config, "skip_special_tokens"), True)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
+            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
+            # TOKENS_BATCH is [batch, beams, len]; SEQUENCE_LENGTH is [batch, beams]
+            tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+            lengths = lengths.reshape(tokens.shape[0], -1)
+            texts = []
+            for batch_row in range(tokens.shape[0]):
+                for beam in range(tokens.shape[1]):
+                    ids = tokens[batch_row, beam, :int(lengths[batch_row, beam])].tolist()
+                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+                                 .encode("utf-8"))
+            output = np.array(texts, dtype=object).reshape(tokens.shape[0], tokens.shape[1])
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", output)]))
+        return responses
+
+    def finalize(self):
+        self.tokenizer = None

@@ -1,0 +1,135 @@
+"""Triton python model `preprocessing`: prompt text -> token ids, stop / bad words -> [B, 2, N] lists.
+
+Inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/preprocessing (c2e65b8). Multimodal inputs are
+accepted and answered with an error; the multimodal outputs are never produced (nothing maps them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from generator.tokenizer import load_tokenizer
+from generator.triton_models.common import (
+    decode_strings,
+    load_model_config,
+    parameter,
+    parse_bool,
+    to_word_list_format,
+)
+
+_MULTIMODAL_INPUTS = ("IMAGE_BYTES", "IMAGE_URL", "VIDEO_BYTES")
+
+
+class RequestError(ValueError):
+    """A request this model answers with an error response."""
+
+
+def _optional_input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = load_model_config(args)
+        tokenizer_dir = parameter(config, "tokenizer_dir")
+        if tokenizer_dir is None:
+            raise pb_utils.TritonModelException("preprocessing: parameter tokenizer_dir is not set")
+        self.tokenizer = load_tokenizer(tokenizer_dir,
+                                        trust_remote_code=parse_bool(parameter(config, "trust_remote_code"), False))
+        self.add_special_tokens = parse_bool(parameter(config, "add_special_tokens"), True)
+        self.end_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+            except RequestError as error:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))))
+        return responses
+
+    def _process(self, request):
+        for name in _MULTIMODAL_INPUTS:
+            if _optional_input(request, name) is not None:
+                raise RequestError(f"input {name}: multimodal inputs are not supported by this model")
+        queries = [decode_strings(row)[0] for row in _optional_input(request, "QUERY")]
+        batch_size = len(queries)
+        output_len = _optional_input(request, "REQUEST_OUTPUT_LEN").astype(np.int32).reshape(batch_size, -1)
+        if (output_len <= 0).any():
+            raise RequestError(f"max_tokens must be positive, got {output_len.reshape(-1).tolist()}")
+        input_ids = []
+        for query in queries:
+            if query == "":
+                raise RequestError("text_input is empty: send a non-empty prompt")
+            ids = self.tokenizer.encode(query, add_special_tokens=self.add_special_tokens)
+            if not ids:
+                raise RequestError(f"text_input {query!r} encodes to no tokens")
+            input_ids.append(ids)
+        end_id = self._id_input(request, "END_ID", self.end_id, batch_size)
+        pad_id = self._id_input(request, "PAD_ID", self.pad_id, batch_size)
+        width = max(len(ids) for ids in input_ids)
+        padded = np.zeros((batch_size, width), dtype=np.int32)
+        for row, ids in enumerate(input_ids):
+            padded[row, :] = pad_id[row, 0]
+            padded[row, :len(ids)] = ids
+        lengths = np.array([[len(ids)] for ids in input_ids], dtype=np.int32)
+        stop_words = self._word_lists(request, "STOP_WORDS_DICT", batch_size)
+        bad_words = self._word_lists(request, "BAD_WORDS_DICT", batch_size)
+        extra_id = _optional_input(request, "PROMPT_TABLE_EXTRA_ID")
+        if extra_id is None:
+            extra_ids = np.zeros((batch_size, 0), dtype=np.uint64)
+        else:
+            extra_ids = np.zeros((batch_size, width), dtype=np.uint64)
+            extra_ids[:, :] = extra_id.reshape(batch_size, -1)[:, :1]
+        return [
+            pb_utils.Tensor("INPUT_ID", padded),
+            pb_utils.Tensor("REQUEST_INPUT_LEN", lengths),
+            # decoder-only models: the decoder input is just [pad] (the core model ignores it)
+            pb_utils.Tensor("DECODER_INPUT_ID", pad_id.astype(np.int32).reshape(batch_size, 1)),
+            pb_utils.Tensor("REQUEST_DECODER_INPUT_LEN", np.ones((batch_size, 1), dtype=np.int32)),
+            pb_utils.Tensor("REQUEST_OUTPUT_LEN", output_len),
+            pb_utils.Tensor("STOP_WORDS_IDS", stop_words),
+            pb_utils.Tensor("BAD_WORDS_IDS", bad_words),
+            pb_utils.Tensor("EMBEDDING_BIAS", self._embedding_bias(request, batch_size)),
+            pb_utils.Tensor("OUT_END_ID", end_id),
+            pb_utils.Tensor("OUT_PAD_ID", pad_id),
+            pb_utils.Tensor("OUT_PROMPT_TABLE_EXTRA_IDS", extra_ids),
+        ]
+
+    def _id_input(self, request, name, default, batch_size):
+        value = _optional_input(request, name)
+        if value is not None:
+            return value.astype(np.int32).reshape(batch_size, 1)
+        if default is None:
+            raise RequestError(f"the tokenizer has no eos/pad token: send {name.lower()} explicitly")
+        return np.full((batch_size, 1), default, dtype=np.int32)
+
+    def _word_lists(self, request, name, batch_size):
+        value = _optional_input(request, name)
+        if value is None:
+            return np.zeros((batch_size, 2, 0), dtype=np.int32)
+        words = [[word for word in decode_strings(row) if word] for row in value.reshape(batch_size, -1)]
+        return to_word_list_format(words, lambda word: self.tokenizer.encode(word, add_special_tokens=False))
+
+    def _embedding_bias(self, request, batch_size):
+        words = _optional_input(request, "EMBEDDING_BIAS_WORDS")
+        weights = _optional_input(request, "EMBEDDING_BIAS_WEIGHTS")
+        if words is None or weights is None:
+            return np.zeros((batch_size, 0), dtype=np.float32)
+        words = words.reshape(batch_size, -1)
+        weights = weights.reshape(batch_size, -1)
+        bias = np.zeros((batch_size, self.tokenizer.vocab_size), dtype=np.float32)
+        for row in range(batch_size):
+            row_words = decode_strings(words[row])
+            if len(row_words) != len(weights[row]):
+                raise RequestError("embedding_bias_words and embedding_bias_weights must have the same length")
+            for word, weight in zip(row_words, weights[row], strict=True):
+                for token_id in self.tokenizer.encode(word, add_special_tokens=False):
+                    bias[row, token_id] += float(weight)
+        return bias
+
+    def finalize(self):
+        self.tokenizer = None

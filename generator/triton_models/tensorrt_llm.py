@@ -1,0 +1,398 @@
+"""Triton python model `tensorrt_llm` for the pytorch engine backend: runs `generator.engine.Executor`.
+
+Inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/tensorrt_llm (c2e65b8), so the anchor's
+ensemble and BLS drive it unchanged. Requests go into the executor's queue and are batched in flight with the
+others; results come back on the executor thread and are sent with the request's response sender (decoupled) or
+returned from `execute` (non-decoupled: no streaming, one batch item per request).
+
+Inputs we cannot honour are answered with an error naming them (beam search, LoRA, prompt tables, logits,
+guided decoding, ...). Multi-rank: rank 0 creates the Executor; ranks > 0 follow rank 0 inside `initialize`
+and never finish loading, as TensorRT-LLM's leader mode does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from generator.triton_models.common import (
+    Utf8HoldBack,
+    from_word_list_format,
+    load_model_config,
+    parameter,
+    parse_bool,
+)
+
+NOT_SUPPORTED = "not supported by the pytorch engine"
+#: inputs answered with an error whenever they are sent
+_UNSUPPORTED_INPUTS = (
+    "encoder_input_features", "encoder_output_lengths", "draft_input_ids", "draft_logits",
+    "draft_acceptance_threshold", "prompt_embedding_table", "prompt_vocab_size", "cross_attention_mask",
+    "mrope_rotary_cos_sin", "mrope_position_deltas", "lora_task_id", "lora_weights", "lora_config",
+    "context_phase_params", "skip_cross_attn_blocks", "retention_token_range_starts",
+    "retention_token_range_ends", "retention_token_range_priorities", "retention_token_range_durations_ms",
+    "retention_decode_priority", "retention_decode_duration_ms", "lookahead_window_size", "lookahead_ngram_size",
+    "lookahead_verification_set_size",
+)
+#: scalar inputs accepted at their neutral value only: name -> (neutral value, what it needs)
+_NEUTRAL_ONLY = {
+    "beam_width": (1, "beam search (beam_width > 1)"),
+    "num_return_sequences": (1, "num_return_sequences > 1"),
+    "return_context_logits": (False, "return_context_logits"),
+    "return_generation_logits": (False, "return_generation_logits"),
+    "runtime_top_p_min": (None, "runtime_top_p_min"),
+    "runtime_top_p_decay": (None, "runtime_top_p_decay"),
+    "runtime_top_p_reset_ids": (None, "runtime_top_p_reset_ids"),
+}
+
+
+class RequestError(ValueError):
+    """A request answered with an error response."""
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) from mpirun (Open MPI) or PMI (MPICH) variables; (0, 1) outside MPI."""
+    for rank_key, size_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")):
+        if size_key in os.environ:
+            return int(os.environ.get(rank_key, "0")), int(os.environ[size_key])
+    return 0, 1
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _row_scalar(array, row):
+    """Batch item `row` of a scalar input ([batch] after reshape, or [batch, 1])."""
+    if array is None:
+        return None
+    flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+    return flat[row if flat.shape[0] > 1 else 0, 0].item()
+
+
+@dataclass
+class _Item:
+    """One batch item of a Triton request, as one executor request."""
+
+    row: int
+    prompt: list[int]
+    exclude_input: bool
+    streaming: bool
+    holdback: Utf8HoldBack | None
+    request_id: int | None = None
+    held_log_probs: list[float] = field(default_factory=list)
+    first_token_ns: int = 0
+    done: bool = False
+
+
+@dataclass
+class _Pending:
+    """A Triton request in flight: its batch items, how it answers, and its timings."""
+
+    request: object
+    items: list[_Item]
+    sender: object | None
+    arrival_ns: int
+    batch_size: int
+    responses: list = field(default_factory=list)  # non-decoupled: collected here
+    finished: threading.Event = field(default_factory=threading.Event)
+    failed: bool = False
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = load_model_config(args)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        engine_dir = parameter(config, "gpt_model_path") or parameter(config, "engine_dir")
+        if engine_dir is None:
+            raise pb_utils.TritonModelException("tensorrt_llm: parameter gpt_model_path is not set")
+        rank, world_size = _world()
+        if rank > 0:
+            from generator.engine import follow
+
+            follow(engine_dir)  # serves rank 0's steps until it shuts down
+            raise pb_utils.TritonModelException(f"rank {rank}: rank 0 has shut down")
+        from generator.engine import Executor
+
+        self.executor = Executor(engine_dir)
+        self.exclude_input_default = parse_bool(parameter(config, "exclude_input_in_output"), False)
+        self.tokenizer = None
+        tokenizer_dir = parameter(config, "tokenizer_dir")
+        if tokenizer_dir is not None:
+            from generator.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(tokenizer_dir,
+                                            trust_remote_code=parse_bool(parameter(config, "trust_remote_code"), False))
+        self.cancel_period_s = int(parameter(config, "cancellation_check_period_ms", "100")) / 1000.0
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}  # executor request id -> its Triton request
+        self._stop = threading.Event()
+        self._cancel_thread = threading.Thread(target=self._watch_cancellations, daemon=True)
+        self._cancel_thread.start()
+
+    # requests -> executor ---------------------------------------------------------------------------------
+    def execute(self, requests):
+        pendings = []
+        responses = []
+        for request in requests:
+            pending = None
+            try:
+                pending = self._start(request)
+            except RequestError as error:
+                self._fail(request, str(error), responses)
+            if pending is not None:
+                pendings.append(pending)
+        if self.decoupled:
+            return None
+        for pending in pendings:
+            pending.finished.wait()
+            responses.append(pending.responses[0])
+        return responses
+
+    def _fail(self, request, message, responses):
+        response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+        if self.decoupled:
+            request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            responses.append(response)
+
+    def _start(self, request):
+        """Parse a Triton request into executor requests and enqueue them."""
+        from generator.engine import GenerationRequest
+
+        arrival_ns = time.time_ns()
+        self._reject_unsupported(request)
+        input_ids = _input(request, "input_ids")
+        if input_ids is None:
+            raise RequestError("input_ids is required for decoder-only engines")
+        input_ids = input_ids.reshape(input_ids.shape[0], -1)
+        batch_size = input_ids.shape[0]
+        lengths = _input(request, "input_lengths")
+        if batch_size > 1 and not self.decoupled:
+            raise RequestError("a request with batch size > 1 needs the decoupled transaction policy")
+        items, samplings = [], []
+        for row in range(batch_size):
+            length = int(_row_scalar(lengths, row)) if lengths is not None else input_ids.shape[1]
+            prompt = [int(token) for token in input_ids[row, :length]]
+            streaming = bool(_row_scalar(_input(request, "streaming"), row) or False)
+            if streaming and not self.decoupled:
+                raise RequestError("streaming needs the decoupled transaction policy (render with decoupled=True)")
+            exclude = _row_scalar(_input(request, "exclude_input_in_output"), row)
+            exclude = self.exclude_input_default if exclude is None else bool(exclude)
+            holdback = None
+            if streaming and self.tokenizer is not None:
+                holdback = Utf8HoldBack(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+            items.append(_Item(row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback))
+            samplings.append(self._sampling(request, row))
+        pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
+                           sender=request.get_response_sender() if self.decoupled else None)
+        if bool(_row_scalar(_input(request, "stop"), 0) or False):
+            raise RequestError("the request was sent with stop=true")
+        for item, sampling in zip(items, samplings, strict=True):
+            generation_request = GenerationRequest(input_ids=item.prompt, sampling=sampling, streaming=item.streaming)
+            try:
+                # no lock held here: the executor may call back from its thread before enqueue returns
+                item.request_id = self.executor.enqueue(
+                    generation_request, lambda result, p=pending, i=item: self._on_result(p, i, result))
+            except ValueError as error:
+                pending.failed = True
+                for started in items:
+                    if started.request_id is not None:
+                        self.executor.cancel(started.request_id)
+                raise RequestError(str(error)) from error
+            with self._lock:
+                if not item.done:
+                    self._pending[item.request_id] = pending
+        return pending
+
+    def _reject_unsupported(self, request):
+        for name in _UNSUPPORTED_INPUTS:
+            value = _input(request, name)
+            if value is not None and value.size > 0:
+                raise RequestError(f"input {name} is {NOT_SUPPORTED}")
+        for name, (neutral, what) in _NEUTRAL_ONLY.items():
+            value = _input(request, name)
+            if value is None or value.size == 0:
+                continue
+            if neutral is None or any(v.item() != neutral for v in value.reshape(-1)):
+                raise RequestError(f"{what} is {NOT_SUPPORTED}")
+        bias = _input(request, "embedding_bias")
+        if bias is not None and bias.size > 0 and np.any(bias != 0):
+            raise RequestError(f"embedding_bias is {NOT_SUPPORTED}")
+        guide = _input(request, "guided_decoding_guide_type")
+        if guide is not None and guide.size > 0 and any(g not in (b"", "") for g in guide.reshape(-1)):
+            raise RequestError(f"guided decoding is {NOT_SUPPORTED}")
+
+    def _sampling(self, request, row):
+        from generator.engine import SamplingConfig
+
+        def value(name, default):
+            found = _row_scalar(_input(request, name), row)
+            return default if found is None else found
+
+        def words(name):
+            array = _input(request, name)
+            if array is None or array.size == 0:
+                return []
+            array = array.reshape(array.shape[0], 2, -1)
+            return from_word_list_format(array[row if array.shape[0] > 1 else 0])
+
+        max_new_tokens = int(value("request_output_len", 0))
+        if max_new_tokens <= 0:
+            raise RequestError(f"request_output_len (max_tokens) must be positive, got {max_new_tokens}")
+        end_id = _row_scalar(_input(request, "end_id"), row)
+        pad_id = _row_scalar(_input(request, "pad_id"), row)
+        seed = _row_scalar(_input(request, "seed"), row)
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            end_id=None if end_id is None else int(end_id),
+            pad_id=None if pad_id is None else int(pad_id),
+            temperature=float(value("temperature", 1.0)),
+            top_k=int(value("runtime_top_k", 0)),
+            top_p=float(value("runtime_top_p", 0.0)),
+            seed=None if seed is None else int(seed),
+            repetition_penalty=float(value("repetition_penalty", 1.0)),
+            presence_penalty=float(value("presence_penalty", 0.0)),
+            frequency_penalty=float(value("frequency_penalty", 0.0)),
+            min_tokens=int(value("min_tokens", 0)),
+            stop_words=words("stop_words_list"),
+            bad_words=words("bad_words_list"),
+            return_log_probs=bool(value("return_log_probs", False)),
+        )
+
+    # executor -> responses ------------------------------------------------------------------------------
+    def _on_result(self, pending, item, result):
+        """Executor callback (step-loop thread): turn a GenerationResult into a Triton response."""
+        try:
+            self._respond(pending, item, result)
+        except Exception as error:  # never let an exception escape into the executor thread
+            self._send(pending, item, None, error=f"tensorrt_llm: {error}", final_item=True)
+
+    def _respond(self, pending, item, result):
+        if pending.failed or item.done:
+            if result.finished:
+                self._forget(item)
+            return
+        now = time.time_ns()
+        if item.first_token_ns == 0 and result.token_ids:
+            item.first_token_ns = now
+        if result.error is not None or result.finish_reason == "error":
+            self._send(pending, item, None, error=result.error or "generation failed", final_item=True)
+            return
+        if result.finish_reason == "cancelled" and pending.request.is_cancelled():
+            self._send(pending, item, None, final_item=True)
+            return
+        tokens = list(result.token_ids)
+        log_probs = list(result.log_probs or [])
+        if item.streaming:
+            if item.holdback is not None:
+                item.held_log_probs.extend(log_probs)
+                tokens = item.holdback.push(tokens)
+                if result.finished:
+                    tokens += item.holdback.flush()
+                log_probs, item.held_log_probs = item.held_log_probs[:len(tokens)], item.held_log_probs[len(tokens):]
+            if not tokens and not result.finished:
+                return
+        elif not item.exclude_input:
+            tokens = item.prompt + tokens
+        outputs = self._outputs(pending, item, tokens, log_probs, result.cum_log_prob, now)
+        self._send(pending, item, outputs, final_item=result.finished)
+
+    def _outputs(self, pending, item, tokens, log_probs, cum_log_prob, now):
+        def scalar(name, value, dtype):
+            return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
+
+        return [
+            pb_utils.Tensor("output_ids", np.array(tokens, dtype=np.int32).reshape(1, 1, len(tokens))),
+            pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+            pb_utils.Tensor("cum_log_probs", np.array([[cum_log_prob or 0.0]], dtype=np.float32)),
+            pb_utils.Tensor("output_log_probs",
+                            np.array(log_probs, dtype=np.float32).reshape(1, 1, len(log_probs))),
+            # logits are never returned (asking for them is an error): a [1, 1, 1] / [1, 1, 1, 1] zero stands in
+            pb_utils.Tensor("context_logits", np.zeros((1, 1, 1), dtype=np.float32)),
+            pb_utils.Tensor("generation_logits", np.zeros((1, 1, 1, 1), dtype=np.float32)),
+            scalar("batch_index", item.row, np.int32),
+            scalar("sequence_index", 0, np.int32),
+            pb_utils.Tensor("context_phase_params", np.zeros((1, 0), dtype=np.uint8)),
+            scalar("kv_cache_alloc_new_blocks", 0, np.int32),
+            scalar("kv_cache_reused_blocks", 0, np.int32),
+            scalar("kv_cache_alloc_total_blocks", 0, np.int32),
+            scalar("arrival_time_ns", pending.arrival_ns, np.int64),
+            scalar("first_scheduled_time_ns", pending.arrival_ns, np.int64),
+            scalar("first_token_time_ns", item.first_token_ns or now, np.int64),
+            scalar("last_token_time_ns", now, np.int64),
+            scalar("acceptance_rate", 0.0, np.float32),
+            scalar("total_accepted_draft_tokens", 0, np.int32),
+            scalar("total_draft_tokens", 0, np.int32),
+        ]
+
+    def _send(self, pending, item, outputs, error=None, final_item=False):
+        """Send (decoupled) or keep (non-decoupled) one response; FINAL goes with the request's last one."""
+        to_cancel = []
+        with self._lock:
+            if final_item and not item.done:
+                item.done = True
+                self._forget(item)
+            last = all(i.done for i in pending.items)
+            if error is not None:
+                # an error ends the whole request: stop its other batch items
+                pending.failed = True
+                for other in pending.items:
+                    if not other.done:
+                        other.done = True
+                        self._forget(other)
+                        to_cancel.append(other.request_id)
+                last = True
+        for request_id in to_cancel:
+            if request_id is not None:
+                self.executor.cancel(request_id)
+        response = None
+        if error is not None:
+            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
+        elif outputs is not None:
+            response = pb_utils.InferenceResponse(output_tensors=outputs)
+        if pending.sender is None:
+            if response is not None:
+                pending.responses.append(response)
+            if last:
+                if not pending.responses:
+                    pending.responses.append(pb_utils.InferenceResponse(output_tensors=[]))
+                pending.finished.set()
+            return
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0
+        if response is None:
+            if last:
+                pending.sender.send(flags=flags)
+            return
+        pending.sender.send(response, flags=flags)
+
+    def _forget(self, item):
+        if item.request_id is not None:
+            self._pending.pop(item.request_id, None)
+
+    # cancellation -----------------------------------------------------------------------------------------
+    def _watch_cancellations(self):
+        """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor."""
+        while not self._stop.wait(self.cancel_period_s):
+            with self._lock:
+                snapshot = list(self._pending.items())
+            for request_id, pending in snapshot:
+                try:
+                    cancelled = pending.request.is_cancelled()
+                except Exception:
+                    cancelled = False
+                if cancelled:
+                    self.executor.cancel(request_id)
+
+    def finalize(self):
+        if hasattr(self, "_stop"):
+            self._stop.set()
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+            self.executor = None

@@ -1,0 +1,192 @@
+"""Triton python model `tensorrt_llm_bls`: preprocessing -> tensorrt_llm -> postprocessing through BLS calls.
+
+Same user-facing inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/tensorrt_llm_bls (c2e65b8),
+for both engine backends (it only talks to the other models). One prompt per request. While streaming, each
+response carries the text of the new tokens, or, with the `accumulate_tokens` parameter, the text of all tokens
+so far. Each request runs on its own thread, so concurrent requests meet in tensorrt_llm's in-flight batcher.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from generator.triton_models.common import load_model_config, parameter, parse_bool
+
+#: BLS input -> preprocessing input
+_PREPROCESSING_INPUTS = {
+    "text_input": "QUERY", "decoder_text_input": "DECODER_QUERY", "max_tokens": "REQUEST_OUTPUT_LEN",
+    "bad_words": "BAD_WORDS_DICT", "stop_words": "STOP_WORDS_DICT", "embedding_bias_words": "EMBEDDING_BIAS_WORDS",
+    "embedding_bias_weights": "EMBEDDING_BIAS_WEIGHTS", "end_id": "END_ID", "pad_id": "PAD_ID",
+    "prompt_table_extra_id": "PROMPT_TABLE_EXTRA_ID",
+}
+#: preprocessing output -> tensorrt_llm input
+_PREPROCESSED = {
+    "INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "REQUEST_OUTPUT_LEN": "request_output_len",
+    "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list", "EMBEDDING_BIAS": "embedding_bias",
+    "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id",
+}
+#: BLS input -> tensorrt_llm input (passed through when the client sends it)
+_CORE_INPUTS = {
+    "top_k": "runtime_top_k", "top_p": "runtime_top_p", "temperature": "temperature",
+    "length_penalty": "len_penalty", "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
+    "return_log_probs": "return_log_probs", "return_context_logits": "return_context_logits",
+    "return_generation_logits": "return_generation_logits", "return_perf_metrics": "return_perf_metrics",
+    "num_return_sequences": "num_return_sequences", "beam_width": "beam_width", "stream": "streaming",
+    "exclude_input_in_output": "exclude_input_in_output", "prompt_embedding_table": "prompt_embedding_table",
+    "prompt_vocab_size": "prompt_vocab_size", "lora_task_id": "lora_task_id", "lora_weights": "lora_weights",
+    "lora_config": "lora_config", "guided_decoding_guide_type": "guided_decoding_guide_type",
+    "guided_decoding_guide": "guided_decoding_guide",
+}
+#: tensorrt_llm outputs passed to the client unchanged
+_PASSTHROUGH_OUTPUTS = (
+    "cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index", "sequence_index",
+    "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
+    "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
+    "total_accepted_draft_tokens", "total_draft_tokens",
+)
+_UNSUPPORTED = ("image_input", "image_bytes_input", "image_url_input", "video_bytes_input")
+
+
+class RequestError(ValueError):
+    """A request answered with an error response."""
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _as_batch(array):
+    """A BLS input (batch 1; scalars may arrive reshaped to [1]) as the [1, ...] array the next model expects."""
+    return array.reshape(1, *array.shape[1:]) if array.ndim >= 2 else array.reshape(1, -1)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = load_model_config(args)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.accumulate_tokens = parse_bool(parameter(config, "accumulate_tokens"), False)
+        self.core_model = parameter(config, "tensorrt_llm_model_name", "tensorrt_llm")
+        if parameter(config, "tensorrt_llm_draft_model_name") is not None:
+            raise pb_utils.TritonModelException("tensorrt_llm_bls: speculative decoding with a draft model "
+                                                "(tensorrt_llm_draft_model_name) is not supported")
+        self._threads = set()
+        self._threads_lock = threading.Lock()
+
+    def execute(self, requests):
+        if not self.decoupled:
+            return [self._run_collect(request) for request in requests]
+        for request in requests:
+            thread = threading.Thread(target=self._run_streaming, args=(request,), daemon=True)
+            with self._threads_lock:
+                self._threads.add(thread)
+            thread.start()
+        return None
+
+    # one request ----------------------------------------------------------------------------------------
+    def _run_streaming(self, request):
+        sender = request.get_response_sender()
+        try:
+            for response in self._generate(request):
+                sender.send(response)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except RequestError as error:
+            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as error:  # an unexpected failure must still end the stream
+            sender.send(pb_utils.InferenceResponse(output_tensors=[],
+                                                   error=pb_utils.TritonError(f"tensorrt_llm_bls: {error!r}")),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            with self._threads_lock:
+                self._threads.discard(threading.current_thread())
+
+    def _run_collect(self, request):
+        try:
+            responses = list(self._generate(request))
+        except RequestError as error:
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error)))
+        if len(responses) != 1:
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                "tensorrt_llm_bls: expected one response from tensorrt_llm without streaming"))
+        return responses[0]
+
+    def _generate(self, request):
+        """Yield the client responses for one request."""
+        for name in _UNSUPPORTED:
+            if _input(request, name) is not None:
+                raise RequestError(f"input {name}: multimodal inputs are not supported by this model")
+        draft = _input(request, "num_draft_tokens")
+        if draft is not None and int(draft.reshape(-1)[0]) > 0:
+            raise RequestError("num_draft_tokens: speculative decoding is not supported by this model")
+        text = _input(request, "text_input")
+        if text.shape[0] != 1:
+            raise RequestError(f"tensorrt_llm_bls takes one prompt per request, got a batch of {text.shape[0]}")
+        stream = _input(request, "stream")
+        streaming = bool(stream is not None and stream.reshape(-1)[0])
+        if streaming and not self.decoupled:
+            raise RequestError("streaming needs the decoupled transaction policy (render with decoupled=True)")
+
+        preprocessed = self._preprocess(request)
+        core_inputs = [pb_utils.Tensor(core_name, preprocessed[name]) for name, core_name in _PREPROCESSED.items()
+                       if preprocessed.get(name) is not None and not (name == "EMBEDDING_BIAS"
+                                                                      and preprocessed[name].size == 0)]
+        for name, core_name in _CORE_INPUTS.items():
+            value = _input(request, name)
+            if value is not None:
+                core_inputs.append(pb_utils.Tensor(core_name, _as_batch(value)))
+        core_request = pb_utils.InferenceRequest(
+            model_name=self.core_model, inputs=core_inputs,
+            requested_output_names=["output_ids", "sequence_length", *_PASSTHROUGH_OUTPUTS])
+        core_responses = core_request.exec(decoupled=True) if self.decoupled else [core_request.exec()]
+        accumulated = None
+        for core_response in core_responses:
+            if core_response.has_error():
+                raise RequestError(core_response.error().message())
+            output_ids = pb_utils.get_output_tensor_by_name(core_response, "output_ids")
+            if output_ids is None:  # the empty final response of a decoupled stream
+                continue
+            tokens = output_ids.as_numpy()
+            lengths = pb_utils.get_output_tensor_by_name(core_response, "sequence_length").as_numpy()
+            if streaming and self.accumulate_tokens:
+                accumulated = tokens if accumulated is None else np.concatenate([accumulated, tokens], axis=-1)
+                tokens = accumulated
+                lengths = np.array([[accumulated.shape[-1]]], dtype=np.int32)
+            outputs = [pb_utils.Tensor("text_output", self._postprocess(tokens, lengths))]
+            for name in _PASSTHROUGH_OUTPUTS:
+                tensor = pb_utils.get_output_tensor_by_name(core_response, name)
+                if tensor is not None:
+                    outputs.append(pb_utils.Tensor(name, tensor.as_numpy()))
+            yield pb_utils.InferenceResponse(output_tensors=outputs)
+
+    def _preprocess(self, request):
+        inputs = []
+        for name, pre_name in _PREPROCESSING_INPUTS.items():
+            value = _input(request, name)
+            if value is not None:
+                inputs.append(pb_utils.Tensor(pre_name, _as_batch(value)))
+        response = pb_utils.InferenceRequest(
+            model_name="preprocessing", inputs=inputs,
+            requested_output_names=list(_PREPROCESSED)).exec()
+        if response.has_error():
+            raise RequestError(response.error().message())
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in _PREPROCESSED}
+
+    def _postprocess(self, tokens, lengths):
+        response = pb_utils.InferenceRequest(
+            model_name="postprocessing", requested_output_names=["OUTPUT"],
+            inputs=[pb_utils.Tensor("TOKENS_BATCH", tokens.astype(np.int32)),
+                    pb_utils.Tensor("SEQUENCE_LENGTH", lengths.astype(np.int32))]).exec()
+        if response.has_error():
+            raise RequestError(response.error().message())
+        return pb_utils.get_output_tensor_by_name(response, "OUTPUT").as_numpy()
+
+    def finalize(self):
+        with self._threads_lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=5)

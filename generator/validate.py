@@ -1,0 +1,293 @@
+"""Offline checks of a Triton model repository of the tensorrtllm_backend inflight_batcher_llm shape.
+
+What Triton only reports at load time (or at the first request) is found here without a server: configs that do
+not parse, unfilled `${...}` / `{{ ... }}` placeholders, ensemble maps naming tensors that do not exist or whose
+dtypes differ, missing step models, inconsistent max_batch_size, a non-decoupled generation model when
+streaming is wanted, engine limits exceeded, missing tokenizer / engine files, and GPU count vs world size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CORE_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
+STREAMING_MODELS = ("tensorrt_llm", "tensorrt_llm_bls")
+BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1", "v1")
+_PLACEHOLDER = re.compile(r"\$\{[^}]*\}|\{\{[^}]*\}\}")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect: the file it is in, the field (dotted path) and what is wrong."""
+
+    file: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.message}"
+
+
+def format_problems(problems: list[Problem]) -> str:
+    """One problem per line."""
+    return "\n".join(f"  {problem}" for problem in problems)
+
+
+@dataclass
+class _Model:
+    name: str
+    config_file: Path
+    config: Any  # model_config_pb2.ModelConfig
+
+    def inputs(self) -> dict[str, Any]:
+        return {tensor.name: tensor for tensor in self.config.input}
+
+    def outputs(self) -> dict[str, Any]:
+        return {tensor.name: tensor for tensor in self.config.output}
+
+    def parameter(self, key: str) -> str | None:
+        if key not in self.config.parameters:
+            return None
+        return str(self.config.parameters[key].string_value)
+
+
+class _Checker:
+    def __init__(self, root: Path, streaming: bool) -> None:
+        self.root = root
+        self.streaming = streaming
+        self.problems: list[Problem] = []
+        self.models: dict[str, _Model] = {}
+
+    def add(self, file: Path | str, field: str, message: str) -> None:
+        path = Path(file)
+        shown = str(path.relative_to(self.root)) if path.is_absolute() and path.is_relative_to(self.root) else str(path)
+        self.problems.append(Problem(shown, field, message))
+
+    # parsing ----------------------------------------------------------------------------------------------
+    def load_models(self) -> None:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        for config_file in sorted(self.root.glob("*/config.pbtxt")):
+            text = config_file.read_text()
+            for line_number, line in enumerate(text.splitlines(), 1):
+                if line.lstrip().startswith("#"):
+                    continue
+                for match in _PLACEHOLDER.finditer(line):
+                    self.add(config_file, _field_of_line(line, line_number),
+                             f"unfilled placeholder {match.group(0)}")
+            try:
+                config = text_format.Parse(text, model_config_pb2.ModelConfig())
+            except text_format.ParseError as error:
+                self.add(config_file, "(syntax)", f"does not parse as a Triton ModelConfig: {error}")
+                continue
+            name = config_file.parent.name
+            if config.name and config.name != name:
+                self.add(config_file, "name", f"'{config.name}' differs from its directory name '{name}'")
+            self.models[name] = _Model(name, config_file, config)
+
+    # checks -----------------------------------------------------------------------------------------------
+    def check_present(self) -> None:
+        for name in CORE_MODELS:
+            if name not in self.models and not (self.root / name / "config.pbtxt").exists():
+                self.add(self.root / name / "config.pbtxt", "(file)", f"model '{name}' is missing")
+        for name, model in self.models.items():
+            version_dir = self.root / name / "1"
+            if not version_dir.is_dir():
+                self.add(version_dir, "(dir)", "version directory 1/ is missing")
+            elif model.config.backend == "python" and not (version_dir / "model.py").is_file():
+                self.add(version_dir / "model.py", "(file)", "python backend model without 1/model.py")
+            if model.config.max_batch_size <= 0:
+                self.add(model.config_file, "max_batch_size",
+                         f"is {model.config.max_batch_size}; the inflight_batcher_llm contract needs > 0")
+
+    def check_streaming(self) -> None:
+        core = self.models.get("tensorrt_llm")
+        bls = self.models.get("tensorrt_llm_bls")
+        if self.streaming:
+            for model in (core, bls):
+                if model is not None and not model.config.model_transaction_policy.decoupled:
+                    self.add(model.config_file, "model_transaction_policy.decoupled",
+                             "must be true: streaming (stream=true) and batched requests need a decoupled model")
+        if core is not None and bls is not None and (bls.config.model_transaction_policy.decoupled
+                                                     and not core.config.model_transaction_policy.decoupled):
+            self.add(bls.config_file, "model_transaction_policy.decoupled",
+                     "is true but tensorrt_llm is not decoupled; the BLS streams from tensorrt_llm")
+
+    def check_ensemble(self) -> None:
+        ensemble = self.models.get("ensemble")
+        if ensemble is None:
+            return
+        file = ensemble.config_file
+        if ensemble.config.platform != "ensemble":
+            self.add(file, "platform", f"is '{ensemble.config.platform}', expected 'ensemble'")
+        # tensor name -> (data type, who provides it)
+        available = {name: (tensor.data_type, "ensemble input") for name, tensor in ensemble.inputs().items()}
+        produced: set[str] = set()
+        for index, step in enumerate(ensemble.config.ensemble_scheduling.step):
+            where = f"ensemble_scheduling.step[{index}]"
+            model = self.models.get(step.model_name)
+            if model is None:
+                self.add(file, f"{where}.model_name", f"step model '{step.model_name}' is not in the repository")
+                continue
+            if ensemble.config.max_batch_size > model.config.max_batch_size:
+                self.add(file, "max_batch_size", f"{ensemble.config.max_batch_size} exceeds step model "
+                         f"'{model.name}' max_batch_size {model.config.max_batch_size}")
+            step_inputs = model.inputs()
+            for key, value in step.input_map.items():
+                if key not in step_inputs:
+                    self.add(file, f"{where}.input_map[{key}]", f"'{model.name}' has no input '{key}'")
+                    continue
+                if value not in available:
+                    self.add(file, f"{where}.input_map[{key}]",
+                             f"'{value}' is neither an ensemble input nor an output of an earlier step")
+                    continue
+                dtype, source = available[value]
+                if dtype != step_inputs[key].data_type:
+                    self.add(file, f"{where}.input_map[{key}]", f"{source} '{value}' is {_dtype(dtype)} but "
+                             f"'{model.name}' input '{key}' is {_dtype(step_inputs[key].data_type)}")
+            for key, tensor in step_inputs.items():
+                if not tensor.optional and key not in step.input_map:
+                    self.add(file, f"{where}.input_map", f"required input '{key}' of '{model.name}' is not mapped")
+            step_outputs = model.outputs()
+            for key, value in step.output_map.items():
+                if key not in step_outputs:
+                    self.add(file, f"{where}.output_map[{key}]", f"'{model.name}' has no output '{key}'")
+                    continue
+                available[value] = (step_outputs[key].data_type, f"'{model.name}' output '{key}'")
+                produced.add(value)
+        seen: set[str] = set()
+        for name, tensor in ensemble.outputs().items():
+            if name not in produced:
+                self.add(file, f"output[{name}]", "no step's output_map produces it")
+            elif available[name][0] != tensor.data_type:
+                self.add(file, f"output[{name}]", f"is {_dtype(tensor.data_type)} but {available[name][1]} is "
+                         f"{_dtype(available[name][0])}")
+        for tensor in ensemble.config.output:
+            if tensor.name in seen:
+                self.add(file, f"output[{tensor.name}]", "declared twice")
+            seen.add(tensor.name)
+
+    def check_tokenizers(self) -> None:
+        for name in ("preprocessing", "postprocessing", "tensorrt_llm"):
+            model = self.models.get(name)
+            if model is None:
+                continue
+            tokenizer_dir = model.parameter("tokenizer_dir")
+            if not tokenizer_dir:
+                if name != "tensorrt_llm":
+                    self.add(model.config_file, "parameters[tokenizer_dir]", "is not set")
+                continue
+            path = Path(tokenizer_dir)
+            if not path.is_absolute():
+                self.add(model.config_file, "parameters[tokenizer_dir]", f"'{tokenizer_dir}' is not absolute")
+            if not path.is_dir():
+                self.add(model.config_file, "parameters[tokenizer_dir]", f"directory '{tokenizer_dir}' does not exist")
+            elif not any((path / f).is_file() for f in _TOKENIZER_FILES) and not list(path.glob("*.tiktoken")):
+                self.add(model.config_file, "parameters[tokenizer_dir]",
+                         f"'{tokenizer_dir}' holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}, *.tiktoken)")
+
+    def check_engine(self) -> None:
+        core = self.models.get("tensorrt_llm")
+        if core is None:
+            return
+        file = core.config_file
+        engine_dir = core.parameter("gpt_model_path")
+        if not engine_dir:
+            self.add(file, "parameters[gpt_model_path]", "is not set")
+            return
+        engine = Path(engine_dir)
+        if not engine.is_absolute():
+            self.add(file, "parameters[gpt_model_path]", f"'{engine_dir}' is not absolute")
+        config_file = engine / "config.json"
+        if not config_file.is_file():
+            self.add(file, "parameters[gpt_model_path]", f"'{engine_dir}' has no config.json")
+            return
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            self.add(config_file, "(json)", f"not valid JSON: {error}")
+            return
+        build = config.get("build_config", {})
+        mapping = config.get("pretrained_config", {}).get("mapping", {})
+        world_size = int(mapping.get("world_size") or int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1)))
+        engine_backend = config.get("engine_backend", "tensorrtllm")
+        suffix = "safetensors" if engine_backend == "pytorch" else "engine"
+        for rank in range(world_size):
+            if not (engine / f"rank{rank}.{suffix}").is_file():
+                self.add(file, "parameters[gpt_model_path]",
+                         f"engine file rank{rank}.{suffix} is missing from '{engine_dir}' (world size {world_size})")
+        expected_backend = "tensorrtllm" if engine_backend == "tensorrtllm" else "python"
+        if core.config.backend != expected_backend:
+            self.add(file, "backend", f"is '{core.config.backend}' but the engine is a '{engine_backend}' engine "
+                     f"(needs backend '{expected_backend}')")
+        engine_batch = build.get("max_batch_size")
+        if engine_batch is not None and core.config.max_batch_size > int(engine_batch):
+            self.add(file, "max_batch_size", f"{core.config.max_batch_size} exceeds the engine's max_batch_size "
+                     f"{engine_batch}")
+        beam = core.parameter("max_beam_width")
+        if beam and beam.isdigit() and int(beam) > int(build.get("max_beam_width", 1)):
+            self.add(file, "parameters[max_beam_width]", f"{beam} exceeds the engine's max_beam_width "
+                     f"{build.get('max_beam_width', 1)}")
+        if core.config.backend == "tensorrtllm":
+            strategy = core.parameter("gpt_model_type")
+            if strategy not in BATCHING_STRATEGIES:
+                self.add(file, "parameters[gpt_model_type]", f"'{strategy}' is not one of {BATCHING_STRATEGIES}")
+            devices = core.parameter("gpu_device_ids") or ""
+            for instance, group in enumerate(devices.split(";") if devices else []):
+                count = len([d for d in group.split(",") if d.strip()])
+                if count != world_size:
+                    self.add(file, "parameters[gpu_device_ids]", f"instance {instance} lists {count} GPUs "
+                             f"('{group}') but the engine has world size {world_size}")
+
+    def check_limits(self) -> None:
+        """Repository-level batch limits of the python models vs the generation model."""
+        core = self.models.get("tensorrt_llm")
+        bls = self.models.get("tensorrt_llm_bls")
+        if core is not None and bls is not None and bls.config.max_batch_size > core.config.max_batch_size:
+            self.add(bls.config_file, "max_batch_size", f"{bls.config.max_batch_size} exceeds tensorrt_llm's "
+                     f"{core.config.max_batch_size}")
+
+
+def _dtype(value: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return str(model_config_pb2.DataType.Name(value))
+
+
+def _field_of_line(line: str, line_number: int) -> str:
+    """The field a placeholder sits in: a parameters key when the line has one, else the line's first key."""
+    key = re.search(r'key:\s*"([^"]+)"', line)
+    if key:
+        return f"parameters[{key.group(1)}]"
+    name = re.search(r'name:\s*"([^"]+)"', line)
+    if name:
+        return f"tensor[{name.group(1)}]"
+    first = re.match(r"\s*([A-Za-z_]+)", line)
+    return first.group(1) if first else f"line {line_number}"
+
+
+def validate_repository(path: str | Path, streaming: bool = True) -> list[Problem]:
+    """All problems found in the repository at `path` (empty when it is fine).
+
+    `streaming`: the generation models must be decoupled (the default; render passes its `decoupled` setting).
+    """
+    root = Path(path).resolve()
+    if not root.is_dir():
+        return [Problem(str(path), "(dir)", "repository directory does not exist")]
+    checker = _Checker(root, streaming)
+    checker.load_models()
+    if not checker.models and not checker.problems:
+        return [Problem(str(path), "(dir)", "no */config.pbtxt found: not a Triton model repository")]
+    checker.check_present()
+    checker.check_streaming()
+    checker.check_ensemble()
+    checker.check_tokenizers()
+    checker.check_engine()
+    checker.check_limits()
+    return checker.problems
