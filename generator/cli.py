@@ -292,5 +292,62 @@ def infer_command(prompt: str, url: str | None, protocol: str, model: str, strea
         exclude_input_in_output=exclude_input_in_output, wait_s=wait_s, timeout_s=timeout_s))
 
 
+@main.command("render")
+@click.option("--engine-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Engine dir (config.json + rank files) from `gen-repo build` or trtllm-build.")
+@click.option("--tokenizer-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Tokenizer dir that preprocessing / postprocessing load.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Triton model repository to write.")
+@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default=None,
+              help="Engine backend (default: the engine dir's).")
+@click.option("--max-batch-size", "triton_max_batch_size", type=int, default=None,
+              help="Triton max_batch_size (default: the engine's).")
+@click.option("--decoupled/--no-decoupled", default=True, show_default=True,
+              help="Decoupled tensorrt_llm / BLS (needed for streaming).")
+@click.option("--preprocessing-instances", "preprocessing_instance_count", type=int, default=1, show_default=True)
+@click.option("--postprocessing-instances", "postprocessing_instance_count", type=int, default=1, show_default=True)
+@click.option("--bls-instances", "bls_instance_count", type=int, default=1, show_default=True)
+@click.option("--max-queue-delay-us", "max_queue_delay_microseconds", type=int, default=0, show_default=True)
+@click.option("--max-queue-size", type=int, default=0, show_default=True, help="0: unlimited.")
+@click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True)
+@click.option("--max-tokens-in-paged-kv-cache", type=int, default=None)
+@click.option("--enable-kv-cache-reuse", is_flag=True)
+@click.option("--enable-chunked-context", is_flag=True)
+@click.option("--batching-strategy", type=click.Choice(["inflight_fused_batching", "inflight_batching", "V1"]),
+              default="inflight_fused_batching", show_default=True)
+@click.option("--batch-scheduler-policy", type=click.Choice(["guaranteed_no_evict", "max_utilization"]),
+              default="guaranteed_no_evict", show_default=True)
+@click.option("--gpu-device-ids", default=None, help="tensorrtllm: e.g. 0,1 (default: 0..world size-1).")
+@click.option("--exclude-input-in-output", is_flag=True, help="Return only the generated text by default.")
+@click.option("--add-special-tokens/--no-add-special-tokens", default=True, show_default=True)
+@click.option("--skip-special-tokens/--no-skip-special-tokens", default=True, show_default=True)
+@click.option("--accumulate-tokens", is_flag=True, help="BLS streams the whole text so far, not deltas.")
+@click.option("--trust-remote-code", is_flag=True, help="Let the tokenizer run its own Python code.")
+def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **options: Any) -> None:
+    """Write the Triton model repository for an engine dir, then validate it."""
+    from generator.render import RenderSettings, render_repository
+
+    repository = render_repository(RenderSettings(engine_dir=engine_dir, tokenizer_dir=tokenizer_dir,
+                                                  output_dir=output_dir, **options))
+    click.echo(f"wrote {repository}")
+
+
+@main.command("validate")
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--no-streaming", is_flag=True, help="Allow non-decoupled tensorrt_llm / BLS.")
+def validate_command(repository: Path, no_streaming: bool) -> None:
+    """Check a Triton model repository offline; exit 1 when it has problems."""
+    from generator.validate import validate_repository
+
+    problems = validate_repository(repository, streaming=not no_streaming)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {repository}", err=True)
+        sys.exit(1)
+    click.echo(f"{repository}: ok")
+
+
 if __name__ == "__main__":
     main()
