@@ -292,6 +292,28 @@ def infer_command(prompt: str, url: str | None, protocol: str, model: str, strea
         exclude_input_in_output=exclude_input_in_output, wait_s=wait_s, timeout_s=timeout_s))
 
 
+@main.command("deploy")
+@click.option("--model-repository", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The Triton repository to deploy (`<output>/triton_repo` of the whole job).")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory for the Dockerfile, compose.yaml, k8s/ manifests and README.md.")
+@click.option("--image", default="gen-repo-triton:latest", show_default=True,
+              help="Name of the image the Dockerfile builds (compose and Kubernetes run it).")
+@click.option("--gpus-per-node", type=int, default=None,
+              help="GPUs per node (default: the whole world size on one node).")
+@click.option("--nodes", type=int, default=None,
+              help="Nodes (default: world size / GPUs per node); > 1 renders a LeaderWorkerSet.")
+@click.option("--name", default="gen-repo", show_default=True, help="Compose project / Kubernetes object name.")
+def deploy_command(model_repository: Path, output_dir: Path, image: str, gpus_per_node: int | None,
+                   nodes: int | None, name: str) -> None:
+    """Render a Dockerfile, a docker compose file and Kubernetes manifests for a repository."""
+    from generator.deploy import DeploySettings, render_deploy
+
+    for path in render_deploy(DeploySettings(model_repository=model_repository, output_dir=output_dir,
+                                             image=image, gpus_per_node=gpus_per_node, nodes=nodes, name=name)):
+        click.echo(f"wrote {path}")
+
+
 @main.command("render")
 @click.option("--engine-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Engine dir (config.json + rank files) from `gen-repo build` or trtllm-build.")
