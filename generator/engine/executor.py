@@ -11,6 +11,7 @@ Multi-rank: rank 0 owns the executor and broadcasts each forward's `ForwardPlan`
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import threading
@@ -136,6 +137,8 @@ class Executor:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="gen-repo-executor", daemon=True)
         self._thread.start()
+        # an executor left running at exit would leave the other ranks waiting for a plan forever
+        atexit.register(self.shutdown)
 
     # public API -----------------------------------------------------------------------------------------
     def enqueue(self, request: GenerationRequest, callback: Callback) -> int:
@@ -182,6 +185,7 @@ class Executor:
         self._thread.join()
         with self._lock:
             self._closed = True
+        atexit.unregister(self.shutdown)
 
     def __enter__(self) -> Executor:
         return self
@@ -218,6 +222,8 @@ class Executor:
 
     # the step loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self._model.device.type == "cuda":
+            torch.cuda.set_device(self._model.device)  # the current device is per thread
         try:
             with torch.inference_mode():
                 while self._step():
