@@ -177,8 +177,7 @@ def test_weight_only_moe_needs_moe_plugin(tmp_path: Path) -> None:
 def test_dry_run_prints_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(1))
     settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine", max_input_len=256,
-                             max_seq_len=512,
-                             max_num_tokens=1024, dry_run=True)
+                             max_seq_len=512, max_num_tokens=1024, dry_run=True)
     assert build_with_trtllm(settings) == tmp_path / "engine"
     printed = capsys.readouterr().out.strip()
     assert printed.startswith(f"trtllm-build --checkpoint_dir {checkpoint} --output_dir {tmp_path / 'engine'} ")
@@ -212,3 +211,26 @@ def test_check_engine_dir(tmp_path: Path) -> None:
     with pytest.raises(GenRepoError, match="not an engine config"):
         check_engine_dir(engine)
 
+
+
+def test_cli_build_tensorrtllm(tmp_path: Path) -> None:
+    """`gen-repo build --engine tensorrtllm`: --dry-run prints the command; without TensorRT-LLM it exits 2."""
+    from click.testing import CliRunner
+
+    from generator.cli import main
+
+    checkpoint = write_checkpoint_config(tmp_path / "ckpt", "replit-code-v1.5-3b", "bfloat16", Mapping.create(2))
+    args = ["build", "--checkpoint-dir", str(checkpoint), "--output", str(tmp_path / "engine"),
+            "--engine", "tensorrtllm", "--max-batch-size", "16", "--max-input-len", "512", "--max-seq-len", "576",
+            "--workers", "2"]
+    result = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    (command,) = [line for line in result.output.splitlines() if line.startswith("trtllm-build ")]
+    assert command.split() == expected(
+        checkpoint, tmp_path / "engine", "bfloat16", moe=False, batch=16, input_len=512, seq_len=576,
+        num_tokens=8192, workers=2)
+    if shutil.which("trtllm-build") is None:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2
+        assert TRTLLM_CONTAINER in result.output
+    assert not (tmp_path / "engine").exists()
