@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from generator.build import BuildSettings, build_config_section, resolve_limits
-from generator.engine.config import read_config_json
+from generator.engine.config import parse_pretrained_config, read_config_json
 from generator.errors import ConfigError, GenRepoError
 from generator.mapping import Mapping
 
@@ -41,8 +41,6 @@ TRTLLM_CONTAINER = f"nvcr.io/nvidia/tritonserver:{TRITON_CONTAINER_TAG}-trtllm-p
 
 SUPPORTED_ARCHITECTURES = ("MPTForCausalLM", "DbrxForCausalLM")
 PLUGIN_DTYPES = ("float16", "bfloat16", "float32")
-SUPPORTED_QUANT_ALGOS = (None, "W8A16", "W4A16")
-SUPPORTED_KV_CACHE_QUANT_ALGOS = (None, "INT8")
 
 
 @dataclass(frozen=True)
@@ -63,17 +61,17 @@ class CheckpointFacts:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CheckpointFacts:
-        """Read a checkpoint's config.json (or an engine's `pretrained_config`)."""
-        quantization = dict(config.get("quantization") or {})
-        moe = dict(config.get("moe") or config.get("moe_config") or {})
-        num_experts = int(moe.get("num_experts", config.get("moe_num_experts", 0)) or 0)
+        """Read a checkpoint's config.json (or an engine's `pretrained_config`) the way the pytorch engine
+        reads it (`generator.engine.config.parse_pretrained_config`), so both backends agree on dtype, world
+        size, MoE and quantization."""
+        engine = parse_pretrained_config(config)
         return cls(
-            architecture=str(config.get("architecture")),
-            dtype=str(config.get("dtype", "float16")),
-            mapping=Mapping.from_json(dict(config.get("mapping") or {})),
-            is_moe=num_experts > 1,
-            quant_algo=quantization.get("quant_algo"),
-            kv_cache_quant_algo=quantization.get("kv_cache_quant_algo"),
+            architecture=engine.architecture,
+            dtype=str(config.get("dtype")),
+            mapping=engine.mapping,
+            is_moe=engine.moe is not None,
+            quant_algo=engine.quant_algo,
+            kv_cache_quant_algo=engine.kv_cache_quant_algo,
             weight_only_plugin_disabled=bool(config.get("disable_weight_only_quant_plugin", False)),
         )
 
@@ -84,17 +82,10 @@ def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
     gen-repo's converter can write MPT variants that only its pytorch engine runs (docs in
     generator/models/mpt.py): biases, q/k LayerNorm and learned positions have no TensorRT-LLM counterpart.
     """
-    facts = CheckpointFacts.from_config(config)
+    facts = CheckpointFacts.from_config(config)  # dtype and quantization are checked there
     if facts.architecture not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"architecture {facts.architecture!r} cannot be built here "
                           f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if facts.dtype not in PLUGIN_DTYPES:
-        raise ConfigError(f"dtype {facts.dtype!r} is not one trtllm-build accepts ({', '.join(PLUGIN_DTYPES)})")
-    if facts.quant_algo not in SUPPORTED_QUANT_ALGOS:
-        raise ConfigError(f"quantization.quant_algo {facts.quant_algo!r} is not supported (none, W8A16, W4A16)")
-    if facts.kv_cache_quant_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
-        raise ConfigError(f"quantization.kv_cache_quant_algo {facts.kv_cache_quant_algo!r} is not supported "
-                          "(none, INT8)")
     if facts.architecture == "MPTForCausalLM":
         if config.get("bias"):
             raise ConfigError("bias: true (an MPT with no_bias false) is a gen-repo extension TensorRT-LLM's MPT "

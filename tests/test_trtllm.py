@@ -155,6 +155,8 @@ def test_rejects_bad_settings(tmp_path: Path, overrides: dict[str, Any], message
     ("position_embedding_type", "learned_absolute", "ALiBi"),
     ("dtype", "int8", "dtype 'int8'"),
     ("architecture", "LlamaForCausalLM", "LlamaForCausalLM"),
+    ("quantization", {"quant_algo": "FP8", "kv_cache_quant_algo": None}, "FP8"),
+    ("quantization", {"quant_algo": None, "kv_cache_quant_algo": "FP8"}, "kv_cache_quant_algo 'FP8'"),
 ])
 def test_rejects_checkpoints_trtllm_cannot_build(tmp_path: Path, field: str, value: Any, message: str) -> None:
     checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(1))
