@@ -23,6 +23,8 @@ import numpy as np
 from generator.errors import GenRepoError
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+# Inputs that changed name between tensorrtllm_backend versions: ours -> the other spelling.
+INPUT_ALIASES = {"seed": "random_seed"}
 # Triton datatype name -> numpy dtype, for the inputs this client sends.
 _NUMPY_TYPES: dict[str, Any] = {"INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64, "FP32": np.float32,
                                 "FP16": np.float16, "FP64": np.float64, "BOOL": np.bool_, "BYTES": np.object_}
@@ -68,7 +70,7 @@ def request_inputs(settings: InferSettings) -> dict[str, Any]:
     values: dict[str, Any] = {
         "text_input": settings.prompt, "max_tokens": settings.max_tokens, "stream": settings.stream,
         "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
-        "random_seed": settings.seed, "end_id": settings.end_id, "pad_id": settings.pad_id,
+        "seed": settings.seed, "end_id": settings.end_id, "pad_id": settings.pad_id,
         "repetition_penalty": settings.repetition_penalty, "presence_penalty": settings.presence_penalty,
         "frequency_penalty": settings.frequency_penalty,
         "exclude_input_in_output": settings.exclude_input_in_output,
@@ -145,6 +147,8 @@ def build_grpc_inputs(values: dict[str, Any], input_types: dict[str, str], model
 
     inputs = []
     for name, value in values.items():
+        if name not in input_types and INPUT_ALIASES.get(name) in input_types:
+            name = INPUT_ALIASES[name]
         if name not in input_types:
             raise GenRepoError(f"model {model} has no input {name!r} (it has: {', '.join(sorted(input_types))})")
         datatype = input_types[name]
