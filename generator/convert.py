@@ -88,8 +88,7 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
     try:
         kv_scales = None
         if calib_text is not None:
-            kv_scales = calibrate_kv_cache_scales(model_dir, spec.calibration_module_suffix, spec.num_layers,
-                                                  calib_text, settings.trust_remote_code)
+            kv_scales = calibrate_kv_cache_scales(model_dir, spec, calib_text, settings.trust_remote_code)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         job = _RankJob(spec, checkpoint, DTYPES[dtype], settings.weight_only_precision, kv_scales,
                        settings.progress)
@@ -100,8 +99,12 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
         else:
             with ThreadPoolExecutor(max_workers=settings.workers) as pool:
                 futures = [pool.submit(job.convert, m, staging, i % settings.workers) for i, m in enumerate(ranks)]
-                for future in futures:
-                    future.result()
+                try:
+                    for future in futures:
+                        future.result()
+                finally:  # on the first failure, ranks not started yet are dropped
+                    for future in futures:
+                        future.cancel()
         replace_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -32,6 +32,9 @@ from pathlib import Path
 import torch
 
 from generator.errors import GenRepoError
+from generator.hf_checkpoint import HFCheckpoint
+from generator.models.base import ModelSpec
+from generator.models.mpt import MptSpec
 
 WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 _BITS = {"int8": 8, "int4": 4}
@@ -108,13 +111,14 @@ def default_calibration_text() -> str:
     return resources.files("generator").joinpath("data", DEFAULT_CALIBRATION_FILE).read_text(encoding="utf-8")
 
 
-def calibrate_kv_cache_scales(model_dir: Path, module_suffix: str, num_layers: int, text: str,
+def calibrate_kv_cache_scales(model_dir: Path, spec: ModelSpec, text: str,
                               trust_remote_code: bool = False) -> list[float]:
     """Per-layer INT8 KV-cache scales (max |fused QKV output| / 127), running the HF model in float32 on CPU."""
-    model = _load_hf_model(model_dir, trust_remote_code)
-    input_ids = _tokenize(model_dir, text, model.config, trust_remote_code)
-    pattern = re.compile(r"(?:^|\.)blocks\.(\d+)\." + re.escape(module_suffix) + "$")
-    amax = [0.0] * num_layers
+    model = _load_hf_model(model_dir, spec, trust_remote_code)
+    input_ids = _tokenize(model_dir, text, spec, trust_remote_code)
+    suffix = spec.calibration_module_suffix
+    pattern = re.compile(r"(?:^|\.)blocks\.(\d+)\." + re.escape(suffix) + "$")
+    amax = [0.0] * spec.num_layers
     hooks = []
     for name, module in model.named_modules():
         match = pattern.search(name)
@@ -124,9 +128,8 @@ def calibrate_kv_cache_scales(model_dir: Path, module_suffix: str, num_layers: i
             def record(_module: torch.nn.Module, _inputs: object, output: torch.Tensor, layer: int = layer) -> None:
                 amax[layer] = max(amax[layer], float(output.detach().abs().max()))
             hooks.append(module.register_forward_hook(record))
-    if len(hooks) != num_layers:
-        raise GenRepoError(f"INT8 KV calibration found {len(hooks)} '{module_suffix}' modules, expected "
-                           f"{num_layers}")
+    if len(hooks) != spec.num_layers:
+        raise GenRepoError(f"INT8 KV calibration found {len(hooks)} '{suffix}' modules, expected {spec.num_layers}")
     try:
         with torch.no_grad():
             model(input_ids=input_ids)
@@ -136,25 +139,65 @@ def calibrate_kv_cache_scales(model_dir: Path, module_suffix: str, num_layers: i
     return [value / 127.0 if value > 0 else 1.0 for value in amax]
 
 
-def _load_hf_model(model_dir: Path, trust_remote_code: bool) -> torch.nn.Module:
+def _load_hf_model(model_dir: Path, spec: ModelSpec, trust_remote_code: bool) -> torch.nn.Module:
+    if isinstance(spec, MptSpec) and not trust_remote_code:
+        return _transformers_mpt(model_dir, spec)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if getattr(config, "model_type", "") == "dbrx":
             _fix_dbrx_config(config)
-        if getattr(config, "model_type", "") == "mpt" and not trust_remote_code:
-            attn = config.attn_config
-            attn_type = attn.get("attn_type") if isinstance(attn, dict) else getattr(attn, "attn_type", None)
-            if attn_type not in (None, "multihead_attention"):
-                raise GenRepoError(f"INT8 KV calibration of an MPT with attn_type {attn_type!r} needs "
-                                   "--trust-remote-code (transformers' own MPT supports multi-head attention only)")
         model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code)
-    except GenRepoError:
-        raise
     except Exception as error:
         raise GenRepoError(f"INT8 KV calibration cannot load the HF model from {model_dir}: {error}") from error
+    return model.eval()
+
+
+def _transformers_mpt(model_dir: Path, spec: MptSpec) -> torch.nn.Module:
+    """transformers' MptForCausalLM (MHA only) holding the checkpoint's weights, GQA/MQA KV heads repeated.
+
+    A query head h of llm-foundry's GQA attends KV head h // (heads / kv_heads); repeating each KV head that
+    many times gives an MHA model with the same attention, and the repeated Wqkv rows do not change max |QKV|.
+    """
+    from transformers import MptConfig, MptForCausalLM
+
+    lacking = [feature for feature, present in (
+        ("attn_config.qk_ln", spec.qk_layernorm), ("learned positions (attn_config.alibi false)",
+                                                    spec.learned_positions),
+        ("biases (no_bias false)", spec.bias), ("attn_config.alibi_bias_max other than 8", spec.alibi_bias_max != 8),
+        ("ffn sizes other than an integer expansion_ratio", spec.intermediate_size % spec.hidden_size),
+    ) if present]
+    if lacking:
+        raise GenRepoError("INT8 KV calibration runs the model with transformers' MPT, which lacks "
+                           f"{', '.join(lacking)}; pass --trust-remote-code to use the checkpoint's own code")
+    d, heads, kv_heads, head_size = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_size
+    config = MptConfig(d_model=d, n_heads=heads, n_layers=spec.num_layers, max_seq_len=spec.max_seq_len,
+                       expansion_ratio=spec.intermediate_size // d, vocab_size=spec.vocab_size, no_bias=True,
+                       layer_norm_epsilon=spec.norm_epsilon, tie_word_embeddings=spec.tied,
+                       attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": spec.clip_qkv,
+                                    "attn_type": "multihead_attention"})
+    with torch.device("meta"):
+        model = MptForCausalLM(config)
+    checkpoint = HFCheckpoint(model_dir)
+    state = {}
+    for name in checkpoint.names():
+        tensor = checkpoint.get(name).float()
+        if name.endswith("attn.Wqkv.weight") and kv_heads != heads:
+            q, k, v = tensor.split([d, kv_heads * head_size, kv_heads * head_size])
+            k, v = (part.view(kv_heads, head_size, d).repeat_interleave(heads // kv_heads, dim=0).reshape(d, d)
+                    for part in (k, v))
+            tensor = torch.cat([q, k, v])
+        state["lm_head.weight" if name.endswith("lm_head.weight") else name] = tensor
+    if spec.tied:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise GenRepoError(f"INT8 KV calibration cannot load {model_dir} into transformers' MPT: {error}") from error
+    if spec.tied:
+        model.tie_weights()
     return model.eval()
 
 
@@ -169,9 +212,9 @@ def _fix_dbrx_config(config: object) -> None:
         ffn.moe_normalize_expert_weights = float(norm)  # type: ignore[union-attr]
 
 
-def _tokenize(model_dir: Path, text: str, config: object, trust_remote_code: bool) -> torch.Tensor:
+def _tokenize(model_dir: Path, text: str, spec: ModelSpec, trust_remote_code: bool) -> torch.Tensor:
     """Token ids of the calibration text; byte values modulo the vocabulary when the dir has no tokenizer."""
-    limit = min(CALIBRATION_MAX_TOKENS, int(getattr(config, "max_seq_len", CALIBRATION_MAX_TOKENS)))
+    limit = min(CALIBRATION_MAX_TOKENS, int(spec.hf_config.get("max_seq_len") or CALIBRATION_MAX_TOKENS))
     ids: list[int] = []
     # transformers 5 hands out an empty tokenizer for a dir without tokenizer files, so look for them first
     if any((Path(model_dir) / name).exists() for name in _TOKENIZER_FILES):
@@ -184,8 +227,7 @@ def _tokenize(model_dir: Path, text: str, config: object, trust_remote_code: boo
         ids = list(tokenizer(text)["input_ids"])
     else:
         print(f"warning: no tokenizer in {model_dir}; calibrating INT8 KV on UTF-8 byte ids", file=sys.stderr)
-        vocab = int(config.vocab_size)  # type: ignore[attr-defined]
-        ids = [byte % vocab for byte in text.encode("utf-8")]
+        ids = [byte % spec.vocab_size for byte in text.encode("utf-8")]
     if not ids:
         raise GenRepoError("the INT8 KV calibration text gives no tokens")
     return torch.tensor([ids[:limit]])

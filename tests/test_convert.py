@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from generator.convert import ConvertSettings, convert_checkpoint
 from generator.errors import GenRepoError
+from generator.hf_checkpoint import HFCheckpoint
 from tests.factories import make_dbrx, make_mpt
 
 
@@ -233,3 +234,25 @@ def test_written_files_are_valid_safetensors(dbrx_dir: Path, tmp_path: Path) -> 
         names = list(handle.keys())
         assert all(handle.get_tensor(name).is_contiguous() for name in names)
     assert math.isclose(read_config(out)["rotary_base"], 500000.0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failure_mid_conversion_keeps_previous_output(mpt_dir: Path, tmp_path: Path, workers: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = convert(mpt_dir, tmp_path / "ckpt")
+    before = (previous / "rank0.safetensors").read_bytes()
+    calls = {"count": 0}
+    original_get = HFCheckpoint.get
+
+    def failing_get(self: HFCheckpoint, name: str) -> torch.Tensor:
+        calls["count"] += 1
+        if calls["count"] == 12:
+            raise GenRepoError(f"cannot read tensor {name}: disk error")
+        return original_get(self, name)
+
+    monkeypatch.setattr(HFCheckpoint, "get", failing_get)
+    with pytest.raises(GenRepoError, match="disk error"):
+        convert(mpt_dir, tmp_path / "ckpt", tensor_parallel_size=2, workers=workers)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left behind
+    assert sorted(p.name for p in previous.iterdir()) == ["config.json", "rank0.safetensors"]
+    assert (previous / "rank0.safetensors").read_bytes() == before

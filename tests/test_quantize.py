@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from generator.errors import GenRepoError
 from generator.quantize import dequantize_weight, pack_int4, quantize_weight, unpack_int4
 from tests.factories import make_dbrx, make_mpt
-from tests.test_convert import convert, rank_tensors, read_config
+from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,35 @@ def test_int8_kv_cache_dbrx_default_text(dbrx_dir: Path, tmp_path: Path) -> None
               for rank in range(2) for layer in range(2)]
     assert all(float(scale) > 0 for scale in scales)
     assert torch.equal(scales[0], scales[2])  # the same per-layer scale on every tensor-parallel rank
+
+
+def test_int8_kv_cache_gqa_mpt_without_remote_code(mpt_dir: Path, tmp_path: Path) -> None:
+    """GQA runs as the equivalent MHA model (KV heads repeated): its scales equal that MHA model's."""
+    gqa = make_gqa_mpt(mpt_dir, tmp_path / "gqa", 2)
+    tensors = load_file(gqa / "model.safetensors")
+    equivalent = dict(tensors)
+    for name, tensor in tensors.items():
+        if name.endswith("attn.Wqkv.weight"):
+            q, k, v = tensor.split([64, 32, 32])
+            equivalent[name] = torch.cat([q] + [part.view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
+                                                for part in (k, v)])
+    mha = write_variant(mpt_dir, tmp_path / "mha", {}, equivalent)
+    text = tmp_path / "calib.txt"
+    text.write_text("grouped query attention calibration")
+    out = convert(gqa, tmp_path / "ckpt", int8_kv_cache=True, calib_text=text, tensor_parallel_size=4)
+    ids = torch.tensor([[byte % 512 for byte in text.read_bytes()]])
+    expected = [amax / 127 for amax in _qkv_amax_per_layer(mha, ids)]
+    for layer in range(2):
+        scale = rank_tensors(out, 3)[f"transformer.layers.{layer}.attention.kv_cache_scaling_factor"]
+        assert float(scale) == pytest.approx(expected[layer], rel=1e-5)
+
+
+def test_int8_kv_cache_needs_remote_code_for_qk_ln(mpt_dir: Path, tmp_path: Path) -> None:
+    tensors = load_file(mpt_dir / "model.safetensors")
+    for layer in range(2):
+        tensors[f"transformer.blocks.{layer}.attn.q_ln.weight"] = torch.ones(64)
+        tensors[f"transformer.blocks.{layer}.attn.k_ln.weight"] = torch.ones(64)
+    model = write_variant(mpt_dir, tmp_path / "hf", {"attn_config": {"qk_ln": True}}, tensors)
+    with pytest.raises(GenRepoError, match=r"lacks attn_config\.qk_ln; pass --trust-remote-code"):
+        convert(model, tmp_path / "ckpt", int8_kv_cache=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
