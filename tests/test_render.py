@@ -1,0 +1,454 @@
+"""render: the rendered repositories keep the I/O contract of the pinned anchor and fill every value.
+
+The ANCHOR_* tables below were read from NVIDIA tensorrtllm_backend at commit c2e65b8,
+`all_models/inflight_batcher_llm/{preprocessing,postprocessing,tensorrt_llm,ensemble,tensorrt_llm_bls}/config.pbtxt`
+(tensor facts only; `LOGITS` / `ENCODER` stand for the `${logits_datatype}` /
+`${encoder_input_features_data_type}` template variables; the ensemble's duplicated
+`kv_cache_alloc_total_blocks` output is listed once).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from generator.cli import main
+from generator.errors import ConfigError
+from generator.render import MODEL_NAMES, RenderSettings, render_repository
+from generator.validate import validate_repository
+
+# (name, data type without TYPE_, dims, flags: o = optional, r = reshape to scalar, g = allow_ragged_batch)
+ANCHOR_IO = {
+    ("preprocessing", "input"): [
+        ("QUERY", "STRING", (1,), ""), ("DECODER_QUERY", "STRING", (1,), "o"),
+        ("IMAGE_BYTES", "UINT8", (-1, -1, -1, -1), "o"), ("IMAGE_URL", "STRING", (1,), "o"),
+        ("VIDEO_BYTES", "UINT8", (-1, -1, -1, -1), "o"), ("REQUEST_OUTPUT_LEN", "INT32", (1,), ""),
+        ("BAD_WORDS_DICT", "STRING", (-1,), "o"), ("STOP_WORDS_DICT", "STRING", (-1,), "o"),
+        ("EMBEDDING_BIAS_WORDS", "STRING", (-1,), "o"), ("EMBEDDING_BIAS_WEIGHTS", "FP32", (-1,), "o"),
+        ("END_ID", "INT32", (1,), "o"), ("PAD_ID", "INT32", (1,), "o"),
+        ("PROMPT_TABLE_EXTRA_ID", "UINT64", (1,), "o"),
+    ],
+    ("preprocessing", "output"): [
+        ("INPUT_ID", "INT32", (-1,), ""), ("REQUEST_INPUT_LEN", "INT32", (1,), ""),
+        ("DECODER_INPUT_ID", "INT32", (-1,), ""), ("REQUEST_DECODER_INPUT_LEN", "INT32", (1,), ""),
+        ("BAD_WORDS_IDS", "INT32", (2, -1), ""), ("STOP_WORDS_IDS", "INT32", (2, -1), ""),
+        ("EMBEDDING_BIAS", "FP32", (-1,), ""), ("REQUEST_OUTPUT_LEN", "INT32", (-1,), ""),
+        ("OUT_END_ID", "INT32", (1,), ""), ("OUT_PAD_ID", "INT32", (1,), ""),
+        ("OUT_PROMPT_TABLE_EXTRA_IDS", "UINT64", (-1,), ""), ("PIXEL_VALUES", "FP16", (-1, -1, -1, -1), ""),
+        ("ASPECT_RATIO_IDS", "INT64", (-1,), ""), ("ASPECT_RATIO_MASK", "INT64", (-1, -1), ""),
+        ("CROSS_ATTENTION_MASK", "INT64", (-1, -1, -1), ""), ("IMAGE_SIZES", "INT64", (2,), ""),
+        ("IS_VIDEO_INPUT", "BOOL", (1,), ""), ("ATTENTION_MASK", "INT64", (-1,), ""),
+        ("IMAGE_GRID_THW", "INT64", (3,), ""), ("VISION_INPUT_ID", "INT32", (-1,), ""),
+    ],
+    ("postprocessing", "input"): [
+        ("TOKENS_BATCH", "INT32", (-1, -1), ""), ("SEQUENCE_LENGTH", "INT32", (-1,), ""),
+    ],
+    ("postprocessing", "output"): [
+        ("OUTPUT", "STRING", (-1,), ""),
+    ],
+    ("tensorrt_llm", "input"): [
+        ("input_ids", "INT32", (-1,), "og"), ("encoder_input_features", "ENCODER", (-1, -1), "og"),
+        ("encoder_output_lengths", "INT32", (1,), "or"), ("input_lengths", "INT32", (1,), "r"),
+        ("request_output_len", "INT32", (1,), "r"), ("num_return_sequences", "INT32", (1,), "or"),
+        ("draft_input_ids", "INT32", (-1,), "og"), ("decoder_input_ids", "INT32", (-1,), "og"),
+        ("decoder_input_lengths", "INT32", (1,), "or"), ("draft_logits", "LOGITS", (-1, -1), "og"),
+        ("draft_acceptance_threshold", "FP32", (1,), "or"), ("end_id", "INT32", (1,), "or"),
+        ("pad_id", "INT32", (1,), "or"), ("stop_words_list", "INT32", (2, -1), "og"),
+        ("bad_words_list", "INT32", (2, -1), "og"), ("embedding_bias", "FP32", (-1,), "og"),
+        ("beam_width", "INT32", (1,), "or"), ("temperature", "FP32", (1,), "or"),
+        ("runtime_top_k", "INT32", (1,), "or"), ("runtime_top_p", "FP32", (1,), "or"),
+        ("runtime_top_p_min", "FP32", (1,), "or"), ("runtime_top_p_decay", "FP32", (1,), "or"),
+        ("runtime_top_p_reset_ids", "INT32", (1,), "or"), ("len_penalty", "FP32", (1,), "or"),
+        ("early_stopping", "BOOL", (1,), "or"), ("repetition_penalty", "FP32", (1,), "or"),
+        ("min_tokens", "INT32", (1,), "or"), ("beam_search_diversity_rate", "FP32", (1,), "or"),
+        ("presence_penalty", "FP32", (1,), "or"), ("frequency_penalty", "FP32", (1,), "or"),
+        ("seed", "UINT64", (1,), "or"), ("return_log_probs", "BOOL", (1,), "or"),
+        ("return_context_logits", "BOOL", (1,), "or"), ("return_generation_logits", "BOOL", (1,), "or"),
+        ("return_perf_metrics", "BOOL", (1,), "or"), ("exclude_input_in_output", "BOOL", (1,), "or"),
+        ("stop", "BOOL", (1,), "or"), ("streaming", "BOOL", (1,), "or"),
+        ("prompt_embedding_table", "FP16", (-1, -1), "og"), ("prompt_table_extra_ids", "UINT64", (-1,), "og"),
+        ("prompt_vocab_size", "INT32", (1,), "or"), ("cross_attention_mask", "BOOL", (-1, -1), "og"),
+        ("mrope_rotary_cos_sin", "FP32", (-1,), "o"), ("mrope_position_deltas", "INT64", (1,), "o"),
+        ("lora_task_id", "UINT64", (1,), "or"), ("lora_weights", "FP16", (-1, -1), "og"),
+        ("lora_config", "INT32", (-1, 3), "og"), ("context_phase_params", "UINT8", (-1,), "og"),
+        ("skip_cross_attn_blocks", "BOOL", (1,), "og"), ("retention_token_range_starts", "INT32", (-1,), "og"),
+        ("retention_token_range_ends", "INT32", (-1,), "og"),
+        ("retention_token_range_priorities", "INT32", (-1,), "og"),
+        ("retention_token_range_durations_ms", "INT32", (-1,), "og"),
+        ("retention_decode_priority", "INT32", (1,), "og"),
+        ("retention_decode_duration_ms", "INT32", (1,), "og"),
+        ("guided_decoding_guide_type", "STRING", (1,), "og"), ("guided_decoding_guide", "STRING", (1,), "og"),
+        ("lookahead_window_size", "INT32", (1,), "og"), ("lookahead_ngram_size", "INT32", (1,), "og"),
+        ("lookahead_verification_set_size", "INT32", (1,), "og"),
+    ],
+    ("tensorrt_llm", "output"): [
+        ("output_ids", "INT32", (-1, -1), ""), ("sequence_length", "INT32", (-1,), ""),
+        ("cum_log_probs", "FP32", (-1,), ""), ("output_log_probs", "FP32", (-1, -1), ""),
+        ("context_logits", "LOGITS", (-1, -1), ""), ("generation_logits", "LOGITS", (-1, -1, -1), ""),
+        ("batch_index", "INT32", (1,), ""), ("sequence_index", "INT32", (1,), ""),
+        ("context_phase_params", "UINT8", (-1,), ""), ("kv_cache_alloc_new_blocks", "INT32", (1,), ""),
+        ("kv_cache_reused_blocks", "INT32", (1,), ""), ("kv_cache_alloc_total_blocks", "INT32", (1,), ""),
+        ("arrival_time_ns", "INT64", (1,), ""), ("first_scheduled_time_ns", "INT64", (1,), ""),
+        ("first_token_time_ns", "INT64", (1,), ""), ("last_token_time_ns", "INT64", (1,), ""),
+        ("acceptance_rate", "FP32", (1,), ""), ("total_accepted_draft_tokens", "INT32", (1,), ""),
+        ("total_draft_tokens", "INT32", (1,), ""),
+    ],
+    ("ensemble", "input"): [
+        ("text_input", "STRING", (1,), ""), ("decoder_text_input", "STRING", (1,), "o"),
+        ("max_tokens", "INT32", (1,), ""), ("num_return_sequences", "INT32", (1,), "o"),
+        ("bad_words", "STRING", (-1,), "o"), ("stop_words", "STRING", (-1,), "o"),
+        ("exclude_input_in_output", "BOOL", (1,), "o"), ("end_id", "INT32", (1,), "o"),
+        ("pad_id", "INT32", (1,), "o"), ("top_k", "INT32", (1,), "o"), ("top_p", "FP32", (1,), "o"),
+        ("temperature", "FP32", (1,), "o"), ("length_penalty", "FP32", (1,), "o"),
+        ("repetition_penalty", "FP32", (1,), "o"), ("min_tokens", "INT32", (1,), "o"),
+        ("presence_penalty", "FP32", (1,), "o"), ("frequency_penalty", "FP32", (1,), "o"),
+        ("seed", "UINT64", (1,), "o"), ("return_log_probs", "BOOL", (1,), "o"),
+        ("return_context_logits", "BOOL", (1,), "o"), ("return_generation_logits", "BOOL", (1,), "o"),
+        ("return_perf_metrics", "BOOL", (1,), "o"), ("beam_width", "INT32", (1,), "o"),
+        ("stream", "BOOL", (1,), "o"), ("prompt_embedding_table", "FP16", (-1, -1), "o"),
+        ("prompt_table_extra_id", "UINT64", (1,), "o"), ("prompt_vocab_size", "INT32", (1,), "o"),
+        ("embedding_bias_words", "STRING", (-1,), "o"), ("embedding_bias_weights", "FP32", (-1,), "o"),
+        ("lora_task_id", "UINT64", (1,), "o"), ("lora_weights", "FP16", (-1, -1), "og"),
+        ("lora_config", "INT32", (-1, 3), "og"), ("guided_decoding_guide_type", "STRING", (1,), "og"),
+        ("guided_decoding_guide", "STRING", (1,), "og"),
+    ],
+    ("ensemble", "output"): [
+        ("text_output", "STRING", (-1,), ""), ("cum_log_probs", "FP32", (-1,), ""),
+        ("output_log_probs", "FP32", (-1, -1), ""), ("context_logits", "LOGITS", (-1, -1), ""),
+        ("generation_logits", "LOGITS", (-1, -1, -1), ""), ("batch_index", "INT32", (1,), ""),
+        ("sequence_index", "INT32", (1,), ""), ("kv_cache_alloc_new_blocks", "INT32", (1,), ""),
+        ("kv_cache_reused_blocks", "INT32", (1,), ""), ("kv_cache_alloc_total_blocks", "INT32", (1,), ""),
+        ("arrival_time_ns", "INT64", (1,), ""), ("first_scheduled_time_ns", "INT64", (1,), ""),
+        ("first_token_time_ns", "INT64", (1,), ""), ("last_token_time_ns", "INT64", (1,), ""),
+        ("acceptance_rate", "FP32", (1,), ""), ("total_accepted_draft_tokens", "INT32", (1,), ""),
+        ("total_draft_tokens", "INT32", (1,), ""),
+    ],
+    ("tensorrt_llm_bls", "input"): [
+        ("text_input", "STRING", (1,), ""), ("decoder_text_input", "STRING", (1,), "o"),
+        ("image_input", "FP16", (-1, 3, -1, -1), "o"), ("image_bytes_input", "UINT8", (-1, -1, -1, -1), "o"),
+        ("image_url_input", "STRING", (1,), "o"), ("video_bytes_input", "UINT8", (-1, -1, -1, -1), "o"),
+        ("max_tokens", "INT32", (1,), ""), ("bad_words", "STRING", (-1,), "o"),
+        ("stop_words", "STRING", (-1,), "o"), ("exclude_input_in_output", "BOOL", (1,), "o"),
+        ("end_id", "INT32", (1,), "o"), ("pad_id", "INT32", (1,), "o"), ("top_k", "INT32", (1,), "o"),
+        ("top_p", "FP32", (1,), "o"), ("temperature", "FP32", (1,), "o"), ("length_penalty", "FP32", (1,), "o"),
+        ("repetition_penalty", "FP32", (1,), "o"), ("min_tokens", "INT32", (1,), "o"),
+        ("presence_penalty", "FP32", (1,), "o"), ("frequency_penalty", "FP32", (1,), "o"),
+        ("seed", "UINT64", (1,), "o"), ("return_log_probs", "BOOL", (1,), "or"),
+        ("return_context_logits", "BOOL", (1,), "or"), ("return_generation_logits", "BOOL", (1,), "or"),
+        ("num_return_sequences", "INT32", (1,), "or"), ("beam_width", "INT32", (1,), "o"),
+        ("stream", "BOOL", (1,), "o"), ("prompt_embedding_table", "FP16", (-1, -1), "o"),
+        ("prompt_vocab_size", "INT32", (1,), "o"), ("prompt_table_extra_id", "UINT64", (1,), "o"),
+        ("embedding_bias_words", "STRING", (-1,), "o"), ("embedding_bias_weights", "FP32", (-1,), "o"),
+        ("num_draft_tokens", "INT32", (1,), "o"), ("use_draft_logits", "BOOL", (1,), "or"),
+        ("lora_task_id", "UINT64", (1,), "or"), ("lora_weights", "FP16", (-1, -1), "og"),
+        ("lora_config", "INT32", (-1, 3), "og"), ("return_perf_metrics", "BOOL", (1,), "or"),
+        ("guided_decoding_guide_type", "STRING", (1,), "o"), ("guided_decoding_guide", "STRING", (1,), "o"),
+    ],
+    ("tensorrt_llm_bls", "output"): [
+        ("text_output", "STRING", (-1,), ""), ("cum_log_probs", "FP32", (-1,), ""),
+        ("output_log_probs", "FP32", (-1, -1), ""), ("context_logits", "LOGITS", (-1, -1), ""),
+        ("generation_logits", "LOGITS", (-1, -1, -1), ""), ("batch_index", "INT32", (1,), ""),
+        ("sequence_index", "INT32", (1,), ""), ("kv_cache_alloc_new_blocks", "INT32", (1,), ""),
+        ("kv_cache_reused_blocks", "INT32", (1,), ""), ("kv_cache_alloc_total_blocks", "INT32", (1,), ""),
+        ("arrival_time_ns", "INT64", (1,), ""), ("first_scheduled_time_ns", "INT64", (1,), ""),
+        ("first_token_time_ns", "INT64", (1,), ""), ("last_token_time_ns", "INT64", (1,), ""),
+        ("acceptance_rate", "FP32", (1,), ""), ("total_accepted_draft_tokens", "INT32", (1,), ""),
+        ("total_draft_tokens", "INT32", (1,), ""),
+    ],
+}
+
+# tensorrt_llm/config.pbtxt at c2e65b8: every parameters key (enable_trt_overlap is commented out there)
+ANCHOR_TRTLLM_PARAMETERS = (
+    "max_beam_width", "FORCE_CPU_ONLY_INPUT_TENSORS", "gpt_model_type", "gpt_model_path", "encoder_model_path",
+    "max_tokens_in_paged_kv_cache", "max_attention_window_size", "sink_token_length", "batch_scheduler_policy",
+    "kv_cache_free_gpu_mem_fraction", "cross_kv_cache_fraction", "kv_cache_host_memory_bytes",
+    "kv_cache_onboard_blocks", "exclude_input_in_output", "cancellation_check_period_ms",
+    "stats_check_period_ms", "iter_stats_max_iterations", "request_stats_max_iterations",
+    "enable_kv_cache_reuse", "normalize_log_probs", "enable_chunked_context", "gpu_device_ids",
+    "participant_ids", "num_nodes", "lora_cache_optimal_adapter_size", "lora_cache_max_adapter_size",
+    "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes", "lora_prefetch_dir", "decoding_mode",
+    "executor_worker_path", "lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size",
+    "medusa_choices", "eagle_choices", "gpu_weights_percent", "enable_context_fmha_fp32_acc",
+    "multi_block_mode", "cuda_graph_mode", "cuda_graph_cache_size", "speculative_decoding_fast_logits",
+    "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path",
+)
+
+# ensemble/config.pbtxt at c2e65b8: (step model, input_map, output_map)
+ANCHOR_ENSEMBLE_STEPS = [
+    ("preprocessing",
+     {'BAD_WORDS_DICT': 'bad_words',
+      'DECODER_QUERY': 'decoder_text_input',
+      'EMBEDDING_BIAS_WEIGHTS': 'embedding_bias_weights',
+      'EMBEDDING_BIAS_WORDS': 'embedding_bias_words',
+      'END_ID': 'end_id',
+      'PAD_ID': 'pad_id',
+      'PROMPT_TABLE_EXTRA_ID': 'prompt_table_extra_id',
+      'QUERY': 'text_input',
+      'REQUEST_OUTPUT_LEN': 'max_tokens',
+      'STOP_WORDS_DICT': 'stop_words'},
+     {'BAD_WORDS_IDS': '_BAD_WORDS_IDS',
+      'DECODER_INPUT_ID': '_DECODER_INPUT_ID',
+      'EMBEDDING_BIAS': '_EMBEDDING_BIAS',
+      'INPUT_ID': '_INPUT_ID',
+      'OUT_END_ID': '_PREPROCESSOR_END_ID',
+      'OUT_PAD_ID': '_PREPROCESSOR_PAD_ID',
+      'OUT_PROMPT_TABLE_EXTRA_IDS': '_OUT_PROMPT_TABLE_EXTRA_IDS',
+      'REQUEST_DECODER_INPUT_LEN': '_REQUEST_DECODER_INPUT_LEN',
+      'REQUEST_INPUT_LEN': '_REQUEST_INPUT_LEN',
+      'REQUEST_OUTPUT_LEN': '_REQUEST_OUTPUT_LEN',
+      'STOP_WORDS_IDS': '_STOP_WORDS_IDS'}),
+    ("tensorrt_llm",
+     {'bad_words_list': '_BAD_WORDS_IDS',
+      'beam_width': 'beam_width',
+      'decoder_input_ids': '_DECODER_INPUT_ID',
+      'decoder_input_lengths': '_REQUEST_DECODER_INPUT_LEN',
+      'embedding_bias': '_EMBEDDING_BIAS',
+      'end_id': '_PREPROCESSOR_END_ID',
+      'exclude_input_in_output': 'exclude_input_in_output',
+      'frequency_penalty': 'frequency_penalty',
+      'guided_decoding_guide': 'guided_decoding_guide',
+      'guided_decoding_guide_type': 'guided_decoding_guide_type',
+      'input_ids': '_INPUT_ID',
+      'input_lengths': '_REQUEST_INPUT_LEN',
+      'len_penalty': 'length_penalty',
+      'lora_config': 'lora_config',
+      'lora_task_id': 'lora_task_id',
+      'lora_weights': 'lora_weights',
+      'min_tokens': 'min_tokens',
+      'num_return_sequences': 'num_return_sequences',
+      'pad_id': '_PREPROCESSOR_PAD_ID',
+      'presence_penalty': 'presence_penalty',
+      'prompt_embedding_table': 'prompt_embedding_table',
+      'prompt_table_extra_ids': '_OUT_PROMPT_TABLE_EXTRA_IDS',
+      'prompt_vocab_size': 'prompt_vocab_size',
+      'repetition_penalty': 'repetition_penalty',
+      'request_output_len': '_REQUEST_OUTPUT_LEN',
+      'return_context_logits': 'return_context_logits',
+      'return_generation_logits': 'return_generation_logits',
+      'return_log_probs': 'return_log_probs',
+      'return_perf_metrics': 'return_perf_metrics',
+      'runtime_top_k': 'top_k',
+      'runtime_top_p': 'top_p',
+      'seed': 'seed',
+      'stop_words_list': '_STOP_WORDS_IDS',
+      'streaming': 'stream',
+      'temperature': 'temperature'},
+     {'acceptance_rate': 'acceptance_rate',
+      'arrival_time_ns': 'arrival_time_ns',
+      'batch_index': 'batch_index',
+      'context_logits': 'context_logits',
+      'cum_log_probs': 'cum_log_probs',
+      'first_scheduled_time_ns': 'first_scheduled_time_ns',
+      'first_token_time_ns': 'first_token_time_ns',
+      'generation_logits': 'generation_logits',
+      'kv_cache_alloc_new_blocks': 'kv_cache_alloc_new_blocks',
+      'kv_cache_alloc_total_blocks': 'kv_cache_alloc_total_blocks',
+      'kv_cache_reused_blocks': 'kv_cache_reused_blocks',
+      'last_token_time_ns': 'last_token_time_ns',
+      'output_ids': '_TOKENS_BATCH',
+      'output_log_probs': 'output_log_probs',
+      'sequence_index': 'sequence_index',
+      'sequence_length': '_SEQUENCE_LENGTH',
+      'total_accepted_draft_tokens': 'total_accepted_draft_tokens',
+      'total_draft_tokens': 'total_draft_tokens'}),
+    ("postprocessing",
+     {'SEQUENCE_LENGTH': '_SEQUENCE_LENGTH', 'TOKENS_BATCH': '_TOKENS_BATCH'},
+     {'OUTPUT': 'text_output'}),
+]
+#: models with dynamic_batching in the anchor
+ANCHOR_DYNAMIC_BATCHING = {"preprocessing", "postprocessing", "tensorrt_llm"}
+
+
+def make_engine_dir(path: Path, engine_backend: str = "pytorch", world_size: int = 1, max_batch_size: int = 8,
+                    max_beam_width: int = 1, logits_dtype: str = "float32", dtype: str = "float16") -> Path:
+    """An engine dir with the config.json shape both builders write, and empty rank files (render never
+    loads weights)."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "version": "test",
+        "pretrained_config": {"architecture": "MPTForCausalLM", "dtype": dtype, "logits_dtype": logits_dtype,
+                              "vocab_size": 512, "mapping": {"world_size": world_size, "tp_size": world_size,
+                                                             "pp_size": 1}},
+        "build_config": {"max_batch_size": max_batch_size, "max_input_len": 64, "max_seq_len": 128,
+                         "max_num_tokens": 512, "max_beam_width": max_beam_width,
+                         "plugin_config": {"use_paged_context_fmha": True}},
+    }
+    if engine_backend == "pytorch":
+        config["engine_backend"] = "pytorch"
+    (path / "config.json").write_text(json.dumps(config))
+    suffix = "safetensors" if engine_backend == "pytorch" else "engine"
+    for rank in range(world_size):
+        (path / f"rank{rank}.{suffix}").write_bytes(b"")
+    return path
+
+
+def make_tokenizer_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+def render(tmp_path: Path, name: str = "repo", engine_backend: str = "pytorch", world_size: int = 1,
+           logits_dtype: str = "float32", **settings: object) -> Path:
+    engine = make_engine_dir(tmp_path / f"{name}_engine", engine_backend, world_size, logits_dtype=logits_dtype)
+    tokenizer = make_tokenizer_dir(tmp_path / "tokenizer")
+    return render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=tmp_path / name,
+                                            **settings))  # type: ignore[arg-type]
+
+
+def load_config(repo: Path, model: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def tensor_facts(tensor: object, logits_type: str, encoder_type: str) -> tuple[str, str, tuple[int, ...], str]:
+    """(name, dtype, dims, flags) of a parsed tensor, in the ANCHOR_IO notation."""
+    name = tensor.name  # type: ignore[attr-defined]
+    dtype = model_config_pb2.DataType.Name(tensor.data_type).removeprefix("TYPE_")  # type: ignore[attr-defined]
+    if name in ("draft_logits", "context_logits", "generation_logits") and dtype == logits_type:
+        dtype = "LOGITS"
+    elif name == "encoder_input_features" and dtype == encoder_type:
+        dtype = "ENCODER"
+    flags = "".join(flag for flag, on in (("o", getattr(tensor, "optional", False)),
+                                          ("r", tensor.HasField("reshape")),  # type: ignore[attr-defined]
+                                          ("g", getattr(tensor, "allow_ragged_batch", False))) if on)
+    return (name, dtype, tuple(tensor.dims), flags)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine_backend", ["pytorch", "tensorrtllm"])
+def test_io_matches_anchor(tmp_path: Path, engine_backend: str) -> None:
+    repo = render(tmp_path, engine_backend=engine_backend, logits_dtype="float16")
+    for (model, kind), expected in ANCHOR_IO.items():
+        config = load_config(repo, model)
+        tensors = config.input if kind == "input" else config.output
+        ours = [tensor_facts(t, "FP16", "FP16") for t in tensors]
+        assert len({name for name, *_ in ours}) == len(ours), f"{model} {kind}: a tensor is declared twice"
+        ours_by_name = {facts[0]: facts for facts in ours}
+        for facts in expected:
+            assert ours_by_name.get(facts[0]) == facts, f"{model} {kind} {facts[0]}"
+        # anything we add must be optional, so an anchor client never has to send it
+        for name, facts in ours_by_name.items():
+            if kind == "input" and name not in {f[0] for f in expected}:
+                assert "o" in facts[3], f"{model}: extra input {name} must be optional"
+
+
+def test_logits_datatype_follows_engine(tmp_path: Path) -> None:
+    for logits_dtype, expected in (("float32", "TYPE_FP32"), ("float16", "TYPE_FP16")):
+        repo = render(tmp_path, name=f"repo_{logits_dtype}", logits_dtype=logits_dtype)
+        for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls"):
+            outputs = {t.name: t for t in load_config(repo, model).output}
+            assert model_config_pb2.DataType.Name(outputs["generation_logits"].data_type) == expected
+
+
+@pytest.mark.parametrize("engine_backend", ["pytorch", "tensorrtllm"])
+def test_ensemble_maps_match_anchor(tmp_path: Path, engine_backend: str) -> None:
+    repo = render(tmp_path, engine_backend=engine_backend)
+    steps = load_config(repo, "ensemble").ensemble_scheduling.step
+    ours = [(step.model_name, dict(step.input_map), dict(step.output_map)) for step in steps]
+    assert ours == ANCHOR_ENSEMBLE_STEPS
+
+
+def test_tensorrtllm_has_every_anchor_parameter(tmp_path: Path) -> None:
+    engine_dir = make_engine_dir(tmp_path / "engine", "tensorrtllm", world_size=2, max_batch_size=16,
+                                 max_beam_width=2)
+    repo = render_repository(RenderSettings(engine_dir=engine_dir, tokenizer_dir=make_tokenizer_dir(tmp_path / "tok"),
+                                            output_dir=tmp_path / "repo", max_tokens_in_paged_kv_cache=2560,
+                                            kv_cache_free_gpu_mem_fraction=0.5, enable_kv_cache_reuse=True))
+    text = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert "${" not in text and "{{" not in text
+    config = load_config(repo, "tensorrt_llm")
+    assert config.backend == "tensorrtllm"
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    missing = [key for key in ANCHOR_TRTLLM_PARAMETERS if key not in parameters]
+    assert missing == []
+    assert len(ANCHOR_TRTLLM_PARAMETERS) == 45
+    # values come from the engine's config.json and the settings
+    assert parameters["gpt_model_path"] == str(engine_dir.resolve())
+    assert parameters["gpt_model_type"] == "inflight_fused_batching"
+    assert parameters["gpu_device_ids"] == "0,1"
+    assert parameters["max_beam_width"] == "2"
+    assert parameters["max_tokens_in_paged_kv_cache"] == "2560"
+    assert parameters["kv_cache_free_gpu_mem_fraction"] == "0.5"
+    assert parameters["enable_kv_cache_reuse"] == "true"
+    assert parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    assert parameters["tokenizer_dir"] == str((tmp_path / "tok").resolve())
+    assert config.max_batch_size == 16
+    assert config.model_transaction_policy.decoupled
+    assert not (repo / "tensorrt_llm" / "1" / "model.py").exists()
+
+
+def test_pytorch_repository_layout(tmp_path: Path) -> None:
+    repo = render(tmp_path, preprocessing_instance_count=2, postprocessing_instance_count=3, bls_instance_count=4,
+                  max_queue_delay_microseconds=100, max_queue_size=7, add_special_tokens=False,
+                  skip_special_tokens=False, accumulate_tokens=True, exclude_input_in_output=True)
+    assert sorted(p.name for p in repo.iterdir()) == sorted(MODEL_NAMES)
+    configs = {model: load_config(repo, model) for model in MODEL_NAMES}
+    core = configs["tensorrt_llm"]
+    assert core.backend == "python" and core.model_transaction_policy.decoupled
+    assert [(g.count, g.kind) for g in core.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    assert core.parameters["gpt_model_path"].string_value == str((tmp_path / "repo_engine").resolve())
+    assert core.parameters["exclude_input_in_output"].string_value == "true"
+    assert configs["tensorrt_llm_bls"].model_transaction_policy.decoupled
+    assert configs["tensorrt_llm_bls"].parameters["accumulate_tokens"].string_value == "true"
+    assert configs["preprocessing"].parameters["add_special_tokens"].string_value == "false"
+    assert configs["postprocessing"].parameters["skip_special_tokens"].string_value == "false"
+    assert [g.count for g in configs["preprocessing"].instance_group] == [2]
+    assert [g.count for g in configs["postprocessing"].instance_group] == [3]
+    assert [g.count for g in configs["tensorrt_llm_bls"].instance_group] == [4]
+    for model, config in configs.items():
+        assert config.max_batch_size == 8, model  # the engine's
+        assert config.HasField("dynamic_batching") == (model in ANCHOR_DYNAMIC_BATCHING), model
+    assert core.dynamic_batching.max_queue_delay_microseconds == 100
+    assert core.dynamic_batching.default_queue_policy.max_queue_size == 7
+    for model in ("preprocessing", "postprocessing", "tensorrt_llm", "tensorrt_llm_bls"):
+        source = (repo / model / "1" / "model.py").read_text()
+        assert "class TritonPythonModel" in source
+    assert (repo / "ensemble" / "1").is_dir() and not any((repo / "ensemble" / "1").iterdir())
+    for model in ("preprocessing", "postprocessing"):
+        assert Path(configs[model].parameters["tokenizer_dir"].string_value).is_absolute()
+
+
+def test_max_batch_size_override_and_limits(tmp_path: Path) -> None:
+    repo = render(tmp_path, triton_max_batch_size=4)
+    assert {load_config(repo, m).max_batch_size for m in MODEL_NAMES} == {4}
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        render(tmp_path, name="too_big", triton_max_batch_size=9)
+
+
+def test_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not match the engine dir"):
+        render_repository(RenderSettings(engine_dir=make_engine_dir(tmp_path / "e", "pytorch"),
+                                         tokenizer_dir=make_tokenizer_dir(tmp_path / "t"),
+                                         output_dir=tmp_path / "a", engine_backend="tensorrtllm"))
+    with pytest.raises(ConfigError, match="batching_strategy"):
+        render(tmp_path, name="b", engine_backend="tensorrtllm", batching_strategy="static")
+    with pytest.raises(ConfigError, match="gpu_device_ids"):
+        render(tmp_path, name="c", engine_backend="tensorrtllm", world_size=2, gpu_device_ids="0")
+    with pytest.raises(ConfigError, match="beam"):
+        render(tmp_path, name="d", max_beam_width=2)
+
+
+def test_non_decoupled_render_validates(tmp_path: Path) -> None:
+    repo = render(tmp_path, decoupled=False)
+    assert not load_config(repo, "tensorrt_llm").model_transaction_policy.decoupled
+    assert validate_repository(repo, streaming=False) == []
+    assert any("decoupled" in p.field for p in validate_repository(repo, streaming=True))
+
+
+def test_cli_render_then_validate(tmp_path: Path) -> None:
+    engine = make_engine_dir(tmp_path / "engine")
+    tokenizer = make_tokenizer_dir(tmp_path / "tok")
+    runner = CliRunner()
+    result = runner.invoke(main, ["render", "--engine-dir", str(engine), "--tokenizer-dir", str(tokenizer),
+                                  "--output", str(tmp_path / "repo"), "--max-batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "repo", "ensemble").max_batch_size == 2
+    result = runner.invoke(main, ["validate", str(tmp_path / "repo")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["render", "--engine-dir", str(engine), "--tokenizer-dir", str(tokenizer),
+                                  "--output", str(tmp_path / "repo2"), "--max-batch-size", "99"])
+    assert result.exit_code == 2 and "max_batch_size" in result.output
