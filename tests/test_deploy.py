@@ -253,3 +253,16 @@ def test_cli(tmp_path: Path) -> None:
                                        str(tmp_path / "out2"), "--nodes", "4"])
     assert result.exit_code == 2
     assert "4 node(s) x 1 GPU(s) per node" in result.output
+
+
+def test_real_repository(tiny_mpt_job: Any, tmp_path: Path) -> None:
+    """A repository rendered by the whole job: the mount covers the engine and tokenizer dirs it names."""
+    render_deploy(DeploySettings(model_repository=tiny_mpt_job.triton_repo, output_dir=tmp_path / "out"))
+    compose = yaml.safe_load((tmp_path / "out" / "compose.yaml").read_text())
+    jsonschema.Draft202012Validator(compose_schema()).validate(compose)
+    service = compose["services"]["triton"]
+    assert service["volumes"][0]["source"] == str(tiny_mpt_job.output_dir)
+    for path in (tiny_mpt_job.engine_dir, tiny_mpt_job.tokenizer_dir, tiny_mpt_job.triton_repo):
+        assert Path(path).resolve().is_relative_to(service["volumes"][0]["target"])
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+    assert service["command"] == serve_args(Path(tiny_mpt_job.triton_repo).resolve())

@@ -236,3 +236,24 @@ def test_cli_build_tensorrtllm(tmp_path: Path) -> None:
         assert result.exit_code == 2
         assert TRTLLM_CONTAINER in result.output
     assert not (tmp_path / "engine").exists()
+
+
+def test_same_limits_and_plugins_as_the_pytorch_engine(tiny_mpt_job: Any, tmp_path: Path) -> None:
+    """On a real converted checkpoint, the trtllm-build flags carry exactly the limits and plugins the pytorch
+    backend writes into its engine's build_config for the same settings."""
+    from dataclasses import replace
+
+    from generator.build import build_engine
+
+    settings = BuildSettings(checkpoint_dir=tiny_mpt_job.checkpoint_dir, output_dir=tmp_path / "engine",
+                             max_batch_size=3, max_input_len=48)
+    build_config = json.loads((build_engine(settings) / "config.json").read_text())["build_config"]
+    (argv,) = trtllm_build_commands(replace(settings, engine_backend="tensorrtllm"))
+    flags = dict(zip(argv[1::2], argv[2::2], strict=True))
+    for limit in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width"):
+        assert flags[f"--{limit}"] == str(build_config[limit])
+    plugins = build_config["plugin_config"]
+    assert flags["--gpt_attention_plugin"] == plugins["gpt_attention_plugin"] == "float32"
+    assert flags["--gemm_plugin"] == plugins["gemm_plugin"]
+    assert flags["--kv_cache_type"] == build_config["kv_cache_type"].lower() == "paged"
+    assert flags["--checkpoint_dir"] == str(tiny_mpt_job.checkpoint_dir)
