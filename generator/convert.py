@@ -81,6 +81,12 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
         "kv_cache_quant_algo": "INT8" if settings.int8_kv_cache else None,
     }
     config = spec.trtllm_config(mapping, dtype, quantization)
+    extensions = spec.extensions() + (["plain_weight_only_layout"] if settings.weight_only_precision else [])
+    if extensions:
+        # Present only when used, so standard checkpoints stay exactly what TensorRT-LLM's converters write.
+        config["gen_repo_extensions"] = extensions
+        print(f"note: this checkpoint uses {', '.join(extensions)}, which TensorRT-LLM's own model does not read; "
+              "build it with the pytorch engine backend", file=sys.stderr)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))

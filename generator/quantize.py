@@ -14,7 +14,8 @@ per byte along `out`: the low nibble holds the even column, the high nibble the 
 Layout caveat: TensorRT-LLM's converter then runs `preprocess_weights_for_mixed_gemm`, a GPU-architecture-specific
 permutation and interleave for its CUTLASS kernels, which needs TensorRT-LLM's torch ops. Without a GPU that
 layout cannot be produced here, so gen-repo writes the plain (non-interleaved) layout above. gen-repo's pytorch
-engine reads it with `dequantize_weight`; for a real `trtllm-build`, convert without weight-only flags and let
+engine reads it with `dequantize_weight`, and the config lists "plain_weight_only_layout" in
+`gen_repo_extensions` so tools can tell. For a real `trtllm-build`, convert without weight-only flags and let
 `trtllm-build` quantize (recent TensorRT-LLM quantizes float weights of a W8A16/W4A16 checkpoint at build time).
 
 INT8 KV cache (kv_cache_quant_algo "INT8"): per layer, `attention.kv_cache_scaling_factor` = max |Wqkv output| /

@@ -93,6 +93,7 @@ def test_mpt_tp1_matches_hf(mpt_dir: Path, tmp_path: Path) -> None:
                 "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
                 "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1, "moe_tp_size": 1, "moe_ep_size": 1}}
     assert {key: config[key] for key in expected} == expected
+    assert "gen_repo_extensions" not in config  # a standard checkpoint: only TensorRT-LLM's keys
     hf = load_file(mpt_dir / "model.safetensors")
     trt = load_file(out / "rank0.safetensors")
     pairs = {"transformer.vocab_embedding.weight": "transformer.wte.weight",

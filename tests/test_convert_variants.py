@@ -50,6 +50,7 @@ def test_mpt_biases_split_like_their_weights(mpt_dir: Path, tmp_path: Path) -> N
     hf = load_file(model / "model.safetensors")
     out = convert(model, tmp_path / "ckpt", tensor_parallel_size=2)
     assert read_config(out)["bias"] is True
+    assert read_config(out)["gen_repo_extensions"] == ["bias"]
     for rank in range(2):
         trt = rank_tensors(out, rank)
         q, k, v = hf["transformer.blocks.1.attn.Wqkv.bias"].split(64)
@@ -92,6 +93,7 @@ def test_mpt_qk_layernorm(mpt_dir: Path, tmp_path: Path) -> None:
     model = write_variant(gqa, tmp_path / "hf", {"attn_config": {"qk_ln": True}}, tensors)
     out = convert(model, tmp_path / "ckpt")
     assert read_config(out)["qk_layernorm"] is True
+    assert read_config(out)["gen_repo_extensions"] == ["qk_layernorm"]
     trt = rank_tensors(out, 0)
     assert torch.equal(trt["transformer.layers.1.attention.q_layernorm.weight"],
                        tensors["transformer.blocks.1.attn.q_ln.weight"])
@@ -169,6 +171,7 @@ def test_dbrx_expert_weight_normalization(dbrx_dir: Path, tmp_path: Path, normal
     config = read_config(convert(model, tmp_path / "ckpt"))
     assert config["moe"]["normalization_mode"] == mode
     assert config["moe_normalize_expert_weights"] == normalize
+    assert config.get("gen_repo_extensions") == (["moe_normalize_expert_weights=2.0"] if normalize == 2.0 else None)
 
 
 def test_dbrx_rope_theta_default(dbrx_dir: Path, tmp_path: Path) -> None:

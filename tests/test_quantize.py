@@ -90,6 +90,7 @@ def test_weight_only_mpt_checkpoint(mpt_dir: Path, tmp_path: Path, precision: st
                   weight_only_precision=precision)
     assert read_config(out)["quantization"] == {"quant_algo": "W8A16" if precision == "int8" else "W4A16",
                                                 "kv_cache_quant_algo": None}
+    assert read_config(out)["gen_repo_extensions"] == ["plain_weight_only_layout"]
     float_ckpt = convert(mpt_dir, tmp_path / "float", dtype="float16", tensor_parallel_size=2)
     pack = 2 if precision == "int4" else 1
     for rank in range(2):

@@ -201,6 +201,10 @@ class ModelSpec(ABC):
             raise ConfigError(f"--pp-size {mapping.pipeline_parallel_size} is larger than the number of layers "
                               f"({self.num_layers}, config n_layers)")
 
+    def extensions(self) -> list[str]:
+        """Features of this checkpoint beyond TensorRT-LLM's own model (read only by gen-repo's engine)."""
+        return []
+
     @abstractmethod
     def trtllm_config(self, mapping: Mapping, dtype: str, quantization: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint's config.json (mapping is any rank of the layout)."""
@@ -231,7 +235,8 @@ class ModelSpec(ABC):
         """The rule of a TensorRT-LLM tensor name (any layer index)."""
 
     def check_hf_checkpoint(self, checkpoint: HFCheckpoint) -> None:
-        """Fail before any work on missing, unknown or mis-shaped HF tensors."""
+        """Fail before any work on missing, unknown or mis-shaped HF tensors (a spec may adapt to what the
+        checkpoint holds, e.g. MPT biases transformers never saved)."""
         expected = self.expected_hf_tensors()
         present = set(checkpoint.names())
         missing = sorted(set(expected) - present)

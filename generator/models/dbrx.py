@@ -17,7 +17,8 @@ TensorRT-LLM layout (architecture "DbrxForCausalLM"), as its DBRX converter writ
 Routing: transformers softmaxes the router logits over all experts, takes the top k and divides the k weights by
 their p-norm (`moe_normalize_expert_weights` = p) when p is set. TensorRT-LLM's RENORMALIZE (1) equals p = 1;
 NONE (0) equals p = null. The config always carries `moe_normalize_expert_weights` too, so gen-repo's engine can
-follow transformers exactly for any p (TensorRT-LLM ignores the extra key).
+follow transformers exactly for any p (TensorRT-LLM ignores the extra key; for p other than 1 or null the
+config also lists it in `gen_repo_extensions`, since TensorRT-LLM would renormalize with p = 1).
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ class DbrxSpec(ModelSpec):
     def normalization_mode(self) -> int:
         """TensorRT-LLM's ExpertScaleNormalizationMode: NONE when transformers does not renormalize."""
         return NORMALIZATION_NONE if self.normalize_expert_weights is None else NORMALIZATION_RENORMALIZE
+
+    def extensions(self) -> list[str]:
+        p = self.normalize_expert_weights
+        return [] if p is None or p == 1 else [f"moe_normalize_expert_weights={p}"]
 
     def check_mapping(self, mapping: Mapping) -> None:
         super().check_mapping(mapping)
@@ -170,9 +175,14 @@ class DbrxSpec(ModelSpec):
         shape = (self.num_experts, self.intermediate_size, self.hidden_size)
 
         def read(checkpoint: HFCheckpoint) -> torch.Tensor:
-            # up (v1, no activation) first, gate (w1, SiLU) second: TensorRT-LLM's swiglu order
-            return torch.cat([checkpoint.get(prefix + "v1").view(shape), checkpoint.get(prefix + "w1").view(shape)],
-                             dim=1)
+            # up (v1, no activation) first, gate (w1, SiLU) second: TensorRT-LLM's swiglu order.
+            # Filled half by half so that only one HF tensor is alive beside the result.
+            up = checkpoint.get(prefix + "v1").view(shape)
+            fused = up.new_empty(shape[0], 2 * shape[1], shape[2])
+            fused[:, : shape[1]] = up
+            del up
+            fused[:, shape[1]:] = checkpoint.get(prefix + "w1").view(shape)
+            return fused
         return read
 
     def _experts_proj(self, name: str) -> TensorSource:

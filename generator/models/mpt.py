@@ -20,7 +20,7 @@ larger, each rank holds KV head `tp_rank // (tp_size / kv_heads)` and config `nu
 count (the engine uses max(1, kv_heads // tp_size) per rank).
 
 Extensions TensorRT-LLM lacks (the contract with gen-repo's pytorch engine; trtllm-build would reject or ignore
-them, so `generator.convert` warns):
+them, so `generator.convert` prints a note and lists the ones used in the config key `gen_repo_extensions`):
 
 - `bias: true` (HF `no_bias: false`): `.bias` tensors beside `attention.qkv` (split like the weight rows),
   `attention.dense` (NOT split: every rank holds the full bias; the engine adds it once, after the all-reduce),
@@ -150,6 +150,10 @@ class MptSpec(ModelSpec):
             problems.append("block_overrides is set")
         if problems:
             raise ConfigError("unsupported MPT variant: " + "; ".join(problems))
+
+    def extensions(self) -> list[str]:
+        return [name for name, used in (("bias", self.bias), ("qk_layernorm", self.qk_layernorm),
+                                        ("learned_absolute", self.learned_positions)) if used]
 
     def check_mapping(self, mapping: Mapping) -> None:
         super().check_mapping(mapping)
