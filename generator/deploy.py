@@ -231,14 +231,15 @@ def lws_hosts(leader_address: str, nodes: int) -> list[str]:
     return [leader_address] + [f"{pod}-{index}.{domain}" for index in range(1, nodes)]
 
 
-def multinode_launch_command(settings: ServeSettings, hosts: list[str], gpus_per_node: int,
+def multinode_launch_command(settings: ServeSettings, hosts: list[str], gpus_per_node: int, master_address: str,
                              install: TritonInstall | None = None) -> tuple[list[str], dict[str, str]]:
-    """`gen-repo serve`'s leader-mode mpirun line, spread over `hosts` (gpus_per_node ranks on each, in order)
-    and with the torch.distributed rendezvous on the first host."""
+    """`gen-repo serve`'s leader-mode mpirun line, spread over `hosts` (gpus_per_node ranks on each, in order;
+    the first is this machine) with the torch.distributed rendezvous at `master_address` (the leader's address
+    as the other hosts reach it)."""
     argv, env = launch_command(settings, install)
     if len(argv) < 2 or Path(argv[0]).name != "mpirun" or argv[1] != "--allow-run-as-root":
         raise GenRepoError(f"unexpected launch line (want a leader-mode mpirun): {argv[:3]}")
-    argv = [f"MASTER_ADDR={hosts[0]}" if word == "MASTER_ADDR=127.0.0.1" else word for word in argv]
+    argv = [f"MASTER_ADDR={master_address}" if word == "MASTER_ADDR=127.0.0.1" else word for word in argv]
     placement = ["--host", ",".join(f"{host}:{gpus_per_node}" for host in hosts),
                  "--mca", "plm_rsh_args", f"-p {SSH_PORT} -i {SSH_SECRET_DIR}/id_ed25519 "
                  "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"]
@@ -277,13 +278,18 @@ def lws_leader(model_repository: Path, nodes: int, gpus_per_node: int, http_port
     leader_address = os.environ.get("LWS_LEADER_ADDRESS")
     if not leader_address:
         raise click.ClickException("LWS_LEADER_ADDRESS is not set: run this in a LeaderWorkerSet leader pod")
-    hosts = lws_hosts(leader_address, nodes)
-    for host in hosts[1:]:
-        wait_for_port(host, SSH_PORT, wait_timeout_s)
+    try:
+        workers = lws_hosts(leader_address, nodes)[1:]
+        for host in workers:
+            wait_for_port(host, SSH_PORT, wait_timeout_s)
+    except GenRepoError as error:
+        raise click.ClickException(str(error)) from None
+    # this pod by its own name, so that mpirun starts the leader's ranks locally instead of over ssh
+    hosts = [socket.gethostname(), *workers]
     settings = ServeSettings(model_repository=model_repository, host="0.0.0.0", http_port=http_port,
                              grpc_port=grpc_port, metrics_port=metrics_port, world_size=nodes * gpus_per_node,
                              cpu_only=False, oversubscribe=False, master_port=29500)
-    argv, env = multinode_launch_command(settings, hosts, gpus_per_node, find_tritonserver())
+    argv, env = multinode_launch_command(settings, hosts, gpus_per_node, leader_address, find_tritonserver())
     print(" ".join(argv), flush=True)
     os.execvpe(argv[0], argv, env)
 

@@ -215,8 +215,8 @@ def test_leader_mpirun_spans_the_pods() -> None:
     install = TritonInstall(binary=Path("/opt/tritonserver/bin/tritonserver"), backend_directory=None)
     settings = ServeSettings(model_repository=Path("/models/triton_repo"), host="0.0.0.0", world_size=8,
                              cpu_only=False, oversubscribe=False, master_port=29500)
-    argv, _ = multinode_launch_command(settings, hosts, 4, install)
-    assert argv[1:7] == ["--allow-run-as-root", "--host", "dbrx-0.dbrx.default:4,dbrx-0-1.dbrx.default:4",
+    argv, _ = multinode_launch_command(settings, ["dbrx-0", *hosts[1:]], 4, hosts[0], install)
+    assert argv[1:7] == ["--allow-run-as-root", "--host", "dbrx-0:4,dbrx-0-1.dbrx.default:4",
                          "--mca", "plm_rsh_args",
                          "-p 2222 -i /etc/gen-repo-ssh/id_ed25519 -o StrictHostKeyChecking=no "
                          "-o UserKnownHostsFile=/dev/null"]
@@ -266,3 +266,15 @@ def test_real_repository(tiny_mpt_job: Any, tmp_path: Path) -> None:
         assert Path(path).resolve().is_relative_to(service["volumes"][0]["target"])
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
     assert service["command"] == serve_args(Path(tiny_mpt_job.triton_repo).resolve())
+
+
+def test_lws_leader_waits_for_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["lws-leader", "--model-repository", "/models/triton_repo", "--nodes", "2", "--gpus-per-node", "4",
+            "--wait-timeout", "0"]
+    monkeypatch.delenv("LWS_LEADER_ADDRESS", raising=False)
+    result = CliRunner().invoke(_tools, args)
+    assert result.exit_code == 1 and "LWS_LEADER_ADDRESS is not set" in result.output
+    monkeypatch.setenv("LWS_LEADER_ADDRESS", "gen-repo-0.gen-repo.invalid")
+    result = CliRunner().invoke(_tools, args)
+    assert result.exit_code == 1
+    assert "gen-repo-0-1.gen-repo.invalid:2222 did not answer" in result.output
