@@ -217,6 +217,18 @@ def test_truncated_weight_file_fails_and_writes_nothing(mpt_dir: Path, tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
+def test_truncated_bin_file_fails(mpt_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((mpt_dir / "config.json").read_text())
+    torch.save(load_file(mpt_dir / "model.safetensors"), broken / "pytorch_model.bin")
+    data = (broken / "pytorch_model.bin").read_bytes()
+    (broken / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GenRepoError, match="truncated or corrupt"):
+        convert(broken, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
 def test_unknown_tensor_fails(mpt_dir: Path, tmp_path: Path) -> None:
     extra = tmp_path / "extra"
     extra.mkdir()

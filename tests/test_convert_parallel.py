@@ -146,6 +146,9 @@ DBRX_CONFIG = {"model_type": "dbrx", "d_model": 64, "n_heads": 4, "n_layers": 2,
     (DBRX_CONFIG, {"tensor_parallel_size": 4}, r"--moe-tp-size 4 does not divide the expert size \(90, "
                                                 r"config ffn_config.ffn_hidden_size\)"),
     ({**MPT_CONFIG, "attn_config": {"qk_ln": True}}, {"tensor_parallel_size": 2}, r"qk_ln .* needs --tp-size 1"),
+    (MPT_CONFIG, {"tensor_parallel_size": 2, "moe_expert_parallel_size": 2}, r"--moe-ep-size .* MPT has no experts"),
+    (MPT_CONFIG, {"workers": 0}, r"--workers must be at least 1"),
+    (MPT_CONFIG, {"dtype": "int8"}, r"--dtype must be one of float32, float16, bfloat16 or auto"),
 ])
 def test_bad_layouts_fail_before_reading_weights(tmp_path: Path, config: dict[str, Any], layout: dict[str, int],
                                                  message: str) -> None:

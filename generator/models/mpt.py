@@ -157,6 +157,9 @@ class MptSpec(ModelSpec):
 
     def check_mapping(self, mapping: Mapping) -> None:
         super().check_mapping(mapping)
+        if mapping.moe_expert_parallel_size != 1:
+            raise ConfigError("--moe-ep-size / --moe-tp-size apply to mixture-of-experts models (DBRX) only; "
+                              "MPT has no experts")
         if self.qk_layernorm and mapping.tensor_parallel_size > 1:
             raise ConfigError("attn_config.qk_ln (LayerNorm over the whole q and k) needs --tp-size 1, "
                               f"got {mapping.tensor_parallel_size}")
