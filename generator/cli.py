@@ -299,18 +299,24 @@ def infer_command(prompt: str, url: str | None, protocol: str, model: str, strea
               help="Directory for the Dockerfile, compose.yaml, k8s/ manifests and README.md.")
 @click.option("--image", default="gen-repo-triton:latest", show_default=True,
               help="Name of the image the Dockerfile builds (compose and Kubernetes run it).")
+@click.option("--base-image", default=None,
+              help="Image the Dockerfile starts FROM (default: nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3, "
+              "TensorRT-LLM 1.2.1; engines must be built with the same TensorRT-LLM).")
 @click.option("--gpus-per-node", type=int, default=None,
               help="GPUs per node (default: the whole world size on one node).")
 @click.option("--nodes", type=int, default=None,
               help="Nodes (default: world size / GPUs per node); > 1 renders a LeaderWorkerSet.")
 @click.option("--name", default="gen-repo", show_default=True, help="Compose project / Kubernetes object name.")
-def deploy_command(model_repository: Path, output_dir: Path, image: str, gpus_per_node: int | None,
-                   nodes: int | None, name: str) -> None:
+def deploy_command(model_repository: Path, output_dir: Path, image: str, base_image: str | None,
+                   gpus_per_node: int | None, nodes: int | None, name: str) -> None:
     """Render a Dockerfile, a docker compose file and Kubernetes manifests for a repository."""
+    from dataclasses import replace
+
     from generator.deploy import DeploySettings, render_deploy
 
-    for path in render_deploy(DeploySettings(model_repository=model_repository, output_dir=output_dir,
-                                             image=image, gpus_per_node=gpus_per_node, nodes=nodes, name=name)):
+    settings = DeploySettings(model_repository=model_repository, output_dir=output_dir, image=image,
+                              gpus_per_node=gpus_per_node, nodes=nodes, name=name)
+    for path in render_deploy(replace(settings, base_image=base_image) if base_image else settings):
         click.echo(f"wrote {path}")
 
 

@@ -245,8 +245,11 @@ def test_rejects_a_dir_that_is_not_a_repository(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path) -> None:
     repository = make_job(tmp_path / "job", 2)
     result = CliRunner().invoke(main, ["deploy", "--model-repository", str(repository), "--output",
-                                       str(tmp_path / "out"), "--image", "me/llm:2", "--name", "mpt7b"])
+                                       str(tmp_path / "out"), "--image", "me/llm:2", "--name", "mpt7b",
+                                       "--base-image", "nvcr.io/nvidia/tritonserver:26.03-trtllm-python-py3"])
     assert result.exit_code == 0, result.output
+    assert dockerfile_instructions((tmp_path / "out" / "Dockerfile").read_text())[0] == (
+        "FROM", "nvcr.io/nvidia/tritonserver:26.03-trtllm-python-py3")
     assert f"wrote {tmp_path / 'out' / 'compose.yaml'}" in result.output
     assert yaml.safe_load((tmp_path / "out" / "compose.yaml").read_text())["name"] == "mpt7b"
     result = CliRunner().invoke(main, ["deploy", "--model-repository", str(repository), "--output",
