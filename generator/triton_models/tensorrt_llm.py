@@ -249,6 +249,8 @@ class TritonPythonModel:
         end_id = _row_scalar(_input(request, "end_id"), row)
         pad_id = _row_scalar(_input(request, "pad_id"), row)
         seed = _row_scalar(_input(request, "seed"), row)
+        if seed is None:  # the older name of seed
+            seed = _row_scalar(_input(request, "random_seed"), row)
         return SamplingConfig(
             max_new_tokens=max_new_tokens,
             end_id=None if end_id is None else int(end_id),

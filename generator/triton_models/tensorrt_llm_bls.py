@@ -137,6 +137,8 @@ class TritonPythonModel:
                                                                       and preprocessed[name].size == 0)]
         for name, core_name in _CORE_INPUTS.items():
             value = _input(request, name)
+            if value is None and name == "seed":  # the older name of seed
+                value = _input(request, "random_seed")
             if value is not None:
                 core_inputs.append(pb_utils.Tensor(core_name, _as_batch(value)))
         core_request = pb_utils.InferenceRequest(
