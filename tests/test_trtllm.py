@@ -8,6 +8,7 @@ The expected argv lists are written out literally (flags of TensorRT-LLM 1.2.1's
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,51 @@ def test_same_limits_and_plugins_as_the_pytorch_engine(tiny_mpt_job: Any, tmp_pa
     assert flags["--gemm_plugin"] == plugins["gemm_plugin"]
     assert flags["--kv_cache_type"] == build_config["kv_cache_type"].lower() == "paged"
     assert flags["--checkpoint_dir"] == str(tiny_mpt_job.checkpoint_dir)
+
+
+STAND_IN_TRTLLM_BUILD = """#!{python}
+# Stand-in for trtllm-build (TensorRT-LLM cannot be installed here): writes the engine dir layout that
+# trtllm-build writes (config.json + rank{{r}}.engine), leaving out rank {missing_rank}, or fails with {exit_code}.
+import json, sys
+from pathlib import Path
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+if {exit_code}:
+    sys.exit({exit_code})
+checkpoint, output = Path(args["--checkpoint_dir"]), Path(args["--output_dir"])
+pretrained = json.loads((checkpoint / "config.json").read_text())
+output.mkdir(parents=True, exist_ok=True)
+(output / "config.json").write_text(json.dumps({{"version": "1.2.1", "pretrained_config": pretrained,
+                                                 "build_config": {{"max_batch_size": int(args["--max_batch_size"])}}}}))
+for rank in range(pretrained["mapping"]["world_size"]):
+    if rank != {missing_rank}:
+        (output / f"rank{{rank}}.engine").write_bytes(b"engine")
+"""
+
+
+@pytest.mark.parametrize("exit_code, missing_rank, error", [
+    (0, -1, None), (3, -1, "trtllm-build failed"), (0, 1, "lacks rank1.engine")])
+def test_build_runs_trtllm_build_and_checks_its_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       exit_code: int, missing_rank: int, error: str | None) -> None:
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "trtllm-build"
+    tool.write_text(STAND_IN_TRTLLM_BUILD.format(python=sys.executable, exit_code=exit_code,
+                                                 missing_rank=missing_rank))
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(2))
+    settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine", engine_backend="tensorrtllm",
+                             max_seq_len=1536)
+    with pytest.raises(GenRepoError, match="lacks rank0.safetensors, rank1.safetensors"):
+        build_with_trtllm(settings)  # a checkpoint without its weights never reaches trtllm-build
+    for rank in range(2):
+        (checkpoint / f"rank{rank}.safetensors").write_bytes(b"")
+    if error is None:
+        assert build_with_trtllm(settings) == tmp_path / "engine"
+        assert sorted(p.name for p in (tmp_path / "engine").iterdir()) == ["config.json", "rank0.engine",
+                                                                          "rank1.engine"]
+    else:
+        with pytest.raises(GenRepoError, match=error):
+            build_with_trtllm(settings)
