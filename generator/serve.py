@@ -237,7 +237,7 @@ def free_port() -> int:
 
 
 def start_server(settings: ServeSettings) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start tritonserver in its own process group, output to the log file; returns (process, log file)."""
+    """Start tritonserver in a session of its own, output to the log file; returns (process, log file)."""
     repository = Path(settings.model_repository)
     if not repository.is_dir():
         raise GenRepoError(f"model repository {repository} does not exist (run `gen-repo --model ...` first)")
@@ -291,22 +291,89 @@ def _log_tail(log_file: Path | None, lines: int = 40) -> str:
 
 
 def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
-    """SIGTERM the server's process group, wait, SIGKILL after `timeout_s`; returns the exit code."""
+    """Stop the server and everything it started; returns its exit code.
+
+    SIGTERM goes to the tritonserver processes one rank at a time, rank 0 first, and never to mpirun (it
+    would SIGKILL the ranks). Rank 0 then shuts its python stubs down cleanly (they remove their /dev/shm
+    regions) and releases the ranks that follow it. Whatever is left of the session after `timeout_s`
+    gets SIGTERM, then SIGKILL."""
+    deadline = time.monotonic() + timeout_s
     if process.poll() is None:
-        _signal_group(process, signal.SIGTERM)
+        for pid in _tritonserver_ranks(process.pid) or [process.pid]:
+            _signal_pid(pid, signal.SIGTERM)
+            while _alive(pid) and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.1)
         try:
-            process.wait(timeout=timeout_s)
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
+            _signal_session(process, signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                _signal_session(process, signal.SIGKILL)
+                process.wait()
+    _signal_session(process, signal.SIGTERM)  # stubs or ranks that outlived the leader
     return process.returncode
 
 
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def _tritonserver_ranks(session_id: int) -> list[int]:
+    """The tritonserver pids of the session, ordered by rank (their shm-region-prefix-name); the leader
+    itself when it is tritonserver."""
+    def rank_of(pid: int) -> int:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return -1
+        for arg in args:
+            if b"shm-region-prefix-name=prefix" in arg:
+                return int(arg.rsplit(b"prefix", 1)[1].rstrip(b"_") or 0)
+        return 0
+    pids = _session_members(session_id, "tritonserver")
+    return sorted(pids, key=rank_of)
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.killpg(process.pid, sig)  # start_new_session=True made the server its group's leader
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    try:
+        return status.read_text().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def _session_members(session_id: int, command_name: str | None = None) -> list[int]:
+    """Pids in session `session_id` (whose command is `command_name`, if given), from Linux /proc.
+
+    start_new_session=True made the server a session leader; mpirun (prterun) puts each rank in a process
+    group of its own, but all stay in that session."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session_id:
+                continue
+            if command_name is None or (entry / "comm").read_text().strip() == command_name:
+                members.append(int(entry.name))
+        except OSError:
+            continue
+    return members
+
+
+def _signal_pid(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _signal_session(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the server and every process left in its session."""
+    for pid in [process.pid, *_session_members(process.pid)]:
+        _signal_pid(pid, sig)
 
 
 def resolve_settings(settings: ServeSettings) -> ServeSettings:
