@@ -30,9 +30,10 @@ class TritonPythonModel:
         for request in requests:
             tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
             lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
-            # TOKENS_BATCH is [batch, beams, len]; SEQUENCE_LENGTH is [batch, beams]
-            tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
-            lengths = lengths.reshape(tokens.shape[0], -1)
+            # TOKENS_BATCH is [batch, beams, len] ([batch, len] from old clients); SEQUENCE_LENGTH [batch, beams]
+            if tokens.ndim == 2:
+                tokens = tokens[:, np.newaxis, :]
+            lengths = lengths.reshape(tokens.shape[0], tokens.shape[1])
             texts = []
             for batch_row in range(tokens.shape[0]):
                 for beam in range(tokens.shape[1]):
