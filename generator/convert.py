@@ -173,7 +173,9 @@ class _RankJob:
         layout = self.spec.shard_layout()
         tensors = list(self.spec.rank_tensors(mapping))
         layers = mapping.pp_layers(self.spec.num_layers)
-        with SafetensorsWriter(out_dir / f"rank{mapping.rank}.safetensors") as writer, \
+        names = [name for name, _ in tensors] + [f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
+                                                 for i in range(len(layers))]
+        with SafetensorsWriter(out_dir / f"rank{mapping.rank}.safetensors", header_budget(names)) as writer, \
                 tqdm(total=len(tensors), desc=f"rank {mapping.rank}", unit="tensor", position=position,
                      leave=False, disable=not self.progress, file=sys.stderr) as bar:
             for name, tensor in tensors:
@@ -198,18 +200,27 @@ _SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+def header_budget(names: list[str]) -> int:
+    """Bytes to reserve for the safetensors header of these tensors (and their weight-only scales)."""
+    # one entry: "name":{"dtype":"BF16","shape":[a,b,c],"data_offsets":[x,y]}, at most ~110 bytes besides the name
+    return 256 + sum(2 * (len(name) + 160) for name in names)
+
+
 class SafetensorsWriter:
     """Writes a safetensors file tensor by tensor, without holding the tensors in memory.
 
-    Data goes to a side file as tensors arrive; `close` writes the header and appends the data. Tensors whose
-    byte size is not a multiple of 8 are kept back and written last, largest element size first, so every
-    tensor stays aligned to its element size (safetensors readers view the bytes in place).
+    Tensor data goes straight into the file after `header_reserve` bytes kept for the header, which `close`
+    fills in (the format allows the JSON header to be padded with spaces). If the header outgrows the
+    reservation, `close` rewrites the file once. Tensors whose byte size is not a multiple of 8 are kept back
+    and written last, largest element size first, so every tensor stays aligned to its element size
+    (safetensors readers view the bytes in place).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, header_reserve: int = 4096) -> None:
         self.path = Path(path)
-        self._data_path = self.path.with_name(self.path.name + ".data")
-        self._data: BinaryIO = self._data_path.open("wb")
+        self._reserve = header_reserve + (-header_reserve % 8)
+        self._file: BinaryIO = self.path.open("wb")
+        self._file.seek(8 + self._reserve)
         self._entries: dict[str, dict[str, Any]] = {}
         self._deferred: list[tuple[str, torch.Tensor]] = []
         self._offset = 0
@@ -227,7 +238,7 @@ class SafetensorsWriter:
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.numel():
-            self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
         size = tensor.numel() * tensor.element_size()
         self._entries[name] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + size]}
@@ -237,18 +248,25 @@ class SafetensorsWriter:
         for name, tensor in sorted(self._deferred, key=lambda item: -item[1].element_size()):
             self._write(name, tensor)
         self._deferred.clear()
-        self._data.close()
         header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(header) <= self._reserve:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self._reserve) + header + b" " * (self._reserve - len(header)))
+            self._file.close()
+            return
+        self._file.close()  # the header outgrew its reservation: rewrite once with a larger one
         header += b" " * (-len(header) % 8)
-        with self.path.open("wb") as out, self._data_path.open("rb") as data:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
+        moved = self.path.with_name(self.path.name + ".data")
+        os.replace(self.path, moved)
+        with self.path.open("wb") as out, moved.open("rb") as data:
+            out.write(struct.pack("<Q", len(header)) + header)
+            data.seek(8 + self._reserve)
             shutil.copyfileobj(data, out, length=16 << 20)
-        self._data_path.unlink()
+        moved.unlink()
 
     def abort(self) -> None:
-        self._data.close()
-        self._data_path.unlink(missing_ok=True)
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsWriter:
         return self

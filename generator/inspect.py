@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from generator.convert import SafetensorsWriter, check_output_dir, replace_dir
+from generator.convert import SafetensorsWriter, check_output_dir, header_budget, replace_dir
 from generator.errors import ConfigError, GenRepoError
 from generator.hf_checkpoint import read_safetensors_header
 from generator.mapping import Mapping
@@ -97,7 +97,9 @@ def unshard_checkpoint(checkpoint_dir: Path | str, output_dir: Path | str) -> Pa
     try:
         merged_config = dict(config, mapping=Mapping().to_json())
         (staging / "config.json").write_text(json.dumps(merged_config, indent=2) + "\n")
-        with SafetensorsWriter(staging / "rank0.safetensors") as writer:
+        first_ranks = [checkpoint_dir / f"rank{p * tp}.safetensors" for p in range(mapping.pipeline_parallel_size)]
+        budget = header_budget([name for path in first_ranks for name in read_safetensors_header(path)])
+        with SafetensorsWriter(staging / "rank0.safetensors", budget) as writer:
             for pp_rank in range(mapping.pipeline_parallel_size):
                 stage = [mapping.with_rank(pp_rank * tp + tp_rank) for tp_rank in range(tp)]
                 first_layer = stage[0].pp_layers(num_layers)[0]

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert import ConvertSettings, SafetensorsWriter, convert_checkpoint
 from generator.errors import GenRepoError
-from generator.hf_checkpoint import HFCheckpoint
+from generator.hf_checkpoint import HFCheckpoint, read_safetensors_header
 from tests.factories import make_dbrx, make_mpt
 
 
@@ -269,3 +269,23 @@ def test_failure_mid_conversion_keeps_previous_output(mpt_dir: Path, tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left behind
     assert sorted(p.name for p in previous.iterdir()) == ["config.json", "rank0.safetensors"]
     assert (previous / "rank0.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("reserve", [8, 4096])
+def test_safetensors_writer(tmp_path: Path, reserve: int) -> None:
+    """Readable by safetensors whether the header fits its reservation or forces a rewrite; odd-sized
+    tensors are moved to the end so every tensor stays aligned."""
+    tensors = {"a.scale": torch.tensor([0.5]), "b.weight": torch.randn(4, 6).to(torch.bfloat16),
+               "c.int4": torch.arange(-3, 4, dtype=torch.int8), "d.half": torch.randn(3).half(),
+               "e.weight": torch.randn(2, 2, 2)}
+    with SafetensorsWriter(tmp_path / "x.safetensors", header_reserve=reserve) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    header = read_safetensors_header(tmp_path / "x.safetensors")
+    for entry in header.values():
+        size = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1}[entry["dtype"]]
+        assert entry["data_offsets"][0] % size == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
