@@ -86,16 +86,22 @@ def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
     if facts.architecture not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"architecture {facts.architecture!r} cannot be built here "
                           f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    extensions = list(config.get("gen_repo_extensions") or [])
+    if extensions:
+        # e.g. plain_weight_only_layout: int8 weights without TensorRT-LLM's GPU-specific interleave, which
+        # trtllm-build would not redo (it only quantizes weights that are still float)
+        raise ConfigError(f"this checkpoint uses gen-repo extensions TensorRT-LLM cannot build "
+                          f"(gen_repo_extensions: {', '.join(map(str, extensions))}); use --engine pytorch")
     if facts.architecture == "MPTForCausalLM":
         if config.get("bias"):
             raise ConfigError("bias: true (an MPT with no_bias false) is a gen-repo extension TensorRT-LLM's MPT "
-                              "cannot load; use --engine-backend pytorch")
+                              "cannot load; use --engine pytorch")
         if config.get("qk_layernorm"):
             raise ConfigError("qk_layernorm: true (MPT attn_config.qk_ln) is not supported by TensorRT-LLM's MPT; "
-                              "use --engine-backend pytorch")
+                              "use --engine pytorch")
         if config.get("position_embedding_type", "alibi") != "alibi":
             raise ConfigError(f"position_embedding_type {config.get('position_embedding_type')!r}: TensorRT-LLM's "
-                              "MPT only builds ALiBi models; use --engine-backend pytorch")
+                              "MPT only builds ALiBi models; use --engine pytorch")
     if facts.quant_algo == "W4A16" and facts.weight_only_plugin_disabled:
         raise ConfigError("int4 weight-only (W4A16) needs the weight-only plugin, but the checkpoint sets "
                           "disable_weight_only_quant_plugin")
@@ -189,7 +195,7 @@ def build_with_trtllm(settings: BuildSettings) -> Path:
     if shutil.which("trtllm-build") is None:
         raise GenRepoError(
             f"trtllm-build is not on PATH: the tensorrtllm engine backend needs TensorRT-LLM {TRTLLM_VERSION}, "
-            f"e.g. inside {TRTLLM_CONTAINER} (or use --engine-backend pytorch; --dry-run prints the commands)")
+            f"e.g. inside {TRTLLM_CONTAINER} (or use --engine pytorch; --dry-run prints the commands)")
     checkpoint_dir = Path(settings.checkpoint_dir)
     world_size = CheckpointFacts.from_config(read_config_json(checkpoint_dir)).world_size
     missing = missing_rank_files(checkpoint_dir, world_size, ".safetensors")

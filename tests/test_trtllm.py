@@ -157,6 +157,7 @@ def test_rejects_bad_settings(tmp_path: Path, overrides: dict[str, Any], message
     ("dtype", "int8", "dtype 'int8'"),
     ("architecture", "LlamaForCausalLM", "LlamaForCausalLM"),
     ("quantization", {"quant_algo": "FP8", "kv_cache_quant_algo": None}, "FP8"),
+    ("gen_repo_extensions", ["plain_weight_only_layout"], "gen_repo_extensions: plain_weight_only_layout"),
     ("quantization", {"quant_algo": None, "kv_cache_quant_algo": "FP8"}, "kv_cache_quant_algo 'FP8'"),
 ])
 def test_rejects_checkpoints_trtllm_cannot_build(tmp_path: Path, field: str, value: Any, message: str) -> None:
