@@ -454,3 +454,87 @@ def test_cli_render_then_validate(tmp_path: Path) -> None:
     result = runner.invoke(main, ["render", "--engine-dir", str(engine), "--tokenizer-dir", str(tokenizer),
                                   "--output", str(tmp_path / "repo2"), "--max-batch-size", "99"])
     assert result.exit_code == 2 and "max_batch_size" in result.output
+
+
+# --- the rendered pytorch repository, served by the session tritonserver (tests/conftest.py) -------------------
+
+def _generate(server: object, model: str, body: dict[str, object]) -> dict[str, object]:
+    """POST /v2/models/<model>/generate; returns the JSON body (Triton answers errors in the body too)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/generate",  # type: ignore[attr-defined]
+                                     data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as error:
+        return dict(json.loads(error.read()))
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_served_outputs_and_unsupported_inputs(triton_server: object, model: str) -> None:
+    base = {"text_input": "def hello", "max_tokens": 6, "exclude_input_in_output": True}
+    answer = _generate(triton_server, model, base)
+    anchor_outputs = {name for name, *_ in ANCHOR_IO[(model, "output")]}
+    assert anchor_outputs <= set(answer), anchor_outputs - set(answer)
+    assert isinstance(answer["text_output"], str) and answer["text_output"]
+    for extra, what in (({"beam_width": 2}, "beam search"), ({"return_context_logits": True}, "return_context_logits"),
+                        ({"lora_task_id": 3}, "lora_task_id"), ({"num_return_sequences": 2}, "num_return_sequences")):
+        error = _generate(triton_server, model, {**base, **extra}).get("error", "")
+        assert what in str(error) and "not supported by the pytorch engine" in str(error), error
+    # the older input name of `seed` samples exactly like `seed`
+    sampled = {**base, "top_k": 40, "temperature": 1.5}
+    assert (_generate(triton_server, model, {**sampled, "random_seed": 7})["text_output"]
+            == _generate(triton_server, model, {**sampled, "seed": 7})["text_output"])
+    assert _generate(triton_server, model, base)["text_output"] == answer["text_output"]
+
+
+@pytest.mark.server
+def test_served_batch_and_cancellation(triton_server: object) -> None:
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name: str, array: np.ndarray) -> grpcclient.InferInput:
+        from tritonclient.utils import np_to_triton_dtype
+
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        return item
+
+    def stream(prompts: list[str], max_tokens: int, cancel_after: int | None = None) -> list[tuple[int, str]]:
+        results: queue.Queue[tuple[object, object]] = queue.Queue()
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)  # type: ignore[attr-defined]
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer("ensemble", [
+            tensor("text_input", np.array([[p.encode()] for p in prompts], dtype=np.object_)),
+            tensor("max_tokens", np.full((len(prompts), 1), max_tokens, dtype=np.int32)),
+            tensor("stream", np.ones((len(prompts), 1), dtype=bool)),
+            tensor("exclude_input_in_output", np.ones((len(prompts), 1), dtype=bool))],
+            enable_empty_final_response=True)
+        pieces: list[tuple[int, str]] = []
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            text = result.as_numpy("text_output")  # type: ignore[attr-defined]
+            if text is not None:
+                row = int(result.as_numpy("batch_index").reshape(-1)[0])  # type: ignore[attr-defined]
+                pieces.append((row, text.reshape(-1)[0].decode()))
+            if cancel_after is not None and len(pieces) >= cancel_after:
+                client.stop_stream(cancel_requests=True)
+                return pieces
+            if result.get_response().parameters["triton_final_response"].bool_param:  # type: ignore[attr-defined]
+                client.stop_stream()
+                return pieces
+
+    prompts = ["def hello", "import numpy"]
+    batched = stream(prompts, 5)
+    for row, prompt in enumerate(prompts):
+        alone = "".join(text for _, text in stream([prompt], 5))
+        assert "".join(text for r, text in batched if r == row) == alone
+    assert len(stream(["def hello"], 100, cancel_after=2)) == 2
+    # the cancelled request left the single tensorrt_llm instance free: the next one is served at once
+    assert "".join(text for _, text in stream(["def hello"], 3))
