@@ -108,10 +108,21 @@ class HFCheckpoint:
         if path not in self._bin_cache:
             try:
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as error:  # torch raises RuntimeError/EOFError/... for broken zip archives
+            except RuntimeError as error:
+                if "zipfile" not in str(error):
+                    raise GenRepoError(f"cannot read weight file {path} (truncated or corrupt?): {error}") from error
+                state = self._load_legacy_bin(path)  # pre-zip torch.save format: mmap is impossible
+            except Exception as error:  # torch raises EOFError/UnpicklingError/... for broken archives
                 raise GenRepoError(f"cannot read weight file {path} (truncated or corrupt?): {error}") from error
             self._bin_cache[path] = state.get("state_dict", state) if isinstance(state, dict) else state
         return self._bin_cache[path]
+
+    @staticmethod
+    def _load_legacy_bin(path: Path) -> Any:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise GenRepoError(f"cannot read weight file {path} (truncated or corrupt?): {error}") from error
 
     def names(self) -> list[str]:
         """Every tensor name in the checkpoint, sorted."""

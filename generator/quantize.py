@@ -219,13 +219,15 @@ def _tokenize(model_dir: Path, text: str, spec: ModelSpec, trust_remote_code: bo
     ids: list[int] = []
     # transformers 5 hands out an empty tokenizer for a dir without tokenizer files, so look for them first
     if any((Path(model_dir) / name).exists() for name in _TOKENIZER_FILES):
-        from transformers import AutoTokenizer
+        from generator.tokenizer import load_tokenizer  # the same loader serving uses (HF and tiktoken dirs)
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+            ids = list(load_tokenizer(model_dir, trust_remote_code=trust_remote_code).encode(text))
+        except GenRepoError:
+            raise
         except Exception as error:
-            raise GenRepoError(f"INT8 KV calibration cannot load the tokenizer in {model_dir}: {error}") from error
-        ids = list(tokenizer(text)["input_ids"])
+            raise GenRepoError(f"INT8 KV calibration cannot load the tokenizer in {model_dir} (does it need "
+                               f"--trust-remote-code?): {error}") from error
     else:
         print(f"warning: no tokenizer in {model_dir}; calibrating INT8 KV on UTF-8 byte ids", file=sys.stderr)
         ids = [byte % spec.vocab_size for byte in text.encode("utf-8")]

@@ -198,6 +198,19 @@ def test_sharded_and_bin_checkpoints_convert_identically(mpt_dir: Path, tmp_path
     assert all(torch.equal(converted[name], reference[name]) for name in reference)
 
 
+def test_legacy_bin_checkpoint(mpt_dir: Path, tmp_path: Path) -> None:
+    """torch.save's pre-zip format cannot be memory-mapped; it is read whole instead."""
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((mpt_dir / "config.json").read_text())
+    torch.save(load_file(mpt_dir / "model.safetensors"), legacy / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    reference = load_file(convert(mpt_dir, tmp_path / "ref") / "rank0.safetensors")
+    converted = load_file(convert(legacy, tmp_path / "out") / "rank0.safetensors")
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(converted[name], reference[name]) for name in reference)
+
+
 def test_missing_weight_file_fails_and_writes_nothing(mpt_dir: Path, tmp_path: Path) -> None:
     sharded = _sharded_copy(mpt_dir, tmp_path / "sharded")
     (sharded / "model-00002-of-00002.safetensors").unlink()
