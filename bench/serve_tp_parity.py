@@ -9,9 +9,9 @@ The generated ids of every TP size must equal those of the first.
     python bench/serve_tp_parity.py --work /tmp/tp --tp 1 2 --hidden 4096 --layers 32 \
         --heads 32 --vocab 50432 --dtype bfloat16 --input-len 128 --output-len 128              # MPT-7B shapes, GPUs
 
-Random weights: the tied embedding is drawn with std 1 (so greedy logits are far apart and tensor-parallel
-rounding, a different all-reduce order, does not flip tokens) and each layer with std 1/sqrt(fan_in), so the
-layers move the residual stream as much as the embedding does.
+Random weights: every matrix, the tied embedding too, is drawn with std 1/sqrt(fan_in). A larger embedding
+makes the tied head repeat the last token forever (its own logit grows with d). Logits then have unit spread:
+float32 rounding never flips a greedy token between TP sizes, bfloat16 rounding can (compare in float32).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generator.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from generator.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready  # noqa: E402
-from generator.tiny import make_tiny_model  # noqa: E402
+from generator.tiny import EOS_TOKEN, PAD_TOKEN, train_tokenizer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,7 +70,7 @@ def write_random_mpt(out_dir: Path, args: argparse.Namespace) -> None:
         return (1.0 + rand(n, std=0.05).float()).to(dtype)
 
     weight_map: dict[str, str] = {}
-    files = [("model-embed.safetensors", {"transformer.wte.weight": rand(args.vocab, d, std=1.0),
+    files = [("model-embed.safetensors", {"transformer.wte.weight": rand(args.vocab, d, std=d ** -0.5),
                                           "transformer.norm_f.weight": ones_ish(d)})]
     for i in range(layers):
         prefix = f"transformer.blocks.{i}"
@@ -94,10 +93,11 @@ def write_random_mpt(out_dir: Path, args: argparse.Namespace) -> None:
                               "attn_uses_sequence_id": False, "attn_impl": "torch"},
               "torch_dtype": args.dtype, "tie_word_embeddings": True}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    # Any tokenizer will do: requests below send token ids straight to the tensorrt_llm model.
-    tiny = make_tiny_model("tiny-mpt", out_dir.parent / "tiny-mpt")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tiny / name, out_dir / name)
+    # Any tokenizer will do: requests below send token ids straight to the tensorrt_llm model. Saved without
+    # transformers' model classes, which do not import on the GPU image once numpy<2 is first on the path.
+    train_tokenizer(1024).save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}))
 
 
 def stream_requests(url: str, prompts: list[list[int]], output_len: int) -> tuple[list[list[int]], float]:
