@@ -190,3 +190,18 @@ def test_int8_kv_cache_needs_remote_code_for_qk_ln(mpt_dir: Path, tmp_path: Path
     with pytest.raises(GenRepoError, match=r"lacks attn_config\.qk_ln; pass --trust-remote-code"):
         convert(model, tmp_path / "ckpt", int8_kv_cache=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_int8_kv_cache_uses_the_checkpoint_tokenizer(tmp_path: Path) -> None:
+    from generator.tiny import make_tiny_model
+    from generator.tokenizer import load_tokenizer
+
+    model = make_tiny_model("tiny-mpt", tmp_path / "hf")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.")
+    out = convert(model, tmp_path / "ckpt", int8_kv_cache=True, calib_text=text)
+    ids = torch.tensor([load_tokenizer(model).encode(text.read_text())])
+    expected = [amax / 127 for amax in _qkv_amax_per_layer(model, ids)]
+    for layer, value in enumerate(expected):
+        scale = rank_tensors(out, 0)[f"transformer.layers.{layer}.attention.kv_cache_scaling_factor"]
+        assert float(scale) == pytest.approx(value, rel=1e-5)
