@@ -226,9 +226,9 @@ def models_command(gpu_memory_gib: float) -> None:
               help="The Triton repository (`<output>/triton_repo` of the whole job).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address all endpoints bind to (0.0.0.0 to accept remote clients).")
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
-@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--http-port", type=int, default=8000, show_default=True, help="HTTP/REST port (generate, health).")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="gRPC port (streaming).")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus /metrics port.")
 @click.option("--triton-bin", default=None, help="tritonserver binary (default: $TRITON_BIN, PATH, then the "
               "nvidia-pytriton wheel).")
 @click.option("--world-size", type=int, default=None,
