@@ -27,6 +27,9 @@ PAT_STR_KEY = "tiktoken_pat_str"
 #: Our own key: the file, relative to the tokenizer dir, holding the base64 rank table.
 RANK_FILE_KEY = "tiktoken_rank_file"
 DEFAULT_ENCODING = "cl100k_base"
+#: cl100k_base's split regex (tiktoken_ext.openai_public builds it inside a function that downloads the ranks)
+CL100K_PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 
 
 class Tokenizer(Protocol):
@@ -200,25 +203,15 @@ def _load_tiktoken_dir(path: Path, config: dict[str, Any]) -> TiktokenTokenizer:
 
 
 def _named_pat_str(encoding_name: str) -> str:
-    """The split regex of a tiktoken encoding, read from tiktoken's constructors (no download)."""
+    """The split regex of a named tiktoken encoding, without downloading its ranks."""
     from tiktoken_ext import openai_public
 
-    constructor = openai_public.ENCODING_CONSTRUCTORS.get(encoding_name)
-    if constructor is None:
-        raise ConfigError(f"unknown tiktoken encoding '{encoding_name}' and no '{PAT_STR_KEY}' in the config")
-    # the constructors download the ranks; read the pattern from their source instead of calling them
-    import inspect
-    import re
-
-    source = inspect.getsource(constructor)
-    match = re.search(r'"pat_str":\s*(r?"""[\s\S]*?"""|r?"[^"]*")', source)
-    if match is None:
-        if encoding_name in ("gpt2", "r50k_base", "p50k_base", "p50k_edit"):
-            return str(openai_public.r50k_pat_str)
-        raise ConfigError(f"cannot find the split pattern of tiktoken encoding '{encoding_name}'")
-    import ast
-
-    return str(ast.literal_eval(match.group(1)))
+    if encoding_name == "cl100k_base":
+        return CL100K_PAT_STR
+    if encoding_name in ("gpt2", "r50k_base", "p50k_base", "p50k_edit"):
+        return str(openai_public.r50k_pat_str)
+    raise ConfigError(f"no split pattern known for tiktoken encoding '{encoding_name}': add '{PAT_STR_KEY}' to "
+                      f"tokenizer_config.json")
 
 
 def save_tiktoken_tokenizer(encoding_or_ranks: Any, special_tokens: dict[str, int], out_dir: str | Path,

@@ -238,12 +238,37 @@ class _Checker:
             strategy = core.parameter("gpt_model_type")
             if strategy not in BATCHING_STRATEGIES:
                 self.add(file, "parameters[gpt_model_type]", f"'{strategy}' is not one of {BATCHING_STRATEGIES}")
+            self.check_kv_cache(core, build)
             devices = core.parameter("gpu_device_ids") or ""
             for instance, group in enumerate(devices.split(";") if devices else []):
                 count = len([d for d in group.split(",") if d.strip()])
                 if count != world_size:
                     self.add(file, "parameters[gpu_device_ids]", f"instance {instance} lists {count} GPUs "
                              f"('{group}') but the engine has world size {world_size}")
+
+    def check_kv_cache(self, core: _Model, build: dict[str, Any]) -> None:
+        """KV-cache parameters of the C++ backend against the engine's build."""
+        file = core.config_file
+        max_tokens = core.parameter("max_tokens_in_paged_kv_cache")
+        max_seq_len = build.get("max_seq_len")
+        if max_tokens and max_seq_len is not None:
+            if not max_tokens.isdigit():
+                self.add(file, "parameters[max_tokens_in_paged_kv_cache]", f"'{max_tokens}' is not a whole number")
+            elif int(max_tokens) < int(max_seq_len):
+                self.add(file, "parameters[max_tokens_in_paged_kv_cache]", f"{max_tokens} tokens cannot hold one "
+                         f"sequence of the engine's max_seq_len {max_seq_len}")
+        fraction = core.parameter("kv_cache_free_gpu_mem_fraction")
+        if fraction:
+            try:
+                valid = 0.0 < float(fraction) <= 1.0
+            except ValueError:
+                valid = False
+            if not valid:
+                self.add(file, "parameters[kv_cache_free_gpu_mem_fraction]", f"'{fraction}' is not in (0, 1]")
+        if (core.parameter("enable_kv_cache_reuse") or "").lower() in ("true", "1") and not build.get(
+                "plugin_config", {}).get("use_paged_context_fmha", False):
+            self.add(file, "parameters[enable_kv_cache_reuse]",
+                     "needs an engine built with use_paged_context_fmha (trtllm-build --use_paged_context_fmha enable)")
 
     def check_limits(self) -> None:
         """Repository-level batch limits of the python models vs the generation model."""

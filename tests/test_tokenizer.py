@@ -182,3 +182,24 @@ def test_parse_bool() -> None:
     assert [parse_bool(v, False) for v in ("true", "1", "T", "yes", "y")] == [True] * 5
     assert [parse_bool(v, True) for v in ("false", "0", "f", "no", "N")] == [False] * 5
     assert parse_bool("maybe", True) is True and parse_bool(None, False) is False
+
+
+def test_dbrx_config_with_local_cl100k_rank_file(tmp_path: Path) -> None:
+    # a DBRX-style config naming the encoding by model ("gpt-4" -> cl100k_base) with the rank file copied in
+    import tiktoken
+
+    from generator.tokenizer import CL100K_PAT_STR
+
+    directory = tmp_path / "dbrx"
+    save_tiktoken_tokenizer({bytes([i]): i for i in range(256)}, {"<|endoftext|>": 100257}, directory,
+                            eos_token="<|endoftext|>")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    for key in ("tiktoken_pat_str", "tiktoken_rank_file", "encoding_name"):
+        config.pop(key)
+    config["model_name"] = "gpt-4"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(directory)
+    assert tiktoken.model.encoding_name_for_model("gpt-4") == "cl100k_base"
+    assert tokenizer.encoding._pat_str == CL100K_PAT_STR  # type: ignore[attr-defined]
+    assert tokenizer.decode(tokenizer.encode("it's 2024!")) == "it's 2024!"
+    assert tokenizer.eos_token_id == 100257
