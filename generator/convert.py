@@ -98,24 +98,29 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         job = _RankJob(spec, checkpoint, DTYPES[dtype], settings.weight_only_precision, kv_scales,
                        settings.progress)
-        ranks = [mapping.with_rank(rank) for rank in range(mapping.world_size)]
-        if settings.workers == 1:
-            for position, rank_mapping in enumerate(ranks):
-                job.convert(rank_mapping, staging, position)
-        else:
-            with ThreadPoolExecutor(max_workers=settings.workers) as pool:
-                futures = [pool.submit(job.convert, m, staging, i % settings.workers) for i, m in enumerate(ranks)]
-                try:
-                    for future in futures:
-                        future.result()
-                finally:  # on the first failure, ranks not started yet are dropped
-                    for future in futures:
-                        future.cancel()
+        _convert_ranks(job, mapping, staging, settings.workers)
         replace_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def _convert_ranks(job: _RankJob, mapping: Mapping, out_dir: Path, workers: int) -> None:
+    """Write every rank's file, `workers` ranks at a time (threads: torch and file I/O release the GIL)."""
+    ranks = [mapping.with_rank(rank) for rank in range(mapping.world_size)]
+    if workers == 1:
+        for rank_mapping in ranks:
+            job.convert(rank_mapping, out_dir, position=0)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(job.convert, m, out_dir, i % workers) for i, m in enumerate(ranks)]
+        try:
+            for future in futures:
+                future.result()
+        finally:  # on the first failure, ranks not started yet are dropped
+            for future in futures:
+                future.cancel()
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any]) -> str:
