@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=None, help="spawn this many local ranks (no mpirun needed)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir, removed after")
     parser.add_argument("--device", default=None, help="default cuda:<local rank> if available, else cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="time single forwards and print torch.profiler's top operations (single rank)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here (rank 0)")
     return parser.parse_args(argv)
 
@@ -167,6 +169,38 @@ def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
             "mean_ttft_s": ttft, "decode_step_ms": 1000 * (wall - ttft) / max(1, args.output_len - 1)}
 
 
+def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
+    """Time and profile the model's forwards directly (batch 1: one context phase, then decode steps), in this
+    thread while the executor is idle, so the profiler sees every operation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from generator.engine.model import ForwardPlan, make_batch
+
+    model, cache = executor._model, executor._cache  # the idle executor's own runner and cache
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prompt = list(range(1, args.input_len + 1))
+
+    def forward(plan: ForwardPlan) -> float:
+        sync()
+        start = time.perf_counter()
+        model.forward(make_batch(plan, device), cache)
+        sync()
+        return 1000 * (time.perf_counter() - start)
+
+    with torch.inference_mode():
+        context_ms = forward(ForwardPlan([0], [prompt], [0]))
+        room = max(1, args.output_len - 1)  # positions left in the cache slot
+        steps = [forward(ForwardPlan([0], [[7]], [args.input_len + i % room])) for i in range(8)]
+        print(f"context {context_ms:.2f} ms, decode steps {', '.join(f'{t:.2f}' for t in steps)} ms", flush=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for i in range(4):
+                forward(ForwardPlan([0], [[7]], [args.input_len + (8 + i) % room]))
+    for key in (["cuda_time_total"] if device.type == "cuda" else []) + ["cpu_time_total"]:
+        print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.nproc and process_info().world_size == 1 and "RANK" not in os.environ:
@@ -210,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(tp {mapping.tensor_parallel_size}, pp {mapping.pipeline_parallel_size}), dtype {args.dtype}",
               flush=True)
         run_batch(executor, 1, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
+        if args.profile:
+            profile_forwards(executor, args)
         for batch in batch_sizes:
             best = max((run_batch(executor, batch, args) for _ in range(args.repeats)),
                        key=lambda r: r["tokens_per_s"])

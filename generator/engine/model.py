@@ -18,11 +18,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from generator.engine.config import EngineConfig, alibi_slopes
 from generator.engine.distributed import Communicator
 from generator.engine.kv_cache import KVCache
 from generator.errors import ConfigError
+
+# cuDNN's SDPA builds a new plan for every key length (one more each decode step): tens of ms per call
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# keys read from the cache are padded to a multiple of this (masked), so kernels see few distinct shapes
+_KEY_LENGTH_BUCKET = 16
 
 
 @dataclass(frozen=True)
@@ -272,9 +278,10 @@ class DecoderModel:
         if batch.nothing_cached:
             keys, values = k, v  # context phase: the new K/V are the whole sequence
         else:
-            keys, values = cache.read(local, batch.slot_index, batch.max_total)
+            keys, values = cache.read(local, batch.slot_index, bias.shape[-1])
         gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0 / math.sqrt(hd), **gqa)
+        with sdpa_kernel(_ATTENTION_BACKENDS):
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0 / math.sqrt(hd), **gqa)
         out = out.transpose(1, 2).reshape(rows, width, self.heads * hd)
         return self._row_linear(out, prefix + ".dense")
 
@@ -337,7 +344,10 @@ class DecoderModel:
             hidden = self.embed(batch)
         else:
             hidden = comm.recv_from_previous_stage((rows, width, d), self.dtype)
-        length = width if batch.nothing_cached else batch.max_total
+        if batch.nothing_cached:
+            length = width
+        else:
+            length = min(-(-batch.max_total // _KEY_LENGTH_BUCKET) * _KEY_LENGTH_BUCKET, self.config.max_seq_len)
         bias = self._attention_bias(batch, length)
         rope = None
         if self.config.position_embedding_type.startswith("rope"):
