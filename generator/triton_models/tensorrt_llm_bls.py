@@ -26,8 +26,10 @@ _PREPROCESSING_INPUTS = {
 _PREPROCESSED = {
     "INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "REQUEST_OUTPUT_LEN": "request_output_len",
     "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list", "EMBEDDING_BIAS": "embedding_bias",
-    "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id",
+    "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id", "OUT_PROMPT_TABLE_EXTRA_IDS": "prompt_table_extra_ids",
 }
+#: preprocessing outputs that are left out when empty (nothing asked for them)
+_SKIP_WHEN_EMPTY = ("EMBEDDING_BIAS", "OUT_PROMPT_TABLE_EXTRA_IDS")
 #: BLS input -> tensorrt_llm input (passed through when the client sends it)
 _CORE_INPUTS = {
     "top_k": "runtime_top_k", "top_p": "runtime_top_p", "temperature": "temperature",
@@ -133,8 +135,7 @@ class TritonPythonModel:
 
         preprocessed = self._preprocess(request)
         core_inputs = [pb_utils.Tensor(core_name, preprocessed[name]) for name, core_name in _PREPROCESSED.items()
-                       if preprocessed.get(name) is not None and not (name == "EMBEDDING_BIAS"
-                                                                      and preprocessed[name].size == 0)]
+                       if not (name in _SKIP_WHEN_EMPTY and preprocessed[name].size == 0)]
         for name, core_name in _CORE_INPUTS.items():
             value = _input(request, name)
             if value is None and name == "seed":  # the older name of seed
