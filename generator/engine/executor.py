@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from generator.engine.config import EngineConfig, load_engine_config
+from generator.engine.cuda_graphs import DecodeGraphs, graphs_enabled
 from generator.engine.distributed import Communicator, pick_device, process_info
 from generator.engine.model import DecoderModel, ForwardPlan, make_batch
 from generator.engine.sampling import SamplingConfig, SequenceState, new_generator, sample
@@ -121,7 +122,12 @@ class Executor:
         self.config = config
         self._comm = comm
         self._model = model
-        self._cache = model.new_cache()
+        self._graphs: DecodeGraphs | None = None
+        if graphs_enabled(model):
+            self._cache = model.new_cache(extra_slots=1)
+            self._graphs = DecodeGraphs(model, self._cache, scratch_slot=config.max_batch_size)
+        else:
+            self._cache = model.new_cache()
         self.max_batch_size = config.max_batch_size
         self.max_input_len = config.max_input_len
         self.max_seq_len = config.max_seq_len
@@ -277,7 +283,11 @@ class Executor:
         plan = ForwardPlan([r.slot for r in requests], tokens, past)
         try:
             self._comm.broadcast_plan((_FORWARD, plan))
-            logits = self._model.forward(make_batch(plan, self._model.device), self._cache)
+            logits: torch.Tensor | None
+            if self._graphs is not None and self._graphs.handles(plan):
+                logits = self._graphs.forward(plan)
+            else:
+                logits = self._model.forward(make_batch(plan, self._model.device), self._cache)
             assert logits is not None
             new_tokens, log_probs = sample(logits, [r.state for r in requests])
         except Exception as error:  # noqa: BLE001 - report it on the requests, keep serving

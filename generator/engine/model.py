@@ -374,7 +374,8 @@ class DecoderModel:
                 logits = comm.recv_logits((rows, self.config.vocab_size))
         return logits if self.mapping.rank == 0 else None
 
-    def new_cache(self) -> KVCache:
-        """A KV cache sized by the engine's build limits for this rank's layers and KV heads."""
-        return KVCache(len(self.layer_ids), self.config.max_batch_size, self.kv_heads, self.config.max_seq_len,
-                       self.head_size, self.dtype, self.device, self.kv_scales)
+    def new_cache(self, extra_slots: int = 0) -> KVCache:
+        """A KV cache sized by the engine's build limits for this rank's layers and KV heads (plus
+        `extra_slots` scratch slots)."""
+        return KVCache(len(self.layer_ids), self.config.max_batch_size + extra_slots, self.kv_heads,
+                       self.config.max_seq_len, self.head_size, self.dtype, self.device, self.kv_scales)
