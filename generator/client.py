@@ -173,6 +173,7 @@ def stream_grpc(url: str, model: str, inputs: list[Any], timeout_s: float) -> It
         responses.put((result, error))
 
     client = grpcclient.InferenceServerClient(url)
+    finished = False  # the server is done with the request: no need to cancel it
     try:
         client.start_stream(callback=callback)
         client.async_stream_infer(model, inputs, enable_empty_final_response=True)
@@ -183,13 +184,17 @@ def stream_grpc(url: str, model: str, inputs: list[Any], timeout_s: float) -> It
             except queue.Empty:
                 raise GenRepoError(f"no answer from {model} within {timeout_s:.0f} s") from None
             if error is not None:
+                finished = True
                 message = error.message() if hasattr(error, "message") else str(error)
                 raise GenRepoError(f"{model}: {message}")
+            finished = bool(result.get_response().parameters["triton_final_response"].bool_param)
             yield result
-            if result.get_response().parameters["triton_final_response"].bool_param:
+            if finished:
                 return
     finally:
-        client.stop_stream(cancel_requests=True)
+        # Cancelling a request the server already finished or rejected leaves the ensemble "live" in
+        # tritonserver 2.51, and its shutdown then waits out the whole exit timeout.
+        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 
