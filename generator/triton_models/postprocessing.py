@@ -16,6 +16,8 @@ from generator.triton_models.common import load_model_config, parameter, parse_b
 
 
 class TritonPythonModel:
+    """The `postprocessing` model: detokenizes each beam."""
+
     def initialize(self, args):
         config = load_model_config(args)
         tokenizer_dir = parameter(config, "tokenizer_dir")

@@ -31,6 +31,8 @@ def _optional_input(request, name):
 
 
 class TritonPythonModel:
+    """The `preprocessing` model: tokenizes prompts and stop / bad words."""
+
     def initialize(self, args):
         config = load_model_config(args)
         tokenizer_dir = parameter(config, "tokenizer_dir")

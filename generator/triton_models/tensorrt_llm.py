@@ -106,6 +106,8 @@ class _Pending:
 
 
 class TritonPythonModel:
+    """The `tensorrt_llm` model on the pytorch engine: Triton requests in, executor results out."""
+
     def initialize(self, args):
         config = load_model_config(args)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
@@ -190,10 +192,10 @@ class TritonPythonModel:
                 holdback = Utf8HoldBack(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
             items.append(_Item(row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback))
             samplings.append(self._sampling(request, row))
-        pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
-                           sender=request.get_response_sender() if self.decoupled else None)
         if bool(_row_scalar(_input(request, "stop"), 0) or False):
             raise RequestError("the request was sent with stop=true")
+        pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
+                           sender=request.get_response_sender() if self.decoupled else None)
         for item, sampling in zip(items, samplings, strict=True):
             generation_request = GenerationRequest(input_ids=item.prompt, sampling=sampling, streaming=item.streaming)
             try:

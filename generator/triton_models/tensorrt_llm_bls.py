@@ -68,6 +68,8 @@ def _as_batch(array):
 
 
 class TritonPythonModel:
+    """The `tensorrt_llm_bls` model: one thread per request, chaining the three models by BLS."""
+
     def initialize(self, args):
         config = load_model_config(args)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
