@@ -50,10 +50,8 @@ class Tokenizer(Protocol):
 class HFTokenizer:
     """A Hugging Face `AutoTokenizer`, with pad falling back to eos like tensorrtllm_backend does."""
 
-    def __init__(self, path: Path, trust_remote_code: bool = False) -> None:
-        from transformers import AutoTokenizer
-
-        self._tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
         self.eos_token_id: int | None = self._tokenizer.eos_token_id
         self.bos_token_id: int | None = self._tokenizer.bos_token_id
         pad = self._tokenizer.pad_token_id
@@ -142,10 +140,25 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Tokeniz
     config = read_tokenizer_config(path)
     if is_tiktoken_dir(config) and not trust_remote_code:
         return _load_tiktoken_dir(path, config)
+    return HFTokenizer(_load_hf_tokenizer(path, config, trust_remote_code))
+
+
+def _load_hf_tokenizer(path: Path, config: dict[str, Any], trust_remote_code: bool) -> Any:
+    """`AutoTokenizer`; for a remote-code tokenizer that also ships tokenizer.json (e.g. Replit), that file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     try:
-        return HFTokenizer(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load a tokenizer from {path}: {error}") from error
+        needs_code = "auto_map" in config and not trust_remote_code
+        if not needs_code:
+            raise ConfigError(f"cannot load a tokenizer from {path}: {error}") from error
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"the tokenizer in {path} needs its own Python code ({config['auto_map']}); "
+                              f"pass --trust-remote-code to allow it") from error
+    specials = {key: _token_text(config.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"),
+                                   **{key: value for key, value in specials.items() if value is not None})
 
 
 def _token_text(value: Any) -> str | None:

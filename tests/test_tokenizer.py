@@ -203,3 +203,24 @@ def test_dbrx_config_with_local_cl100k_rank_file(tmp_path: Path) -> None:
     assert tokenizer.encoding._pat_str == CL100K_PAT_STR  # type: ignore[attr-defined]
     assert tokenizer.decode(tokenizer.encode("it's 2024!")) == "it's 2024!"
     assert tokenizer.eos_token_id == 100257
+
+
+def test_remote_code_tokenizer_with_tokenizer_json(hf_dir: Path, tmp_path: Path) -> None:
+    # Replit-style: tokenizer_config names a custom class, but tokenizer.json is there: load it, run no code
+    directory = tmp_path / "replit_like"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text((hf_dir / "tokenizer.json").read_text())
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="ReplitLMTokenizer",
+                  auto_map={"AutoTokenizer": ["replit_lm_tokenizer.ReplitLMTokenizer", None]})
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "remote_code_ran"
+    (directory / "replit_lm_tokenizer.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    tokenizer, reference = load_tokenizer(directory), load_tokenizer(hf_dir)
+    assert tokenizer.encode(TEXT) == reference.encode(TEXT)
+    assert tokenizer.eos_token_id == reference.eos_token_id is not None
+    assert not marker.exists()
+    (directory / "tokenizer.json").unlink()
+    with pytest.raises(GenRepoError, match="trust-remote-code"):
+        load_tokenizer(directory)
+    assert not marker.exists()
