@@ -226,6 +226,10 @@ class _Checker:
         if core.config.backend != expected_backend:
             self.add(file, "backend", f"is '{core.config.backend}' but the engine is a '{engine_backend}' engine "
                      f"(needs backend '{expected_backend}')")
+        instances = sum(group.count or 1 for group in core.config.instance_group) or 1
+        if instances != 1:
+            self.add(file, "instance_group", f"{instances} instances; tensorrt_llm runs one instance (each would load "
+                     f"the whole engine), more GPUs come from the engine's mapping / gpu_device_ids")
         engine_batch = build.get("max_batch_size")
         if engine_batch is not None and core.config.max_batch_size > int(engine_batch):
             self.add(file, "max_batch_size", f"{core.config.max_batch_size} exceeds the engine's max_batch_size "
