@@ -70,6 +70,7 @@ class _Checker:
 
     # parsing ----------------------------------------------------------------------------------------------
     def load_models(self) -> None:
+        """Parse every */config.pbtxt; report placeholders and syntax errors."""
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
 
@@ -93,6 +94,7 @@ class _Checker:
 
     # checks -----------------------------------------------------------------------------------------------
     def check_present(self) -> None:
+        """The core models, their version dirs and model.py files, and max_batch_size > 0."""
         for name in CORE_MODELS:
             if name not in self.models and not (self.root / name / "config.pbtxt").exists():
                 self.add(self.root / name / "config.pbtxt", "(file)", f"model '{name}' is missing")
@@ -107,10 +109,11 @@ class _Checker:
                          f"is {model.config.max_batch_size}; the inflight_batcher_llm contract needs > 0")
 
     def check_streaming(self) -> None:
+        """Decoupled generation models where streaming is wanted; BLS and tensorrt_llm agree."""
         core = self.models.get("tensorrt_llm")
         bls = self.models.get("tensorrt_llm_bls")
         if self.streaming:
-            for model in (core, bls):
+            for model in (self.models.get(name) for name in STREAMING_MODELS):
                 if model is not None and not model.config.model_transaction_policy.decoupled:
                     self.add(model.config_file, "model_transaction_policy.decoupled",
                              "must be true: streaming (stream=true) and batched requests need a decoupled model")
@@ -120,6 +123,7 @@ class _Checker:
                      "is true but tensorrt_llm is not decoupled; the BLS streams from tensorrt_llm")
 
     def check_ensemble(self) -> None:
+        """Ensemble steps exist and every map names real tensors of matching dtype."""
         ensemble = self.models.get("ensemble")
         if ensemble is None:
             return
@@ -174,6 +178,7 @@ class _Checker:
             seen.add(tensor.name)
 
     def check_tokenizers(self) -> None:
+        """tokenizer_dir parameters point at absolute dirs holding tokenizer files."""
         for name in ("preprocessing", "postprocessing", "tensorrt_llm"):
             model = self.models.get(name)
             if model is None:
@@ -193,6 +198,7 @@ class _Checker:
                          f"'{tokenizer_dir}' holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}, *.tiktoken)")
 
     def check_engine(self) -> None:
+        """The engine dir of tensorrt_llm: files per rank, backend, limits, GPUs per instance."""
         core = self.models.get("tensorrt_llm")
         if core is None:
             return
