@@ -167,14 +167,20 @@ def _render(result: PipelineResult) -> None:
 
 
 def default_limits(preset: Preset | None, hf_dir: Path) -> dict[str, int]:
-    """Build limits: the preset's, else derived from the checkpoint's max sequence length."""
-    if preset is not None:
-        return {"max_batch_size": preset.max_batch_size, "max_input_len": preset.max_input_len,
-                "max_seq_len": preset.max_seq_len}
+    """Build limits: the preset's (or 8 / 1024 / 2048), never beyond the checkpoint's max sequence length."""
     config = json.loads((hf_dir / "config.json").read_text())
     max_positions = int(config.get("max_seq_len") or config.get("max_position_embeddings") or 2048)
-    max_seq_len = min(max_positions, 2048)
-    return {"max_batch_size": 8, "max_input_len": max(1, min(1024, max_seq_len // 2)), "max_seq_len": max_seq_len}
+    if preset is not None:
+        limits = {"max_batch_size": preset.max_batch_size, "max_input_len": preset.max_input_len,
+                  "max_seq_len": preset.max_seq_len}
+    else:
+        limits = {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048}
+    if limits["max_seq_len"] > max_positions:
+        # a small checkpoint behind a big preset: keep half the sequence for the prompt
+        limits["max_seq_len"] = max_positions
+        limits["max_input_len"] = max(1, min(limits["max_input_len"], max_positions // 2))
+    limits["max_input_len"] = min(limits["max_input_len"], limits["max_seq_len"] - 1)
+    return limits
 
 
 def copy_tokenizer_files(hf_dir: Path, tokenizer_dir: Path) -> list[Path]:

@@ -7,6 +7,7 @@ build commands of TensorRT-LLM's examples for each architecture.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -157,6 +158,11 @@ def resolve_checkpoint(preset: Preset, model_dir: Path | None = None, *, trust_r
     if model_dir is not None:
         if not (model_dir / "config.json").is_file():
             raise GenRepoError(f"{model_dir} has no config.json: pass a Hugging Face checkpoint directory")
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        expected = "dbrx" if preset.is_moe else "mpt"
+        if model_type is not None and model_type != expected:
+            raise GenRepoError(f"{model_dir} holds a {model_type!r} checkpoint, but preset {preset.name} is "
+                               f"{expected!r}: pick the matching preset or pass the directory as --model DIR")
         return model_dir
     how = (f"download {preset.hf_id} elsewhere (e.g. `huggingface-cli download {preset.hf_id} --local-dir DIR`) "
            f"and pass it with `gen-repo --model {preset.name} --model-dir DIR` or `gen-repo --model DIR`")

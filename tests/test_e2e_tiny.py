@@ -102,3 +102,25 @@ def test_broken_checkpoint_fails_cleanly(damage: str, tiny_mpt_job: PipelineResu
     assert "safetensors" in result.output or "weight" in result.output
     checkpoint = output / "checkpoint"
     assert not checkpoint.exists() or not any(checkpoint.iterdir())
+
+
+def test_real_preset_defaults_fit_a_smaller_checkpoint(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
+    """`--model mpt-7b --model-dir DIR` takes mpt-7b's build defaults, clamped to the checkpoint's 256 positions."""
+    from generator.pipeline import default_limits
+    from generator.presets import get_preset
+
+    output = tmp_path / "job"
+    result = CliRunner().invoke(main, ["--model", "mpt-7b", "--model-dir", str(tiny_mpt_job.hf_dir),
+                                       "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    engine = json.loads((output / "engine" / "config.json").read_text())
+    assert engine["pretrained_config"]["dtype"] == "float16"
+    limits = engine["build_config"]
+    assert (limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"]) == (32, 128, 256)
+    assert not (output / "hf").exists()
+    # with room to spare the preset's own limits stand
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text(json.dumps({"model_type": "mpt", "max_seq_len": 2048}))
+    assert default_limits(get_preset("mpt-7b"), real) == {"max_batch_size": 32, "max_input_len": 1024,
+                                                         "max_seq_len": 1536}

@@ -59,3 +59,12 @@ def test_models_table_lists_every_preset() -> None:
     for name in PRESETS:
         assert name in table
     assert "131.60B" in table and "6.65B" in table
+
+
+def test_real_preset_with_a_checkpoint_of_another_architecture_fails(tmp_path: Path) -> None:
+    from generator.tiny import make_tiny_model
+
+    mpt_dir = make_tiny_model("tiny-mpt", tmp_path / "mpt")
+    assert resolve_checkpoint(get_preset("mpt-7b"), mpt_dir) == mpt_dir
+    with pytest.raises(GenRepoError, match="'mpt' checkpoint"):
+        resolve_checkpoint(get_preset("dbrx-instruct"), mpt_dir)
