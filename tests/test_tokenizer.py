@@ -224,3 +224,35 @@ def test_remote_code_tokenizer_with_tokenizer_json(hf_dir: Path, tmp_path: Path)
     with pytest.raises(GenRepoError, match="trust-remote-code"):
         load_tokenizer(directory)
     assert not marker.exists()
+
+
+def train_metaspace_tokenizer(out_dir: Path) -> Path:
+    """A SentencePiece-style BPE (Metaspace: words start with "▁", decoding drops the text's leading space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"])
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>").save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_chunk_decoder_keeps_the_spaces_between_chunks(kind: str, hf_dir: Path, tmp_path: Path) -> None:
+    from generator.triton_models.common import ChunkDecoder
+
+    directory = hf_dir if kind == "byte-level" else train_metaspace_tokenizer(tmp_path / "metaspace")
+    tokenizer = load_tokenizer(directory)
+    prompt = tokenizer.encode("def hello", add_special_tokens=False)
+    generated = tokenizer.encode("def hello(world): return the quick fox", add_special_tokens=False)[len(prompt):]
+    whole = tokenizer.decode(prompt + generated)
+    continuation = whole[len(tokenizer.decode(prompt)):]
+    assert continuation.startswith("(") or continuation.startswith(" ")
+    decoder = ChunkDecoder(tokenizer)
+    assert "".join(decoder.decode([token]) for token in generated) == continuation
+    # plain per-token decoding glues the words together for Metaspace (that is what ChunkDecoder is for)
+    plain = "".join(tokenizer.decode([token]) for token in generated)
+    assert (plain == continuation) == (kind == "byte-level")

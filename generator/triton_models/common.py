@@ -117,3 +117,34 @@ class Utf8HoldBack:
         """Everything still held (at the end of the stream)."""
         ready, self._held = self._held, []
         return ready
+
+
+class ChunkDecoder:
+    """Decodes a chunk of a longer sequence so that decoded chunks concatenate to the decoded sequence.
+
+    Byte-level BPE and tiktoken decode chunks faithfully on their own. SentencePiece-style decoders (Metaspace)
+    drop the leading space of whatever they decode first, which would glue streamed words together; for those
+    we decode a fixed one-token prefix plus the chunk and cut the prefix's text off again.
+    """
+
+    PROBE = "x y z"
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._prefix: list[int] = []
+        self._prefix_text = ""
+        probe_ids = tokenizer.encode(self.PROBE, add_special_tokens=False)
+        one_by_one = "".join(tokenizer.decode([i], skip_special_tokens=False) for i in probe_ids)
+        if one_by_one != tokenizer.decode(probe_ids, skip_special_tokens=False):
+            self._prefix = tokenizer.encode("x", add_special_tokens=False)
+            self._prefix_text = tokenizer.decode(self._prefix, skip_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` as it appears inside a longer text (leading spaces kept)."""
+        if not self._prefix or not ids:
+            return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
+        text = str(self._tokenizer.decode(self._prefix + list(ids), skip_special_tokens=self._skip))
+        if text.startswith(self._prefix_text):
+            return text[len(self._prefix_text):]
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))

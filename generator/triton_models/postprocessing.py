@@ -1,9 +1,8 @@
 """Triton python model `postprocessing`: token ids -> text.
 
 Inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/postprocessing (c2e65b8). Each beam is cut to
-its SEQUENCE_LENGTH and decoded without space clean-up, so that for byte-level BPE tokenizers the chunks of a
-stream, joined, equal the text of the whole sequence (tensorrt_llm never splits a multi-byte character across
-two chunks).
+its SEQUENCE_LENGTH and decoded without space clean-up (`ChunkDecoder`), so that the chunks of a stream, joined,
+equal the text of the whole sequence (tensorrt_llm never splits a multi-byte character across two chunks).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from generator.tokenizer import load_tokenizer
-from generator.triton_models.common import load_model_config, parameter, parse_bool
+from generator.triton_models.common import ChunkDecoder, load_model_config, parameter, parse_bool
 
 
 class TritonPythonModel:
@@ -26,6 +25,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(tokenizer_dir,
                                         trust_remote_code=parse_bool(parameter(config, "trust_remote_code"), False))
         self.skip_special_tokens = parse_bool(parameter(config, "skip_special_tokens"), True)
+        self.decoder = ChunkDecoder(self.tokenizer, self.skip_special_tokens)
 
     def execute(self, requests):
         responses = []
@@ -40,8 +40,7 @@ class TritonPythonModel:
             for batch_row in range(tokens.shape[0]):
                 for beam in range(tokens.shape[1]):
                     ids = tokens[batch_row, beam, :int(lengths[batch_row, beam])].tolist()
-                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-                                 .encode("utf-8"))
+                    texts.append(self.decoder.decode(ids).encode("utf-8"))
             output = np.array(texts, dtype=object).reshape(tokens.shape[0], tokens.shape[1])
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", output)]))
         return responses
