@@ -68,6 +68,33 @@ class HFTokenizer:
                                           clean_up_tokenization_spaces=False))
 
 
+class JsonTokenizer:
+    """A `tokenizer.json` run by the `tokenizers` library alone, specials named by tokenizer_config.json."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as RawTokenizer
+
+        self._tokenizer = RawTokenizer.from_file(str(path / "tokenizer.json"))
+
+        def token_id(key: str) -> int | None:
+            text = _token_text(config.get(key))
+            return self._tokenizer.token_to_id(text) if text is not None else None
+
+        self.eos_token_id: int | None = token_id("eos_token")
+        self.bos_token_id: int | None = token_id("bos_token")
+        pad = token_id("pad_token")
+        self.pad_token_id: int | None = pad if pad is not None else self.eos_token_id
+        self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`."""
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`."""
+        return str(self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+
 @dataclass
 class TiktokenTokenizer:
     """A tiktoken `Encoding` plus the Hugging Face-style special tokens of a `TiktokenTokenizerWrapper` dir."""
@@ -139,13 +166,24 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Tokeniz
         raise ConfigError(f"tokenizer dir {path} does not exist")
     config = read_tokenizer_config(path)
     if is_tiktoken_dir(config) and not trust_remote_code:
-        return _load_tiktoken_dir(path, config)
-    return HFTokenizer(_load_hf_tokenizer(path, config, trust_remote_code))
+        # newer DBRX revisions also ship tokenizer.json: use it when there is no local rank file (offline)
+        if _rank_files(path, config) or not (path / "tokenizer.json").is_file():
+            return _load_tiktoken_dir(path, config)
+        return HFTokenizer(_fast_from_tokenizer_json(path, config))
+    try:
+        return HFTokenizer(_load_hf_tokenizer(path, config, trust_remote_code))
+    except ImportError as error:
+        # transformers does not import everywhere a server runs (e.g. an image built for numpy 2 once numpy<2
+        # is first on the path); a tokenizer.json needs only the `tokenizers` library.
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"cannot load the tokenizer in {path}: transformers failed to import ({error})") \
+                from error
+        return JsonTokenizer(path, config)
 
 
 def _load_hf_tokenizer(path: Path, config: dict[str, Any], trust_remote_code: bool) -> Any:
     """`AutoTokenizer`; for a remote-code tokenizer that also ships tokenizer.json (e.g. Replit), that file."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -156,9 +194,23 @@ def _load_hf_tokenizer(path: Path, config: dict[str, Any], trust_remote_code: bo
         if not (path / "tokenizer.json").is_file():
             raise ConfigError(f"the tokenizer in {path} needs its own Python code ({config['auto_map']}); "
                               f"pass --trust-remote-code to allow it") from error
+    return _fast_from_tokenizer_json(path, config)
+
+
+def _fast_from_tokenizer_json(path: Path, config: dict[str, Any]) -> Any:
+    """A fast tokenizer straight from tokenizer.json, with the special tokens tokenizer_config.json names."""
+    from transformers import PreTrainedTokenizerFast
+
     specials = {key: _token_text(config.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
     return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"),
                                    **{key: value for key, value in specials.items() if value is not None})
+
+
+def _rank_files(path: Path, config: dict[str, Any]) -> list[Path]:
+    """The tiktoken rank file of a tokenizer dir: the one the config names, else any *.tiktoken."""
+    if RANK_FILE_KEY in config:
+        return [path / config[RANK_FILE_KEY]]
+    return sorted(path.glob("*.tiktoken"))
 
 
 def _token_text(value: Any) -> str | None:
@@ -173,7 +225,7 @@ def _load_tiktoken_dir(path: Path, config: dict[str, Any]) -> TiktokenTokenizer:
 
     added = {entry["content"]: int(token_id)
              for token_id, entry in config.get("added_tokens_decoder", {}).items()}
-    rank_files = [path / config[RANK_FILE_KEY]] if RANK_FILE_KEY in config else sorted(path.glob("*.tiktoken"))
+    rank_files = _rank_files(path, config)
     encoding_name = config.get("encoding_name") or DEFAULT_ENCODING
     if config.get("model_name") and not config.get("encoding_name"):
         encoding_name = tiktoken.model.encoding_name_for_model(config["model_name"])

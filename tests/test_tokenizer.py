@@ -256,3 +256,17 @@ def test_chunk_decoder_keeps_the_spaces_between_chunks(kind: str, hf_dir: Path, 
     # plain per-token decoding glues the words together for Metaspace (that is what ChunkDecoder is for)
     plain = "".join(tokenizer.decode([token]) for token in generated)
     assert (plain == continuation) == (kind == "byte-level")
+
+
+def test_tiktoken_wrapper_dir_with_tokenizer_json_loads_offline(hf_dir: Path, tmp_path: Path) -> None:
+    # newer DBRX revisions: the wrapper's config plus a tokenizer.json, no rank file -> tokenizer.json, no network
+    directory = tmp_path / "dbrx_new"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text((hf_dir / "tokenizer.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TiktokenTokenizerWrapper", "encoding_name": "no_such_encoding",
+        "auto_map": {"AutoTokenizer": ["tiktoken.TiktokenTokenizerWrapper", None]},
+        "eos_token": "<|endoftext|>", "pad_token": "<|padding|>"}))
+    tokenizer, reference = load_tokenizer(directory), load_tokenizer(hf_dir)
+    assert tokenizer.encode(TEXT) == reference.encode(TEXT)
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (reference.eos_token_id, reference.pad_token_id)
