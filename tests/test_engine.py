@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from generator.build import BuildSettings, build_engine
 from generator.convert import ConvertSettings, convert_checkpoint
 from generator.engine import Executor, GenerationRequest, GenerationResult, SamplingConfig, run_prompts
+from generator.quantize import dequantize_weight
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11, [300, 5, 17, 17, 250, 9, 10]]
@@ -187,3 +190,46 @@ def test_half_precision_engines_generate(mpt: tuple[Path, Path, list[list[int]]]
     assert all(len(r.token_ids) == NEW_TOKENS and r.finish_reason == "length" for r in results)
     # the tiny model's logits are well separated: the first greedy token survives half precision
     assert [r.token_ids[0] for r in results] == [e[0] for e in mpt[2]]
+
+
+def _dequantized_copy(checkpoint: Path, out_dir: Path, precision: str) -> Path:
+    """The same checkpoint in float32, every weight-only tensor replaced by its dequantized values."""
+    out_dir.mkdir()
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization"]["quant_algo"] = None
+    (out_dir / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(checkpoint / "rank0.safetensors"))
+    restored = {}
+    for name, tensor in tensors.items():
+        scale = tensors.get(name.replace(".weight", ".per_channel_scale"))
+        if name.endswith(".per_channel_scale"):
+            continue
+        restored[name] = dequantize_weight(tensor, scale, precision) if scale is not None else tensor
+    save_file({k: v.float().contiguous() for k, v in restored.items()}, str(out_dir / "rank0.safetensors"))
+    return out_dir
+
+
+@pytest.mark.parametrize(("model", "precision"), [("mpt", "int8"), ("dbrx", "int4")])
+def test_weight_only_checkpoints_run_their_dequantized_weights(tmp_path: Path, model: str, precision: str) -> None:
+    hf_dir = make_mpt(tmp_path / "hf") if model == "mpt" else make_dbrx(tmp_path / "hf")
+    checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "quantized", dtype="float32",
+                                                    weight_only_precision=precision, progress=False))
+    assert json_quant_algo(checkpoint) == {"int8": "W8A16", "int4": "W4A16"}[precision]
+    reference = _dequantized_copy(checkpoint, tmp_path / "dequantized", precision)
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
+    quantized_ids = [r.token_ids for r in run_prompts(checkpoint, PROMPTS[:2], sampling)]
+    assert quantized_ids == [r.token_ids for r in run_prompts(reference, PROMPTS[:2], sampling)]
+
+
+def json_quant_algo(checkpoint: Path) -> str:
+    return str(json.loads((checkpoint / "config.json").read_text())["quantization"]["quant_algo"])
+
+
+def test_int8_kv_cache(tmp_path: Path, mpt: tuple[Path, Path, list[list[int]]]) -> None:
+    checkpoint = convert_checkpoint(ConvertSettings(mpt[0], tmp_path / "int8kv", dtype="float32", int8_kv_cache=True,
+                                                    progress=False))
+    results = run_prompts(checkpoint, PROMPTS, SamplingConfig(max_new_tokens=NEW_TOKENS))
+    # the context phase attends over unquantized K/V, so the first token is exact; later ones read int8 K/V
+    assert [r.token_ids[0] for r in results] == [e[0] for e in mpt[2]]
+    matching = sum(a == b for r, e in zip(results, mpt[2], strict=True) for a, b in zip(r.token_ids, e, strict=True))
+    assert matching >= 0.7 * NEW_TOKENS * len(PROMPTS)
