@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8])
     parser.add_argument("--backend-directory", default=None, help="passed to tritonserver (device recipe)")
+    parser.add_argument("--launcher", default="mpirun", choices=["mpirun", "local"])
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args()
 
@@ -155,7 +156,8 @@ def main() -> None:
         ports = [free_port() for _ in range(3)]
         extra = (f"--backend-directory={args.backend_directory}",) if args.backend_directory else ()
         settings = ServeSettings(model_repository=result.triton_repo, http_port=ports[0], grpc_port=ports[1],
-                                 metrics_port=ports[2], master_port=free_port(), extra_args=extra)
+                                 metrics_port=ports[2], master_port=free_port(), extra_args=extra,
+                                 launcher=args.launcher)
         t0 = time.perf_counter()
         process, log_file = start_server(settings)
         try:

@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -61,6 +62,11 @@ class ServeSettings:
     master_port: int | None = None           # torch.distributed rendezvous for world size > 1; serve() picks a free one
     tensorrt_llm_model_name: str = "tensorrt_llm"
     oversubscribe: bool | None = None        # None: when the world size exceeds the CPU count
+    # Non-empty: name every python-backend /dev/shm region "<shm_prefix>..." (ranks: "<shm_prefix>prefix{i}_..."),
+    # so that `stop_server` can remove what stubs killed mid-start leave behind. Empty: Triton's defaults,
+    # and launch_triton_server.py's "prefix{i}_" for ranks.
+    shm_prefix: str = ""
+    launcher: str = "mpirun"                 # "mpirun", or "local": generator.local_launch, one host, no MPI
     ready_timeout_s: float = 600.0
 
 
@@ -176,9 +182,14 @@ def launch_command(settings: ServeSettings, install: TritonInstall | None = None
     env = server_environment(install)
     if world_size == 1:
         return _rank_args(settings, install, cpu_only, rank=None), env
-    mpirun = _mpirun()
-    oversubscribe = settings.oversubscribe if settings.oversubscribe is not None else world_size > (os.cpu_count() or 1)
-    argv = [mpirun, "--allow-run-as-root"] + (["--oversubscribe"] if oversubscribe else [])
+    if settings.launcher == "local":
+        argv = [sys.executable, "-m", "generator.local_launch"]
+    elif settings.launcher == "mpirun":
+        oversubscribe = (settings.oversubscribe if settings.oversubscribe is not None
+                         else world_size > (os.cpu_count() or 1))
+        argv = [_mpirun(), "--allow-run-as-root"] + (["--oversubscribe"] if oversubscribe else [])
+    else:
+        raise GenRepoError(f"unknown launcher {settings.launcher!r}: use mpirun or local")
     argv += ["-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={settings.master_port or 29500}",
              "-x", "PATH", "-x", "LD_LIBRARY_PATH"]
     for rank in range(world_size):
@@ -202,7 +213,9 @@ def _rank_args(settings: ServeSettings, install: TritonInstall, cpu_only: bool, 
     if settings.log_verbose:
         args.append(f"--log-verbose={settings.log_verbose}")
     if rank is not None:
-        args.append(f"--backend-config=python,shm-region-prefix-name=prefix{rank}_")
+        args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}prefix{rank}_")
+    elif settings.shm_prefix:
+        args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}")
         if rank > 0:
             args += ["--model-control-mode=explicit", f"--load-model={settings.tensorrt_llm_model_name}"]
     return args + list(settings.extra_args)
@@ -290,13 +303,14 @@ def _log_tail(log_file: Path | None, lines: int = 40) -> str:
     return f"\n--- last {len(tail)} lines of {log_file} ---\n" + "\n".join(tail)
 
 
-def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0, shm_prefix: str = "") -> int:
     """Stop the server and everything it started; returns its exit code.
 
     SIGTERM goes to the tritonserver processes one rank at a time, rank 0 first, and never to mpirun (it
     would SIGKILL the ranks). Rank 0 then shuts its python stubs down cleanly (they remove their /dev/shm
     regions) and releases the ranks that follow it. Whatever is left of the session after `timeout_s`
-    gets SIGTERM, then SIGKILL."""
+    gets SIGTERM, then SIGKILL. With `shm_prefix` (the server's `ServeSettings.shm_prefix`), regions
+    left behind by stubs that never started properly are removed too."""
     deadline = time.monotonic() + timeout_s
     if process.poll() is None:
         for pid in _tritonserver_ranks(process.pid) or [process.pid]:
@@ -313,7 +327,23 @@ def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> in
                 _signal_session(process, signal.SIGKILL)
                 process.wait()
     _signal_session(process, signal.SIGTERM)  # stubs or ranks that outlived the leader
+    if shm_prefix:
+        remove_shared_memory(shm_prefix)
     return process.returncode
+
+
+def remove_shared_memory(shm_prefix: str, shm_dir: Path = Path("/dev/shm")) -> list[Path]:
+    """Delete the /dev/shm regions named `<shm_prefix>...` (call it once their server has stopped)."""
+    if not shm_prefix or "/" in shm_prefix or not shm_dir.is_dir():
+        return []
+    removed = []
+    for region in shm_dir.glob(f"{shm_prefix}*"):
+        try:
+            region.unlink()
+            removed.append(region)
+        except OSError:
+            continue
+    return removed
 
 
 def _tritonserver_ranks(session_id: int) -> list[int]:
@@ -325,8 +355,9 @@ def _tritonserver_ranks(session_id: int) -> list[int]:
         except OSError:
             return -1
         for arg in args:
-            if b"shm-region-prefix-name=prefix" in arg:
-                return int(arg.rsplit(b"prefix", 1)[1].rstrip(b"_") or 0)
+            match = re.search(rb"shm-region-prefix-name=.*prefix(\d+)_$", arg)
+            if match:
+                return int(match.group(1))
         return 0
     pids = _session_members(session_id, "tritonserver")
     return sorted(pids, key=rank_of)
@@ -393,6 +424,8 @@ class _Stop(Exception):
 def serve(settings: ServeSettings) -> int:
     """Run the server in the foreground until Ctrl-C / SIGTERM (or it exits); returns its exit code."""
     settings = resolve_settings(settings)
+    if not settings.shm_prefix:
+        settings = dataclasses.replace(settings, shm_prefix=f"gen-repo-{os.getpid()}-")
     if settings.dry_run:
         argv, env = launch_command(settings)
         click.echo(f"PATH={shlex.quote(env['PATH'])} LD_LIBRARY_PATH={shlex.quote(env['LD_LIBRARY_PATH'])} \\")
@@ -416,9 +449,9 @@ def serve(settings: ServeSettings) -> int:
         raise GenRepoError(f"tritonserver exited with code {code}" + _log_tail(log_file))
     except (KeyboardInterrupt, _Stop):
         click.echo("stopping tritonserver ...")
-        code = stop_server(process)
+        code = stop_server(process, shm_prefix=settings.shm_prefix)
         click.echo(f"stopped (exit code {code})")
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-        stop_server(process)
+        stop_server(process, shm_prefix=settings.shm_prefix)

@@ -12,7 +12,6 @@ and never finish loading, as TensorRT-LLM's leader mode does.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,14 +52,6 @@ _NEUTRAL_ONLY = {
 
 class RequestError(ValueError):
     """A request answered with an error response."""
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) from mpirun (Open MPI) or PMI (MPICH) variables; (0, 1) outside MPI."""
-    for rank_key, size_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")):
-        if size_key in os.environ:
-            return int(os.environ.get(rank_key, "0")), int(os.environ[size_key])
-    return 0, 1
 
 
 def _input(request, name):
@@ -114,7 +105,10 @@ class TritonPythonModel:
         engine_dir = parameter(config, "gpt_model_path") or parameter(config, "engine_dir")
         if engine_dir is None:
             raise pb_utils.TritonModelException("tensorrt_llm: parameter gpt_model_path is not set")
-        rank, world_size = _world()
+        from generator.engine.distributed import process_info
+
+        # the launcher's variables (mpirun, MPICH or generator.local_launch), read the way the engine reads them
+        rank = process_info().rank
         if rank > 0:
             from generator.engine import follow
 
