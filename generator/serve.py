@@ -214,10 +214,10 @@ def _rank_args(settings: ServeSettings, install: TritonInstall, cpu_only: bool, 
         args.append(f"--log-verbose={settings.log_verbose}")
     if rank is not None:
         args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}prefix{rank}_")
-    elif settings.shm_prefix:
-        args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}")
         if rank > 0:
             args += ["--model-control-mode=explicit", f"--load-model={settings.tensorrt_llm_model_name}"]
+    elif settings.shm_prefix:
+        args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}")
     return args + list(settings.extra_args)
 
 
@@ -424,8 +424,6 @@ class _Stop(Exception):
 def serve(settings: ServeSettings) -> int:
     """Run the server in the foreground until Ctrl-C / SIGTERM (or it exits); returns its exit code."""
     settings = resolve_settings(settings)
-    if not settings.shm_prefix:
-        settings = dataclasses.replace(settings, shm_prefix=f"gen-repo-{os.getpid()}-")
     if settings.dry_run:
         argv, env = launch_command(settings)
         click.echo(f"PATH={shlex.quote(env['PATH'])} LD_LIBRARY_PATH={shlex.quote(env['LD_LIBRARY_PATH'])} \\")

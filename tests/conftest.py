@@ -5,6 +5,7 @@ Tests that need the server are marked `server`; `pytest -m "not server"` skips t
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class RunningServer:
     grpc_url: str            # host:port
     metrics_url: str         # http://host:port/metrics
     log_file: Path
+    shm_prefix: str          # pass to stop_server so leftover /dev/shm regions go too
 
 
 def _quiet(_: str) -> None:
@@ -44,15 +46,17 @@ def start_test_server(job: PipelineResult, log_file: Path) -> tuple[RunningServe
     """Start tritonserver on `job`'s repository on free loopback ports and wait until it is ready."""
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     settings = ServeSettings(model_repository=job.triton_repo, http_port=http_port, grpc_port=grpc_port,
-                             metrics_port=metrics_port, log_file=log_file)
+                             metrics_port=metrics_port, log_file=log_file,
+                             shm_prefix=f"gen-repo-test-{os.getpid()}-{http_port}-")
     process, log = start_server(settings)
     try:
         wait_until_ready(process, settings.host, http_port, SERVER_READY_TIMEOUT_S, log)
     except BaseException:
-        stop_server(process)
+        stop_server(process, shm_prefix=settings.shm_prefix)
         raise
     server = RunningServer(job=job, http_url=f"127.0.0.1:{http_port}", grpc_url=f"127.0.0.1:{grpc_port}",
-                           metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", log_file=log)
+                           metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", log_file=log,
+                           shm_prefix=settings.shm_prefix)
     return server, process
 
 
@@ -70,4 +74,4 @@ def triton_server(tiny_mpt_job: PipelineResult, tmp_path_factory: pytest.TempPat
     try:
         yield server
     finally:
-        stop_server(process)
+        stop_server(process, shm_prefix=server.shm_prefix)

@@ -37,4 +37,4 @@ def test_half_precision_job_serves_the_engines_greedy_tokens(dtype: str, tmp_pat
             assert answer.text == tokenizer.decode(list(expected.token_ids))
             assert answer.text
     finally:
-        stop_server(process)
+        stop_server(process, shm_prefix=server.shm_prefix)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from generator.client import InferSettings, generate
-from generator.serve import repository_world_size, stop_server
+from generator.serve import remove_shared_memory, repository_world_size, stop_server
 from generator.tokenizer import load_tokenizer
 from tests.conftest import run_tiny_job, start_test_server
 from tests.factories import hf_greedy
@@ -19,7 +18,9 @@ NEW_TOKENS = 10
 pytestmark = pytest.mark.server
 
 
-def _check_served_parity(job_dir: Path, model: str, tmp_path: Path, **overrides: object) -> None:
+def _check_served_parity(job_dir: Path, model: str, tmp_path: Path, remove_leftovers: bool = True,
+                         **overrides: object) -> str:
+    """Serve the tiny job, compare answers with transformers; returns the server's shm prefix."""
     job = run_tiny_job(model, job_dir, **overrides)
     tokenizer = load_tokenizer(job.tokenizer_dir)
     expected = {prompt: tokenizer.decode(hf_greedy(job.hf_dir, [tokenizer.encode(prompt)], NEW_TOKENS)[0])
@@ -32,7 +33,8 @@ def _check_served_parity(job_dir: Path, model: str, tmp_path: Path, **overrides:
                                                 exclude_input_in_output=True, timeout_s=120))
                 assert answer.text == expected[prompt], (prompt, protocol)
     finally:
-        stop_server(process)
+        stop_server(process, shm_prefix=server.shm_prefix if remove_leftovers else "")
+    return server.shm_prefix
 
 
 def test_tiny_dbrx_served_text_equals_transformers_greedy(tmp_path: Path) -> None:
@@ -41,9 +43,10 @@ def test_tiny_dbrx_served_text_equals_transformers_greedy(tmp_path: Path) -> Non
 
 @pytest.mark.mpi
 def test_tiny_mpt_tp2_served_under_mpirun_equals_transformers_greedy(tmp_path: Path) -> None:
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    _check_served_parity(tmp_path / "job", "tiny-mpt", tmp_path, tensor_parallel_size=2)
+    shm_prefix = _check_served_parity(tmp_path / "job", "tiny-mpt", tmp_path, remove_leftovers=False,
+                                      tensor_parallel_size=2)
     assert repository_world_size(tmp_path / "job" / "triton_repo") == 2
-    # rank 0 shut down cleanly: its stubs removed their shared-memory regions
-    leftover = {name for name in set(os.listdir("/dev/shm")) - shm_before if name.startswith("prefix0_")}
+    # rank 0 shut down cleanly (SIGTERM to it first, not to mpirun): its stubs removed their regions
+    leftover = sorted(Path("/dev/shm").glob(f"{shm_prefix}prefix0_*"))
+    remove_shared_memory(shm_prefix)
     assert not leftover

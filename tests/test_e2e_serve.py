@@ -72,10 +72,11 @@ def test_serve_reports_a_server_that_dies_while_loading(tiny_mpt_job: PipelineRe
     shutil.copytree(tiny_mpt_job.triton_repo, repository)
     config = repository / "tensorrt_llm" / "config.pbtxt"
     config.write_text(config.read_text().replace(str(tiny_mpt_job.engine_dir), str(tmp_path / "no-engine")))
-    result = subprocess.run(
+    server = subprocess.Popen(
         [*GEN_REPO, "serve", "--model-repository", str(repository), "--http-port", str(free_port()),
          "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--log-file", str(tmp_path / "log")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == 2
-    assert "exited with code" in result.stderr and "before it was ready" in result.stderr
-    assert "tensorrt_llm" in result.stderr  # the log tail names the model that failed
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _, stderr = server.communicate(timeout=300)
+    assert server.returncode == 2
+    assert "exited with code" in stderr and "before it was ready" in stderr
+    assert "tensorrt_llm" in stderr  # the log tail names the model that failed
