@@ -355,6 +355,12 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
 @click.option("--skip-special-tokens/--no-skip-special-tokens", default=True, show_default=True)
 @click.option("--accumulate-tokens", is_flag=True, help="BLS streams the whole text so far, not deltas.")
 @click.option("--trust-remote-code", is_flag=True, help="Let the tokenizer run its own Python code.")
+@click.option("--model-name-prefix", default="", metavar="PREFIX",
+              help="Name the models <PREFIX>preprocessing ... <PREFIX>ensemble, to serve several models from one "
+                   "repository (other models already in --output stay).")
+@click.option("--shared-pre-post-prefix", default=None, metavar="PREFIX",
+              help="Render no preprocessing/postprocessing; use <PREFIX>preprocessing/postprocessing already in "
+                   "--output (same tokenizer files).")
 def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **options: Any) -> None:
     """Write the Triton model repository for an engine dir, then validate it."""
     from generator.render import RenderSettings, render_repository

@@ -10,11 +10,19 @@ backend, every `parameters` key of its tensorrt_llm template; they drop the dupl
 
 Engine backends: `pytorch` (our engine, `generator.engine.Executor` in a decoupled python-backend model) and
 `tensorrtllm` (a TensorRT-LLM engine served by NVIDIA's C++ backend).
+
+Several models in one repository: `model_name_prefix` names the five models `<prefix>preprocessing`, ...,
+`<prefix>tensorrt_llm_bls` (the ensemble steps and the BLS's model-name parameters follow), and rendering
+into a repository only replaces the models it writes. Models with the same tokenizer can share one
+preprocessing / postprocessing pair (`shared_pre_post_prefix`): each python model is a stub process of its own
+(~250 MB with transformers), so one pair per tokenizer keeps a many-model server small.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,8 @@ PASSTHROUGH_OUTPUTS = (
     "total_accepted_draft_tokens", "total_draft_tokens",
 )
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+#: characters a model name prefix may use (Triton model names are directory names and URL path segments)
+_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,12 @@ class RenderSettings:
     lora_cache_gpu_memory_fraction: float = 0.05
     lora_cache_host_memory_bytes: int = 1 << 30
     executor_worker_path: str = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
-    overwrite: bool = True
+    overwrite: bool = True                   # replace models of the same names already in output_dir
+    # several models in one repository
+    model_name_prefix: str = ""              # models are named "<prefix>preprocessing", ..., "<prefix>ensemble"
+    # None: render this model's own preprocessing / postprocessing. A prefix: render neither and use
+    # "<shared_pre_post_prefix>preprocessing" / "...postprocessing" already in output_dir (same tokenizer files).
+    shared_pre_post_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,22 @@ def engine_info(engine_dir: Path) -> EngineInfo:
         paged_context_fmha=bool(build.get("plugin_config", {}).get("use_paged_context_fmha", False)))
 
 
+def model_names(settings: RenderSettings) -> dict[str, str]:
+    """The Triton name of each model of `MODEL_NAMES` (preprocessing / postprocessing possibly shared)."""
+    names = {name: settings.model_name_prefix + name for name in MODEL_NAMES}
+    if settings.shared_pre_post_prefix is not None:
+        for name in ("preprocessing", "postprocessing"):
+            names[name] = settings.shared_pre_post_prefix + name
+    return names
+
+
+def rendered_models(settings: RenderSettings) -> tuple[str, ...]:
+    """The models of `MODEL_NAMES` this render writes (shared preprocessing / postprocessing are not)."""
+    if settings.shared_pre_post_prefix is None:
+        return MODEL_NAMES
+    return tuple(name for name in MODEL_NAMES if name not in ("preprocessing", "postprocessing"))
+
+
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
@@ -164,6 +195,7 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
     return {
         "gen_repo_version": __version__,
         "anchor_commit": ANCHOR_COMMIT,
+        "model_names": model_names(settings),
         "engine_backend": backend,
         "triton_backend": "tensorrtllm" if backend == "tensorrtllm" else "python",
         "triton_max_batch_size": max_batch_size,
@@ -262,6 +294,42 @@ def check_settings(settings: RenderSettings, info: EngineInfo) -> None:
             raise ConfigError(f"{name} must be at least 1")
     if not Path(settings.tokenizer_dir).is_dir():
         raise ConfigError(f"tokenizer dir {settings.tokenizer_dir} does not exist")
+    for name in ("model_name_prefix", "shared_pre_post_prefix"):
+        prefix = getattr(settings, name)
+        if prefix is not None and not _PREFIX_PATTERN.fullmatch(prefix):
+            raise ConfigError(f"{name} '{prefix}' may only use letters, digits, '_', '.' and '-'")
+    if settings.shared_pre_post_prefix is not None:
+        check_shared_pre_post(settings)
+
+
+def check_shared_pre_post(settings: RenderSettings) -> None:
+    """The shared preprocessing / postprocessing exist in the output repository and load the same tokenizer."""
+    output = Path(settings.output_dir)
+    names = model_names(settings)
+    for name in ("preprocessing", "postprocessing"):
+        config_file = output / names[name] / "config.pbtxt"
+        if not config_file.is_file():
+            raise ConfigError(f"shared_pre_post_prefix '{settings.shared_pre_post_prefix}': {config_file} does "
+                              f"not exist (render a model with model_name_prefix "
+                              f"'{settings.shared_pre_post_prefix}' into {output} first)")
+        match = re.search(r'key: "tokenizer_dir", value: \{ string_value: "([^"]*)" \}', config_file.read_text())
+        if match is None or not same_tokenizer(Path(match.group(1)), Path(settings.tokenizer_dir)):
+            raise ConfigError(f"shared_pre_post_prefix '{settings.shared_pre_post_prefix}': {names[name]} loads "
+                              f"the tokenizer {match.group(1) if match else '(none)'}, whose files differ from "
+                              f"{settings.tokenizer_dir}")
+
+
+def same_tokenizer(first: Path, second: Path) -> bool:
+    """Both dirs hold the same files with the same bytes (tokenizer dirs hold only tokenizer files)."""
+    if not (first.is_dir() and second.is_dir()):
+        return False
+    if first.resolve() == second.resolve():
+        return True
+    names = sorted(path.name for path in first.iterdir() if path.is_file())
+    if names != sorted(path.name for path in second.iterdir() if path.is_file()):
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(first, second, names, shallow=False)
+    return not mismatch and not errors
 
 
 def templates_dir() -> Path:
@@ -291,16 +359,20 @@ def render_repository(settings: RenderSettings) -> Path:
     check_settings(settings, info)
     context = template_context(settings, info)
     output = Path(settings.output_dir).resolve()
-    if output.exists() and any(output.iterdir()):
+    names = context["model_names"]
+    written = rendered_models(settings)
+    existing = [names[name] for name in written if (output / names[name]).exists()]
+    if existing:
         if not settings.overwrite:
-            raise GenRepoError(f"{output} is not empty (pass overwrite to replace it)")
-        for name in MODEL_NAMES:
-            shutil.rmtree(output / name, ignore_errors=True)
+            raise GenRepoError(f"{output} already holds the models {', '.join(existing)} (pass overwrite to "
+                               f"replace them)")
+        for name in existing:
+            shutil.rmtree(output / name)
     source_dir = Path(__file__).resolve().parent / "triton_models"
-    for name in MODEL_NAMES:
-        version_dir = output / name / "1"
+    for name in written:
+        version_dir = output / names[name] / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
-        (output / name / "config.pbtxt").write_text(render_config(name, context))
+        (output / names[name] / "config.pbtxt").write_text(render_config(name, context))
         if name in PYTHON_MODEL_SOURCES and not (name == "tensorrt_llm" and context["triton_backend"] != "python"):
             shutil.copyfile(source_dir / PYTHON_MODEL_SOURCES[name], version_dir / "model.py")
     problems = validate_repository(output, streaming=settings.decoupled)

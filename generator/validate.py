@@ -4,6 +4,10 @@ What Triton only reports at load time (or at the first request) is found here wi
 not parse, unfilled `${...}` / `{{ ... }}` placeholders, ensemble maps naming tensors that do not exist or whose
 dtypes differ, missing step models, inconsistent max_batch_size, a non-decoupled generation model when
 streaming is wanted, engine limits exceeded, missing tokenizer / engine files, and GPU count vs world size.
+
+A repository may hold several models side by side (render's `model_name_prefix`): every `<prefix>ensemble`
+makes a group `<prefix>preprocessing`, `<prefix>tensorrt_llm`, ... whose preprocessing / postprocessing are
+the ones its ensemble steps name (possibly shared with other groups), and each group is checked on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 CORE_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
+ROLES = (*CORE_MODELS, "tensorrt_llm_bls")
+#: BLS parameters naming the models it calls, and the role of each
+_BLS_MODEL_PARAMETERS = {"tensorrt_llm_model_name": "tensorrt_llm", "preprocessing_model_name": "preprocessing",
+                         "postprocessing_model_name": "postprocessing"}
 STREAMING_MODELS = ("tensorrt_llm", "tensorrt_llm_bls")
 BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1", "v1")
 _PLACEHOLDER = re.compile(r"\$\{[^}]*\}|\{\{[^}]*\}\}")
@@ -62,6 +70,28 @@ class _Checker:
         self.streaming = streaming
         self.problems: list[Problem] = []
         self.models: dict[str, _Model] = {}
+        # the group being checked: role ("preprocessing", ..., "tensorrt_llm_bls") -> model name
+        self.names: dict[str, str] = {role: role for role in ROLES}
+
+    def model(self, role: str) -> _Model | None:
+        """The model playing `role` in the group being checked."""
+        return self.models.get(self.names[role])
+
+    def groups(self) -> list[dict[str, str]]:
+        """One role -> name map per `<prefix>ensemble` (the unprefixed names when there is no ensemble)."""
+        ensembles = sorted(name for name, model in self.models.items()
+                           if name.endswith("ensemble") and model.config.platform == "ensemble")
+        groups = []
+        for ensemble in ensembles or ["ensemble"]:
+            prefix = ensemble[:-len("ensemble")]
+            names = {role: prefix + role for role in ROLES}
+            steps = self.models[ensemble].config.ensemble_scheduling.step if ensemble in self.models else []
+            for step in steps:  # shared preprocessing / postprocessing: the ones the steps name
+                for role in ("preprocessing", "postprocessing"):
+                    if step.model_name.endswith(role):
+                        names[role] = step.model_name
+            groups.append(names)
+        return groups
 
     def add(self, file: Path | str, field: str, message: str) -> None:
         path = Path(file)
@@ -95,9 +125,13 @@ class _Checker:
     # checks -----------------------------------------------------------------------------------------------
     def check_present(self) -> None:
         """The core models, their version dirs and model.py files, and max_batch_size > 0."""
-        for name in CORE_MODELS:
+        for role in CORE_MODELS:
+            name = self.names[role]
             if name not in self.models and not (self.root / name / "config.pbtxt").exists():
                 self.add(self.root / name / "config.pbtxt", "(file)", f"model '{name}' is missing")
+
+    def check_each_model(self) -> None:
+        """Every model (of any group): its version dir, model.py for python models, max_batch_size > 0."""
         for name, model in self.models.items():
             version_dir = self.root / name / "1"
             if not version_dir.is_dir():
@@ -110,10 +144,10 @@ class _Checker:
 
     def check_streaming(self) -> None:
         """Decoupled generation models where streaming is wanted; BLS and tensorrt_llm agree."""
-        core = self.models.get("tensorrt_llm")
-        bls = self.models.get("tensorrt_llm_bls")
+        core = self.model("tensorrt_llm")
+        bls = self.model("tensorrt_llm_bls")
         if self.streaming:
-            for model in (self.models.get(name) for name in STREAMING_MODELS):
+            for model in (self.model(role) for role in STREAMING_MODELS):
                 if model is not None and not model.config.model_transaction_policy.decoupled:
                     self.add(model.config_file, "model_transaction_policy.decoupled",
                              "must be true: streaming (stream=true) and batched requests need a decoupled model")
@@ -124,7 +158,7 @@ class _Checker:
 
     def check_ensemble(self) -> None:
         """Ensemble steps exist and every map names real tensors of matching dtype."""
-        ensemble = self.models.get("ensemble")
+        ensemble = self.model("ensemble")
         if ensemble is None:
             return
         file = ensemble.config_file
@@ -179,13 +213,13 @@ class _Checker:
 
     def check_tokenizers(self) -> None:
         """tokenizer_dir parameters point at absolute dirs holding tokenizer files."""
-        for name in ("preprocessing", "postprocessing", "tensorrt_llm"):
-            model = self.models.get(name)
+        for role in ("preprocessing", "postprocessing", "tensorrt_llm"):
+            model = self.model(role)
             if model is None:
                 continue
             tokenizer_dir = model.parameter("tokenizer_dir")
             if not tokenizer_dir:
-                if name != "tensorrt_llm":
+                if role != "tensorrt_llm":
                     self.add(model.config_file, "parameters[tokenizer_dir]", "is not set")
                 continue
             path = Path(tokenizer_dir)
@@ -199,7 +233,7 @@ class _Checker:
 
     def check_engine(self) -> None:
         """The engine dir of tensorrt_llm: files per rank, backend, limits, GPUs per instance."""
-        core = self.models.get("tensorrt_llm")
+        core = self.model("tensorrt_llm")
         if core is None:
             return
         file = core.config_file
@@ -282,11 +316,22 @@ class _Checker:
 
     def check_limits(self) -> None:
         """Repository-level batch limits of the python models vs the generation model."""
-        core = self.models.get("tensorrt_llm")
-        bls = self.models.get("tensorrt_llm_bls")
+        core = self.model("tensorrt_llm")
+        bls = self.model("tensorrt_llm_bls")
         if core is not None and bls is not None and bls.config.max_batch_size > core.config.max_batch_size:
             self.add(bls.config_file, "max_batch_size", f"{bls.config.max_batch_size} exceeds tensorrt_llm's "
                      f"{core.config.max_batch_size}")
+
+    def check_bls_models(self) -> None:
+        """The models the BLS calls by name are the ones of its group."""
+        bls = self.model("tensorrt_llm_bls")
+        if bls is None:
+            return
+        for key, role in _BLS_MODEL_PARAMETERS.items():
+            named = bls.parameter(key) or role  # the BLS falls back to the unprefixed name
+            if named != self.names[role]:
+                self.add(bls.config_file, f"parameters[{key}]", f"names '{named}' but the {role} model of this "
+                         f"repository group is '{self.names[role]}'")
 
 
 def _dtype(value: int) -> str:
@@ -319,10 +364,14 @@ def validate_repository(path: str | Path, streaming: bool = True) -> list[Proble
     checker.load_models()
     if not checker.models and not checker.problems:
         return [Problem(str(path), "(dir)", "no */config.pbtxt found: not a Triton model repository")]
-    checker.check_present()
-    checker.check_streaming()
-    checker.check_ensemble()
-    checker.check_tokenizers()
-    checker.check_engine()
-    checker.check_limits()
-    return checker.problems
+    checker.check_each_model()
+    for names in checker.groups():
+        checker.names = names
+        checker.check_present()
+        checker.check_streaming()
+        checker.check_ensemble()
+        checker.check_tokenizers()
+        checker.check_engine()
+        checker.check_limits()
+        checker.check_bls_models()
+    return list(dict.fromkeys(checker.problems))  # a shared model's problems are found once per group

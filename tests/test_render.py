@@ -18,7 +18,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from generator.cli import main
-from generator.errors import ConfigError
+from generator.errors import ConfigError, GenRepoError
 from generator.render import MODEL_NAMES, RenderSettings, render_repository
 from generator.validate import validate_repository
 
@@ -454,6 +454,104 @@ def test_cli_render_then_validate(tmp_path: Path) -> None:
     result = runner.invoke(main, ["render", "--engine-dir", str(engine), "--tokenizer-dir", str(tokenizer),
                                   "--output", str(tmp_path / "repo2"), "--max-batch-size", "99"])
     assert result.exit_code == 2 and "max_batch_size" in result.output
+
+
+def test_model_name_prefix_names_every_model_and_reference(tmp_path: Path) -> None:
+    repo = render(tmp_path, model_name_prefix="mpt_a.")
+    names = [f"mpt_a.{model}" for model in MODEL_NAMES]
+    assert sorted(p.name for p in repo.iterdir()) == sorted(names)
+    for model in MODEL_NAMES:
+        assert load_config(repo, f"mpt_a.{model}").name == f"mpt_a.{model}"
+    steps = load_config(repo, "mpt_a.ensemble").ensemble_scheduling.step
+    assert [step.model_name for step in steps] == ["mpt_a.preprocessing", "mpt_a.tensorrt_llm", "mpt_a.postprocessing"]
+    bls = load_config(repo, "mpt_a.tensorrt_llm_bls").parameters
+    assert {key: bls[key].string_value for key in ("tensorrt_llm_model_name", "preprocessing_model_name",
+                                                   "postprocessing_model_name")} == {
+        "tensorrt_llm_model_name": "mpt_a.tensorrt_llm", "preprocessing_model_name": "mpt_a.preprocessing",
+        "postprocessing_model_name": "mpt_a.postprocessing"}
+    # the default stays unprefixed
+    plain = render(tmp_path, name="plain")
+    assert load_config(plain, "tensorrt_llm_bls").parameters["tensorrt_llm_model_name"].string_value == "tensorrt_llm"
+    assert [s.model_name for s in load_config(plain, "ensemble").ensemble_scheduling.step] == [
+        "preprocessing", "tensorrt_llm", "postprocessing"]
+
+
+def test_several_models_in_one_repository_with_shared_pre_post(tmp_path: Path) -> None:
+    tokenizer = make_tokenizer_dir(tmp_path / "tokenizer")
+    repo = tmp_path / "repo"
+
+    def add(prefix: str, shared: str | None = None, **settings: object) -> Path:
+        engine = make_engine_dir(tmp_path / f"engine_{prefix}")
+        return render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=repo,
+                                                model_name_prefix=prefix, shared_pre_post_prefix=shared,
+                                                **settings))  # type: ignore[arg-type]
+
+    add("a_")
+    add("b_", shared="a_")
+    add("c_")
+    expected = {f"{p}{m}" for p in ("a_", "c_") for m in MODEL_NAMES}
+    expected |= {f"b_{m}" for m in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls")}
+    assert {p.name for p in repo.iterdir()} == expected
+    steps = load_config(repo, "b_ensemble").ensemble_scheduling.step
+    assert [step.model_name for step in steps] == ["a_preprocessing", "b_tensorrt_llm", "a_postprocessing"]
+    bls = load_config(repo, "b_tensorrt_llm_bls").parameters
+    assert bls["preprocessing_model_name"].string_value == "a_preprocessing"
+    assert validate_repository(repo) == []
+    # re-rendering one model replaces only its own models
+    before = (repo / "c_tensorrt_llm" / "config.pbtxt").stat().st_mtime_ns
+    add("a_", bls_instance_count=2)
+    assert [g.count for g in load_config(repo, "a_tensorrt_llm_bls").instance_group] == [2]
+    assert (repo / "c_tensorrt_llm" / "config.pbtxt").stat().st_mtime_ns == before
+    # ... unless told not to
+    with pytest.raises(GenRepoError, match="already holds the models c_preprocessing"):
+        add("c_", overwrite=False)
+    # the whole repository is validated: b_'s ensemble (max_batch_size 8) cannot use a shared pair of 4
+    with pytest.raises(GenRepoError, match="b_ensemble/config.pbtxt: max_batch_size: 8 exceeds step model "
+                                           "'a_preprocessing'"):
+        add("a_", triton_max_batch_size=4)
+
+
+def test_shared_pre_post_must_exist_with_the_same_tokenizer(tmp_path: Path) -> None:
+    engine = make_engine_dir(tmp_path / "engine")
+    repo = tmp_path / "repo"
+    with pytest.raises(ConfigError, match="a_preprocessing/config.pbtxt does not exist"):
+        render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=make_tokenizer_dir(tmp_path / "t1"),
+                                         output_dir=repo, model_name_prefix="b_", shared_pre_post_prefix="a_"))
+    render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tmp_path / "t1", output_dir=repo,
+                                     model_name_prefix="a_"))
+    same = make_tokenizer_dir(tmp_path / "t2")  # a copy with the same bytes is the same tokenizer
+    render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=same, output_dir=repo,
+                                     model_name_prefix="b_", shared_pre_post_prefix="a_"))
+    other = make_tokenizer_dir(tmp_path / "t3")
+    (other / "tokenizer_config.json").write_text('{"model_max_length": 7}')
+    with pytest.raises(ConfigError, match="whose files differ"):
+        render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=other, output_dir=repo,
+                                         model_name_prefix="c_", shared_pre_post_prefix="a_"))
+    with pytest.raises(ConfigError, match="model_name_prefix 'a/b'"):
+        render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=same, output_dir=repo,
+                                         model_name_prefix="a/b"))
+
+
+def test_validate_reports_a_bls_pointing_at_another_group(tmp_path: Path) -> None:
+    repo = render(tmp_path, model_name_prefix="x_")
+    config = repo / "x_tensorrt_llm_bls" / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "x_tensorrt_llm"', 'string_value: "tensorrt_llm"'))
+    problems = validate_repository(repo)
+    assert [(p.field, "x_tensorrt_llm" in p.message) for p in problems] == [
+        ("parameters[tensorrt_llm_model_name]", True)]
+
+
+def test_cli_render_with_prefix(tmp_path: Path) -> None:
+    engine = make_engine_dir(tmp_path / "engine")
+    tokenizer = make_tokenizer_dir(tmp_path / "tok")
+    runner = CliRunner()
+    for prefix, shared in (("one_", []), ("two_", ["--shared-pre-post-prefix", "one_"])):
+        result = runner.invoke(main, ["render", "--engine-dir", str(engine), "--tokenizer-dir", str(tokenizer),
+                                      "--output", str(tmp_path / "repo"), "--model-name-prefix", prefix, *shared])
+        assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "repo", "two_ensemble").ensemble_scheduling.step[0].model_name == "one_preprocessing"
+    result = runner.invoke(main, ["validate", str(tmp_path / "repo")])
+    assert result.exit_code == 0, result.output
 
 
 # --- the rendered pytorch repository, served by the session tritonserver (tests/conftest.py) -------------------

@@ -75,6 +75,9 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.accumulate_tokens = parse_bool(parameter(config, "accumulate_tokens"), False)
         self.core_model = parameter(config, "tensorrt_llm_model_name", "tensorrt_llm")
+        # gen-repo extras, so that several models can share one repository under prefixed names
+        self.preprocessing_model = parameter(config, "preprocessing_model_name", "preprocessing")
+        self.postprocessing_model = parameter(config, "postprocessing_model_name", "postprocessing")
         if parameter(config, "tensorrt_llm_draft_model_name") is not None:
             raise pb_utils.TritonModelException("tensorrt_llm_bls: speculative decoding with a draft model "
                                                 "(tensorrt_llm_draft_model_name) is not supported")
@@ -175,7 +178,7 @@ class TritonPythonModel:
             if value is not None:
                 inputs.append(pb_utils.Tensor(pre_name, _as_batch(value)))
         response = pb_utils.InferenceRequest(
-            model_name="preprocessing", inputs=inputs,
+            model_name=self.preprocessing_model, inputs=inputs,
             requested_output_names=list(_PREPROCESSED)).exec()
         if response.has_error():
             raise RequestError(response.error().message())
@@ -183,7 +186,7 @@ class TritonPythonModel:
 
     def _postprocess(self, tokens, lengths):
         response = pb_utils.InferenceRequest(
-            model_name="postprocessing", requested_output_names=["OUTPUT"],
+            model_name=self.postprocessing_model, requested_output_names=["OUTPUT"],
             inputs=[pb_utils.Tensor("TOKENS_BATCH", tokens.astype(np.int32)),
                     pb_utils.Tensor("SEQUENCE_LENGTH", lengths.astype(np.int32))]).exec()
         if response.has_error():
