@@ -446,10 +446,13 @@ def serve(settings: ServeSettings) -> int:
         code = process.wait()
         raise GenRepoError(f"tritonserver exited with code {code}" + _log_tail(log_file))
     except (KeyboardInterrupt, _Stop):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         click.echo("stopping tritonserver ...")
         code = stop_server(process, shm_prefix=settings.shm_prefix)
         click.echo(f"stopped (exit code {code})")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
         stop_server(process, shm_prefix=settings.shm_prefix)
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,10 @@ def test_serve_then_infer_then_sigterm(tiny_mpt_job: PipelineResult, tmp_path: P
         assert server.wait(timeout=60) == 0
         assert server.stdout is not None
         assert "stopped" in server.stdout.read()
+        # the port is free again: nothing of the server survived
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
+            sock.bind(("127.0.0.1", http_port))
     finally:
         if server.poll() is None:
             server.kill()
@@ -80,3 +85,25 @@ def test_serve_reports_a_server_that_dies_while_loading(tiny_mpt_job: PipelineRe
     assert server.returncode == 2
     assert "exited with code" in stderr and "before it was ready" in stderr
     assert "tensorrt_llm" in stderr  # the log tail names the model that failed
+
+
+def test_ctrl_c_stops_the_server_cleanly(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
+    http_port = free_port()
+    server = subprocess.Popen(
+        [*GEN_REPO, "serve", "--model-repository", str(tiny_mpt_job.triton_repo), "--http-port", str(http_port),
+         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--log-file", str(tmp_path / "log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_for_line(server, r"^ready:", 300)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        assert server.stdout is not None
+        assert "stopped" in server.stdout.read()
+        # the port is free again: nothing of the server survived
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
+            sock.bind(("127.0.0.1", http_port))
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
