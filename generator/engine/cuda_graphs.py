@@ -6,8 +6,8 @@ microseconds each) costs more than the kernels themselves. Replaying a captured 
 Shapes are made static by padding: the batch to the next power of two (padding rows write their K/V into a
 scratch slot past `max_batch_size` and see one key), the key length to the next power of two (at least 128,
 at most max_seq_len; the extra keys are masked). Slots are read either as a slice `0..B-1` (the executor's
-usual, lowest-slots-first layout) or gathered by index. Only single-rank, dense (non-MoE) models are
-captured: routing needs host syncs and collectives stay eager.
+usual, lowest-slots-first layout) or gathered by index. Only single-rank dense (non-MoE) models are
+captured: routing needs host syncs, and collectives stay eager (see `graphs_enabled`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from generator.engine.kv_cache import KVCache
-from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan
+from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan, make_batch
 
 _MIN_KEY_LENGTH = 128
 # fields of the one int64 staging tensor copied to the GPU per step
@@ -26,7 +26,10 @@ _FIELDS = ("token_ids", "positions", "total_lengths", "write_slots", "write_posi
 
 
 def graphs_enabled(model: DecoderModel) -> bool:
-    """Graphs run on CUDA, single rank, dense MLP; GEN_REPO_CUDA_GRAPHS=0 turns them off."""
+    """Graphs run on CUDA, single rank, dense MLP; GEN_REPO_CUDA_GRAPHS=0 turns them off.
+
+    Multi-rank engines stay eager: capturing the TP all-reduces hung in a first try on 2 H200s (not debugged).
+    """
     return (model.device.type == "cuda" and model.mapping.world_size == 1 and model.config.moe is None
             and os.environ.get("GEN_REPO_CUDA_GRAPHS", "1") != "0")
 
@@ -68,13 +71,28 @@ class _Captured:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             logits = model.forward(self.inputs, cache)
-        assert logits is not None
-        self.logits = logits
+        self.logits = logits  # None on ranks other than 0
 
-    def run(self, staging_host: torch.Tensor, rows: int) -> torch.Tensor:
+    def run(self, staging_host: torch.Tensor, rows: int) -> torch.Tensor | None:
         self.staging.copy_(staging_host, non_blocking=True)
         self.graph.replay()
-        return self.logits[:rows]
+        return self.logits[:rows] if self.logits is not None else None
+
+
+def new_runner(model: DecoderModel) -> tuple[KVCache, DecodeGraphs | None]:
+    """The rank's KV cache, plus graphs when they apply (then the cache gets one scratch slot)."""
+    if not graphs_enabled(model):
+        return model.new_cache(), None
+    cache = model.new_cache(extra_slots=1)
+    return cache, DecodeGraphs(model, cache, scratch_slot=model.config.max_batch_size)
+
+
+def run_forward(model: DecoderModel, cache: KVCache, graphs: DecodeGraphs | None,
+                plan: ForwardPlan) -> torch.Tensor | None:
+    """One forward of `plan` on this rank: a graph replay for generation steps when possible, else eager."""
+    if graphs is not None and graphs.handles(plan):
+        return graphs.forward(plan)
+    return model.forward(make_batch(plan, model.device), cache)
 
 
 class DecodeGraphs:
@@ -93,7 +111,7 @@ class DecodeGraphs:
         """A generation step: one new token per row, something cached for each."""
         return all(len(t) == 1 for t in plan.tokens) and min(plan.past_lengths) > 0
 
-    def forward(self, plan: ForwardPlan) -> torch.Tensor:
+    def forward(self, plan: ForwardPlan) -> torch.Tensor | None:
         rows = len(plan.slots)
         batch = min(_next_power_of_two(rows), self.max_batch)
         totals = [p + 1 for p in plan.past_lengths]

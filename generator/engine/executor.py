@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from generator.engine.config import EngineConfig, load_engine_config
-from generator.engine.cuda_graphs import DecodeGraphs, graphs_enabled
+from generator.engine.cuda_graphs import new_runner, run_forward
 from generator.engine.distributed import Communicator, pick_device, process_info
-from generator.engine.model import DecoderModel, ForwardPlan, make_batch
+from generator.engine.model import DecoderModel, ForwardPlan
 from generator.engine.sampling import SamplingConfig, SequenceState, new_generator, sample
 from generator.errors import ConfigError
 
@@ -101,13 +101,15 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
     config, comm, model = _load_rank(Path(engine_dir), device)
     if comm.mapping.rank == 0:
         raise ConfigError("follow() is for ranks > 0; rank 0 creates the Executor")
-    cache = model.new_cache()
+    cache, graphs = new_runner(model)
+    if model.device.type == "cuda":
+        torch.cuda.set_device(model.device)
     with torch.inference_mode():
         while True:
             kind, plan = comm.broadcast_plan(None)
             if kind == _SHUTDOWN:
                 break
-            model.forward(make_batch(plan, model.device), cache)
+            run_forward(model, cache, graphs, plan)
     comm.close()
 
 
@@ -122,12 +124,7 @@ class Executor:
         self.config = config
         self._comm = comm
         self._model = model
-        self._graphs: DecodeGraphs | None = None
-        if graphs_enabled(model):
-            self._cache = model.new_cache(extra_slots=1)
-            self._graphs = DecodeGraphs(model, self._cache, scratch_slot=config.max_batch_size)
-        else:
-            self._cache = model.new_cache()
+        self._cache, self._graphs = new_runner(model)
         self.max_batch_size = config.max_batch_size
         self.max_input_len = config.max_input_len
         self.max_seq_len = config.max_seq_len
@@ -283,11 +280,7 @@ class Executor:
         plan = ForwardPlan([r.slot for r in requests], tokens, past)
         try:
             self._comm.broadcast_plan((_FORWARD, plan))
-            logits: torch.Tensor | None
-            if self._graphs is not None and self._graphs.handles(plan):
-                logits = self._graphs.forward(plan)
-            else:
-                logits = self._model.forward(make_batch(plan, self._model.device), self._cache)
+            logits = run_forward(self._model, self._cache, self._graphs, plan)
             assert logits is not None
             new_tokens, log_probs = sample(logits, [r.state for r in requests])
         except Exception as error:  # noqa: BLE001 - report it on the requests, keep serving
