@@ -8,6 +8,7 @@ One server per layout (a server runs one world size); each model is tiny so the 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from generator.build import BuildSettings, build_engine
 from generator.convert import ConvertSettings, convert_checkpoint
 from generator.pipeline import PipelineResult
 from generator.render import RenderSettings, render_repository
-from generator.serve import repository_world_size, stop_server
+from generator.serve import ServeSettings, launch_command, repository_world_size, stop_server
 from generator.tokenizer import load_tokenizer
 from tests.conftest import start_test_server
 from tests.factories import hf_greedy, make_dbrx, make_mpt
@@ -117,6 +118,9 @@ def test_layout_served_under_mpirun_equals_transformers_greedy(models: Models, n
     layout = LAYOUTS[name]
     job = sharded_job(models, name, layout)
     assert repository_world_size(job.triton_repo) == layout.world_size
+    argv, _ = launch_command(ServeSettings(model_repository=job.triton_repo))  # what start_test_server runs
+    assert Path(argv[0]).name == "mpirun" and argv.count("-n") == layout.world_size
+    assert ("--oversubscribe" in argv) == (layout.world_size > (os.cpu_count() or 1))
     started = time.monotonic()
     server, process = start_test_server(job, models.root / name / "tritonserver.log")
     memory = PeakMemory(process.pid)
