@@ -233,3 +233,18 @@ def test_int8_kv_cache(tmp_path: Path, mpt: tuple[Path, Path, list[list[int]]]) 
     assert [r.token_ids[0] for r in results] == [e[0] for e in mpt[2]]
     matching = sum(a == b for r, e in zip(results, mpt[2], strict=True) for a, b in zip(r.token_ids, e, strict=True))
     assert matching >= 0.7 * NEW_TOKENS * len(PROMPTS)
+
+
+def test_cancel_a_queued_request(executor: Executor) -> None:
+    running = [collect(executor, PROMPTS[0], SamplingConfig(max_new_tokens=40))
+               for _ in range(executor.max_batch_size)]  # every slot busy for a while
+    results: list[GenerationResult] = []
+    queued = executor.enqueue(GenerationRequest(PROMPTS[1], SamplingConfig(max_new_tokens=5), streaming=True),
+                              results.append)
+    executor.cancel(queued)
+    for done, _ in running:
+        assert done.wait(60)
+    deadline = time.time() + 30
+    while not results and time.time() < deadline:
+        time.sleep(0.01)
+    assert [(r.token_ids, r.finished, r.finish_reason) for r in results] == [([], True, "cancelled")]

@@ -377,5 +377,13 @@ class DecoderModel:
     def new_cache(self, extra_slots: int = 0) -> KVCache:
         """A KV cache sized by the engine's build limits for this rank's layers and KV heads (plus
         `extra_slots` scratch slots)."""
-        return KVCache(len(self.layer_ids), self.config.max_batch_size + extra_slots, self.kv_heads,
-                       self.config.max_seq_len, self.head_size, self.dtype, self.device, self.kv_scales)
+        slots = self.config.max_batch_size + extra_slots
+        try:
+            return KVCache(len(self.layer_ids), slots, self.kv_heads, self.config.max_seq_len, self.head_size,
+                           self.dtype, self.device, self.kv_scales)
+        except torch.cuda.OutOfMemoryError as error:
+            per_slot = (2 * len(self.layer_ids) * self.kv_heads * self.config.max_seq_len * self.head_size
+                        * (1 if self.kv_scales is not None else self.dtype.itemsize))
+            raise ConfigError(f"the KV cache ({slots} slots x {per_slot / 2**30:.2f} GiB) does not fit on "
+                              f"{self.device}: rebuild the engine with a smaller max_batch_size or max_seq_len"
+                              ) from error
