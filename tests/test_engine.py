@@ -93,9 +93,12 @@ def test_inflight_batching_matches_requests_alone(executor: Executor, mpt: tuple
 
 def test_streaming_yields_one_token_per_result(executor: Executor, mpt: tuple[Path, Path, list[list[int]]]
                                                ) -> None:
-    done, results = collect(executor, PROMPTS[0], SamplingConfig(max_new_tokens=NEW_TOKENS), streaming=True)
+    done, results = collect(executor, PROMPTS[0], SamplingConfig(max_new_tokens=NEW_TOKENS, return_log_probs=True),
+                            streaming=True)
     assert done.wait(60)
     assert [r.token_ids for r in results] == [[t] for t in mpt[2][0]]
+    assert all(r.log_probs is not None and len(r.log_probs) == 1 and r.log_probs[0] <= 0 for r in results)
+    assert results[-1].cum_log_prob == pytest.approx(sum(r.log_probs[0] for r in results if r.log_probs))
     assert [r.finished for r in results] == [False] * (NEW_TOKENS - 1) + [True]
     assert len({r.request_id for r in results}) == 1
 

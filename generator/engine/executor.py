@@ -333,8 +333,8 @@ class Executor:
         log_probs = None
         cum = None
         if running.state.config.return_log_probs:
-            log_probs = running.log_probs[-len(tokens):] if running.request.streaming and tokens else (
-                [] if running.request.streaming else list(running.log_probs))
+            # `tokens` are the newest ones when streaming, all of them otherwise: the log probs follow suit
+            log_probs = running.log_probs[len(running.log_probs) - len(tokens):]
             cum = float(sum(running.log_probs))
         result = GenerationResult(running.request_id, tokens, finished, reason, log_probs, cum, error)
         try:
