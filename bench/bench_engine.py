@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generator.build import BuildSettings, build_engine  # noqa: E402
 from generator.engine import Executor, GenerationRequest, GenerationResult, SamplingConfig, follow  # noqa: E402
-from generator.engine.distributed import pick_device, process_info  # noqa: E402
+from generator.engine.distributed import ProcessInfo, pick_device, process_info  # noqa: E402
 from generator.mapping import Mapping  # noqa: E402
 
 
@@ -218,7 +218,22 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank,
                                 world_size=info.world_size)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    work = args.work_dir
+    if work is None:  # one temporary dir for all ranks (rank 0 makes it and removes it)
+        box = [tempfile.mkdtemp(prefix="bench-engine-") if info.rank == 0 else None]
+        if info.world_size > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        work = Path(str(box[0]))
+    try:
+        return _benchmark(args, info, mapping, device, work)
+    finally:
+        if args.work_dir is None and info.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, device: torch.device,
+               work: Path) -> int:
+    """Write the weights, build the engine, then (rank 0) time every batch size."""
     checkpoint, engine = work / "checkpoint", work / "engine"
     checkpoint.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -259,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
-    if args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
