@@ -24,6 +24,7 @@ from generator.engine.config import EngineConfig, alibi_slopes
 from generator.engine.distributed import Communicator
 from generator.engine.kv_cache import KVCache
 from generator.errors import ConfigError
+from generator.quantize import dequantize_weight, is_weight_only_target, quantize_weight
 
 # cuDNN's SDPA builds a new plan for every key length (one more each decode step): tens of ms per call
 _ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -98,8 +99,6 @@ def make_batch(plan: ForwardPlan, device: torch.device) -> ForwardBatch:
 
 def _dequantize(weight: torch.Tensor, scale: torch.Tensor, precision: str) -> torch.Tensor:
     """Weight-only int8/int4 `[in, out]` (or `[E, in, out]`) -> float `[out, in]` (`[E, out, in]`)."""
-    from generator.quantize import dequantize_weight
-
     if weight.dim() == 3:
         return torch.stack([dequantize_weight(weight[e], scale[e], precision) for e in range(weight.shape[0])])
     return dequantize_weight(weight, scale, precision)
@@ -149,6 +148,9 @@ class DecoderModel:
                 scale_name = name[: -len(".weight")] + ".per_channel_scale"
                 if precision and tensor.dtype == torch.int8 and scale_name in names:
                     tensor = _dequantize(tensor, handle.get_tensor(scale_name), precision)
+                elif precision and tensor.is_floating_point() and is_weight_only_target(name):
+                    # float weights with quant_algo set: quantized at build time, as trtllm-build does
+                    tensor = _dequantize(*quantize_weight(tensor.to(self.dtype), precision), precision)
                 keep_float32 = name.endswith("mlp.router.weight") or "kv_cache_" in name
                 dtype = torch.float32 if keep_float32 else self.dtype
                 tensors[name] = tensor.to(device=self.device, dtype=dtype)
@@ -314,11 +316,18 @@ class DecoderModel:
         proj = self.tensors[prefix + ".proj.weight"]   # [E_local, d, F_local]
         local_experts = fc.shape[0]
         first = self.mapping.moe_ep_rank * local_experts
+        # group the (token, choice) pairs by expert with one host sync per layer, not one per expert
+        choices = experts.flatten()
+        order = torch.argsort(choices, stable=True)
+        counts = torch.bincount(choices, minlength=moe.num_experts).tolist()
+        starts = [sum(counts[:e]) for e in range(moe.num_experts)]
         out = torch.zeros_like(tokens)
         for index in range(local_experts):
-            token_rows, slot = torch.nonzero(experts == first + index, as_tuple=True)
-            if token_rows.numel() == 0:
+            count = counts[first + index]
+            if count == 0:
                 continue
+            picked = order[starts[first + index]:starts[first + index] + count]
+            token_rows, slot = picked // moe.top_k, picked % moe.top_k
             up, gate = F.linear(tokens[token_rows], fc[index]).chunk(2, dim=-1)
             expert_out = F.linear(F.silu(gate) * up, proj[index])
             out.index_add_(0, token_rows, expert_out * weights[token_rows, slot, None])
