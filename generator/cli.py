@@ -107,6 +107,10 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
               "--weight-only-precision.")
 @click.option("--weight-only-precision", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="Precision for --use-weight-only: int8 (W8A16) or int4 (W4A16).")
+@click.option("--weight-only-at-build", is_flag=True,
+              help="With --use-weight-only: keep float weights and only record quant_algo, so that trtllm-build "
+              "quantizes them in its GPU's layout (what --engine tensorrtllm needs); the pytorch engine then "
+              "quantizes at load.")
 @click.option("--int8-kv-cache", is_flag=True,
               help="INT8 KV cache: calibrate per-layer scales by running the HF model (CPU, float32) on text.")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -118,7 +122,8 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 def convert_command(model_dir: Path, output_dir: Path, dtype: str, tensor_parallel_size: int,
                     pipeline_parallel_size: int, moe_tensor_parallel_size: int | None,
                     moe_expert_parallel_size: int | None, workers: int, use_weight_only: bool,
-                    weight_only_precision: str, int8_kv_cache: bool, calib_text: Path | None,
+                    weight_only_precision: str, weight_only_at_build: bool, int8_kv_cache: bool,
+                    calib_text: Path | None,
                     trust_remote_code: bool, quiet: bool) -> None:
     """Convert a Hugging Face MPT / DBRX checkpoint into a TensorRT-LLM checkpoint."""
     from generator.convert import ConvertSettings, convert_checkpoint
@@ -127,8 +132,8 @@ def convert_command(model_dir: Path, output_dir: Path, dtype: str, tensor_parall
         model_dir=model_dir, output_dir=output_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size, moe_tensor_parallel_size=moe_tensor_parallel_size,
         moe_expert_parallel_size=moe_expert_parallel_size, workers=workers,
-        weight_only_precision=weight_only_precision if use_weight_only else None, int8_kv_cache=int8_kv_cache,
-        calib_text=calib_text, trust_remote_code=trust_remote_code, progress=not quiet)
+        weight_only_precision=weight_only_precision if use_weight_only else None,
+        weight_only_at_build=weight_only_at_build, int8_kv_cache=int8_kv_cache, calib_text=calib_text, trust_remote_code=trust_remote_code, progress=not quiet)
     click.echo(str(convert_checkpoint(settings)))
 
 

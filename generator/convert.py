@@ -52,6 +52,9 @@ class ConvertSettings:
     moe_expert_parallel_size: int | None = None
     workers: int = 1
     weight_only_precision: str | None = None  # None | "int8" | "int4"
+    # Keep the weights in `dtype` and only record `quant_algo`: trtllm-build then quantizes them in the layout
+    # of the GPU it builds on (TensorRT-LLM's preprocess_weights), the pytorch engine when it loads them.
+    weight_only_at_build: bool = False
     int8_kv_cache: bool = False
     calib_text: Path | None = None
     trust_remote_code: bool = False
@@ -81,7 +84,8 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
         "kv_cache_quant_algo": "INT8" if settings.int8_kv_cache else None,
     }
     config = spec.trtllm_config(mapping, dtype, quantization)
-    extensions = spec.extensions() + (["plain_weight_only_layout"] if settings.weight_only_precision else [])
+    quantize_now = settings.weight_only_precision if not settings.weight_only_at_build else None
+    extensions = spec.extensions() + (["plain_weight_only_layout"] if quantize_now else [])
     if extensions:
         # Present only when used, so standard checkpoints stay exactly what TensorRT-LLM's converters write.
         config["gen_repo_extensions"] = extensions
@@ -96,7 +100,7 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
         if calib_text is not None:
             kv_scales = calibrate_kv_cache_scales(model_dir, spec, calib_text, settings.trust_remote_code)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        job = _RankJob(spec, checkpoint, DTYPES[dtype], settings.weight_only_precision, kv_scales,
+        job = _RankJob(spec, checkpoint, DTYPES[dtype], quantize_now, kv_scales,
                        settings.progress)
         _convert_ranks(job, mapping, staging, settings.workers)
         replace_dir(staging, output_dir)

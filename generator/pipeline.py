@@ -140,6 +140,8 @@ def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, ch
         moe_expert_parallel_size=settings.moe_expert_parallel_size, workers=settings.workers,
         optional={"trust_remote_code": settings.trust_remote_code,
                   "weight_only_precision": settings.weight_only_precision,
+                  # trtllm-build quantizes for its own GPU; a pre-quantized plain layout would be refused
+                  "weight_only_at_build": settings.engine_backend == "tensorrtllm",
                   "int8_kv_cache": settings.int8_kv_cache, "progress": settings.progress}))
 
 

@@ -15,8 +15,10 @@ Layout caveat: TensorRT-LLM's converter then runs `preprocess_weights_for_mixed_
 permutation and interleave for its CUTLASS kernels, which needs TensorRT-LLM's torch ops. Without a GPU that
 layout cannot be produced here, so gen-repo writes the plain (non-interleaved) layout above. gen-repo's pytorch
 engine reads it with `dequantize_weight`, and the config lists "plain_weight_only_layout" in
-`gen_repo_extensions` so tools can tell. For a real `trtllm-build`, convert without weight-only flags and let
-`trtllm-build` quantize (recent TensorRT-LLM quantizes float weights of a W8A16/W4A16 checkpoint at build time).
+`gen_repo_extensions` so tools can tell. For a real `trtllm-build`, convert with `weight_only_at_build`
+(`--weight-only-at-build`; the whole job sets it for `--engine tensorrtllm`): float weights plus `quant_algo`,
+which TensorRT-LLM quantizes at build time on the target GPU. The pytorch engine quantizes such a checkpoint
+with the same formula when it loads it, so both layouts run the same numbers.
 
 INT8 KV cache (kv_cache_quant_algo "INT8"): per layer, `attention.kv_cache_scaling_factor` = max |Wqkv output| /
 127 over a calibration text, measured with forward hooks on the HF model's fused QKV projection (before

@@ -14,9 +14,10 @@ Pinned release: TensorRT-LLM 1.2.1, the version inside `nvcr.io/nvidia/tritonser
   from the checkpoint's `quant_algo` (unless the checkpoint sets `disable_weight_only_quant_plugin`, which int4
   does not support). `--gemm_plugin` then only serves the layers left in 16 bits (lm_head). MoE layers with
   weight-only weights need the MoE plugin (the plain-TensorRT MoE rejects them). trtllm-build quantizes only
-  weights that are still float, so a W8A16/W4A16 checkpoint for it holds float weights; gen-repo's convert
-  writes already-quantized int8 in a plain layout instead (`gen_repo_extensions: plain_weight_only_layout`),
-  which is refused here, like every other gen-repo extension;
+  weights that are still float, so a W8A16/W4A16 checkpoint for it holds float weights: gen-repo's convert
+  writes those with `--weight-only-at-build` (the whole job does so for `--engine tensorrtllm`); its default
+  already-quantized plain int8 layout (`gen_repo_extensions: plain_weight_only_layout`) is refused here, like
+  every other gen-repo extension;
 - INT8 KV cache (`kv_cache_quant_algo: INT8`) is read from the checkpoint; it needs the GPT attention plugin;
 - `--workers N` builds N ranks in parallel, one GPU each; trtllm-build itself caps it at the GPUs present.
 

@@ -251,3 +251,28 @@ def test_cancel_a_queued_request(executor: Executor) -> None:
     while not results and time.time() < deadline:
         time.sleep(0.01)
     assert [(r.token_ids, r.finished, r.finish_reason) for r in results] == [([], True, "cancelled")]
+
+
+@pytest.mark.parametrize(("model", "precision"), [("mpt", "int4"), ("dbrx", "int8")])
+def test_weight_only_at_build_runs_the_same_numbers_as_the_plain_layout(tmp_path: Path, model: str,
+                                                                        precision: str) -> None:
+    """Float weights + quant_algo (what trtllm-build wants) run exactly like the pre-quantized plain layout."""
+    from generator.trtllm_build import trtllm_build_commands
+
+    hf_dir = make_mpt(tmp_path / "hf") if model == "mpt" else make_dbrx(tmp_path / "hf")
+    plain = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "plain", dtype="float16",
+                                               weight_only_precision=precision, progress=False))
+    deferred = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "deferred", dtype="float16",
+                                                  weight_only_precision=precision, weight_only_at_build=True,
+                                                  progress=False))
+    config = json.loads((deferred / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == {"int8": "W8A16", "int4": "W4A16"}[precision]
+    assert "plain_weight_only_layout" not in config.get("gen_repo_extensions", [])
+    assert load_file(str(deferred / "rank0.safetensors"))["transformer.layers.0.attention.qkv.weight"].dtype.is_floating_point
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
+    assert ([r.token_ids for r in run_prompts(deferred, PROMPTS[:2], sampling)]
+            == [r.token_ids for r in run_prompts(plain, PROMPTS[:2], sampling)])
+    # trtllm-build takes the deferred checkpoint (the plain layout is refused in tests/test_trtllm.py)
+    commands = trtllm_build_commands(BuildSettings(deferred, tmp_path / "engine", engine_backend="tensorrtllm",
+                                                   max_batch_size=4, max_input_len=16, max_seq_len=32))
+    assert commands and commands[0][0] == "trtllm-build"
