@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,18 @@ def test_weight_only_at_build_runs_the_same_numbers_as_the_plain_layout(tmp_path
     commands = trtllm_build_commands(BuildSettings(deferred, tmp_path / "engine", engine_backend="tensorrtllm",
                                                    max_batch_size=4, max_input_len=16, max_seq_len=32))
     assert commands and commands[0][0] == "trtllm-build"
+
+
+def test_top_p_keeps_at_least_the_most_likely_token(executor: Executor, mpt: tuple[Path, Path, list[list[int]]]
+                                                    ) -> None:
+    result = executor.generate(PROMPTS[2], SamplingConfig(max_new_tokens=NEW_TOKENS, top_p=1e-6, seed=5),
+                               timeout=60)
+    assert result.token_ids == mpt[2][2]
+
+
+def test_top_k_two_draws_from_the_two_most_likely_tokens(executor: Executor,
+                                                         mpt: tuple[Path, Path, list[list[int]]]) -> None:
+    config = SamplingConfig(max_new_tokens=1, top_k=2, temperature=100.0, return_log_probs=True)
+    firsts = {executor.generate(PROMPTS[0], replace(config, seed=seed), timeout=60).token_ids[0]
+              for seed in range(12)}
+    assert mpt[2][0][0] in firsts and len(firsts) == 2

@@ -66,7 +66,8 @@ def new_generator(config: SamplingConfig, device: torch.device) -> torch.Generat
     return generator
 
 
-def _process_row(logits: torch.Tensor, state: SequenceState) -> torch.Tensor:
+def _process_row(logits: torch.Tensor, state: SequenceState) -> None:
+    """Penalties, min_tokens and bad words, applied in place to one row of logits."""
     config = state.config
     sequence = state.prompt + state.output
     if sequence and (config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty):
@@ -86,41 +87,55 @@ def _process_row(logits: torch.Tensor, state: SequenceState) -> torch.Tensor:
         prefix = words[:-1]
         if not prefix or (len(sequence) >= len(prefix) and sequence[-len(prefix):] == prefix):
             logits[words[-1]] = float("-inf")
-    return logits
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        threshold = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
+def _draw(logits: torch.Tensor, states: list[SequenceState]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature -> top-k -> top-p -> one draw per row, for all rows at once.
+
+    Each row's uniform number comes from its own generator; the token is found by inverse CDF over the
+    sorted, filtered distribution. Returns the tokens and the filtered log-softmax at them.
+    """
+    rows, vocab = logits.shape
+    device = logits.device
+    configs = [s.config for s in states]
+    temperature = torch.tensor([max(c.temperature, 1e-5) for c in configs], device=device)
+    top_k = torch.tensor([c.top_k if 0 < c.top_k < vocab else vocab for c in configs], device=device)
+    top_p = torch.tensor([c.top_p if 0.0 < c.top_p < 1.0 else 2.0 for c in configs], device=device)
+    sorted_logits, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    beyond_k = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
+    sorted_logits = sorted_logits.masked_fill(beyond_k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # drop a token when the tokens before it already reach top_p (the first token always stays)
+    beyond_p = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(beyond_p, float("-inf"))
+    log_probs = torch.log_softmax(sorted_logits, dim=-1)
+    cdf = log_probs.exp().cumsum(dim=-1)
+    uniform = torch.stack([torch.rand((), generator=s.generator, device=device) if s.generator is not None
+                           else torch.zeros((), device=device) for s in states])
+    choice = torch.searchsorted(cdf, uniform[:, None], right=True).clamp_(max=vocab - 1)
+    return order.gather(1, choice)[:, 0], log_probs.gather(1, choice)[:, 0]
 
 
 def sample(logits: torch.Tensor, states: list[SequenceState]) -> tuple[list[int], list[float | None]]:
-    """Pick one token per row of `logits` ([B, vocab], float32); returns the tokens and their log probs."""
+    """Pick one token per row of `logits` ([B, vocab], float32); returns the tokens and their log probs.
+
+    One host sync per call, whatever the mix of greedy and sampled rows.
+    """
     want_log_probs = any(s.config.return_log_probs for s in states)
     if all(s.config.is_greedy and not s.config.needs_processing for s in states) and not want_log_probs:
         return logits.argmax(dim=-1).tolist(), [None] * len(states)
-    tokens: list[int] = []
-    log_probs: list[float | None] = []
+    logits = logits.clone()
     for row, state in enumerate(states):
-        config = state.config
-        values = logits[row].clone()
-        if config.needs_processing:
-            values = _process_row(values, state)
-        if config.is_greedy:
-            token = int(values.argmax())
-        else:
-            values = values / max(config.temperature, 1e-5)
-            values = _filter_top_k_top_p(values, config.top_k, config.top_p)
-            probs = torch.softmax(values, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=state.generator))
-        tokens.append(token)
-        log_probs.append(float(torch.log_softmax(values, dim=-1)[token]) if config.return_log_probs else None)
-    return tokens, log_probs
+        if state.config.needs_processing:
+            _process_row(logits[row], state)  # edits the row in place
+    greedy = torch.tensor([s.config.is_greedy for s in states], device=logits.device)
+    tokens = logits.argmax(dim=-1)
+    log_probs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+    if not all(s.config.is_greedy for s in states):
+        drawn, drawn_log_probs = _draw(logits, states)
+        tokens = torch.where(greedy, tokens, drawn)
+        log_probs = torch.where(greedy, log_probs, drawn_log_probs)
+    token_list = tokens.tolist()
+    log_prob_list = log_probs.tolist() if want_log_probs else [None] * len(states)
+    return token_list, [lp if s.config.return_log_probs else None
+                        for lp, s in zip(log_prob_list, states, strict=True)]
