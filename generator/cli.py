@@ -216,6 +216,18 @@ def run_command(prompts: tuple[str, ...], engine_dir: Path, tokenizer_dir: Path 
         print_outputs(outputs, as_json)
 
 
+@main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(bench_args: tuple[str, ...]) -> None:
+    """Tokens/s of the pytorch engine on random MPT-shaped weights (`gen-repo bench --help` for the flags)."""
+    from generator.engine.benchmark import main as bench_main
+
+    code = bench_main(list(bench_args))
+    if code:
+        sys.exit(code)
+
+
 @main.command("models")
 @click.option("--gpu-memory", "gpu_memory_gib", type=float, default=80.0, show_default=True,
               help="GPU memory in GiB for the 'which layouts fit' column.")

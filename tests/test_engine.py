@@ -292,3 +292,14 @@ def test_top_k_two_draws_from_the_two_most_likely_tokens(executor: Executor,
     firsts = {executor.generate(PROMPTS[0], replace(config, seed=seed), timeout=60).token_ids[0]
               for seed in range(12)}
     assert mpt[2][0][0] in firsts and len(firsts) == 2
+
+
+def test_benchmark_reports_every_batch_size(tmp_path: Path) -> None:
+    from generator.engine.benchmark import main as bench_main
+
+    report = tmp_path / "bench.json"
+    assert bench_main(["--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "256", "--batch-sizes", "1,3",
+                       "--input-len", "8", "--output-len", "4", "--json", str(report)]) == 0
+    results = json.loads(report.read_text())["results"]
+    assert [r["batch"] for r in results] == [1, 3]
+    assert [r["generated_tokens"] for r in results] == [4, 12] and all(r["tokens_per_s"] > 0 for r in results)

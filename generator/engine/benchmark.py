@@ -1,0 +1,287 @@
+"""Throughput of the pytorch engine on random MPT-shaped weights (no Hugging Face checkpoint needed).
+
+Each rank writes its own shard of a random TensorRT-LLM checkpoint (ALiBi, no biases, GELU MLP, the layout
+`convert` writes), rank 0 builds the engine dir, then rank 0's Executor runs `batch` requests of `--input-len`
+random tokens at once for every batch size and reports generated tokens per second.
+
+    gen-repo bench --hidden 256 --layers 4 --heads 8 --vocab 1024                        # tiny, CPU
+    gen-repo bench --hidden 4096 --layers 32 --heads 32 --vocab 50432 \
+        --dtype bfloat16 --batch-sizes 1,8,32 --input-len 128 --output-len 128           # MPT-7B shapes, 1 GPU
+    gen-repo bench ... --nproc 2                                                         # TP2: spawns 2 ranks
+    mpirun -n 2 python -m generator.engine.benchmark ...                                 # or under mpirun
+
+(`python bench/bench_engine.py` and `python -m generator.engine.benchmark` take the same flags.)
+
+The world size (from mpirun, torchrun or --nproc) is the tensor-parallel size unless --pp is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from generator.build import BuildSettings, build_engine
+from generator.engine.distributed import ProcessInfo, pick_device, process_info
+from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
+from generator.engine.sampling import SamplingConfig
+from generator.mapping import Mapping
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gen-repo bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA, as MPT-7B)")
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages; tp = world size / pp")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (best is reported)")
+    parser.add_argument("--nproc", type=int, default=None, help="spawn this many local ranks (no mpirun needed)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir, removed after")
+    parser.add_argument("--device", default=None, help="default cuda:<local rank> if available, else cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="time single forwards and print torch.profiler's top operations (single rank)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here (rank 0)")
+    return parser.parse_args(argv)
+
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the dir holding `generator/`, for spawned ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn(nproc: int, argv: list[str]) -> int:
+    """Start `nproc` copies of this script as ranks 0..nproc-1 (torchrun-style environment)."""
+    port = str(_free_port())
+    work = tempfile.mkdtemp(prefix="bench-engine-")
+    forwarded = list(argv)
+    if "--work-dir" not in forwarded:
+        forwarded += ["--work-dir", work]
+    processes = []
+    for rank in range(nproc):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+               "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        processes.append(subprocess.Popen([sys.executable, "-m", "generator.engine.benchmark", *forwarded], env=env))
+    codes = [p.wait() for p in processes]
+    shutil.rmtree(work, ignore_errors=True)
+    return max(codes)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def write_random_shard(args: argparse.Namespace, mapping: Mapping, directory: Path, device: torch.device) -> None:
+    """This rank's random shard, in the layout `convert` writes for MPT (std 0.02, norms at 1)."""
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, args.dtype)
+    tp = mapping.tensor_parallel_size
+    hd = args.hidden // args.heads
+    kv = args.kv_heads or args.heads
+    heads, kv_local = args.heads // tp, max(1, kv // tp)
+    ffn = (args.intermediate or 4 * args.hidden) // tp
+    generator = torch.Generator(device=device).manual_seed(1000 + mapping.rank)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype)
+
+    tensors: dict[str, torch.Tensor] = {}
+    if mapping.is_first_pp_rank:
+        tensors["transformer.vocab_embedding.weight"] = rand(args.vocab, args.hidden)
+    for local, _ in enumerate(mapping.pp_layers(args.layers)):
+        prefix = f"transformer.layers.{local}"
+        tensors[f"{prefix}.input_layernorm.weight"] = ones(args.hidden)
+        tensors[f"{prefix}.attention.qkv.weight"] = rand((heads + 2 * kv_local) * hd, args.hidden)
+        tensors[f"{prefix}.attention.dense.weight"] = rand(args.hidden, heads * hd)
+        tensors[f"{prefix}.post_layernorm.weight"] = ones(args.hidden)
+        tensors[f"{prefix}.mlp.fc.weight"] = rand(ffn, args.hidden)
+        tensors[f"{prefix}.mlp.proj.weight"] = rand(args.hidden, ffn)
+    if mapping.is_last_pp_rank:
+        tensors["transformer.ln_f.weight"] = ones(args.hidden)
+        tensors["lm_head.weight"] = rand(-(-args.vocab // tp), args.hidden)
+    save_file(tensors, str(directory / f"rank{mapping.rank}.safetensors"))
+
+
+def checkpoint_config(args: argparse.Namespace, mapping: Mapping) -> dict[str, object]:
+    return {
+        "architecture": "MPTForCausalLM", "dtype": args.dtype, "logits_dtype": "float32",
+        "vocab_size": args.vocab, "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate or 4 * args.hidden, "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
+        "position_embedding_type": "alibi", "hidden_act": "gelu", "norm_epsilon": 1e-5,
+        "max_position_embeddings": None, "bias": False, "clip_qkv": None, "alibi_bias_max": 8,
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None}, "mapping": mapping.to_json(),
+    }
+
+
+def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[str, float]:
+    """Submit `batch` requests at once; returns wall time, tokens/s and mean time to first token."""
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, args.vocab, (batch, args.input_len), generator=generator).tolist()
+    done = threading.Semaphore(0)
+    first_token: dict[int, float] = {}
+    counts: dict[int, int] = {}
+
+    def on_result(result: GenerationResult) -> None:
+        first_token.setdefault(result.request_id, time.perf_counter())
+        counts[result.request_id] = counts.get(result.request_id, 0) + len(result.token_ids)
+        if result.finished:
+            done.release()
+
+    sampling = SamplingConfig(max_new_tokens=args.output_len)
+    start = time.perf_counter()
+    for prompt in prompts:
+        executor.enqueue(GenerationRequest(prompt, sampling, streaming=True), on_result)
+    for _ in prompts:
+        done.acquire()
+    wall = time.perf_counter() - start
+    generated = sum(counts.values())
+    ttft = sum(t - start for t in first_token.values()) / len(first_token)
+    return {"batch": batch, "seconds": wall, "generated_tokens": generated, "tokens_per_s": generated / wall,
+            "mean_ttft_s": ttft, "decode_step_ms": 1000 * (wall - ttft) / max(1, args.output_len - 1)}
+
+
+def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
+    """Time and profile the model's forwards directly (batch 1: one context phase, then decode steps), in this
+    thread while the executor is idle, so the profiler sees every operation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from generator.engine.model import ForwardPlan, make_batch
+
+    model, cache = executor._model, executor._cache  # the idle executor's own runner and cache
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prompt = list(range(1, args.input_len + 1))
+
+    def forward(plan: ForwardPlan) -> float:
+        sync()
+        start = time.perf_counter()
+        model.forward(make_batch(plan, device), cache)
+        sync()
+        return 1000 * (time.perf_counter() - start)
+
+    with torch.inference_mode():
+        context_ms = forward(ForwardPlan([0], [prompt], [0]))
+        room = max(1, args.output_len - 1)  # positions left in the cache slot
+        steps = [forward(ForwardPlan([0], [[7]], [args.input_len + i % room])) for i in range(8)]
+        print(f"context {context_ms:.2f} ms, decode steps {', '.join(f'{t:.2f}' for t in steps)} ms", flush=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for i in range(4):
+                forward(ForwardPlan([0], [[7]], [args.input_len + (8 + i) % room]))
+    for key in (["cuda_time_total"] if device.type == "cuda" else []) + ["cpu_time_total"]:
+        print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.nproc and process_info().world_size == 1 and "RANK" not in os.environ:
+        return spawn(args.nproc, _without_nproc(argv if argv is not None else sys.argv[1:]))
+    info = process_info()
+    if info.world_size % args.pp:
+        raise SystemExit(f"world size {info.world_size} is not divisible by --pp {args.pp}")
+    mapping = Mapping.create(info.world_size // args.pp, args.pp, rank=info.rank)
+    device = pick_device(info.local_rank, args.device)
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank,
+                                world_size=info.world_size)
+    work = args.work_dir
+    if work is None:  # one temporary dir for all ranks (rank 0 makes it and removes it)
+        box = [tempfile.mkdtemp(prefix="bench-engine-") if info.rank == 0 else None]
+        if info.world_size > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        work = Path(str(box[0]))
+    try:
+        return _benchmark(args, info, mapping, device, work)
+    finally:
+        if args.work_dir is None and info.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, device: torch.device,
+               work: Path) -> int:
+    """Write the weights, build the engine, then (rank 0) time every batch size."""
+    checkpoint, engine = work / "checkpoint", work / "engine"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    write_random_shard(args, mapping, checkpoint, device)
+    if info.rank == 0:
+        (checkpoint / "config.json").write_text(json.dumps(checkpoint_config(args, mapping), indent=2))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if info.world_size > 1:
+        torch.distributed.barrier()
+    if info.rank == 0:
+        build_engine(BuildSettings(checkpoint, engine, max_batch_size=max(batch_sizes),
+                                   max_input_len=args.input_len, max_seq_len=args.input_len + args.output_len,
+                                   max_num_tokens=max(batch_sizes) * args.input_len))
+    if info.world_size > 1:
+        torch.distributed.barrier()
+    prepared = time.perf_counter() - started
+    if info.rank != 0:
+        follow(engine, device=args.device)
+        return 0
+    results = []
+    with Executor(engine, device=args.device) as executor:
+        print(f"weights written and loaded in {prepared:.1f} s; device {device}, world size {info.world_size} "
+              f"(tp {mapping.tensor_parallel_size}, pp {mapping.pipeline_parallel_size}), dtype {args.dtype}",
+              flush=True)
+        run_batch(executor, 1, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
+        if args.profile:
+            profile_forwards(executor, args)
+        for batch in batch_sizes:
+            best = max((run_batch(executor, batch, args) for _ in range(args.repeats)),
+                       key=lambda r: r["tokens_per_s"])
+            results.append(best)
+            print(f"batch {batch:3d}: {best['tokens_per_s']:9.1f} tokens/s  ({best['generated_tokens']} tokens in "
+                  f"{best['seconds']:.2f} s, mean TTFT {1000 * best['mean_ttft_s']:.1f} ms, "
+                  f"decode step {best['decode_step_ms']:.2f} ms)", flush=True)
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "world_size": info.world_size, "results": results}
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
