@@ -250,10 +250,14 @@ def free_port() -> int:
 
 
 def start_server(settings: ServeSettings) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start tritonserver in a session of its own, output to the log file; returns (process, log file)."""
+    """Start tritonserver in a session of its own, output to the log file; returns (process, log file).
+
+    World size > 1 without `master_port` gets a free one: a fixed default would collide with any other
+    multi-rank server or job on the machine."""
     repository = Path(settings.model_repository)
     if not repository.is_dir():
         raise GenRepoError(f"model repository {repository} does not exist (run `gen-repo --model ...` first)")
+    settings = resolve_settings(settings)
     install = find_tritonserver(settings.triton_bin)
     ensure_python_stub(install)
     argv, env = launch_command(settings, install)
