@@ -11,7 +11,6 @@ Output layout (docs/DESIGN.md):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -132,17 +131,17 @@ def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, ch
     _fresh(checkpoint_dir)
     tensor_parallel_size = settings.tensor_parallel_size or (preset.tensor_parallel_size if preset else 1)
     pipeline_parallel_size = settings.pipeline_parallel_size or (preset.pipeline_parallel_size if preset else 1)
-    convert_checkpoint(make_settings(
-        ConvertSettings, model_dir=hf_dir, output_dir=checkpoint_dir,
-        dtype=settings.dtype or (preset.dtype if preset else None),
+    convert_checkpoint(ConvertSettings(
+        model_dir=hf_dir, output_dir=checkpoint_dir,
+        **_given(dtype=settings.dtype or (preset.dtype if preset else None),
+                 moe_tensor_parallel_size=settings.moe_tensor_parallel_size,
+                 moe_expert_parallel_size=settings.moe_expert_parallel_size,
+                 weight_only_precision=settings.weight_only_precision),
         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-        moe_tensor_parallel_size=settings.moe_tensor_parallel_size,
-        moe_expert_parallel_size=settings.moe_expert_parallel_size, workers=settings.workers,
-        optional={"trust_remote_code": settings.trust_remote_code,
-                  "weight_only_precision": settings.weight_only_precision,
-                  # trtllm-build quantizes for its own GPU; a pre-quantized plain layout would be refused
-                  "weight_only_at_build": settings.engine_backend == "tensorrtllm",
-                  "int8_kv_cache": settings.int8_kv_cache, "progress": settings.progress}))
+        workers=settings.workers, trust_remote_code=settings.trust_remote_code,
+        # trtllm-build quantizes for its own GPU; a pre-quantized plain layout would be refused
+        weight_only_at_build=settings.engine_backend == "tensorrtllm",
+        int8_kv_cache=settings.int8_kv_cache, progress=settings.progress))
 
 
 def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path,
@@ -154,18 +153,18 @@ def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, chec
     max_batch_size = settings.max_batch_size or limits["max_batch_size"]
     max_input_len = settings.max_input_len or limits["max_input_len"]
     max_seq_len = settings.max_seq_len or max(limits["max_seq_len"], max_input_len + 1)
-    build_engine(make_settings(
-        BuildSettings, checkpoint_dir=checkpoint_dir, output_dir=engine_dir, engine_backend=settings.engine_backend,
+    build_engine(BuildSettings(
+        checkpoint_dir=checkpoint_dir, output_dir=engine_dir, engine_backend=settings.engine_backend,
         max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-        max_num_tokens=settings.max_num_tokens, optional={"workers": settings.workers}))
+        workers=settings.workers, **_given(max_num_tokens=settings.max_num_tokens)))
 
 
 def _render(result: PipelineResult) -> None:
     from generator.render import RenderSettings, render_repository
 
     _fresh(result.triton_repo)
-    render_repository(make_settings(RenderSettings, engine_dir=result.engine_dir,
-                                    tokenizer_dir=result.tokenizer_dir, output_dir=result.triton_repo))
+    render_repository(RenderSettings(engine_dir=result.engine_dir, tokenizer_dir=result.tokenizer_dir,
+                                     output_dir=result.triton_repo))
 
 
 def default_limits(preset: Preset | None, hf_dir: Path) -> dict[str, int]:
@@ -198,13 +197,6 @@ def copy_tokenizer_files(hf_dir: Path, tokenizer_dir: Path) -> list[Path]:
     return copied
 
 
-def make_settings(cls: type, optional: dict[str, Any] | None = None, **required: Any) -> Any:
-    """Build a step's frozen settings: `required` keys must be fields; `optional` ones are passed only if the
-    dataclass has them. None values are left to the dataclass defaults."""
-    names = {field.name for field in dataclasses.fields(cls)}
-    missing = [name for name in required if name not in names]
-    if missing:
-        raise TypeError(f"{cls.__name__} lacks the fields {missing} that docs/DESIGN.md promises")
-    kwargs = {k: v for k, v in required.items() if v is not None}
-    kwargs.update({k: v for k, v in (optional or {}).items() if k in names and v is not None})
-    return cls(**kwargs)
+def _given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that are set: None leaves a field to its settings dataclass's default."""
+    return {name: value for name, value in values.items() if value is not None}
