@@ -94,6 +94,28 @@ def test_ensemble_text_equals_transformers_greedy(triton_server: RunningServer, 
     assert _hf_tokenizer(job.hf_dir).encode(text) == list(hf_ids)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ensemble_token_ids_equal_transformers_greedy(triton_server: RunningServer, protocol: str) -> None:
+    """The ensemble also returns the generated ids (`output_ids`): exactly transformers' greedy ids."""
+    job = triton_server.job
+    for prompt in PROMPTS:
+        values = {"text_input": prompt, "max_tokens": NEW_TOKENS, "exclude_input_in_output": True}
+        if protocol == "http":
+            request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/ensemble/generate",
+                                             data=json.dumps(values).encode(), method="POST")
+            with urllib.request.urlopen(request, timeout=120) as response:
+                body = json.loads(response.read())
+            served = np.asarray(body["output_ids"]).reshape(-1)[: int(np.asarray(body["sequence_length"]).reshape(-1)[0])]
+        else:
+            inputs = build_grpc_inputs(values, model_inputs(triton_server.grpc_url, "ensemble"), "ensemble")
+            results = [r for r in stream_grpc(triton_server.grpc_url, "ensemble", inputs, timeout_s=120)
+                       if r.as_numpy("output_ids") is not None]
+            assert len(results) == 1
+            length = int(results[0].as_numpy("sequence_length").reshape(-1)[0])
+            served = results[0].as_numpy("output_ids").reshape(-1)[:length]
+        assert served.tolist() == list(_hf_new_ids(job.hf_dir, prompt)), (prompt, protocol)
+
+
 def test_ensemble_includes_the_prompt_unless_excluded(triton_server: RunningServer) -> None:
     prompt = PROMPTS[0]
     with_prompt = _ask(triton_server, prompt, exclude_input_in_output=False)

@@ -349,9 +349,16 @@ def test_ensemble_maps_match_anchor(tmp_path: Path, engine_backend: str) -> None
     repo = render(tmp_path, engine_backend=engine_backend)
     steps = load_config(repo, "ensemble").ensemble_scheduling.step
     ours = [(step.model_name, dict(step.input_map), dict(step.output_map)) for step in steps]
-    # our one extra: the pytorch model also takes `seed` under its older name `random_seed`
+    # our extras: the pytorch model also takes `seed` under its older name `random_seed`; and the token ids
+    # flow through ensemble tensors named `output_ids` / `sequence_length` (the anchor's `_TOKENS_BATCH` /
+    # `_SEQUENCE_LENGTH`), so the ensemble can also return them to clients
     assert ours[1][1].pop("random_seed", None) == ("random_seed" if engine_backend == "pytorch" else None)
+    internal = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
+    ours = [(model, {k: internal.get(v, v) for k, v in inputs.items()},
+             {k: internal.get(v, v) for k, v in outputs.items()}) for model, inputs, outputs in ours]
     assert ours == ANCHOR_ENSEMBLE_STEPS
+    outputs = {tensor.name for tensor in load_config(repo, "ensemble").output}
+    assert {"output_ids", "sequence_length"} <= outputs
 
 
 def test_tensorrtllm_has_every_anchor_parameter(tmp_path: Path) -> None:
