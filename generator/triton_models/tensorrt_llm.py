@@ -54,6 +54,13 @@ class RequestError(ValueError):
     """A request answered with an error response."""
 
 
+def _is_cancelled(request):
+    try:
+        return bool(request.is_cancelled())
+    except Exception:  # a request Triton no longer knows counts as not cancelled
+        return False
+
+
 def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
@@ -94,6 +101,9 @@ class _Pending:
     responses: list = field(default_factory=list)  # non-decoupled: collected here
     finished: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    # Set, under the model's lock, when the FINAL response goes out: Triton then frees the request, and asking
+    # it `is_cancelled()` afterwards crashes tritonserver 2.51 (TRITONBACKEND_ResponseFactoryIsCancelled).
+    final_sent: bool = False
 
 
 class TritonPythonModel:
@@ -283,7 +293,7 @@ class TritonPythonModel:
         if result.error is not None or result.finish_reason == "error":
             self._send(pending, item, None, error=result.error or "generation failed", final_item=True)
             return
-        if result.finish_reason == "cancelled" and pending.request.is_cancelled():
+        if result.finish_reason == "cancelled" and self._was_cancelled_by_client(pending):
             self._send(pending, item, None, final_item=True)
             return
         tokens = list(result.token_ids)
@@ -363,12 +373,23 @@ class TritonPythonModel:
                     pending.responses.append(pb_utils.InferenceResponse(output_tensors=[]))
                 pending.finished.set()
             return
-        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0
-        if response is None:
-            if last:
-                pending.sender.send(flags=flags)
+        if not last:
+            if response is not None:
+                pending.sender.send(response)
             return
-        pending.sender.send(response, flags=flags)
+        with self._lock:  # never while the cancellation watcher asks this request is_cancelled()
+            if pending.final_sent:
+                return
+            pending.final_sent = True
+            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            if response is None:
+                pending.sender.send(flags=flags)
+            else:
+                pending.sender.send(response, flags=flags)
+
+    def _was_cancelled_by_client(self, pending):
+        with self._lock:
+            return not pending.final_sent and _is_cancelled(pending.request)
 
     def _forget(self, item):
         if item.request_id is not None:
@@ -379,14 +400,10 @@ class TritonPythonModel:
         """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor."""
         while not self._stop.wait(self.cancel_period_s):
             with self._lock:
-                snapshot = list(self._pending.items())
-            for request_id, pending in snapshot:
-                try:
-                    cancelled = pending.request.is_cancelled()
-                except Exception:
-                    cancelled = False
-                if cancelled:
-                    self.executor.cancel(request_id)
+                cancelled = [request_id for request_id, pending in self._pending.items()
+                             if not pending.final_sent and _is_cancelled(pending.request)]
+            for request_id in cancelled:
+                self.executor.cancel(request_id)
 
     def finalize(self):
         if hasattr(self, "_stop"):
