@@ -39,6 +39,17 @@ def load_model_config(args: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(args["model_config"]))
 
 
+def configured_tokenizer(model_config: dict[str, Any]) -> Any:
+    """The tokenizer the `tokenizer_dir` / `trust_remote_code` parameters name, or None without a dir."""
+    from generator.tokenizer import load_tokenizer
+
+    tokenizer_dir = parameter(model_config, "tokenizer_dir")
+    if tokenizer_dir is None:
+        return None
+    return load_tokenizer(tokenizer_dir, trust_remote_code=parse_bool(parameter(model_config, "trust_remote_code"),
+                                                                      False))
+
+
 def to_word_list_format(word_lists: list[list[str]], encode: Any) -> np.ndarray:
     """Stop / bad words per batch item -> INT32 [batch, 2, N]: row 0 the concatenated ids (padded with 0),
     row 1 the cumulative end offsets (padded with -1), as TensorRT-LLM expects. Empty words are skipped."""

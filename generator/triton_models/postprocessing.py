@@ -10,8 +10,13 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.tokenizer import load_tokenizer
-from generator.triton_models.common import ChunkDecoder, load_model_config, parameter, parse_bool
+from generator.triton_models.common import (
+    ChunkDecoder,
+    configured_tokenizer,
+    load_model_config,
+    parameter,
+    parse_bool,
+)
 
 
 class TritonPythonModel:
@@ -19,11 +24,9 @@ class TritonPythonModel:
 
     def initialize(self, args):
         config = load_model_config(args)
-        tokenizer_dir = parameter(config, "tokenizer_dir")
-        if tokenizer_dir is None:
+        self.tokenizer = configured_tokenizer(config)
+        if self.tokenizer is None:
             raise pb_utils.TritonModelException("postprocessing: parameter tokenizer_dir is not set")
-        self.tokenizer = load_tokenizer(tokenizer_dir,
-                                        trust_remote_code=parse_bool(parameter(config, "trust_remote_code"), False))
         self.skip_special_tokens = parse_bool(parameter(config, "skip_special_tokens"), True)
         self.decoder = ChunkDecoder(self.tokenizer, self.skip_special_tokens)
 

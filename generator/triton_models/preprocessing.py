@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.tokenizer import load_tokenizer
 from generator.triton_models.common import (
+    configured_tokenizer,
     decode_strings,
     load_model_config,
     parameter,
@@ -35,11 +35,9 @@ class TritonPythonModel:
 
     def initialize(self, args):
         config = load_model_config(args)
-        tokenizer_dir = parameter(config, "tokenizer_dir")
-        if tokenizer_dir is None:
+        self.tokenizer = configured_tokenizer(config)
+        if self.tokenizer is None:
             raise pb_utils.TritonModelException("preprocessing: parameter tokenizer_dir is not set")
-        self.tokenizer = load_tokenizer(tokenizer_dir,
-                                        trust_remote_code=parse_bool(parameter(config, "trust_remote_code"), False))
         self.add_special_tokens = parse_bool(parameter(config, "add_special_tokens"), True)
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id

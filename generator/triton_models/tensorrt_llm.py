@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from generator.triton_models.common import (
     Utf8HoldBack,
+    configured_tokenizer,
     from_word_list_format,
     load_model_config,
     parameter,
@@ -128,13 +129,7 @@ class TritonPythonModel:
 
         self.executor = Executor(engine_dir)
         self.exclude_input_default = parse_bool(parameter(config, "exclude_input_in_output"), False)
-        self.tokenizer = None
-        tokenizer_dir = parameter(config, "tokenizer_dir")
-        if tokenizer_dir is not None:
-            from generator.tokenizer import load_tokenizer
-
-            self.tokenizer = load_tokenizer(tokenizer_dir,
-                                            trust_remote_code=parse_bool(parameter(config, "trust_remote_code"), False))
+        self.tokenizer = configured_tokenizer(config)  # only to hold back split UTF-8 characters when streaming
         self.cancel_period_s = int(parameter(config, "cancellation_check_period_ms", "100")) / 1000.0
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}  # executor request id -> its Triton request
