@@ -60,13 +60,16 @@ class ServeSettings:
     extra_args: tuple[str, ...] = ()         # passed to every rank's tritonserver
     cpu_only: bool | None = None             # None: detect (no /dev/nvidia0 and no nvidia-smi)
     master_port: int | None = None           # torch.distributed rendezvous for world size > 1; serve() picks a free one
-    tensorrt_llm_model_name: str = "tensorrt_llm"
+    tensorrt_llm_model_name: str = "tensorrt_llm"    # comma-separated for several engines
     oversubscribe: bool | None = None        # None: when the world size exceeds the CPU count
     # Non-empty: name every python-backend /dev/shm region "<shm_prefix>..." (ranks: "<shm_prefix>prefix{i}_..."),
     # so that `stop_server` can remove what stubs killed mid-start leave behind. Empty: Triton's defaults,
     # and launch_triton_server.py's "prefix{i}_" for ranks.
     shm_prefix: str = ""
     launcher: str = "mpirun"                 # "mpirun", or "local": generator.local_launch, one host, no MPI
+    # TensorRT-LLM's orchestrator mode (launch_triton_server.py --multi-model): one tritonserver whose tensorrtllm
+    # backend spawns each engine's ranks itself (TRTLLM_ORCHESTRATOR=1), so several engines can be served
+    multi_model: bool = False
     ready_timeout_s: float = 600.0
 
 
@@ -176,10 +179,18 @@ def launch_command(settings: ServeSettings, install: TritonInstall | None = None
     With world size > 1 this is one `mpirun` line (leader mode); `settings.world_size` must be set or
     readable from the repository."""
     install = install or find_tritonserver(settings.triton_bin)
-    world_size = settings.world_size or repository_world_size(settings.model_repository,
-                                                              settings.tensorrt_llm_model_name)
+    model_names = _model_names(settings)
+    world_size = settings.world_size or repository_world_size(settings.model_repository, model_names[0])
     cpu_only = detect_cpu_only() if settings.cpu_only is None else settings.cpu_only
     env = server_environment(install)
+    if settings.multi_model:
+        for name in model_names:
+            backend = _model_backend(Path(settings.model_repository), name)
+            if backend != "tensorrtllm":
+                raise GenRepoError(f"--multi-model is TensorRT-LLM's orchestrator mode: {name} uses the {backend} "
+                                   "backend, not tensorrtllm (the pytorch engine serves multi-rank in leader mode)")
+        env["TRTLLM_ORCHESTRATOR"] = "1"
+        return _rank_args(settings, install, cpu_only, rank=None), env
     if world_size == 1:
         return _rank_args(settings, install, cpu_only, rank=None), env
     if settings.launcher == "local":
@@ -215,10 +226,24 @@ def _rank_args(settings: ServeSettings, install: TritonInstall, cpu_only: bool, 
     if rank is not None:
         args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}prefix{rank}_")
         if rank > 0:
-            args += ["--model-control-mode=explicit", f"--load-model={settings.tensorrt_llm_model_name}"]
+            args += ["--model-control-mode=explicit", *(f"--load-model={name}" for name in _model_names(settings))]
     elif settings.shm_prefix:
         args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}")
     return args + list(settings.extra_args)
+
+
+def _model_names(settings: ServeSettings) -> list[str]:
+    """The tensorrt_llm model(s) ranks > 0 load: a comma-separated list, as launch_triton_server.py takes."""
+    return [name.strip() for name in settings.tensorrt_llm_model_name.split(",") if name.strip()]
+
+
+def _model_backend(model_repository: Path, model_name: str) -> str:
+    """The `backend` a model's config.pbtxt names ("" when it has none)."""
+    config_path = model_repository / model_name / "config.pbtxt"
+    if not config_path.is_file():
+        raise GenRepoError(f"{config_path} does not exist")
+    match = re.search(r'^\s*backend\s*:\s*"([^"]*)"', config_path.read_text(), re.MULTILINE)
+    return match.group(1) if match else ""
 
 
 def server_environment(install: TritonInstall) -> dict[str, str]:
@@ -414,7 +439,7 @@ def _signal_session(process: subprocess.Popen[bytes], sig: signal.Signals) -> No
 def resolve_settings(settings: ServeSettings) -> ServeSettings:
     """Fill in the world size from the repository and a free rendezvous port for world size > 1."""
     world_size = settings.world_size or repository_world_size(Path(settings.model_repository),
-                                                              settings.tensorrt_llm_model_name)
+                                                              _model_names(settings)[0])
     master_port = settings.master_port
     if world_size > 1 and master_port is None:
         master_port = free_port()
@@ -430,7 +455,8 @@ def serve(settings: ServeSettings) -> int:
     settings = resolve_settings(settings)
     if settings.dry_run:
         argv, env = launch_command(settings)
-        click.echo(f"PATH={shlex.quote(env['PATH'])} LD_LIBRARY_PATH={shlex.quote(env['LD_LIBRARY_PATH'])} \\")
+        shown = ["PATH", "LD_LIBRARY_PATH"] + (["TRTLLM_ORCHESTRATOR"] if settings.multi_model else [])
+        click.echo(" ".join(f"{name}={shlex.quote(env[name])}" for name in shown) + " \\")
         click.echo(shlex.join(argv))
         return 0
     process, log_file = start_server(settings)

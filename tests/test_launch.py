@@ -131,3 +131,41 @@ def test_leader_mode_matches_launch_triton_server(tmp_path: Path, triton_bin: Pa
         assert flags - anchor <= allowed_extras, f"rank {rank} adds {flags - anchor - allowed_extras}"
     # only rank 0 loads the whole repository (and so serves HTTP/gRPC)
     assert ["--load-model=tensorrt_llm" in block for block in blocks] == [False] + [True] * (world_size - 1)
+
+
+def test_multi_model_is_one_server_in_orchestrator_mode(tmp_path: Path) -> None:
+    """launch_triton_server.py --multi-model: one tritonserver, TRTLLM_ORCHESTRATOR=1, the backend spawns ranks."""
+    repository = make_repository(tmp_path, world_size=4)
+    triton_bin = tmp_path / "tritonserver"
+    triton_bin.write_text("")
+    result = CliRunner().invoke(main, ["serve", "--model-repository", str(repository), "--triton-bin",
+                                       str(triton_bin), "--multi-model", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    env_line, command_line = result.output.strip().splitlines()
+    assert env_line.endswith("TRTLLM_ORCHESTRATOR=1 \\")
+    argv = shlex.split(command_line)
+    assert argv[0] == str(triton_bin) and "mpirun" not in command_line and ":" not in argv
+
+
+def test_multi_model_refuses_the_pytorch_engine(tmp_path: Path) -> None:
+    repository = make_repository(tmp_path, world_size=2)
+    config = repository / "tensorrt_llm" / "config.pbtxt"
+    config.write_text(config.read_text().replace('backend: "tensorrtllm"', 'backend: "python"'))
+    triton_bin = tmp_path / "tritonserver"
+    triton_bin.write_text("")
+    result = CliRunner().invoke(main, ["serve", "--model-repository", str(repository), "--triton-bin",
+                                       str(triton_bin), "--multi-model", "--dry-run"])
+    assert result.exit_code == 2 and "orchestrator mode" in result.output
+
+
+def test_ranks_above_zero_load_every_named_engine_model(tmp_path: Path) -> None:
+    repository = make_repository(tmp_path, world_size=2)
+    triton_bin = tmp_path / "tritonserver"
+    triton_bin.write_text("")
+    result = CliRunner().invoke(main, ["serve", "--model-repository", str(repository), "--triton-bin",
+                                       str(triton_bin), "--tensorrt-llm-model-name", "tensorrt_llm,other_llm",
+                                       "--dry-run"])
+    assert result.exit_code == 0, result.output
+    blocks = " ".join(shlex.split(result.output.strip().splitlines()[1])).split(" : ")
+    assert "--load-model=tensorrt_llm --load-model=other_llm" in blocks[1]
+    assert "--load-model" not in blocks[0]
