@@ -16,6 +16,7 @@ import pytest
 
 from generator.pipeline import PipelineResult, PipelineSettings, run_pipeline
 from generator.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready
+from tests.factories import make_dbrx, make_mpt
 
 SERVER_READY_TIMEOUT_S = 300.0
 
@@ -75,3 +76,15 @@ def triton_server(tiny_mpt_job: PipelineResult, tmp_path_factory: pytest.TempPat
         yield server
     finally:
         stop_server(process, shm_prefix=server.shm_prefix)
+
+
+@pytest.fixture(scope="session")
+def mpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random HF MPT checkpoint (read-only: tests copy it before changing anything)."""
+    return make_mpt(tmp_path_factory.mktemp("hf") / "mpt")
+
+
+@pytest.fixture(scope="session")
+def dbrx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random HF DBRX checkpoint (read-only)."""
+    return make_dbrx(tmp_path_factory.mktemp("hf") / "dbrx")

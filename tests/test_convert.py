@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from generator.convert import ConvertSettings, SafetensorsWriter, convert_checkpoint
 from generator.errors import GenRepoError
 from generator.hf_checkpoint import HFCheckpoint, read_safetensors_header
-from tests.factories import make_dbrx, make_mpt
 
 
 def convert(model_dir: Path, output_dir: Path, **kwargs: Any) -> Path:
@@ -68,16 +67,6 @@ def make_gqa_mpt(mha_dir: Path, target: Path, kv_heads: int) -> Path:
 
 def read_config(checkpoint: Path) -> dict[str, Any]:
     return read_json(checkpoint / "config.json")
-
-
-@pytest.fixture(scope="module")
-def mpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mpt(tmp_path_factory.mktemp("hf") / "mpt")
-
-
-@pytest.fixture(scope="module")
-def dbrx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dbrx(tmp_path_factory.mktemp("hf") / "dbrx")
 
 
 def test_mpt_tp1_matches_hf(mpt_dir: Path, tmp_path: Path) -> None:

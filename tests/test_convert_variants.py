@@ -14,18 +14,8 @@ from safetensors.torch import load_file
 from generator.errors import ConfigError
 from generator.inspect import unshard_checkpoint
 from generator.models import spec_for
-from tests.factories import make_dbrx, make_mpt
+from tests.factories import make_mpt
 from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
-
-
-@pytest.fixture(scope="module")
-def mpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mpt(tmp_path_factory.mktemp("hf") / "mpt")
-
-
-@pytest.fixture(scope="module")
-def dbrx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dbrx(tmp_path_factory.mktemp("hf") / "dbrx")
 
 
 def _random(*shape: int, seed: int) -> torch.Tensor:

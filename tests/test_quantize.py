@@ -10,18 +10,7 @@ from safetensors.torch import load_file
 
 from generator.errors import GenRepoError
 from generator.quantize import dequantize_weight, pack_int4, quantize_weight, unpack_int4
-from tests.factories import make_dbrx, make_mpt
 from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
-
-
-@pytest.fixture(scope="module")
-def mpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mpt(tmp_path_factory.mktemp("hf") / "mpt")
-
-
-@pytest.fixture(scope="module")
-def dbrx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dbrx(tmp_path_factory.mktemp("hf") / "dbrx")
 
 
 def reference_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
