@@ -58,18 +58,9 @@ def test_serve_then_infer_then_sigterm(tiny_mpt_job: PipelineResult, tmp_path: P
                                      *url, *extra], capture_output=True, text=True, timeout=120)
             assert answer.returncode == 0, answer.stderr
             assert answer.stdout == expected + "\n"
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0
-        assert server.stdout is not None
-        assert "stopped" in server.stdout.read()
-        # the port is free again: nothing of the server survived
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
-            sock.bind(("127.0.0.1", http_port))
+        _assert_stops_cleanly(server, signal.SIGTERM, http_port)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        _kill_if_running(server)
 
 
 def test_serve_reports_a_server_that_dies_while_loading(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
@@ -95,15 +86,23 @@ def test_ctrl_c_stops_the_server_cleanly(tiny_mpt_job: PipelineResult, tmp_path:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         _wait_for_line(server, r"^ready:", 300)
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
-        assert server.stdout is not None
-        assert "stopped" in server.stdout.read()
-        # the port is free again: nothing of the server survived
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
-            sock.bind(("127.0.0.1", http_port))
+        _assert_stops_cleanly(server, signal.SIGINT, http_port)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        _kill_if_running(server)
+
+
+def _assert_stops_cleanly(server: subprocess.Popen[str], sig: signal.Signals, http_port: int) -> None:
+    """`sig` stops `gen-repo serve` with exit 0, and the HTTP port is free again: nothing of the server survived."""
+    server.send_signal(sig)
+    assert server.wait(timeout=60) == 0
+    assert server.stdout is not None
+    assert "stopped" in server.stdout.read()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
+        sock.bind(("127.0.0.1", http_port))
+
+
+def _kill_if_running(server: subprocess.Popen[str]) -> None:
+    if server.poll() is None:
+        server.kill()
+        server.wait()
