@@ -1,0 +1,238 @@
+"""Where does served time go? Serve a random MPT-shaped model and drive the `ensemble` at fixed concurrencies.
+
+One run, one machine: the whole job (convert -> build -> render) on a random MPT checkpoint, a real tritonserver,
+then a closed-loop load of `--concurrency` gRPC streams to `ensemble` (`stream: true`, `min_tokens = max_tokens` so
+every request yields exactly `--output-len` tokens), several client processes so the client is never the limit.
+Per level: output tok/s, TTFT and ITL p50/p99. With `--profile-level C`, py-spy records the python-backend stubs
+and `top` samples every process's CPU while level C runs. `--engine` also runs `gen-repo bench` (engine alone) at
+the same batch sizes in the same run, `--hf` transformers' `generate` (run with an interpreter that imports it).
+
+    source .device-bundle/setup.sh
+    python3 bench/served_profile.py --work /tmp/sp --hidden 4096 --layers 32 --heads 32 --vocab 50432 \
+        --dtype bfloat16 --concurrency 1 32 256 --profile-level 256 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_tp_parity import write_random_mpt  # noqa: E402
+
+from generator.pipeline import PipelineSettings, run_pipeline  # noqa: E402
+from generator.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--requests-per-level", type=int, default=0, help="0: 2 x concurrency, at least 8")
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--profile-level", type=int, nargs="*", default=[])
+    parser.add_argument("--profile-seconds", type=int, default=12)
+    parser.add_argument("--engine", action="store_true", help="also gen-repo bench (engine alone)")
+    parser.add_argument("--model-name", default="ensemble")
+    parser.add_argument("--keep-serving", action="store_true")
+    return parser.parse_args()
+
+
+def _prompt_text(rng: np.random.Generator, words: int) -> str:
+    vocab = ["alpha", "beta", "gamma", "delta", "model", "serve", "token", "batch", "cache", "engine", "triton"]
+    return " ".join(vocab[i] for i in rng.integers(0, len(vocab), words))
+
+
+def client_worker(url: str, model: str, concurrency: int, total: int, output_len: int, input_words: int,
+                  seed: int, results: Any, go: Any) -> None:
+    """Closed loop: keep `concurrency` requests in flight on one gRPC stream until `total` have finished."""
+    import tritonclient.grpc as grpcclient
+
+    rng = np.random.default_rng(seed)
+    events: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
+    state: dict[str, dict[str, Any]] = {}
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        request_id = f"{seed}-{sent}"
+        sent += 1
+        inputs = []
+        for name, value, dtype in (("text_input", np.array([[_prompt_text(rng, input_words)]], dtype=object), "BYTES"),
+                                   ("max_tokens", np.array([[output_len]], dtype=np.int32), "INT32"),
+                                   ("min_tokens", np.array([[output_len]], dtype=np.int32), "INT32"),
+                                   ("stream", np.array([[True]], dtype=bool), "BOOL")):
+            tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        state[request_id] = {"start": time.perf_counter(), "times": []}
+        client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+
+    client.is_server_ready()  # connect before the clock starts
+    go.wait()
+    first = time.perf_counter()
+    for _ in range(min(concurrency, total)):
+        send()
+    done: list[dict[str, Any]] = []
+    errors = 0
+    while len(done) + errors < total:
+        now, result, error = events.get(timeout=900)
+        if error is not None:
+            errors += 1
+            if sent < total:
+                send()
+            continue
+        response = result.get_response()
+        entry = state[response.id]
+        final = response.parameters.get("triton_final_response")
+        if response.outputs:
+            entry["times"].append(now)
+        if final is not None and final.bool_param:
+            done.append({"start": entry["start"], "times": entry["times"]})
+            del state[response.id]
+            if sent < total:
+                send()
+    client.stop_stream()
+    client.close()
+    results.put({"done": done, "errors": errors, "first": first, "last": time.perf_counter()})
+
+
+def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
+    total = args.requests_per_level or (max(16, 4 * concurrency) if concurrency <= 64 else 2 * concurrency)
+    clients = min(args.clients, concurrency)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    go = ctx.Event()
+    procs = []
+    for c in range(clients):
+        share = concurrency // clients + (1 if c < concurrency % clients else 0)
+        count = total // clients + (1 if c < total % clients else 0)
+        proc = ctx.Process(target=client_worker, args=(url, model, share, count, args.output_len,
+                                                       args.input_len // 2, 1000 * concurrency + c, results, go))
+        proc.start()
+        procs.append(proc)
+    time.sleep(3.0)  # clients import and connect
+    go.set()
+    gathered = [results.get(timeout=1800) for _ in procs]
+    elapsed = max(g["last"] for g in gathered) - min(g["first"] for g in gathered)
+    for proc in procs:
+        proc.join()
+    done = [d for g in gathered for d in g["done"]]
+    errors = sum(g["errors"] for g in gathered)
+    ttft = [d["times"][0] - d["start"] for d in done if d["times"]]
+    itl = [(d["times"][-1] - d["times"][0]) / (len(d["times"]) - 1) for d in done if len(d["times"]) > 1]
+    responses = sum(len(d["times"]) for d in done)
+
+    def pct(values: list[float], q: float) -> float:
+        return round(1000 * float(np.percentile(values, q)), 2) if values else float("nan")
+
+    return {"concurrency": concurrency, "requests": len(done), "errors": errors, "seconds": round(elapsed, 2),
+            "output_tok_s": round(len(done) * args.output_len / elapsed, 1),
+            "responses_per_request": round(responses / max(1, len(done)), 1),
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99)}
+
+
+def stub_pids() -> dict[str, int]:
+    """pid of each python-backend stub, by model name."""
+    found = {}
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if "triton_python_backend_stub" in line:
+            pid, rest = line.strip().split(" ", 1)
+            for part in rest.split():
+                if "/" in part and part.endswith(".py"):
+                    found[Path(part).parent.parent.name] = int(pid)
+    return found
+
+
+def profile(args: argparse.Namespace, server_pid: int, level: int) -> dict[str, Any]:
+    """py-spy every stub and sample per-process CPU while a level runs (in background threads)."""
+    pids = stub_pids()
+    procs = []
+    for name, pid in pids.items():
+        out = args.out / f"pyspy-{level}-{name}.txt"
+        procs.append(subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--threads", "--idle", "-f", "raw",
+                                       "-d", str(args.profile_seconds), "-r", "50", "-o", str(out)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    top = subprocess.Popen(["top", "-b", "-d", "2", "-n", str(max(2, args.profile_seconds // 2)), "-H", "-w", "200"],
+                           stdout=open(args.out / f"top-{level}.txt", "w"), stderr=subprocess.DEVNULL)
+    return {"pids": pids, "server_pid": server_pid, "procs": procs + [top]}
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    hf_dir = args.work / "hf"
+    write_random_mpt(hf_dir, args)
+    out = args.work / "job"
+    result = run_pipeline(PipelineSettings(
+        model=str(hf_dir), output_dir=out, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        max_input_len=args.input_len + 64, max_seq_len=args.input_len + args.output_len + 64, progress=False))
+    ports = [free_port() for _ in range(3)]
+    backends = os.environ.get("TRITON_BACKENDS")
+    extra = (f"--backend-directory={backends}",) if backends else ()
+    settings = ServeSettings(model_repository=result.triton_repo, http_port=ports[0], grpc_port=ports[1],
+                             metrics_port=ports[2], master_port=free_port(), extra_args=extra)
+    process, log_file = start_server(settings)
+    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "served": []}
+    try:
+        wait_until_ready(process, "127.0.0.1", ports[0], 900.0, log_file)
+        url = f"127.0.0.1:{ports[1]}"
+        run_level(url, args.model_name, 1, argparse.Namespace(**{**vars(args), "requests_per_level": 2}))
+        for concurrency in args.concurrency:
+            prof = None
+            if concurrency in args.profile_level:
+                timer = threading.Timer(5.0, lambda c=concurrency: report.setdefault("prof", profile(args, process.pid, c)))
+                timer.start()
+            level = run_level(url, args.model_name, concurrency, args)
+            report["served"].append(level)
+            print("served", json.dumps(level), flush=True)
+            (args.out / "served_profile.json").write_text(json.dumps(report, indent=2, default=str))
+            prof = report.pop("prof", None)
+            if prof:
+                for p in prof["procs"]:
+                    p.wait(timeout=120)
+                report[f"profiled_pids_{concurrency}"] = prof["pids"]
+    finally:
+        if not args.keep_serving:
+            stop_server(process)
+    if args.engine:
+        cmd = [sys.executable, "-m", "generator.engine.benchmark", "--hidden", str(args.hidden), "--layers",
+               str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--dtype", args.dtype,
+               "--batch-sizes", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
+               "--output-len", str(args.output_len), "--json", str(args.out / "engine.json")]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=False)
+        if (args.out / "engine.json").is_file():
+            report["engine"] = json.loads((args.out / "engine.json").read_text())
+    (args.out / "served_profile.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report["served"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
