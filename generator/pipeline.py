@@ -12,7 +12,9 @@ Output layout (docs/DESIGN.md):
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from typing import Any
 
 import click
 
-from generator.errors import GenRepoError
+from generator.errors import ConfigError, GenRepoError
 from generator.presets import PRESETS, Preset, get_preset, resolve_checkpoint
 from generator.tiny import TINY_NAMES, make_tiny_model
 
@@ -70,6 +72,7 @@ class PipelineResult:
 
 def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click.echo) -> PipelineResult:
     """Run the whole job and return the output paths; prints one line per step."""
+    check_sizes(settings)
     output = settings.output_dir.resolve()
     preset, hf_dir = _resolve_model(settings, output, echo)
     result = PipelineResult(output_dir=output, hf_dir=hf_dir, checkpoint_dir=output / "checkpoint",
@@ -85,13 +88,29 @@ def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click
     _timed(echo, lambda: _render(result))
     echo("")
     echo(f"Triton repository ready: {result.triton_repo}")
-    echo(f"Serve it with:  gen-repo serve --model-repository {result.triton_repo}")
+    echo(f"Serve it with:  gen-repo serve --model-repository {shlex.quote(str(result.triton_repo))}")
     return result
+
+
+# flag -> PipelineSettings field, for the sizes that must be at least 1 when given
+_SIZE_FLAGS = {"--tp-size": "tensor_parallel_size", "--pp-size": "pipeline_parallel_size",
+               "--moe-tp-size": "moe_tensor_parallel_size", "--moe-ep-size": "moe_expert_parallel_size",
+               "--max-batch-size": "max_batch_size", "--max-input-len": "max_input_len",
+               "--max-seq-len": "max_seq_len", "--max-num-tokens": "max_num_tokens", "--workers": "workers"}
+
+
+def check_sizes(settings: PipelineSettings) -> None:
+    """A size given as 0 or less is an error: never silently replaced by the preset's or the step's default."""
+    for flag, field in _SIZE_FLAGS.items():
+        value = getattr(settings, field)
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
 def _timed(echo: Callable[[str], None], step: Callable[[], Any]) -> None:
     start = time.monotonic()
     step()
+    sys.stderr.flush()  # a step's own stderr lines (notes, bars) come before its timing, never inside it
     echo(f"      done in {time.monotonic() - start:.1f} s")
 
 
@@ -129,8 +148,9 @@ def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, ch
     from generator.convert import ConvertSettings, convert_checkpoint
 
     _fresh(checkpoint_dir)
-    tensor_parallel_size = settings.tensor_parallel_size or (preset.tensor_parallel_size if preset else 1)
-    pipeline_parallel_size = settings.pipeline_parallel_size or (preset.pipeline_parallel_size if preset else 1)
+    tensor_parallel_size = _or_default(settings.tensor_parallel_size, preset.tensor_parallel_size if preset else 1)
+    pipeline_parallel_size = _or_default(settings.pipeline_parallel_size,
+                                         preset.pipeline_parallel_size if preset else 1)
     convert_checkpoint(ConvertSettings(
         model_dir=hf_dir, output_dir=checkpoint_dir,
         **_given(dtype=settings.dtype or (preset.dtype if preset else None),
@@ -139,8 +159,6 @@ def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, ch
                  weight_only_precision=settings.weight_only_precision),
         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
         workers=settings.workers, trust_remote_code=settings.trust_remote_code,
-        # trtllm-build quantizes for its own GPU; a pre-quantized plain layout would be refused
-        weight_only_at_build=settings.engine_backend == "tensorrtllm",
         int8_kv_cache=settings.int8_kv_cache, progress=settings.progress))
 
 
@@ -150,9 +168,9 @@ def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, chec
 
     _fresh(engine_dir)
     limits = default_limits(preset, hf_dir)
-    max_batch_size = settings.max_batch_size or limits["max_batch_size"]
-    max_input_len = settings.max_input_len or limits["max_input_len"]
-    max_seq_len = settings.max_seq_len or max(limits["max_seq_len"], max_input_len + 1)
+    max_batch_size = _or_default(settings.max_batch_size, limits["max_batch_size"])
+    max_input_len = _or_default(settings.max_input_len, limits["max_input_len"])
+    max_seq_len = _or_default(settings.max_seq_len, max(limits["max_seq_len"], max_input_len + 1))
     build_engine(BuildSettings(
         checkpoint_dir=checkpoint_dir, output_dir=engine_dir, engine_backend=settings.engine_backend,
         max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
@@ -195,6 +213,11 @@ def copy_tokenizer_files(hf_dir: Path, tokenizer_dir: Path) -> list[Path]:
         raise GenRepoError(f"{hf_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json / ...): "
                            "the Triton preprocessing model needs one")
     return copied
+
+
+def _or_default(value: int | None, default: int) -> int:
+    """`value` unless it is None (0 is a value: check_sizes refuses it, it never means "the default")."""
+    return default if value is None else value
 
 
 def _given(**values: Any) -> dict[str, Any]:
