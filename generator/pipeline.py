@@ -16,7 +16,8 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,8 @@ def _resolve_model(settings: PipelineSettings, output: Path,
             hf_dir = output / "hf"
             verb = "reusing" if (hf_dir / "config.json").is_file() else "creating"
             echo(f"[0/4] {verb} {preset.name} in {hf_dir}")
-            return preset, make_tiny_model(preset.name, hf_dir)
+            with _transformers_bars(settings.progress and sys.stderr.isatty()):
+                return preset, make_tiny_model(preset.name, hf_dir)
         return preset, resolve_checkpoint(preset, settings.model_dir, trust_remote_code=settings.trust_remote_code)
     path = Path(settings.model).expanduser()
     if path.is_dir():
@@ -135,6 +137,21 @@ def _resolve_model(settings: PipelineSettings, output: Path,
         raise GenRepoError(f"{settings.model}: no such directory (presets: {', '.join(PRESETS)})")
     get_preset(settings.model)  # raises the "unknown preset" error listing the presets
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _transformers_bars(shown: bool) -> Iterator[None]:
+    """transformers' own bars (e.g. "Writing model shards") only on a terminal, like gen-repo's."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _fresh(path: Path) -> Path:
