@@ -184,7 +184,7 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
                         writer.add(name, tensor)
                     del tensor
         os.replace(partial, target)
-    except OSError:
+    except (OSError, GenRepoError):
         partial.unlink(missing_ok=True)
         raise
     except Exception as error:  # safetensors raises its own SafetensorError for truncated files

@@ -144,12 +144,21 @@ class _StagingLock:
             return self  # no lock on this file system: skip the cleanup, convert anyway
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)  # another run holds it: leave its staging dirs alone
+        except BlockingIOError:  # another run holds it: leave its staging dirs alone
+            self._lock_shared()
             return self
+        except OSError:
+            return self  # this file system has no flock (e.g. some network mounts): no cleanup
         remove_stale_staging(self.output_dir)
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        self._lock_shared()  # not atomic, but this run's staging dir does not exist yet
         return self
+
+    def _lock_shared(self) -> None:
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError:
+            pass  # the cleanup is best effort; the convert itself does not need the lock
 
     def __exit__(self, *_: object) -> None:
         if self._fd is not None:
