@@ -21,6 +21,7 @@ from typing import Any
 from generator import __version__
 from generator.engine.config import parse_pretrained_config, read_config_json
 from generator.errors import ConfigError, GenRepoError
+from generator.hf_checkpoint import read_safetensors_header
 
 ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
 DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default
@@ -208,6 +209,8 @@ def build_pytorch_engine(settings: BuildSettings) -> Path:
     missing = [p.name for p in sources if not p.is_file()]
     if missing:
         raise GenRepoError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)} (world size {world_size})")
+    for source in sources:  # a truncated or corrupt rank file fails here, not when the server loads it
+        read_safetensors_header(source)
     precision = _weight_only_precision(pretrained)
     engine_config = {
         "version": f"gen-repo {__version__}",

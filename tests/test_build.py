@@ -135,3 +135,18 @@ def test_build_refuses_a_convert_staging_dir(checkpoint: Path, tmp_path: Path) -
                                            str(tmp_path / "engine"), "--engine", backend, "--dry-run"])
         assert result.exit_code == 2 and "staging dir of an unfinished `gen-repo convert`" in result.output
     assert not (tmp_path / "engine").exists()
+
+
+def test_truncated_rank_file_is_refused_by_build(checkpoint: Path, tmp_path: Path) -> None:
+    """A rank file cut short (a copy interrupted, a full disk) fails at build with the cause, not at serve."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    data = (broken / "rank1.safetensors").read_bytes()
+    (broken / "rank1.safetensors").write_bytes(data[: len(data) // 2])
+    code_output = CliRunner().invoke(main, ["build", "--checkpoint-dir", str(broken), "--output",
+                                            str(tmp_path / "engine")])
+    assert code_output.exit_code == 2
+    assert "rank1.safetensors is truncated" in code_output.output
+    assert not (tmp_path / "engine").exists()
