@@ -20,13 +20,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from generator.errors import ConfigError, GenRepoError
 from generator.presets import PRESETS, Preset, get_preset, resolve_checkpoint
 from generator.tiny import TINY_NAMES, make_tiny_model
+
+if TYPE_CHECKING:
+    from generator.convert import ConvertSettings
 
 # Files a tokenizer dir may need; anything else in the HF dir (weights, remote code) stays behind.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -164,11 +167,10 @@ def _fresh(path: Path) -> Path:
 def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path) -> None:
     from generator.convert import ConvertSettings, convert_checkpoint
 
-    _fresh(checkpoint_dir)
     tensor_parallel_size = _or_default(settings.tensor_parallel_size, preset.tensor_parallel_size if preset else 1)
     pipeline_parallel_size = _or_default(settings.pipeline_parallel_size,
                                          preset.pipeline_parallel_size if preset else 1)
-    convert_checkpoint(ConvertSettings(
+    settings_for_convert = ConvertSettings(
         model_dir=hf_dir, output_dir=checkpoint_dir,
         **_given(dtype=settings.dtype or (preset.dtype if preset else None),
                  moe_tensor_parallel_size=settings.moe_tensor_parallel_size,
@@ -176,7 +178,35 @@ def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, ch
                  weight_only_precision=settings.weight_only_precision),
         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
         workers=settings.workers, trust_remote_code=settings.trust_remote_code,
-        int8_kv_cache=settings.int8_kv_cache, progress=settings.progress))
+        int8_kv_cache=settings.int8_kv_cache, progress=settings.progress)
+    if settings.engine_backend == "tensorrtllm":
+        check_trtllm_before_convert(settings_for_convert)
+    _fresh(checkpoint_dir)
+    convert_checkpoint(settings_for_convert)
+
+
+def check_trtllm_before_convert(settings: ConvertSettings) -> None:
+    """Refuse, before a long convert, a model trtllm-build cannot build: the same checks `gen-repo build
+    --engine tensorrtllm` runs, on the config convert would write (read from the HF config and file headers)."""
+    from generator.convert import resolve_dtype
+    from generator.hf_checkpoint import HFCheckpoint, read_hf_config
+    from generator.mapping import Mapping
+    from generator.models import spec_for
+    from generator.quantize import WEIGHT_ONLY_ALGOS
+    from generator.trtllm_build import check_trtllm_compatible
+
+    hf_config = read_hf_config(settings.model_dir)
+    spec = spec_for(hf_config)
+    spec.check_hf_checkpoint(HFCheckpoint(settings.model_dir))  # settles variants by what the files hold
+    mapping = Mapping.create(settings.tensor_parallel_size, settings.pipeline_parallel_size,
+                             settings.moe_tensor_parallel_size, settings.moe_expert_parallel_size)
+    precision = settings.weight_only_precision
+    config = spec.trtllm_config(mapping, resolve_dtype(settings.dtype, hf_config), {
+        "quant_algo": WEIGHT_ONLY_ALGOS[precision] if precision else None,
+        "kv_cache_quant_algo": "INT8" if settings.int8_kv_cache else None})
+    if spec.extensions():
+        config["gen_repo_extensions"] = spec.extensions()
+    check_trtllm_compatible(config)
 
 
 def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path,

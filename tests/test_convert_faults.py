@@ -221,3 +221,13 @@ def test_whole_job_output_is_clean_and_the_serve_hint_is_quoted(tmp_path: Path, 
     (hint,) = [line for line in shown if line.startswith("Serve it with:")]
     command = shlex.split(hint.removeprefix("Serve it with:"))
     assert command == ["gen-repo", "serve", "--model-repository", str(out.resolve() / "triton_repo")]
+
+
+def test_whole_job_refuses_what_trtllm_cannot_build_before_converting(mpt_dir: Path, tmp_path: Path) -> None:
+    """`--engine tensorrtllm` checks the checkpoint convert would write first: no minutes-long convert (and no
+    checkpoint dir) for a model trtllm-build would then refuse."""
+    code, output = _cli("--model", str(mpt_dir), "--output", str(tmp_path / "out"), "--engine", "tensorrtllm",
+                        "--pp-size", "2")
+    assert code == 2, output
+    assert "mapping.pp_size 2: TensorRT-LLM's MPT has no pipeline parallelism" in output
+    assert not (tmp_path / "out" / "checkpoint").exists()
