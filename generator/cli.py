@@ -103,14 +103,14 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Ranks converted in parallel (threads); memory grows with about one tensor per worker.")
 @click.option("--use-weight-only", is_flag=True,
-              help="Weight-only quantization of the GEMM weights (qkv, dense, fc, proj); see "
-              "--weight-only-precision.")
+              help="Weight-only quantization of the GEMM weights (qkv, dense, fc, proj): records quant_algo and "
+              "keeps float weights, as TensorRT-LLM's loader expects; the build step quantizes them (see "
+              "--weight-only-precision).")
 @click.option("--weight-only-precision", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="Precision for --use-weight-only: int8 (W8A16) or int4 (W4A16).")
-@click.option("--weight-only-at-build", is_flag=True,
-              help="With --use-weight-only: keep float weights and only record quant_algo, so that trtllm-build "
-              "quantizes them in its GPU's layout (what --engine tensorrtllm needs); the pytorch engine then "
-              "quantizes at load.")
+@click.option("--weight-only-at-build", is_flag=True, hidden=True,
+              help="Accepted for compatibility; no effect (weight-only checkpoints always hold float weights + "
+              "quant_algo, which trtllm-build and `gen-repo build` quantize).")
 @click.option("--int8-kv-cache", is_flag=True,
               help="INT8 KV cache: calibrate per-layer scales by running the HF model (CPU, float32) on text.")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -158,10 +158,11 @@ def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: boo
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Engine directory to write.")
 @click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default="pytorch",
-              show_default=True, help="pytorch: gen-repo's PyTorch engine (links the weights); tensorrtllm: the "
-              "real trtllm-build (needs TensorRT-LLM, i.e. NVIDIA's container).")
+              show_default=True, help="pytorch: gen-repo's PyTorch engine (links the weights; quantizes "
+              "weight-only ones); tensorrtllm: the real trtllm-build (needs TensorRT-LLM, i.e. NVIDIA's container).")
 @click.option("--max-batch-size", type=int, default=8, show_default=True, help="Requests running at once.")
-@click.option("--max-input-len", type=int, default=1024, show_default=True, help="Longest prompt, in tokens.")
+@click.option("--max-input-len", type=int, default=None,
+              help="Longest prompt, in tokens; default min(1024, max-seq-len / 2).")
 @click.option("--max-seq-len", type=int, default=None,
               help="Longest prompt + output; default the checkpoint's max_position_embeddings (else 2048).")
 @click.option("--max-num-tokens", type=int, default=None,
@@ -169,7 +170,7 @@ def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: boo
 @click.option("--workers", type=int, default=1, show_default=True, help="Ranks built in parallel (tensorrtllm).")
 @click.option("--dry-run", is_flag=True, help="Print what would be built (the trtllm-build commands) and stop.")
 def build_command(checkpoint_dir: Path, output_dir: Path, engine_backend: str, max_batch_size: int,
-                  max_input_len: int, max_seq_len: int | None, max_num_tokens: int | None, workers: int,
+                  max_input_len: int | None, max_seq_len: int | None, max_num_tokens: int | None, workers: int,
                   dry_run: bool) -> None:
     """Build an engine dir from a TensorRT-LLM checkpoint."""
     from generator.build import BuildSettings, build_engine

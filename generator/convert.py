@@ -3,13 +3,20 @@
 Every check that can fail (config, layout, weight files, tensor names and shapes) runs before any tensor is
 read. Tensors are then read one at a time from the HF checkpoint, split for the rank, optionally quantized and
 appended to that rank's file, so memory holds about one HF tensor per worker. Everything is written into a
-temporary directory beside the output and renamed at the end: a failure leaves no partial output.
+temporary directory beside the output and renamed at the end: a failure leaves no partial output, and the
+staging directories a killed run left behind are removed by the next run into the same output.
+
+Weight-only quantization (`--use-weight-only`) writes what TensorRT-LLM's loader expects of a W8A16/W4A16
+checkpoint it quantizes itself: float weights plus `quantization.quant_algo` (trtllm-build then quantizes them
+in its GPU's layout). The pytorch engine's build step writes its own quantized layout into the engine dir.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -27,14 +34,7 @@ from generator.hf_checkpoint import HFCheckpoint, read_hf_config
 from generator.mapping import Mapping
 from generator.models import ModelSpec, spec_for
 from generator.models.base import shard_tensor
-from generator.quantize import (
-    WEIGHT_ONLY_ALGOS,
-    calibrate_kv_cache_scales,
-    default_calibration_text,
-    is_weight_only_target,
-    per_channel_scale_name,
-    quantize_weight,
-)
+from generator.quantize import WEIGHT_ONLY_ALGOS, calibrate_kv_cache_scales, default_calibration_text
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,8 +52,7 @@ class ConvertSettings:
     moe_expert_parallel_size: int | None = None
     workers: int = 1
     weight_only_precision: str | None = None  # None | "int8" | "int4"
-    # Keep the weights in `dtype` and only record `quant_algo`: trtllm-build then quantizes them in the layout
-    # of the GPU it builds on (TensorRT-LLM's preprocess_weights), the pytorch engine when it loads them.
+    # Accepted for compatibility and ignored: weight-only checkpoints always hold float weights + quant_algo now.
     weight_only_at_build: bool = False
     int8_kv_cache: bool = False
     calib_text: Path | None = None
@@ -84,30 +83,98 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
         "kv_cache_quant_algo": "INT8" if settings.int8_kv_cache else None,
     }
     config = spec.trtllm_config(mapping, dtype, quantization)
-    quantize_now = settings.weight_only_precision if not settings.weight_only_at_build else None
-    extensions = spec.extensions() + (["plain_weight_only_layout"] if quantize_now else [])
+    extensions = spec.extensions()
     if extensions:
         # Present only when used, so standard checkpoints stay exactly what TensorRT-LLM's converters write.
         config["gen_repo_extensions"] = extensions
         print(f"note: this checkpoint uses {', '.join(extensions)}, which TensorRT-LLM's own model does not read; "
               "build it with the pytorch engine backend", file=sys.stderr)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
     try:
-        kv_scales = None
-        if calib_text is not None:
-            kv_scales = calibrate_kv_cache_scales(model_dir, spec, calib_text, settings.trust_remote_code)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        job = _RankJob(spec, checkpoint, DTYPES[dtype], quantize_now, kv_scales,
-                       settings.progress)
-        _convert_ranks(job, mapping, staging, settings.workers)
-        replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _StagingLock(output_dir):
+            staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+            try:
+                staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+                kv_scales = None
+                if calib_text is not None:
+                    kv_scales = calibrate_kv_cache_scales(model_dir, spec, calib_text, settings.trust_remote_code)
+                (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                job = _RankJob(spec, checkpoint, DTYPES[dtype], kv_scales, settings.progress)
+                _convert_ranks(job, mapping, staging, settings.workers)
+                replace_dir(staging, output_dir)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except OSError as error:  # read-only or full disk: one line naming the path, not a traceback
+        raise GenRepoError(f"cannot write the checkpoint {output_dir}: {_os_error_text(error)}") from error
     return output_dir
+
+
+def _os_error_text(error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
+# `.NAME.tmp-XXXX` (a run's staging dir) and `.NAME.old-XXXX` (the output it replaces, while it is moved)
+_STAGING_PATTERN = re.compile(r"^\..+\.(tmp|old)-[A-Za-z0-9_]+$")
+
+
+def is_staging_dir(path: Path) -> bool:
+    """Whether `path` is a convert run's hidden staging directory (never a finished checkpoint)."""
+    return bool(_STAGING_PATTERN.match(Path(path).name))
+
+
+class _StagingLock:
+    """Holds a shared flock on the output's parent dir for a run; first removes stale staging dirs.
+
+    A run that gets the lock exclusively knows no other convert is writing into that parent, so every
+    `.NAME.tmp-*` / `.NAME.old-*` beside the output was left by a killed run (SIGKILL skips the cleanup) and is
+    removed. Otherwise another run is busy there and nothing is touched. No lock file is left behind.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self._fd: int | None = None
+
+    def __enter__(self) -> _StagingLock:
+        try:
+            self._fd = os.open(self.output_dir.parent, os.O_RDONLY)
+        except OSError:
+            return self  # no lock on this file system: skip the cleanup, convert anyway
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another run holds it: leave its staging dirs alone
+            self._lock_shared()
+            return self
+        except OSError:
+            return self  # this file system has no flock (e.g. some network mounts): no cleanup
+        remove_stale_staging(self.output_dir)
+        self._lock_shared()  # not atomic, but this run's staging dir does not exist yet
+        return self
+
+    def _lock_shared(self) -> None:
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError:
+            pass  # the cleanup is best effort; the convert itself does not need the lock
+
+    def __exit__(self, *_: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+
+
+def remove_stale_staging(output_dir: Path) -> list[Path]:
+    """Remove the staging dirs of `output_dir` that earlier runs left (call only under the exclusive lock)."""
+    removed = []
+    prefixes = (f".{output_dir.name}.tmp-", f".{output_dir.name}.old-")
+    for path in output_dir.parent.iterdir():
+        if path.name.startswith(prefixes) and is_staging_dir(path) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"note: removed {path}, left by an interrupted convert", file=sys.stderr)
+            removed.append(path)
+    return removed
 
 
 def _convert_ranks(job: _RankJob, mapping: Mapping, out_dir: Path, workers: int) -> None:
@@ -174,7 +241,6 @@ class _RankJob:
     spec: ModelSpec
     checkpoint: HFCheckpoint
     dtype: torch.dtype
-    weight_only_precision: str | None
     kv_scales: list[float] | None
     progress: bool
 
@@ -186,22 +252,21 @@ class _RankJob:
                                                  for i in range(len(layers))]
         with SafetensorsWriter(out_dir / f"rank{mapping.rank}.safetensors", header_budget(names)) as writer, \
                 tqdm(total=len(tensors), desc=f"rank {mapping.rank}", unit="tensor", position=position,
-                     leave=False, disable=not self.progress, file=sys.stderr) as bar:
+                     leave=False, disable=not show_progress(self.progress), file=sys.stderr) as bar:
             for name, tensor in tensors:
                 shard = shard_tensor(tensor.source(self.checkpoint), tensor.rule, layout, mapping)
-                shard = shard.to(torch.float32 if tensor.keep_float32 else self.dtype)
-                if self.weight_only_precision and is_weight_only_target(name):
-                    quantized, scale = quantize_weight(shard, self.weight_only_precision)
-                    writer.add(name, quantized)
-                    writer.add(per_channel_scale_name(name), scale)
-                else:
-                    writer.add(name, shard)
+                writer.add(name, shard.to(torch.float32 if tensor.keep_float32 else self.dtype))
                 del shard
                 bar.update()
             if self.kv_scales is not None:
                 for local, layer in enumerate(layers):
                     writer.add(f"transformer.layers.{local}.attention.kv_cache_scaling_factor",
                                torch.tensor([self.kv_scales[layer]], dtype=torch.float32))
+
+
+def show_progress(wanted: bool) -> bool:
+    """Bars only on a terminal: in a log or pipe their carriage returns leave half-drawn lines behind."""
+    return wanted and sys.stderr.isatty()
 
 
 _SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

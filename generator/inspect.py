@@ -78,14 +78,18 @@ def format_description(description: dict[str, Any]) -> str:
 
 
 def unshard_checkpoint(checkpoint_dir: Path | str, output_dir: Path | str) -> Path:
-    """Merge any layout of a float checkpoint back into one TP1/PP1 checkpoint in `output_dir`."""
+    """Merge any layout of a float (or float weight-only) checkpoint back into one TP1/PP1 checkpoint."""
     from safetensors import safe_open
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     config = read_checkpoint_config(checkpoint_dir)
     if (config.get("quantization") or {}).get("quant_algo"):
-        raise ConfigError("unshard supports float checkpoints only: weight-only scales are computed per rank "
-                          "after the split, so merged int weights would not equal a TP1 conversion")
+        # weight-only checkpoints hold float weights (quantized at build); the older layout held int8 ones,
+        # whose scales are computed per rank after the split: merged, they would not equal a TP1 conversion
+        for path in sorted(checkpoint_dir.glob("rank*.safetensors")):
+            if any(entry.get("dtype") == "I8" for entry in read_safetensors_header(path).values()):
+                raise ConfigError(f"unshard cannot merge pre-quantized int8 weights ({path.name}); convert the "
+                                  "model again (weight-only checkpoints now hold float weights)")
     spec_class = spec_class_for_checkpoint(config)
     layout = ShardLayout.from_trtllm_config(config)
     mapping = Mapping.from_json(config.get("mapping", {}))

@@ -12,18 +12,24 @@ Output layout (docs/DESIGN.md):
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from generator.errors import GenRepoError
+from generator.errors import ConfigError, GenRepoError
 from generator.presets import PRESETS, Preset, get_preset, resolve_checkpoint
 from generator.tiny import TINY_NAMES, make_tiny_model
+
+if TYPE_CHECKING:
+    from generator.convert import ConvertSettings
 
 # Files a tokenizer dir may need; anything else in the HF dir (weights, remote code) stays behind.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -70,6 +76,7 @@ class PipelineResult:
 
 def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click.echo) -> PipelineResult:
     """Run the whole job and return the output paths; prints one line per step."""
+    check_sizes(settings)
     output = settings.output_dir.resolve()
     preset, hf_dir = _resolve_model(settings, output, echo)
     result = PipelineResult(output_dir=output, hf_dir=hf_dir, checkpoint_dir=output / "checkpoint",
@@ -85,13 +92,29 @@ def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click
     _timed(echo, lambda: _render(result))
     echo("")
     echo(f"Triton repository ready: {result.triton_repo}")
-    echo(f"Serve it with:  gen-repo serve --model-repository {result.triton_repo}")
+    echo(f"Serve it with:  gen-repo serve --model-repository {shlex.quote(str(result.triton_repo))}")
     return result
+
+
+# flag -> PipelineSettings field, for the sizes that must be at least 1 when given
+_SIZE_FLAGS = {"--tp-size": "tensor_parallel_size", "--pp-size": "pipeline_parallel_size",
+               "--moe-tp-size": "moe_tensor_parallel_size", "--moe-ep-size": "moe_expert_parallel_size",
+               "--max-batch-size": "max_batch_size", "--max-input-len": "max_input_len",
+               "--max-seq-len": "max_seq_len", "--max-num-tokens": "max_num_tokens", "--workers": "workers"}
+
+
+def check_sizes(settings: PipelineSettings) -> None:
+    """A size given as 0 or less is an error: never silently replaced by the preset's or the step's default."""
+    for flag, field in _SIZE_FLAGS.items():
+        value = getattr(settings, field)
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
 def _timed(echo: Callable[[str], None], step: Callable[[], Any]) -> None:
     start = time.monotonic()
     step()
+    sys.stderr.flush()  # a step's own stderr lines (notes, bars) come before its timing, never inside it
     echo(f"      done in {time.monotonic() - start:.1f} s")
 
 
@@ -104,7 +127,8 @@ def _resolve_model(settings: PipelineSettings, output: Path,
             hf_dir = output / "hf"
             verb = "reusing" if (hf_dir / "config.json").is_file() else "creating"
             echo(f"[0/4] {verb} {preset.name} in {hf_dir}")
-            return preset, make_tiny_model(preset.name, hf_dir)
+            with _transformers_bars(settings.progress and sys.stderr.isatty()):
+                return preset, make_tiny_model(preset.name, hf_dir)
         return preset, resolve_checkpoint(preset, settings.model_dir, trust_remote_code=settings.trust_remote_code)
     path = Path(settings.model).expanduser()
     if path.is_dir():
@@ -118,6 +142,21 @@ def _resolve_model(settings: PipelineSettings, output: Path,
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def _transformers_bars(shown: bool) -> Iterator[None]:
+    """transformers' own bars (e.g. "Writing model shards") only on a terminal, like gen-repo's."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _fresh(path: Path) -> Path:
     """Remove a previous run's output of one step so no stale rank files survive."""
     if path.exists():
@@ -128,10 +167,10 @@ def _fresh(path: Path) -> Path:
 def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path) -> None:
     from generator.convert import ConvertSettings, convert_checkpoint
 
-    _fresh(checkpoint_dir)
-    tensor_parallel_size = settings.tensor_parallel_size or (preset.tensor_parallel_size if preset else 1)
-    pipeline_parallel_size = settings.pipeline_parallel_size or (preset.pipeline_parallel_size if preset else 1)
-    convert_checkpoint(ConvertSettings(
+    tensor_parallel_size = _or_default(settings.tensor_parallel_size, preset.tensor_parallel_size if preset else 1)
+    pipeline_parallel_size = _or_default(settings.pipeline_parallel_size,
+                                         preset.pipeline_parallel_size if preset else 1)
+    settings_for_convert = ConvertSettings(
         model_dir=hf_dir, output_dir=checkpoint_dir,
         **_given(dtype=settings.dtype or (preset.dtype if preset else None),
                  moe_tensor_parallel_size=settings.moe_tensor_parallel_size,
@@ -139,9 +178,35 @@ def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, ch
                  weight_only_precision=settings.weight_only_precision),
         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
         workers=settings.workers, trust_remote_code=settings.trust_remote_code,
-        # trtllm-build quantizes for its own GPU; a pre-quantized plain layout would be refused
-        weight_only_at_build=settings.engine_backend == "tensorrtllm",
-        int8_kv_cache=settings.int8_kv_cache, progress=settings.progress))
+        int8_kv_cache=settings.int8_kv_cache, progress=settings.progress)
+    if settings.engine_backend == "tensorrtllm":
+        check_trtllm_before_convert(settings_for_convert)
+    _fresh(checkpoint_dir)
+    convert_checkpoint(settings_for_convert)
+
+
+def check_trtllm_before_convert(settings: ConvertSettings) -> None:
+    """Refuse, before a long convert, a model trtllm-build cannot build: the same checks `gen-repo build
+    --engine tensorrtllm` runs, on the config convert would write (read from the HF config and file headers)."""
+    from generator.convert import resolve_dtype
+    from generator.hf_checkpoint import HFCheckpoint, read_hf_config
+    from generator.mapping import Mapping
+    from generator.models import spec_for
+    from generator.quantize import WEIGHT_ONLY_ALGOS
+    from generator.trtllm_build import check_trtllm_compatible
+
+    hf_config = read_hf_config(settings.model_dir)
+    spec = spec_for(hf_config)
+    spec.check_hf_checkpoint(HFCheckpoint(settings.model_dir))  # settles variants by what the files hold
+    mapping = Mapping.create(settings.tensor_parallel_size, settings.pipeline_parallel_size,
+                             settings.moe_tensor_parallel_size, settings.moe_expert_parallel_size)
+    precision = settings.weight_only_precision
+    config = spec.trtllm_config(mapping, resolve_dtype(settings.dtype, hf_config), {
+        "quant_algo": WEIGHT_ONLY_ALGOS[precision] if precision else None,
+        "kv_cache_quant_algo": "INT8" if settings.int8_kv_cache else None})
+    if spec.extensions():
+        config["gen_repo_extensions"] = spec.extensions()
+    check_trtllm_compatible(config)
 
 
 def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path,
@@ -150,9 +215,9 @@ def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, chec
 
     _fresh(engine_dir)
     limits = default_limits(preset, hf_dir)
-    max_batch_size = settings.max_batch_size or limits["max_batch_size"]
-    max_input_len = settings.max_input_len or limits["max_input_len"]
-    max_seq_len = settings.max_seq_len or max(limits["max_seq_len"], max_input_len + 1)
+    max_batch_size = _or_default(settings.max_batch_size, limits["max_batch_size"])
+    max_input_len = _or_default(settings.max_input_len, limits["max_input_len"])
+    max_seq_len = _or_default(settings.max_seq_len, max(limits["max_seq_len"], max_input_len + 1))
     build_engine(BuildSettings(
         checkpoint_dir=checkpoint_dir, output_dir=engine_dir, engine_backend=settings.engine_backend,
         max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
@@ -195,6 +260,11 @@ def copy_tokenizer_files(hf_dir: Path, tokenizer_dir: Path) -> list[Path]:
         raise GenRepoError(f"{hf_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json / ...): "
                            "the Triton preprocessing model needs one")
     return copied
+
+
+def _or_default(value: int | None, default: int) -> int:
+    """`value` unless it is None (0 is a value: check_sizes refuses it, it never means "the default")."""
+    return default if value is None else value
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def resolve_checkpoint(preset: Preset, model_dir: Path | None = None, *, trust_r
             raise GenRepoError(f"{model_dir} holds a {model_type!r} checkpoint, but preset {preset.name} is "
                                f"{expected!r}: pick the matching preset or pass the directory as --model DIR")
         return model_dir
-    how = (f"download {preset.hf_id} elsewhere (e.g. `huggingface-cli download {preset.hf_id} --local-dir DIR`) "
+    how = (f"download {preset.hf_id} elsewhere (e.g. `hf download {preset.hf_id} --local-dir DIR`) "
            f"and pass it with `gen-repo --model {preset.name} --model-dir DIR` or `gen-repo --model DIR`")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise GenRepoError(f"preset {preset.name} needs its checkpoint and HF_HUB_OFFLINE is set: {how}")

@@ -1,24 +1,20 @@
 """Weight-only INT8/INT4 quantization and INT8 KV-cache calibration, in TensorRT-LLM's checkpoint format.
 
-Weight-only (quant_algo "W8A16" / "W4A16"): the GEMM weights (attention.qkv, attention.dense, mlp.fc, mlp.proj;
-never lm_head, the MoE router or the embeddings) are quantized symmetrically per output channel, after the
-tensor-parallel split, exactly as TensorRT-LLM's `symmetric_quantize` does:
+Weight-only (quant_algo "W8A16" / "W4A16"): a checkpoint holds the GEMM weights in float and only records
+`quant_algo`, which is what TensorRT-LLM's loader expects (`preprocess_weights` -> `weight_only_quantize_dict`
+quantizes float weights into its GPU-specific interleaved layout and takes int8 ones as already interleaved).
+`gen-repo build --engine pytorch` then quantizes them into the engine dir (`generator.build.quantize_rank_file`):
+the GEMM weights (attention.qkv, attention.dense, mlp.fc, mlp.proj; never lm_head, the MoE router or the
+embeddings), per rank, i.e. after the tensor-parallel split, symmetrically per output channel, as TensorRT-LLM's
+`symmetric_quantize` does:
 
     scale[c] = max_i |W[c, i]| / 2^(bits-1)        (/128 for int8, /8 for int4; stored in the model dtype)
     q[i, c]  = clamp(round_half_away_from_zero(W[c, i] / scale[c]), -2^(bits-1), 2^(bits-1) - 1)
 
-The weight is stored transposed, [in, out] ([E, in, out] for MoE experts), as int8; int4 values are packed two
-per byte along `out`: the low nibble holds the even column, the high nibble the odd one. The scale is stored as
-`<name>.per_channel_scale`, [out] ([E, out] for experts).
-
-Layout caveat: TensorRT-LLM's converter then runs `preprocess_weights_for_mixed_gemm`, a GPU-architecture-specific
-permutation and interleave for its CUTLASS kernels, which needs TensorRT-LLM's torch ops. Without a GPU that
-layout cannot be produced here, so gen-repo writes the plain (non-interleaved) layout above. gen-repo's pytorch
-engine reads it with `dequantize_weight`, and the config lists "plain_weight_only_layout" in
-`gen_repo_extensions` so tools can tell. For a real `trtllm-build`, convert with `weight_only_at_build`
-(`--weight-only-at-build`; the whole job sets it for `--engine tensorrtllm`): float weights plus `quant_algo`,
-which TensorRT-LLM quantizes at build time on the target GPU. The pytorch engine quantizes such a checkpoint
-with the same formula when it loads it, so both layouts run the same numbers.
+In the engine dir the weight is stored transposed, [in, out] ([E, in, out] for MoE experts), as int8 in a plain
+(non-interleaved) layout; int4 values are packed two per byte along `out`: the low nibble holds the even
+column, the high nibble the odd one. The scale is stored as `<name>.per_channel_scale`, [out] ([E, out] for
+experts). The pytorch engine reads it with `dequantize_weight`.
 
 INT8 KV cache (kv_cache_quant_algo "INT8"): per layer, `attention.kv_cache_scaling_factor` = max |Wqkv output| /
 127 over a calibration text, measured with forward hooks on the HF model's fused QKV projection (before

@@ -13,11 +13,11 @@ Pinned release: TensorRT-LLM 1.2.1, the version inside `nvcr.io/nvidia/tritonser
 - weight-only checkpoints (W8A16 / W4A16) need no extra flag: the builder turns on the weight-only matmul plugin
   from the checkpoint's `quant_algo` (unless the checkpoint sets `disable_weight_only_quant_plugin`, which int4
   does not support). `--gemm_plugin` then only serves the layers left in 16 bits (lm_head). MoE layers with
-  weight-only weights need the MoE plugin (the plain-TensorRT MoE rejects them). trtllm-build quantizes only
-  weights that are still float, so a W8A16/W4A16 checkpoint for it holds float weights: gen-repo's convert
-  writes those with `--weight-only-at-build` (the whole job does so for `--engine tensorrtllm`); its default
-  already-quantized plain int8 layout (`gen_repo_extensions: plain_weight_only_layout`) is refused here, like
-  every other gen-repo extension;
+  weight-only weights need the MoE plugin (the plain-TensorRT MoE rejects them). TensorRT-LLM's checkpoint
+  loader (`preprocess_weights` -> `weight_only_quantize_dict`) quantizes only weights that are still float and
+  takes int8 ones as already in its GPU-specific interleaved layout, so a W8A16/W4A16 checkpoint for it holds
+  float weights: what gen-repo's convert writes. A checkpoint holding int8 GEMM weights (gen-repo before 0.2
+  wrote a plain, non-interleaved layout, `gen_repo_extensions: plain_weight_only_layout`) is refused here;
 - INT8 KV cache (`kv_cache_quant_algo: INT8`) is read from the checkpoint; it needs the GPT attention plugin;
 - `--workers N` builds N ranks in parallel, one GPU each; trtllm-build itself caps it at the GPUs present.
 
@@ -30,13 +30,15 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generator.build import BuildSettings, build_config_section, resolve_limits
-from generator.engine.config import parse_pretrained_config, read_config_json
+from generator.build import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
+from generator.engine.config import read_config_json
 from generator.errors import ConfigError, GenRepoError
+from generator.hf_checkpoint import read_safetensors_header
 from generator.mapping import Mapping
 
 TRTLLM_VERSION = "1.2.1"
@@ -45,6 +47,14 @@ TRTLLM_CONTAINER = f"nvcr.io/nvidia/tritonserver:{TRITON_CONTAINER_TAG}-trtllm-p
 
 SUPPORTED_ARCHITECTURES = ("MPTForCausalLM", "DbrxForCausalLM")
 PLUGIN_DTYPES = ("float16", "bfloat16", "float32")
+# TensorRT-LLM 1.2's QuantAlgo names (tensorrt_llm/quantization/mode.py) and its KV_CACHE_QUANT_ALGO_LIST
+TRTLLM_QUANT_ALGOS = (
+    "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
+    "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "W4A8_QSERVE_PER_GROUP", "W4A8_QSERVE_PER_CHANNEL", "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "MIXED_PRECISION", "NVFP4", "W4A8_NVFP4_FP8",
+    "W4A8_MXFP4_FP8", "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "NO_QUANT")
+TRTLLM_KV_CACHE_QUANT_ALGOS = ("FP8", "INT8", "NVFP4")
 
 
 @dataclass(frozen=True)
@@ -65,28 +75,53 @@ class CheckpointFacts:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CheckpointFacts:
-        """Read a checkpoint's config.json (or an engine's `pretrained_config`) the way the pytorch engine
-        reads it (`generator.engine.config.parse_pretrained_config`), so both backends agree on dtype, world
-        size, MoE and quantization."""
-        engine = parse_pretrained_config(config)
+        """Read a checkpoint's config.json (or an engine's `pretrained_config`) as TensorRT-LLM's
+        `PretrainedConfig` does. Deliberately not the pytorch engine's parser: that one refuses what only the
+        pytorch engine lacks (e.g. FP8 or AWQ quantization, other activations), which trtllm-build can build."""
+        try:
+            architecture = str(config["architecture"])
+            dtype = str(config["dtype"])
+            mapping = Mapping.from_json(dict(config.get("mapping") or {}))
+            for key in ("hidden_size", "num_attention_heads", "num_hidden_layers"):
+                if int(config[key]) < 1:
+                    raise ConfigError(f"checkpoint config {key} must be at least 1, got {config[key]}")
+        except KeyError as error:
+            raise ConfigError(f"checkpoint config lacks the required key {error}") from None
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"checkpoint config has a malformed value: {error}") from None
+        if dtype not in PLUGIN_DTYPES:
+            raise ConfigError(f"checkpoint dtype {dtype!r}: trtllm-build takes {', '.join(PLUGIN_DTYPES)}")
+        quant = dict(config.get("quantization") or {})
+        if quant.get("quant_algo") not in (None, *TRTLLM_QUANT_ALGOS):
+            raise ConfigError(f"quantization.quant_algo {quant['quant_algo']!r} is not a TensorRT-LLM QuantAlgo")
+        if quant.get("kv_cache_quant_algo") not in (None, *TRTLLM_KV_CACHE_QUANT_ALGOS):
+            raise ConfigError(f"quantization.kv_cache_quant_algo {quant['kv_cache_quant_algo']!r}: TensorRT-LLM "
+                              f"takes {', '.join(TRTLLM_KV_CACHE_QUANT_ALGOS)}")
+        moe = config.get("moe")
+        experts = (moe or {}).get("num_experts") if isinstance(moe, dict) else None
+        if experts is None:
+            experts = config.get("moe_num_experts")
         return cls(
-            architecture=engine.architecture,
-            dtype=str(config.get("dtype")),
-            mapping=engine.mapping,
-            is_moe=engine.moe is not None,
-            quant_algo=engine.quant_algo,
-            kv_cache_quant_algo=engine.kv_cache_quant_algo,
+            architecture=architecture,
+            dtype=dtype,
+            mapping=mapping,
+            is_moe=bool(experts and int(experts) > 0),
+            quant_algo=quant.get("quant_algo"),
+            kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
             weight_only_plugin_disabled=bool(config.get("disable_weight_only_quant_plugin", False)),
         )
 
 
 def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
-    """Reject checkpoints trtllm-build cannot build, naming the config field; return their facts.
+    """Reject checkpoints trtllm-build cannot build (or would build into a different model), naming the
+    config field; return their facts.
 
     gen-repo's converter can write MPT variants that only its pytorch engine runs (docs in
     generator/models/mpt.py): biases, q/k LayerNorm and learned positions have no TensorRT-LLM counterpart.
+    TensorRT-LLM 1.2's MPT (`tensorrt_llm/models/mpt/model.py`) also hard-codes an MLP of 4 x hidden_size and
+    runs every layer on one pipeline stage (its forward has no send/recv between stages).
     """
-    facts = CheckpointFacts.from_config(config)  # dtype and quantization are checked there
+    facts = CheckpointFacts.from_config(config)
     if facts.architecture not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"architecture {facts.architecture!r} cannot be built here "
                           f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -97,19 +132,56 @@ def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
         raise ConfigError(f"this checkpoint uses gen-repo extensions TensorRT-LLM cannot build "
                           f"(gen_repo_extensions: {', '.join(map(str, extensions))}); use --engine pytorch")
     if facts.architecture == "MPTForCausalLM":
-        if config.get("bias"):
-            raise ConfigError("bias: true (an MPT with no_bias false) is a gen-repo extension TensorRT-LLM's MPT "
-                              "cannot load; use --engine pytorch")
-        if config.get("qk_layernorm"):
-            raise ConfigError("qk_layernorm: true (MPT attn_config.qk_ln) is not supported by TensorRT-LLM's MPT; "
-                              "use --engine pytorch")
-        if config.get("position_embedding_type", "alibi") != "alibi":
-            raise ConfigError(f"position_embedding_type {config.get('position_embedding_type')!r}: TensorRT-LLM's "
-                              "MPT only builds ALiBi models; use --engine pytorch")
+        _check_mpt(config, facts)
     if facts.quant_algo == "W4A16" and facts.weight_only_plugin_disabled:
         raise ConfigError("int4 weight-only (W4A16) needs the weight-only plugin, but the checkpoint sets "
                           "disable_weight_only_quant_plugin")
     return facts
+
+
+def _check_mpt(config: dict[str, Any], facts: CheckpointFacts) -> None:
+    if config.get("bias"):
+        raise ConfigError("bias: true (an MPT with no_bias false) is a gen-repo extension TensorRT-LLM's MPT "
+                          "cannot load; use --engine pytorch")
+    if config.get("qk_layernorm"):
+        raise ConfigError("qk_layernorm: true (MPT attn_config.qk_ln) is not supported by TensorRT-LLM's MPT; "
+                          "use --engine pytorch")
+    if config.get("position_embedding_type", "alibi") != "alibi":
+        raise ConfigError(f"position_embedding_type {config.get('position_embedding_type')!r}: TensorRT-LLM's "
+                          "MPT only builds ALiBi models; use --engine pytorch")
+    hidden = int(config["hidden_size"])
+    intermediate = config.get("intermediate_size")
+    if intermediate is not None and int(intermediate) != 4 * hidden:
+        raise ConfigError(f"intermediate_size {intermediate} (MPT expansion_ratio {int(intermediate) / hidden:g} "
+                          f"or ffn_config.ffn_hidden_size): TensorRT-LLM's MPT hard-codes an MLP of 4 x "
+                          f"hidden_size ({4 * hidden}); use --engine pytorch")
+    if facts.mapping.pipeline_parallel_size > 1:
+        raise ConfigError(f"mapping.pp_size {facts.mapping.pipeline_parallel_size}: TensorRT-LLM's MPT has no "
+                          "pipeline parallelism (its layers never pass hidden states between stages); convert "
+                          "with --pp-size 1 or use --engine pytorch")
+    epsilon = config.get("norm_epsilon")
+    if epsilon is not None and float(epsilon) != 1e-5:
+        # its final LayerNorm (ln_f) is built without eps, i.e. with 1e-5: a tiny numeric difference, not a refusal
+        print(f"warning: norm_epsilon {epsilon}: TensorRT-LLM's MPT uses 1e-5 in its final LayerNorm (ln_f)",
+              file=sys.stderr)
+
+
+def check_float_weight_only(checkpoint_dir: Path, facts: CheckpointFacts) -> None:
+    """Refuse a W8A16/W4A16 checkpoint whose GEMM weights are already int8: TensorRT-LLM would take them as
+    its interleaved layout unchanged and build an engine that outputs garbage. Reads only the file headers."""
+    if facts.quant_algo not in ("W8A16", "W4A16"):
+        return
+    from generator.quantize import is_weight_only_target
+
+    for rank in range(facts.world_size):
+        path = checkpoint_dir / f"rank{rank}.safetensors"
+        if not path.is_file():
+            continue  # reported as missing by the caller
+        for name, entry in read_safetensors_header(path).items():
+            if is_weight_only_target(name) and entry.get("dtype") in ("I8", "U8"):
+                raise ConfigError(f"{path.name}: {name} is already quantized ({entry['dtype']}); trtllm-build "
+                                  "quantizes weight-only checkpoints itself and would misread it. Convert again "
+                                  "(float weights + quant_algo) or use --engine pytorch")
 
 
 def _checked_plugin(value: str, name: str) -> str:
@@ -162,9 +234,18 @@ def trtllm_build_command(settings: BuildSettings, config: dict[str, Any]) -> lis
 
 
 def trtllm_build_commands(settings: BuildSettings) -> list[list[str]]:
-    """The commands that build `settings.checkpoint_dir` into `settings.output_dir`: one trtllm-build."""
-    config = read_config_json(Path(settings.checkpoint_dir))
-    return [trtllm_build_command(settings, config)]
+    """The commands that build `settings.checkpoint_dir` into `settings.output_dir`: one trtllm-build.
+
+    Every check runs first, so no command is printed for a checkpoint trtllm-build cannot build correctly.
+    """
+    checkpoint_dir = Path(settings.checkpoint_dir)
+    check_checkpoint_dir(checkpoint_dir)
+    config = read_config_json(checkpoint_dir)
+    if "pretrained_config" in config:
+        raise ConfigError(f"{checkpoint_dir} is already an engine dir; pass the TensorRT-LLM checkpoint dir")
+    command = trtllm_build_command(settings, config)
+    check_float_weight_only(checkpoint_dir, CheckpointFacts.from_config(config))
+    return [command]
 
 
 def missing_rank_files(directory: Path, world_size: int, suffix: str) -> list[str]:

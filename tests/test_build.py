@@ -91,3 +91,62 @@ def test_cli_build(checkpoint: Path, tmp_path: Path) -> None:
     bad = runner.invoke(main, ["build", "--checkpoint-dir", str(checkpoint), "--output", str(tmp_path / "other"),
                                "--max-input-len", "16", "--max-seq-len", "4096"])
     assert bad.exit_code == 2 and "max_position_embeddings" in bad.output
+
+
+def test_cli_build_defaults_fit_a_short_checkpoint(tmp_path: Path) -> None:
+    """`gen-repo build --checkpoint-dir C --output E` and nothing else, on a checkpoint of 256 positions: the
+    defaults come from the checkpoint (max_seq_len 256, max_input_len 128), as the whole job derives them."""
+    hf_dir = make_mpt(tmp_path / "hf", max_seq_len=256)
+    checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "checkpoint", progress=False))
+    for backend in ("pytorch", "tensorrtllm"):
+        result = CliRunner().invoke(main, ["build", "--checkpoint-dir", str(checkpoint), "--output",
+                                           str(tmp_path / backend), "--engine", backend, "--dry-run"])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["build", "--checkpoint-dir", str(checkpoint), "--output",
+                                       str(tmp_path / "engine")])
+    assert result.exit_code == 0, result.output
+    build = json.loads((tmp_path / "engine" / "config.json").read_text())["build_config"]
+    assert (build["max_batch_size"], build["max_input_len"], build["max_seq_len"], build["max_num_tokens"]) == (
+        8, 128, 256, 1024)
+    # a given --max-seq-len still gets a prompt limit that fits it
+    result = CliRunner().invoke(main, ["build", "--checkpoint-dir", str(checkpoint), "--output",
+                                       str(tmp_path / "short"), "--max-seq-len", "40"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["build_config"]["max_input_len"] == 20
+
+
+@pytest.mark.parametrize("flag", ["--max-batch-size", "--max-input-len", "--max-seq-len", "--max-num-tokens"])
+def test_cli_build_zero_is_an_error_not_the_default(checkpoint: Path, tmp_path: Path, flag: str) -> None:
+    result = CliRunner().invoke(main, ["build", "--checkpoint-dir", str(checkpoint), "--output",
+                                       str(tmp_path / "engine"), flag, "0"])
+    assert result.exit_code == 2, result.output
+    assert f"{flag.removeprefix('--').replace('-', '_')} must be at least 1, got 0" in result.output
+    assert not (tmp_path / "engine").exists()
+
+
+def test_build_refuses_a_convert_staging_dir(checkpoint: Path, tmp_path: Path) -> None:
+    """The hidden `.NAME.tmp-*` dir a killed convert leaves is no checkpoint (it may be half written)."""
+    import shutil
+
+    staging = tmp_path / ".checkpoint.tmp-k3x9q1"
+    shutil.copytree(checkpoint, staging)
+    for backend in ("pytorch", "tensorrtllm"):
+        result = CliRunner().invoke(main, ["build", "--checkpoint-dir", str(staging), "--output",
+                                           str(tmp_path / "engine"), "--engine", backend, "--dry-run"])
+        assert result.exit_code == 2 and "staging dir of an unfinished `gen-repo convert`" in result.output
+    assert not (tmp_path / "engine").exists()
+
+
+def test_truncated_rank_file_is_refused_by_build(checkpoint: Path, tmp_path: Path) -> None:
+    """A rank file cut short (a copy interrupted, a full disk) fails at build with the cause, not at serve."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    data = (broken / "rank1.safetensors").read_bytes()
+    (broken / "rank1.safetensors").write_bytes(data[: len(data) // 2])
+    code_output = CliRunner().invoke(main, ["build", "--checkpoint-dir", str(broken), "--output",
+                                            str(tmp_path / "engine")])
+    assert code_output.exit_code == 2
+    assert "rank1.safetensors is truncated" in code_output.output
+    assert not (tmp_path / "engine").exists()

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from generator.build import BuildSettings, build_engine
@@ -196,13 +197,13 @@ def test_half_precision_engines_generate(mpt: tuple[Path, Path, list[list[int]]]
     assert [r.token_ids[0] for r in results] == [e[0] for e in mpt[2]]
 
 
-def _dequantized_copy(checkpoint: Path, out_dir: Path, precision: str) -> Path:
-    """The same checkpoint in float32, every weight-only tensor replaced by its dequantized values."""
+def _dequantized_copy(engine: Path, out_dir: Path, precision: str) -> Path:
+    """A float32 checkpoint of the engine's weights, every weight-only tensor replaced by its dequantized values."""
     out_dir.mkdir()
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = json.loads((engine / "config.json").read_text())["pretrained_config"]
     config["quantization"]["quant_algo"] = None
     (out_dir / "config.json").write_text(json.dumps(config))
-    tensors = load_file(str(checkpoint / "rank0.safetensors"))
+    tensors = load_file(str(engine / "rank0.safetensors"))
     restored = {}
     for name, tensor in tensors.items():
         scale = tensors.get(name.replace(".weight", ".per_channel_scale"))
@@ -214,14 +215,18 @@ def _dequantized_copy(checkpoint: Path, out_dir: Path, precision: str) -> Path:
 
 
 @pytest.mark.parametrize(("model", "precision"), [("mpt", "int8"), ("dbrx", "int4")])
-def test_weight_only_checkpoints_run_their_dequantized_weights(tmp_path: Path, model: str, precision: str) -> None:
+def test_weight_only_engines_run_their_dequantized_weights(tmp_path: Path, model: str, precision: str) -> None:
+    """The engine `gen-repo build` quantizes from a weight-only checkpoint (float weights + quant_algo) runs
+    exactly the numbers of its dequantized weights."""
     hf_dir = make_mpt(tmp_path / "hf") if model == "mpt" else make_dbrx(tmp_path / "hf")
     checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "quantized", dtype="float32",
                                                     weight_only_precision=precision, progress=False))
     assert json_quant_algo(checkpoint) == {"int8": "W8A16", "int4": "W4A16"}[precision]
-    reference = _dequantized_copy(checkpoint, tmp_path / "dequantized", precision)
+    engine = build_engine(BuildSettings(checkpoint, tmp_path / "engine", max_batch_size=2))
+    assert load_file(str(engine / "rank0.safetensors"))["transformer.layers.0.attention.qkv.weight"].dtype == torch.int8
+    reference = _dequantized_copy(engine, tmp_path / "dequantized", precision)
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
-    quantized_ids = [r.token_ids for r in run_prompts(checkpoint, PROMPTS[:2], sampling)]
+    quantized_ids = [r.token_ids for r in run_prompts(engine, PROMPTS[:2], sampling)]
     assert quantized_ids == [r.token_ids for r in run_prompts(reference, PROMPTS[:2], sampling)]
 
 
@@ -254,29 +259,16 @@ def test_cancel_a_queued_request(executor: Executor) -> None:
     assert [(r.token_ids, r.finished, r.finish_reason) for r in results] == [([], True, "cancelled")]
 
 
-@pytest.mark.parametrize(("model", "precision"), [("mpt", "int4"), ("dbrx", "int8")])
-def test_weight_only_at_build_runs_the_same_numbers_as_the_plain_layout(tmp_path: Path, model: str,
-                                                                        precision: str) -> None:
-    """Float weights + quant_algo (what trtllm-build wants) run exactly like the pre-quantized plain layout."""
-    from generator.trtllm_build import trtllm_build_commands
-
-    hf_dir = make_mpt(tmp_path / "hf") if model == "mpt" else make_dbrx(tmp_path / "hf")
+def test_weight_only_at_build_is_accepted_and_changes_nothing(tmp_path: Path) -> None:
+    """The old --weight-only-at-build flag is a no-op: every weight-only checkpoint is float + quant_algo now."""
+    hf_dir = make_mpt(tmp_path / "hf")
     plain = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "plain", dtype="float16",
-                                               weight_only_precision=precision, progress=False))
-    deferred = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "deferred", dtype="float16",
-                                                  weight_only_precision=precision, weight_only_at_build=True,
-                                                  progress=False))
-    config = json.loads((deferred / "config.json").read_text())
-    assert config["quantization"]["quant_algo"] == {"int8": "W8A16", "int4": "W4A16"}[precision]
-    assert "plain_weight_only_layout" not in config.get("gen_repo_extensions", [])
-    assert load_file(str(deferred / "rank0.safetensors"))["transformer.layers.0.attention.qkv.weight"].dtype.is_floating_point
-    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
-    assert ([r.token_ids for r in run_prompts(deferred, PROMPTS[:2], sampling)]
-            == [r.token_ids for r in run_prompts(plain, PROMPTS[:2], sampling)])
-    # trtllm-build takes the deferred checkpoint (the plain layout is refused in tests/test_trtllm.py)
-    commands = trtllm_build_commands(BuildSettings(deferred, tmp_path / "engine", engine_backend="tensorrtllm",
-                                                   max_batch_size=4, max_input_len=16, max_seq_len=32))
-    assert commands and commands[0][0] == "trtllm-build"
+                                               weight_only_precision="int4", progress=False))
+    flagged = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "flagged", dtype="float16",
+                                                 weight_only_precision="int4", weight_only_at_build=True,
+                                                 progress=False))
+    for name in ("config.json", "rank0.safetensors"):
+        assert (plain / name).read_bytes() == (flagged / name).read_bytes()
 
 
 def test_top_p_keeps_at_least_the_most_likely_token(executor: Executor, mpt: tuple[Path, Path, list[list[int]]]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from generator.cli import main
 from generator.errors import ConfigError
@@ -78,8 +79,25 @@ def test_cli_inspect_and_unshard(models: dict[str, Path], tmp_path: Path) -> Non
     assert read_config(tmp_path / "merged")["mapping"]["tp_size"] == 1
 
 
-def test_unshard_rejects_weight_only(models: dict[str, Path], tmp_path: Path) -> None:
+def test_unshard_weight_only_equals_the_tp1_conversion(models: dict[str, Path], tmp_path: Path) -> None:
+    """Weight-only checkpoints hold float weights + quant_algo, so they merge like float ones."""
     checkpoint = convert(models["mpt"], tmp_path / "ckpt", tensor_parallel_size=2, weight_only_precision="int8")
-    with pytest.raises(ConfigError, match="float checkpoints only"):
+    merged = unshard_checkpoint(checkpoint, tmp_path / "merged")
+    tp1 = convert(models["mpt"], tmp_path / "tp1", weight_only_precision="int8")
+    assert read_config(merged) == read_config(tp1)
+    merged_tensors, tp1_tensors = load_file(merged / "rank0.safetensors"), load_file(tp1 / "rank0.safetensors")
+    assert merged_tensors.keys() == tp1_tensors.keys()
+    assert all(torch.equal(merged_tensors[name], tp1_tensors[name]) for name in tp1_tensors)
+
+
+def test_unshard_rejects_pre_quantized_weights(models: dict[str, Path], tmp_path: Path) -> None:
+    from generator.build import BuildSettings, build_engine
+
+    checkpoint = convert(models["mpt"], tmp_path / "ckpt", tensor_parallel_size=2, weight_only_precision="int8")
+    engine = build_engine(BuildSettings(checkpoint, tmp_path / "engine", max_batch_size=2))
+    for rank in range(2):  # the int8 layout gen-repo's checkpoints held before
+        (checkpoint / f"rank{rank}.safetensors").unlink()
+        (checkpoint / f"rank{rank}.safetensors").write_bytes((engine / f"rank{rank}.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="pre-quantized int8 weights"):
         unshard_checkpoint(checkpoint, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from generator.errors import GenRepoError
+from generator.build import BuildSettings, build_engine
+from generator.errors import ConfigError, GenRepoError
 from generator.quantize import dequantize_weight, pack_int4, quantize_weight, unpack_int4
+from generator.trtllm_build import trtllm_build_commands
 from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
 
 
@@ -74,16 +76,32 @@ def test_quantize_experts_3d() -> None:
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_weight_only_mpt_checkpoint(mpt_dir: Path, tmp_path: Path, precision: str) -> None:
+def test_weight_only_checkpoint_is_what_trtllm_quantizes_itself(mpt_dir: Path, tmp_path: Path,
+                                                               precision: str) -> None:
+    """convert --use-weight-only writes float weights + quant_algo (TensorRT-LLM's loader quantizes the float
+    ones and takes int8 ones as its own interleaved layout), never a pre-quantized layout; the pytorch build
+    step writes the engine's plain int8/int4 + per_channel_scale layout into the engine dir."""
     out = convert(mpt_dir, tmp_path / "ckpt", dtype="float16", tensor_parallel_size=2,
-                  weight_only_precision=precision)
-    assert read_config(out)["quantization"] == {"quant_algo": "W8A16" if precision == "int8" else "W4A16",
-                                                "kv_cache_quant_algo": None}
-    assert read_config(out)["gen_repo_extensions"] == ["plain_weight_only_layout"]
-    float_ckpt = convert(mpt_dir, tmp_path / "float", dtype="float16", tensor_parallel_size=2)
+                  weight_only_precision=precision, int8_kv_cache=True)
+    config = read_config(out)
+    assert config["quantization"] == {"quant_algo": "W8A16" if precision == "int8" else "W4A16",
+                                      "kv_cache_quant_algo": "INT8"}
+    assert "gen_repo_extensions" not in config
+    float_ckpt = convert(mpt_dir, tmp_path / "float", dtype="float16", tensor_parallel_size=2, int8_kv_cache=True)
+    for rank in range(2):  # the checkpoint's tensors are exactly the float checkpoint's (KV scales included)
+        tensors, reference = rank_tensors(out, rank), rank_tensors(float_ckpt, rank)
+        assert tensors.keys() == reference.keys()
+        assert all(torch.equal(tensors[name], reference[name]) for name in tensors)
+        assert "transformer.layers.0.attention.kv_cache_scaling_factor" in tensors
+    (argv,) = trtllm_build_commands(BuildSettings(out, tmp_path / "trt-engine", engine_backend="tensorrtllm"))
+    assert argv[0] == "trtllm-build"
+
+    engine = build_engine(BuildSettings(out, tmp_path / "engine", max_batch_size=2))
+    assert read_config(engine)["pretrained_config"] == config
     pack = 2 if precision == "int4" else 1
     for rank in range(2):
-        quantized, reference = rank_tensors(out, rank), rank_tensors(float_ckpt, rank)
+        quantized, reference = rank_tensors(engine, rank), rank_tensors(float_ckpt, rank)
+        assert not (engine / f"rank{rank}.safetensors").samefile(out / f"rank{rank}.safetensors")
         for name in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj"):
             weight_name = f"transformer.layers.0.{name}.weight"
             weight, scale = quantized[weight_name], quantized[f"transformer.layers.0.{name}.per_channel_scale"]
@@ -94,16 +112,34 @@ def test_weight_only_mpt_checkpoint(mpt_dir: Path, tmp_path: Path, precision: st
             assert torch.equal(weight, expected_q) and torch.equal(scale, expected_scale)
             error = (dequantize_weight(weight, scale, precision).float() - reference[weight_name].float()).abs()
             assert torch.all(error <= scale.float().unsqueeze(1) + 1e-3)
-        for name in ("lm_head.weight", "transformer.vocab_embedding.weight", "transformer.ln_f.weight"):
+        for name in ("lm_head.weight", "transformer.vocab_embedding.weight", "transformer.ln_f.weight",
+                     "transformer.layers.0.attention.kv_cache_scaling_factor"):
             assert torch.equal(quantized[name], reference[name])
         assert not any(name.startswith("lm_head.") and name != "lm_head.weight" for name in quantized)
+
+
+def test_pre_quantized_weight_only_checkpoint_gets_no_trtllm_build_line(mpt_dir: Path, tmp_path: Path) -> None:
+    """A W8A16 checkpoint holding int8 GEMM weights (the layout gen-repo wrote before) would be misread by
+    trtllm-build; it is refused, naming the tensor, while the pytorch build still takes it as it is."""
+    out = convert(mpt_dir, tmp_path / "ckpt", weight_only_precision="int8")
+    engine = build_engine(BuildSettings(out, tmp_path / "engine", max_batch_size=2))
+    (out / "rank0.safetensors").unlink()  # the engine's quantized file put back as the checkpoint's
+    (out / "rank0.safetensors").write_bytes((engine / "rank0.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=r"rank0\.safetensors: transformer\.layers\.\d\.\w+\.\w+\.weight "
+                                          r"is already quantized \(I8\)"):
+        trtllm_build_commands(BuildSettings(out, tmp_path / "trt", engine_backend="tensorrtllm", dry_run=True))
+    again = build_engine(BuildSettings(out, tmp_path / "engine2", max_batch_size=2))
+    assert rank_tensors(again, 0).keys() == rank_tensors(engine, 0).keys()
+    assert all(torch.equal(rank_tensors(again, 0)[k], v) for k, v in rank_tensors(engine, 0).items())
 
 
 def test_weight_only_dbrx_experts(dbrx_dir: Path, tmp_path: Path) -> None:
     out = convert(dbrx_dir, tmp_path / "ckpt", weight_only_precision="int4", tensor_parallel_size=2,
                   moe_expert_parallel_size=2)
+    assert rank_tensors(out, 1)["transformer.layers.0.mlp.fc.weight"].dtype == torch.float32
+    engine = build_engine(BuildSettings(out, tmp_path / "engine", max_batch_size=2, workers=2))
     hf = load_file(dbrx_dir / "model.safetensors")
-    trt = rank_tensors(out, 1)  # moe_ep_rank 1: experts 2 and 3
+    trt = rank_tensors(engine, 1)  # moe_ep_rank 1: experts 2 and 3
     fc, fc_scale = trt["transformer.layers.0.mlp.fc.weight"], trt["transformer.layers.0.mlp.fc.per_channel_scale"]
     assert fc.shape == (2, 64, 192 // 2) and fc_scale.shape == (2, 192)
     proj, proj_scale = trt["transformer.layers.0.mlp.proj.weight"], trt["transformer.layers.0.mlp.proj.per_channel_scale"]

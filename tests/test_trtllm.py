@@ -156,9 +156,14 @@ def test_rejects_bad_settings(tmp_path: Path, overrides: dict[str, Any], message
     ("position_embedding_type", "learned_absolute", "ALiBi"),
     ("dtype", "int8", "dtype 'int8'"),
     ("architecture", "LlamaForCausalLM", "LlamaForCausalLM"),
-    ("quantization", {"quant_algo": "FP8", "kv_cache_quant_algo": None}, "FP8"),
+    ("quantization", {"quant_algo": "W3A16", "kv_cache_quant_algo": None}, "quant_algo 'W3A16'"),
     ("gen_repo_extensions", ["plain_weight_only_layout"], "gen_repo_extensions: plain_weight_only_layout"),
-    ("quantization", {"quant_algo": None, "kv_cache_quant_algo": "FP8"}, "kv_cache_quant_algo 'FP8'"),
+    ("quantization", {"quant_algo": None, "kv_cache_quant_algo": "INT4"}, "kv_cache_quant_algo 'INT4'"),
+    # TensorRT-LLM's MPT builds its MLP as 4 x hidden_size whatever the checkpoint holds
+    ("intermediate_size", 3 * 4096, "intermediate_size 12288 .*expansion_ratio 3"),
+    # TensorRT-LLM's MPTModel.forward has no send/recv between pipeline stages
+    ("mapping", {"world_size": 2, "tp_size": 1, "pp_size": 2}, "mapping.pp_size 2"),
+    ("num_attention_heads", 0, "num_attention_heads must be at least 1"),
 ])
 def test_rejects_checkpoints_trtllm_cannot_build(tmp_path: Path, field: str, value: Any, message: str) -> None:
     checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(1))
@@ -168,6 +173,39 @@ def test_rejects_checkpoints_trtllm_cannot_build(tmp_path: Path, field: str, val
     settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine")
     with pytest.raises(ConfigError, match=message):
         trtllm_build_commands(settings)
+
+
+@pytest.mark.parametrize("quantization", [{"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"},
+                                          {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None},
+                                          {"quant_algo": "W8A8_SQ_PER_CHANNEL", "kv_cache_quant_algo": "INT8"}])
+def test_checks_as_trtllm_not_as_the_pytorch_engine(tmp_path: Path, quantization: dict[str, Any]) -> None:
+    """Checkpoints TensorRT-LLM's own quantizer writes (FP8, AWQ, SmoothQuant) get a trtllm-build line: the
+    pytorch engine cannot run them, but its parser is not the judge of what trtllm-build can build."""
+    checkpoint = write_checkpoint_config(tmp_path / "ckpt", "mpt-7b", "float16", Mapping.create(1))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization"] = quantization
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (argv,) = trtllm_build_commands(BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine"))
+    assert argv[0] == "trtllm-build"
+
+
+@pytest.mark.parametrize("hf_field, value, message", [
+    ("expansion_ratio", 2, "expansion_ratio 2"),
+    ("ffn_config", {"ffn_hidden_size": 5000}, "intermediate_size 5000"),
+])
+def test_mpt_ffn_size_refused_before_any_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 hf_field: str, value: Any, message: str) -> None:
+    """An MPT whose MLP is not 4 x d_model converts (the pytorch engine runs it) but gets no trtllm-build line."""
+    hf_config = {**HF_CONFIGS["mpt-7b"], hf_field: value}
+    config = spec_for(hf_config).trtllm_config(Mapping.create(1), "float16", {"quant_algo": None,
+                                                                               "kv_cache_quant_algo": None})
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    settings = BuildSettings(checkpoint_dir=checkpoint, output_dir=tmp_path / "engine", dry_run=True)
+    with pytest.raises(ConfigError, match=message):
+        build_with_trtllm(settings)
+    assert "trtllm-build" not in capsys.readouterr().out
 
 
 def test_weight_only_moe_needs_moe_plugin(tmp_path: Path) -> None:

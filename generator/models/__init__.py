@@ -27,7 +27,11 @@ def spec_for(hf_config: dict[str, Any]) -> ModelSpec:
     if spec_class is None:
         raise ConfigError(f"unsupported model: model_type {hf_config.get('model_type')!r}, architectures "
                           f"{hf_config.get('architectures')!r} (supported: mpt, dbrx)")
-    return spec_class(hf_config)
+    try:
+        return spec_class(hf_config)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
+        # a value of the wrong type somewhere in config.json (e.g. a string where a number belongs)
+        raise ConfigError(f"malformed {spec_class.architecture} config.json: {error}") from error
 
 
 def spec_class_for_checkpoint(trtllm_config: dict[str, Any]) -> type[ModelSpec]:

@@ -276,3 +276,26 @@ def config_value(config: dict[str, Any], key: str, default: Any) -> Any:
     """`config[key]`, or `default` when the key is absent or null."""
     value = config.get(key)
     return default if value is None else value
+
+
+def positive_int(config: dict[str, Any], key: str, where: str = "", default: Any = None) -> int:
+    """`config[key]` as an int of at least 1; a ConfigError naming `where + key` otherwise.
+
+    Absent (or null) with `default` None raises KeyError, so callers can report a missing field their way.
+    """
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        value = default
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value)
+    else:
+        raise ConfigError(f"{where}{key} {value!r} is not an integer")
+    if number < 1:
+        raise ConfigError(f"{where}{key} must be at least 1, got {value!r}")
+    return number

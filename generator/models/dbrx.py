@@ -38,6 +38,7 @@ from generator.models.base import (
     TensorSource,
     config_value,
     hf_get,
+    positive_int,
 )
 from generator.models.mpt import mpt_shard_rule
 
@@ -57,17 +58,17 @@ class DbrxSpec(ModelSpec):
         attn = config.get("attn_config") or {}
         ffn = config.get("ffn_config") or {}
         try:
-            self.hidden_size = int(config["d_model"])
-            self.num_attention_heads = int(config["n_heads"])
-            self.num_layers = int(config["n_layers"])
-            self.vocab_size = int(config["vocab_size"])
-            self.max_seq_len = int(config["max_seq_len"])
-            self.intermediate_size = int(ffn["ffn_hidden_size"])
-            self.num_experts = int(ffn["moe_num_experts"])
+            self.hidden_size = positive_int(config, "d_model")
+            self.num_attention_heads = positive_int(config, "n_heads")
+            self.num_layers = positive_int(config, "n_layers")
+            self.vocab_size = positive_int(config, "vocab_size")
+            self.max_seq_len = positive_int(config, "max_seq_len")
+            self.intermediate_size = positive_int(ffn, "ffn_hidden_size", "ffn_config.")
+            self.num_experts = positive_int(ffn, "moe_num_experts", "ffn_config.")
         except KeyError as error:
             raise ConfigError(f"DBRX config.json lacks {error.args[0]}") from error
-        self.num_key_value_heads = int(config_value(attn, "kv_n_heads", 1))
-        self.top_k = int(config_value(ffn, "moe_top_k", 1))
+        self.num_key_value_heads = positive_int(attn, "kv_n_heads", "attn_config.", 1)
+        self.top_k = positive_int(ffn, "moe_top_k", "ffn_config.", 1)
         self.normalize_expert_weights = ffn.get("moe_normalize_expert_weights", 1)
         self.clip_qkv = attn.get("clip_qkv")
         self.rotary_base = float(config_value(attn, "rope_theta", 10000.0))

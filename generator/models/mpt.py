@@ -58,6 +58,7 @@ from generator.models.base import (
     TensorSource,
     config_value,
     hf_get,
+    positive_int,
 )
 
 SUPPORTED_NORMS = ("low_precision_layernorm", "layernorm")
@@ -75,11 +76,11 @@ class MptSpec(ModelSpec):
         attn = config.get("attn_config") or {}
         ffn = config.get("ffn_config") or {}
         try:
-            self.hidden_size = int(config["d_model"])
-            self.num_attention_heads = int(config["n_heads"])
-            self.num_layers = int(config["n_layers"])
-            self.vocab_size = int(config["vocab_size"])
-            self.max_seq_len = int(config["max_seq_len"])
+            self.hidden_size = positive_int(config, "d_model")
+            self.num_attention_heads = positive_int(config, "n_heads")
+            self.num_layers = positive_int(config, "n_layers")
+            self.vocab_size = positive_int(config, "vocab_size")
+            self.max_seq_len = positive_int(config, "max_seq_len")
         except KeyError as error:
             raise ConfigError(f"MPT config.json lacks {error.args[0]}") from error
         attn_type = config_value(attn, "attn_type", "multihead_attention")
@@ -88,7 +89,7 @@ class MptSpec(ModelSpec):
         elif attn_type == "multiquery_attention":
             self.num_key_value_heads = 1
         elif attn_type == "grouped_query_attention":
-            self.num_key_value_heads = int(config_value(attn, "kv_n_heads", self.num_attention_heads))
+            self.num_key_value_heads = positive_int(attn, "kv_n_heads", "attn_config.", self.num_attention_heads)
         else:
             raise ConfigError(f"attn_config.attn_type {attn_type!r} is not supported")
         if self.hidden_size % self.num_attention_heads:
@@ -96,8 +97,13 @@ class MptSpec(ModelSpec):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"n_heads {self.num_attention_heads} is not divisible by attn_config.kv_n_heads "
                               f"{self.num_key_value_heads}")
-        self.intermediate_size = int(config_value(
-            ffn, "ffn_hidden_size", config_value(config, "expansion_ratio", 4) * self.hidden_size))
+        if ffn.get("ffn_hidden_size") is not None:
+            self.intermediate_size = positive_int(ffn, "ffn_hidden_size", "ffn_config.")
+        else:
+            ratio = config_value(config, "expansion_ratio", 4)
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+                raise ConfigError(f"expansion_ratio {ratio!r} is not a positive number")
+            self.intermediate_size = int(ratio * self.hidden_size)
         self.bias = not config_value(config, "no_bias", True)
         self.alibi = bool(config_value(attn, "alibi", True))
         self.learned_positions = not self.alibi and bool(config_value(config, "learned_pos_emb", True))
