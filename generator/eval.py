@@ -483,7 +483,8 @@ def run_engine(prompts: list[Prompt], settings: EvalSettings, tokenizer: Any, en
                     executor.enqueue(GenerationRequest(prompts[index].ids, sampling),
                                      functools.partial(on_result, index=index))
                 except ValueError as error:
-                    raise GenRepoError(f"the engine refuses sample {index}: {error}") from None
+                    raise GenRepoError(f"the engine refuses sample {index}: {error} (lower --max-input-len "
+                                       "or --output-len)") from None
             for _ in batch:
                 done.acquire()
             latency += time.perf_counter() - start
