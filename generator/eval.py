@@ -524,7 +524,7 @@ def run_hf(prompts: list[Prompt], settings: EvalSettings, tokenizer: Any, end_id
         options["device_map"] = "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(str(settings.hf_model_dir), **options).eval()
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:  # no weights, unknown architecture, no accelerate
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise GenRepoError(f"transformers cannot load {settings.hf_model_dir}: {first}") from None
     if not settings.hf_device_map_auto:
@@ -600,6 +600,11 @@ def evaluate(settings: EvalSettings) -> EvalReport | None:
             follow(settings.engine_dir, device=settings.device)
             return None
         engine_max_input = config.max_input_len
+    else:
+        from generator.engine.distributed import process_info
+
+        if process_info().rank != 0:  # launched under mpirun without an engine: rank 0 does all the work
+            return None
     dataset, samples = load_samples(settings)
     tokenizer = _load_eval_tokenizer(settings.tokenizer_dir or settings.hf_model_dir,  # type: ignore[arg-type]
                                      settings.trust_remote_code)
