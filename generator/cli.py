@@ -411,5 +411,66 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
     click.echo(f"{repository}: ok")
 
 
+@main.command("eval")
+@click.option("--url", default=None, help="gRPC host:port of a served repository: evaluate its ensemble.")
+@click.option("--model", "served_model", default="ensemble", show_default=True, help="Served model to ask.")
+@click.option("--engine-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Evaluate this pytorch engine dir directly (several ranks: `mpirun -n N gen-repo eval ...`).")
+@click.option("--hf-model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Also generate with transformers on this HF checkpoint, and compare.")
+@click.option("--tokenizer-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Tokenizer for prompts and outputs (default: --hf-model-dir).")
+@click.option("--dataset", default=None, metavar="FILE|NAME",
+              help="Local .jsonl/.json/.parquet file, or a Hugging Face dataset name such as cnn_dailymail "
+              "(needs `datasets` and the hub). Default: gen-repo's own set of 32 short news items.")
+@click.option("--dataset-config", default=None, help="HF dataset config (cnn_dailymail: 3.0.0).")
+@click.option("--dataset-split", default="test", show_default=True, help="HF dataset split.")
+@click.option("--article-field", default="article", show_default=True, help="Field holding the article.")
+@click.option("--summary-field", default="highlights", show_default=True, help="Field holding the reference.")
+@click.option("--max-samples", type=int, default=None, help="Evaluate the first N samples (default: all; "
+              "summarize.py's defaults give 20).")
+@click.option("--max-input-len", type=int, default=None,
+              help="Cut prompts to this many tokens, as summarize.py does (default: 923, or the engine's limit).")
+@click.option("--output-len", type=int, default=100, show_default=True, help="Most new tokens per sample.")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Requests in flight together (served and engine paths).")
+@click.option("--hf-batch-size", type=int, default=1, show_default=True,
+              help="Prompts per transformers generate (left padding changes its numerics).")
+@click.option("--prompt-template", default="{article} TL;DR: ", show_default=True,
+              help="Prompt around {article} (summarize.py's summarize task by default).")
+@click.option("--add-special-tokens/--no-add-special-tokens", default=True, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=1, show_default=True, help="Greedy unless top-k > 1 or top-p > 0.")
+@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed.")
+@click.option("--end-id", type=int, default=None, help="Token id that ends generation (default: the tokenizer's eos).")
+@click.option("--stemmer/--no-stemmer", "use_stemmer", default=True, show_default=True,
+              help="Porter stemming in ROUGE (summarize.py's `evaluate` rouge metric does not stem).")
+@click.option("--check-accuracy", is_flag=True, help="Exit 1 unless ROUGE-1 is above --rouge-threshold.")
+@click.option("--rouge-threshold", type=float, default=15.0, show_default=True,
+              help="ROUGE-1 (x100) the engine paths must exceed with --check-accuracy.")
+@click.option("--device", default=None, help="Device for the engine and transformers (default: cuda if present).")
+@click.option("--hf-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="transformers dtype (auto: the engine's, else the checkpoint's).")
+@click.option("--hf-device-map-auto", is_flag=True, help="Spread the transformers model over all GPUs.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's / tokenizer's own Python code.")
+@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+              help="Wait up to this many seconds for the served model to be ready.")
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for one served answer.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (scores and every output) as JSON.")
+def eval_command(served_model: str, as_json: bool, **options: Any) -> None:
+    """ROUGE of a served repository / engine dir / transformers on summarization (TensorRT-LLM's summarize.py)."""
+    from generator.eval import EvalSettings, evaluate, format_report, report_dict
+
+    report = evaluate(EvalSettings(model=served_model, **options))
+    if report is None:  # a rank > 0 of an mpirun launch
+        return
+    click.echo(json.dumps(report_dict(report), indent=2) if as_json else format_report(report))
+    if not report.passed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
