@@ -707,6 +707,7 @@ class Front:
         stop = StopText(params.stop)
         outcome.prompt_tokens = len(prompt_ids)
         generated = 0
+        received: list[str] = []
         engine_output_tokens: int | None = None
         if params.echo:
             yield Delta(params.prompt, [], [])
@@ -718,6 +719,7 @@ class Front:
                     outcome.prompt_tokens = piece.num_input_tokens
                 if piece.num_output_tokens is not None:
                     engine_output_tokens = piece.num_output_tokens
+                received.append(piece.text)
                 text = stop.push(piece.text)
                 if text or piece.token_ids:
                     yield Delta(text, piece.token_ids, piece.log_probs)
@@ -727,6 +729,9 @@ class Front:
         if tail:
             yield Delta(tail, [], [])
         outcome.completion_tokens = engine_output_tokens if engine_output_tokens is not None else generated
+        if engine_output_tokens is None and generated == 0 and received:
+            # the BLS returns text only: count its tokens with the tokenizer
+            outcome.completion_tokens = len(tokenizer.encode("".join(received), False))
         if stop.stopped:
             outcome.finish_reason = "stop"
         else:
