@@ -408,6 +408,7 @@ class TritonGateway:
         self.timeout_s = timeout_s
         self._client: Any = None
         self._infos: dict[str, ModelInfo] = {}
+        self._stopping: set[asyncio.Future[None]] = set()  # stop-by-id requests in flight
 
     def _get_client(self) -> Any:
         if self._client is None:
@@ -517,6 +518,34 @@ class TritonGateway:
         finally:
             if not finished:
                 stream.cancel()  # the client went away (or stop text was found): free the engine's slot
+                if model.endswith("ensemble"):
+                    # tritonserver 2.51 does not pass an ensemble's cancellation on to its steps: stop the
+                    # engine's request by id (TensorRT-LLM's `stop` input), in a task of its own
+                    task = asyncio.ensure_future(self._stop_by_id(model[:-len("ensemble")] + "tensorrt_llm",
+                                                                  str(request["request_id"])))
+                    self._stopping.add(task)
+                    task.add_done_callback(self._stopping.discard)
+
+    async def _stop_by_id(self, core_model: str, request_id: str) -> None:
+        """Send `stop=true` with `request_id` to the engine model; errors are ignored (best effort)."""
+        import tritonclient.grpc.aio as aio
+
+        values = {"input_ids": np.array([[0]], dtype=np.int32), "input_lengths": np.array([[1]], dtype=np.int32),
+                  "request_output_len": np.array([[1]], dtype=np.int32), "stop": np.array([[True]], dtype=np.bool_)}
+        inputs = []
+        for name, array in values.items():
+            infer_input = aio.InferInput(name, list(array.shape), "BOOL" if array.dtype == np.bool_ else "INT32")
+            infer_input.set_data_from_numpy(array)
+            inputs.append(infer_input)
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": core_model, "inputs": inputs, "request_id": request_id}
+
+        try:
+            async for _ in self._get_client().stream_infer(requests(), stream_timeout=30):
+                pass
+        except Exception:  # noqa: BLE001 - the request may be gone already
+            pass
 
 
 def _config_param(config: dict[str, Any], key: str, default: str) -> str:
