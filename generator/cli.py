@@ -221,10 +221,16 @@ def run_command(prompts: tuple[str, ...], engine_dir: Path, tokenizer_dir: Path 
                                          "help_option_names": []})
 @click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
 def bench_command(bench_args: tuple[str, ...]) -> None:
-    """Tokens/s of the pytorch engine on random MPT-shaped weights (`gen-repo bench --help` for the flags)."""
+    """Tokens/s of the pytorch engine (default, or --direct), or of a served stack with --url (see --help)."""
     from generator.engine.benchmark import main as bench_main
 
-    code = bench_main(list(bench_args))
+    args = list(bench_args)
+    if any(arg == "--url" or arg.startswith("--url=") for arg in args):
+        from generator.bench_served import main as served_main
+
+        code = served_main(args)
+    else:
+        code = bench_main([arg for arg in args if arg != "--direct"])
     if code:
         sys.exit(code)
 
@@ -259,6 +265,10 @@ def models_command(gpu_memory_gib: float) -> None:
               "spawns each engine's ranks (TRTLLM_ORCHESTRATOR=1), so a repository can hold several engines.")
 @click.option("--tensorrt-llm-model-name", default="tensorrt_llm", show_default=True,
               help="The engine model(s), comma-separated: ranks > 0 load only these (leader mode).")
+@click.option("--openai-port", type=int, default=None,
+              help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions) on this port.")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --openai-port: a Jinja chat template instead of the tokenizer's own.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None,
               help="Server output (default: tritonserver.log next to the repository).")
 @click.option("--log-verbose", type=int, default=0, show_default=True, help="tritonserver --log-verbose level.")
@@ -268,7 +278,8 @@ def models_command(gpu_memory_gib: float) -> None:
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED)
 def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
                   triton_bin: str | None, world_size: int | None, launcher: str, multi_model: bool,
-                  tensorrt_llm_model_name: str, log_file: Path | None,
+                  tensorrt_llm_model_name: str, openai_port: int | None, chat_template: Path | None,
+                  log_file: Path | None,
                   log_verbose: int, ready_timeout_s: float, dry_run: bool, extra_args: tuple[str, ...]) -> None:
     """Run tritonserver on a repository until Ctrl-C; extra args after `--` go to tritonserver."""
     from generator.serve import ServeSettings, serve
@@ -276,7 +287,8 @@ def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: 
     sys.exit(serve(ServeSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, triton_bin=triton_bin, world_size=world_size, launcher=launcher,
-        multi_model=multi_model, tensorrt_llm_model_name=tensorrt_llm_model_name, log_file=log_file,
+        multi_model=multi_model, tensorrt_llm_model_name=tensorrt_llm_model_name, openai_port=openai_port,
+        chat_template=chat_template, log_file=log_file,
         log_verbose=log_verbose, ready_timeout_s=ready_timeout_s, dry_run=dry_run, extra_args=extra_args)))
 
 
@@ -318,6 +330,27 @@ def infer_command(prompt: str, url: str | None, protocol: str, model: str, strea
         bad_words=bad_words, end_id=end_id, pad_id=pad_id, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
         exclude_input_in_output=exclude_input_in_output, wait_s=wait_s, timeout_s=timeout_s))
+
+
+@main.command("openai")
+@click.option("--triton-url", default="localhost:8001", show_default=True, help="Triton gRPC host:port.")
+@click.option("--tokenizer-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Tokenizer (chat template, token counts); default: the served preprocessing model's.")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A Jinja chat template instead of the tokenizer's own.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=9000, show_default=True, help="HTTP port of the API.")
+@click.option("--max-body-bytes", type=int, default=4 << 20, show_default=True, help="Larger bodies get 413.")
+@click.option("--max-json-depth", type=int, default=64, show_default=True, help="Deeper JSON bodies get 400.")
+@click.option("--trust-remote-code", is_flag=True, help="Let the tokenizer run its own Python code.")
+def openai_command(triton_url: str, tokenizer_dir: Path | None, chat_template: Path | None, host: str, port: int,
+                   max_body_bytes: int, max_json_depth: int, trust_remote_code: bool) -> None:
+    """OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in front of a running Triton."""
+    from generator.openai_server import OpenAISettings, run_openai
+
+    run_openai(OpenAISettings(triton_url=triton_url, tokenizer_dir=tokenizer_dir, chat_template=chat_template,
+                              host=host, port=port, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
+                              trust_remote_code=trust_remote_code))
 
 
 @main.command("deploy")

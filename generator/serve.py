@@ -31,6 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -71,6 +72,8 @@ class ServeSettings:
     # backend spawns each engine's ranks itself (TRTLLM_ORCHESTRATOR=1), so several engines can be served
     multi_model: bool = False
     ready_timeout_s: float = 600.0
+    openai_port: int | None = None           # also serve the OpenAI-compatible API here (generator.openai_server)
+    chat_template: Path | None = None        # its --chat-template
 
 
 @dataclass(frozen=True)
@@ -466,23 +469,47 @@ def serve(settings: ServeSettings) -> int:
         raise _Stop()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    front = None
     try:
         wait_until_ready(process, settings.host, settings.http_port, settings.ready_timeout_s, log_file)
         host = _client_host(settings.host)
         click.echo(f"ready: HTTP http://{host}:{settings.http_port}  gRPC {host}:{settings.grpc_port}  "
                    f"metrics http://{host}:{settings.metrics_port}/metrics")
         click.echo(f'try:   gen-repo infer --url {host}:{settings.grpc_port} "What is machine learning?"')
+        if settings.openai_port is not None:
+            front = _start_openai(settings)
+            click.echo(f"OpenAI-compatible API: http://{host}:{settings.openai_port}/v1")
         click.echo("Ctrl-C stops the server.")
         code = process.wait()
         raise GenRepoError(f"tritonserver exited with code {code}" + _log_tail(log_file))
     except (KeyboardInterrupt, _Stop):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if front is not None:
+            front.stop()
         click.echo("stopping tritonserver ...")
         code = stop_server(process, shm_prefix=settings.shm_prefix)
         click.echo(f"stopped (exit code {code})")
         return 0
     finally:
+        if front is not None:
+            front.stop()
         stop_server(process, shm_prefix=settings.shm_prefix)
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _start_openai(settings: ServeSettings) -> Any:
+    """Start the OpenAI-compatible front on a thread, talking to this server's gRPC port."""
+    from generator.openai_server import BackgroundFront, OpenAISettings
+
+    tokenizer_dir = None
+    config_path = Path(settings.model_repository) / "preprocessing" / "config.pbtxt"
+    if config_path.is_file():
+        match = re.search(r'key:\s*"tokenizer_dir",\s*value:\s*{\s*string_value:\s*"([^"]*)"', config_path.read_text())
+        tokenizer_dir = Path(match.group(1)) if match and match.group(1) else None
+    front = BackgroundFront(OpenAISettings(
+        triton_url=f"{_client_host(settings.host)}:{settings.grpc_port}", tokenizer_dir=tokenizer_dir,
+        chat_template=settings.chat_template, host=settings.host, port=settings.openai_port or 9000))
+    front.start()
+    return front

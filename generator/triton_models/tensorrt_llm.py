@@ -27,6 +27,7 @@ from generator.triton_models.common import (
     parameter,
     parse_bool,
 )
+from generator.triton_models.metrics import new_metrics
 
 NOT_SUPPORTED = "not supported by the pytorch engine"
 #: inputs answered with an error whenever they are sent
@@ -128,6 +129,7 @@ class TritonPythonModel:
         from generator.engine import Executor
 
         self.executor = Executor(engine_dir)
+        self.metrics = new_metrics(args["model_name"], self.executor, pb_utils)  # LLM metrics on /metrics
         self.exclude_input_default = parse_bool(parameter(config, "exclude_input_in_output"), False)
         self.tokenizer = configured_tokenizer(config)  # only to hold back split UTF-8 characters when streaming
         self.cancel_period_s = int(parameter(config, "cancellation_check_period_ms", "100")) / 1000.0
@@ -168,6 +170,8 @@ class TritonPythonModel:
         from generator.engine import GenerationRequest
 
         arrival_ns = time.time_ns()
+        if bool(_row_scalar(_input(request, "stop"), 0) or False):
+            return self._stop_by_id(request, arrival_ns)
         self._reject_unsupported(request)
         input_ids = _input(request, "input_ids")
         if input_ids is None:
@@ -191,8 +195,6 @@ class TritonPythonModel:
                 holdback = Utf8HoldBack(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
             items.append(_Item(row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback))
             samplings.append(self._sampling(request, row))
-        if bool(_row_scalar(_input(request, "stop"), 0) or False):
-            raise RequestError("the request was sent with stop=true")
         pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
                            sender=request.get_response_sender() if self.decoupled else None)
         for item, sampling in zip(items, samplings, strict=True):
@@ -210,6 +212,29 @@ class TritonPythonModel:
             with self._lock:
                 if not item.done:
                     self._pending[item.request_id] = pending
+        return pending
+
+    def _stop_by_id(self, request, arrival_ns):
+        """stop=true, TensorRT-LLM's contract: cancel the requests in flight that carry this request's id.
+
+        Clients of the ensemble need it: tritonserver 2.51 does not pass an ensemble request's cancellation on to
+        its steps, but the steps' requests carry the ensemble request's id."""
+        triton_id = request.request_id()
+        if not triton_id:
+            raise RequestError("stop=true needs the id of the request to stop (the request id)")
+        with self._lock:
+            found = [request_id for request_id, pending in self._pending.items()
+                     if not pending.final_sent and pending.request.request_id() == triton_id]
+        for request_id in found:
+            self.executor.cancel(request_id)
+        pending = _Pending(request=request, items=[], batch_size=0, arrival_ns=arrival_ns,
+                           sender=request.get_response_sender() if self.decoupled else None)
+        if pending.sender is not None:
+            pending.final_sent = True
+            pending.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            pending.responses.append(pb_utils.InferenceResponse(output_tensors=[]))
+            pending.finished.set()
         return pending
 
     def _reject_unsupported(self, request):
@@ -272,6 +297,8 @@ class TritonPythonModel:
     # executor -> responses ------------------------------------------------------------------------------
     def _on_result(self, pending, item, result):
         """Executor callback (step-loop thread): turn a GenerationResult into a Triton response."""
+        if self.metrics is not None:
+            self.metrics.on_result(result, pending.arrival_ns, len(item.prompt), item.streaming)
         try:
             self._respond(pending, item, result)
         except Exception as error:  # never let an exception escape into the executor thread
@@ -406,3 +433,5 @@ class TritonPythonModel:
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown()
             self.executor = None
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
