@@ -1,0 +1,133 @@
+"""Weight-only int8/int4 linears that stay quantized in device memory and run mixed-precision kernels.
+
+The engine dir holds the plain layout of `generator.quantize` (int8 `[in, out]`, or int4 packed two per byte
+along `out`, plus a per-output-channel scale). At load each weight is converted once into what a torch kernel
+wants, and the float weight is never materialized:
+
+- int8: `torch._weight_int8pack_mm` (int8 `[out, in]` + scale `[out]`; CPU and CUDA).
+- int4 on CUDA, bf16: tinygemm, `torch._convert_weight_to_int4pack` + `torch._weight_int4pack_mm`
+  (unsigned nibbles `q + 8`, the even column in the high nibble; scale-and-zero `[in / group, out, 2]`, the
+  per-channel scale repeated over the groups, zero 0).
+- int4 on CPU: `torch._convert_weight_to_int4pack_for_cpu` + `torch._weight_int4pack_mm_for_cpu` (same
+  numbers, int32 nibbles in, any float dtype).
+- otherwise (a shape or dtype a kernel refuses): the quantized weight is kept and dequantized inside each call
+  (`dequant`), so memory is still saved.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from generator.quantize import unpack_int4
+
+_INT4_GROUP_SIZES = (256, 128, 64, 32)  # what both int4 kernels accept, largest (fewest scales) first
+# "dequant" forces the fallback everywhere (tests and benchmarks compare it with the kernels)
+KERNEL_ENV = "GEN_REPO_WEIGHT_ONLY_KERNEL"
+
+
+def _group_size(in_features: int) -> int | None:
+    return next((size for size in _INT4_GROUP_SIZES if in_features % size == 0), None)
+
+
+class WeightOnlyLinear:
+    """`y = x @ W^T` for a weight-only quantized `W [out, in]` with a per-output-channel scale."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor, precision: str, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        """`values`: the integer weight `[in, out]` (int8, unpacked), `scale`: `[out]`."""
+        self.precision = precision
+        self.in_features, self.out_features = int(values.shape[0]), int(values.shape[1])
+        self.dtype = dtype
+        self.group_size = 0
+        self.inner_k_tiles = 0
+        q = values.t().contiguous()  # [out, in] int8
+        self.kernel = self._pick_kernel(device)
+        if self.kernel == "int8pack":
+            self.weight = q.to(device)
+            self.scales = scale.to(device=device, dtype=dtype).contiguous()
+        elif self.kernel in ("int4_tinygemm", "int4_cpu"):
+            group = _group_size(self.in_features)
+            assert group is not None
+            self.group_size = group
+            unsigned = (q.to(torch.int32) + 8).to(device)  # tinygemm's nibbles: w = (u - 8) * s + zero
+            groups = self.in_features // group
+            scale_and_zero = torch.zeros(groups, self.out_features, 2, dtype=dtype, device=device)
+            scale_and_zero[..., 0] = scale.to(device=device, dtype=dtype)[None, :]
+            self.scales = scale_and_zero
+            if self.kernel == "int4_tinygemm":
+                packed = ((unsigned[:, 0::2] << 4) | unsigned[:, 1::2]).to(torch.uint8)
+                self.weight = torch._convert_weight_to_int4pack(packed, self.inner_k_tiles)
+            else:
+                self.weight = torch._convert_weight_to_int4pack_for_cpu(unsigned, 2)
+        else:  # dequant: int8 [out, in] (int4 values too: a nibble per byte is simpler than repacking)
+            self.weight = q.to(device)
+            self.scales = scale.to(device=device, dtype=dtype).contiguous()
+
+    def _pick_kernel(self, device: torch.device) -> str:
+        if os.environ.get(KERNEL_ENV) == "dequant":
+            return "dequant"
+        n, k = self.out_features, self.in_features
+        if self.precision == "int8":
+            return "int8pack" if hasattr(torch, "_weight_int8pack_mm") else "dequant"
+        group = _group_size(k)
+        if device.type == "cuda":
+            tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), 0)
+            if (self.dtype == torch.bfloat16 and group and tiles and n % 8 == 0
+                    and hasattr(torch, "_weight_int4pack_mm")):
+                self.inner_k_tiles = tiles
+                return "int4_tinygemm"
+            return "dequant"
+        if device.type == "cpu" and group and n % 16 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+            return "int4_cpu"
+        return "dequant"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this linear holds on its device (weight + scales); the dequant fallback keeps int4 as int8."""
+        return self.weight.numel() * self.weight.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight `[out, in]` (for tests and the dequant fallback)."""
+        if self.kernel in ("int8pack", "dequant"):
+            return (self.weight.float() * self.scales.float()[:, None]).to(self.dtype)
+        identity = torch.eye(self.in_features, dtype=self.dtype, device=self.weight.device)
+        return self(identity).t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if self.kernel == "int8pack":
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales)
+        elif self.kernel == "int4_tinygemm":
+            out = torch._weight_int4pack_mm(flat.contiguous(), self.weight, self.group_size, self.scales)
+        elif self.kernel == "int4_cpu":
+            out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight, self.group_size, self.scales)
+        else:
+            out = F.linear(flat, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def plain_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
+    """The stored int8 weight, or the packed int4 one unpacked: integer values `[.., in, out]` as int8."""
+    return unpack_int4(weight) if precision == "int4" else weight
+
+
+def weight_only_linear(weight: torch.Tensor, scale: torch.Tensor, precision: str, dtype: torch.dtype,
+                       device: torch.device) -> WeightOnlyLinear:
+    """A linear from one stored plain-layout weight `[in, out]` (int4: `[in, out / 2]`) and its scale `[out]`."""
+    return WeightOnlyLinear(plain_values(weight, precision), scale, precision, dtype, device)
+
+
+def expert_linears(weight: torch.Tensor, scale: torch.Tensor, precision: str, dtype: torch.dtype,
+                   device: torch.device, concatenate: bool) -> list[WeightOnlyLinear]:
+    """Stored experts `[E, in, out]` + scales `[E, out]` -> one linear per expert, or one linear whose outputs
+    are every expert's outputs side by side (`concatenate`: one GEMM for all experts' fc)."""
+    values = plain_values(weight, precision)
+    if concatenate:
+        experts, inputs, outputs = values.shape
+        side_by_side = values.permute(1, 0, 2).reshape(inputs, experts * outputs)
+        return [WeightOnlyLinear(side_by_side, scale.reshape(-1), precision, dtype, device)]
+    return [WeightOnlyLinear(values[e], scale[e], precision, dtype, device) for e in range(values.shape[0])]

