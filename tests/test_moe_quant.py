@@ -3,6 +3,10 @@ reference, the old dequantize-at-load path, the old expert loop and transformers
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +63,32 @@ def test_weight_bytes_shrink_with_the_precision(precision: str, ratio: float) ->
     float_bytes = 512 * 1024 * 2
     assert linear.kernel != "dequant"
     assert ratio * float_bytes <= linear.nbytes <= (ratio + 0.02) * float_bytes
+
+
+_TRITON_CHECK = """
+import torch
+from generator.engine.triton_w8a16 import w8a16_mm
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter's numpy has no bf16
+for rows, outputs, depth in [(1, 64, 128), (3, 100, 520), (16, 192, 1024), (20, 70, 64)]:
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, depth, generator=g).to(device, dtype)
+    w = torch.randint(-128, 128, (outputs, depth), generator=g, dtype=torch.int8).to(device)
+    s = (torch.rand(outputs, generator=g) * 1e-3).to(device, dtype)
+    ref = (x.float() @ w.float().t()) * s.float()
+    out = w8a16_mm(x, w, s).float()
+    assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (rows, outputs, depth)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_w8a16_kernel_matches_the_reference() -> None:
+    """On CUDA directly; without a GPU through Triton's interpreter (TRITON_INTERPRET=1)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    completed = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
+                               env=env, cwd=Path(__file__).parent.parent)
+    assert completed.returncode == 0 and "ok" in completed.stdout, completed.stderr[-2000:]
 
 
 # --- the MoE kernels -------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ The engine dir holds the plain layout of `generator.quantize` (int8 `[in, out]`,
 along `out`, plus a per-output-channel scale). At load each weight is converted once into what a torch kernel
 wants, and the float weight is never materialized:
 
-- int8: `torch._weight_int8pack_mm` (int8 `[out, in]` + scale `[out]`; CPU and CUDA).
+- int8 on CPU: `torch._weight_int8pack_mm` (int8 `[out, in]` + scale `[out]`).
+- int8 on CUDA: up to 64 rows our Triton kernel (`triton_w8a16`: torch's CUDA `_weight_int8pack_mm` is one
+  naive thread per output), more rows (prefill, compute-bound) convert the weight inside the call and use cuBLAS.
 - int4 on CUDA, bf16: tinygemm, `torch._convert_weight_to_int4pack` + `torch._weight_int4pack_mm`
   (unsigned nibbles `q + 8`, the even column in the high nibble; scale-and-zero `[in / group, out, 2]`, the
   per-channel scale repeated over the groups, zero 0).
@@ -21,11 +23,19 @@ import os
 import torch
 import torch.nn.functional as F
 
-from generator.quantize import unpack_int4
-
 _INT4_GROUP_SIZES = (256, 128, 64, 32)  # what both int4 kernels accept, largest (fewest scales) first
-# "dequant" forces the fallback everywhere (tests and benchmarks compare it with the kernels)
+# "dequant", "int8pack" or "triton" forces that kernel where it applies, "load" makes the engine dequantize the
+# whole model at load (the old behaviour); tests and benchmarks compare them
 KERNEL_ENV = "GEN_REPO_WEIGHT_ONLY_KERNEL"
+_TRITON_MAX_ROWS = 64
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _group_size(in_features: int) -> int | None:
@@ -45,7 +55,7 @@ class WeightOnlyLinear:
         self.inner_k_tiles = 0
         q = values.t().contiguous()  # [out, in] int8
         self.kernel = self._pick_kernel(device)
-        if self.kernel == "int8pack":
+        if self.kernel in ("int8pack", "int8_triton"):
             self.weight = q.to(device)
             self.scales = scale.to(device=device, dtype=dtype).contiguous()
         elif self.kernel in ("int4_tinygemm", "int4_cpu"):
@@ -67,10 +77,13 @@ class WeightOnlyLinear:
             self.scales = scale.to(device=device, dtype=dtype).contiguous()
 
     def _pick_kernel(self, device: torch.device) -> str:
-        if os.environ.get(KERNEL_ENV) == "dequant":
+        forced = os.environ.get(KERNEL_ENV)
+        if forced == "dequant":
             return "dequant"
         n, k = self.out_features, self.in_features
         if self.precision == "int8":
+            if device.type == "cuda" and forced != "int8pack" and triton_available():
+                return "int8_triton"
             return "int8pack" if hasattr(torch, "_weight_int8pack_mm") else "dequant"
         group = _group_size(k)
         if device.type == "cuda":
@@ -91,7 +104,7 @@ class WeightOnlyLinear:
 
     def dequantized(self) -> torch.Tensor:
         """The float weight `[out, in]` (for tests and the dequant fallback)."""
-        if self.kernel in ("int8pack", "dequant"):
+        if self.kernel in ("int8pack", "int8_triton", "dequant"):
             return (self.weight.float() * self.scales.float()[:, None]).to(self.dtype)
         identity = torch.eye(self.in_features, dtype=self.dtype, device=self.weight.device)
         return self(identity).t().contiguous()
@@ -101,6 +114,10 @@ class WeightOnlyLinear:
         flat = x.reshape(-1, shape[-1])
         if self.kernel == "int8pack":
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales)
+        elif self.kernel == "int8_triton" and flat.shape[0] <= _TRITON_MAX_ROWS:
+            from generator.engine.triton_w8a16 import w8a16_mm
+
+            out = w8a16_mm(flat.contiguous(), self.weight, self.scales)
         elif self.kernel == "int4_tinygemm":
             out = torch._weight_int4pack_mm(flat.contiguous(), self.weight, self.group_size, self.scales)
         elif self.kernel == "int4_cpu":
@@ -112,6 +129,9 @@ class WeightOnlyLinear:
 
 def plain_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """The stored int8 weight, or the packed int4 one unpacked: integer values `[.., in, out]` as int8."""
+    # imported here: this module needs only torch (bench/moe_quant_gpu.py runs it without the converter's deps)
+    from generator.quantize import unpack_int4
+
     return unpack_int4(weight) if precision == "int4" else weight
 
 
