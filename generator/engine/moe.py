@@ -29,6 +29,7 @@ from generator.engine.weight_only import WeightOnlyLinear
 
 METHOD_ENV = "GEN_REPO_MOE_KERNEL"  # "grouped", "dense" or "loop" overrides the automatic choice
 METHODS = ("grouped", "dense", "loop")
+_DENSE_CHUNK = 256
 
 
 @dataclass
@@ -113,6 +114,10 @@ def _grouped(tokens: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, 
 
 
 def _dense(tokens: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, experts: Experts) -> torch.Tensor:
+    if tokens.shape[0] > _DENSE_CHUNK:  # bound the [rows, experts, 2F] intermediate of a long prompt
+        return torch.cat([_dense(tokens[i:i + _DENSE_CHUNK], weights[i:i + _DENSE_CHUNK],
+                                 chosen[i:i + _DENSE_CHUNK], experts)
+                          for i in range(0, tokens.shape[0], _DENSE_CHUNK)])
     rows = tokens.shape[0]
     count = experts.count
     # routing weight of every (token, local expert): zero where not chosen; column `count` soaks up the rest
