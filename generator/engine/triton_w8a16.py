@@ -9,6 +9,8 @@ autotuning), so the first call can happen inside a CUDA graph capture. Imported 
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -39,9 +41,14 @@ def _w8a16_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_sp
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def _split_k(m_blocks: int, n_blocks: int, k_blocks: int, device: torch.device) -> int:
     """Enough programs to give every SM about two, without splits smaller than four K tiles."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = _sm_count(device)
     wanted = max(1, (2 * sms) // max(1, m_blocks * n_blocks))
     return max(1, min(wanted, k_blocks // 4))
 
