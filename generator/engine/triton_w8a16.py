@@ -53,18 +53,21 @@ def _split_k(m_blocks: int, n_blocks: int, k_blocks: int, device: torch.device) 
     return max(1, min(wanted, k_blocks // 4))
 
 
-def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`(x @ weight.T) * scales` in x's dtype; x `[M, K]` contiguous, weight int8 `[N, K]`, scales `[N]`."""
+def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, block_n: int = _BLOCK_N,
+             block_k: int = _BLOCK_K, num_warps: int = 4) -> torch.Tensor:
+    """`(x @ weight.T) * scales` in x's dtype; x `[M, K]` contiguous, weight int8 `[N, K]`, scales `[N]`.
+    The block sizes and warps are parameters so bench/moe_quant_gpu.py can compare a few."""
     rows, depth = x.shape
     outputs = weight.shape[0]
-    m_blocks, n_blocks = triton.cdiv(rows, _BLOCK_M), triton.cdiv(outputs, _BLOCK_N)
-    k_blocks = triton.cdiv(depth, _BLOCK_K)
+    m_blocks, n_blocks = triton.cdiv(rows, _BLOCK_M), triton.cdiv(outputs, block_n)
+    k_blocks = triton.cdiv(depth, block_k)
     split = _split_k(m_blocks, n_blocks, k_blocks, x.device)
-    k_per_split = triton.cdiv(k_blocks, split) * _BLOCK_K
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(depth, k_per_split)
     partial = torch.empty(split, rows, outputs, dtype=torch.float32, device=x.device)
     _w8a16_kernel[(n_blocks, m_blocks, split)](x, weight, partial, rows, outputs, depth, x.stride(0),
                                                weight.stride(0), k_per_split,
-                                               BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+                                               BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+                                               num_warps=num_warps)
     summed = partial[0] if split == 1 else partial.sum(dim=0)
     return (summed * scales.float()).to(x.dtype)
