@@ -5,7 +5,8 @@
 
 (a) DBRX at full width (d 6144, F 10752, 16 experts, top-4), the MoE MLPs of 4 layers, bf16: the old
     per-expert loop (one host sync per layer) against the new `grouped` (device argsort + torch._grouped_mm)
-    and `dense` kernels, eagerly and replayed from a CUDA graph, and the weight-only int8/int4 experts.
+    and `dense` kernels, eagerly and replayed from a CUDA graph, and the weight-only int8/int4 experts (int8
+    also by `gather`, which reads only the chosen experts' weights: the engine's choice for small batches).
 (b) single linears (in x out = 4096x4096, 4096x16384, 16384x4096) at batch 1 and 16: bf16 against the int8 and
     int4 weight-only kernels (and the dequantize-in-the-call fallbacks), with the weight bytes each holds.
 
@@ -39,7 +40,12 @@ if "generator.engine" not in sys.modules:
     generator.engine = _engine  # type: ignore[attr-defined]
 
 from generator.engine.moe import Experts, moe_forward, route  # noqa: E402
-from generator.engine.weight_only import KERNEL_ENV, WeightOnlyLinear  # noqa: E402
+from generator.engine.weight_only import (  # noqa: E402
+    KERNEL_ENV,
+    QuantizedExperts,
+    WeightOnlyLinear,
+    expert_linears,
+)
 
 
 def time_ms(fn: Callable[[], object], runs: int, warmup: int = 5) -> float:
@@ -108,15 +114,24 @@ def moe_layers(args: argparse.Namespace, device: torch.device, precision: str | 
             experts = Experts(first=0, count=count,
                               fc=torch.randn(count, 2 * hidden, d, device=device, dtype=torch.bfloat16) * 0.02,
                               proj=torch.randn(count, d, hidden, device=device, dtype=torch.bfloat16) * 0.02)
-        else:
-            levels = 128 if precision == "int8" else 8
+        elif precision == "int8":  # the engine's own loader path: stacks shared by the linears (gather path)
+            experts = Experts(
+                first=0, count=count,
+                fc_quantized=expert_linears(random_int((count, d, 2 * hidden), precision, device),
+                                            torch.full((count, 2 * hidden), 0.05 / 128, device=device), precision,
+                                            torch.bfloat16, device, concatenate=True),
+                proj_quantized=expert_linears(random_int((count, hidden, d), precision, device),
+                                              torch.full((count, d), 0.05 / 128, device=device), precision,
+                                              torch.bfloat16, device, concatenate=False))
+        else:  # int4: built from unpacked values (the engine unpacks the stored nibbles first)
             fc = WeightOnlyLinear(random_int((d, count * 2 * hidden), precision, device),
-                                  torch.full((count * 2 * hidden,), 0.05 / levels, device=device), precision,
+                                  torch.full((count * 2 * hidden,), 0.05 / 8, device=device), precision,
                                   torch.bfloat16, device)
             proj = [WeightOnlyLinear(random_int((hidden, d), precision, device),
-                                     torch.full((d,), 0.05 / levels, device=device), precision, torch.bfloat16,
+                                     torch.full((d,), 0.05 / 8, device=device), precision, torch.bfloat16,
                                      device) for _ in range(count)]
-            experts = Experts(first=0, count=count, fc_quantized=fc, proj_quantized=proj)
+            experts = Experts(first=0, count=count, fc_quantized=QuantizedExperts([fc]),
+                              proj_quantized=QuantizedExperts(proj))
         layers.append((router, experts))
     return layers
 
@@ -137,7 +152,7 @@ def layer_bytes(layers: list[tuple[torch.Tensor, Experts]]) -> int:
             total += experts.fc.numel() * 2 + experts.proj.numel() * 2
         else:
             assert experts.fc_quantized is not None and experts.proj_quantized is not None
-            total += experts.fc_quantized.nbytes + sum(p.nbytes for p in experts.proj_quantized)
+            total += experts.fc_quantized.nbytes + experts.proj_quantized.nbytes
     return total
 
 
@@ -146,7 +161,7 @@ def bench_moe(args: argparse.Namespace, device: torch.device) -> list[list[str]]
     for precision in (None, "int8", "int4"):
         layers = moe_layers(args, device, precision)
         size = f"{layer_bytes(layers) / 2**30:.2f} GiB"
-        methods = ["loop", "grouped", "dense"] if precision is None else ["dense"]
+        methods = {None: ["loop", "grouped", "dense"], "int8": ["dense", "gather"], "int4": ["dense"]}[precision]
         label = precision or "bf16"
         for tokens in args.tokens:
             x = torch.randn(tokens, args.hidden, device=device, dtype=torch.bfloat16)

@@ -15,7 +15,7 @@ import torch
 from generator.convert import ConvertSettings, convert_checkpoint
 from generator.engine import SamplingConfig, run_prompts
 from generator.engine.moe import METHOD_ENV, Experts, moe_forward, route
-from generator.engine.weight_only import KERNEL_ENV, WeightOnlyLinear, expert_linears, weight_only_linear
+from generator.engine.weight_only import KERNEL_ENV, expert_linears, weight_only_linear
 from generator.quantize import dequantize_weight, quantize_weight
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 from tests.test_engine import _dequantized_copy
@@ -136,22 +136,33 @@ def test_routing_renormalizes_by_the_p_norm() -> None:
     assert torch.equal(chosen, torch.softmax(tokens @ router.t(), -1).topk(3).indices)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_weight_only_experts_match_their_dequantized_weights(precision: str) -> None:
+@pytest.mark.parametrize(("precision", "method"), [("int8", "dense"), ("int8", "gather"), ("int4", "dense")])
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("ep", [1, 2])
+def test_weight_only_experts_match_their_dequantized_weights(precision: str, method: str, rows: int,
+                                                             ep: int) -> None:
     d, hidden, count = 64, 48, 4
     fc, proj = _experts(count, d, hidden, seed=3)
     fc_stored, fc_scale = quantize_weight(fc, precision)
     proj_stored, proj_scale = quantize_weight(proj, precision)
-    quantized = Experts(first=0, count=count,
-                        fc_quantized=expert_linears(fc_stored, fc_scale, precision, torch.float32, CPU, True)[0],
-                        proj_quantized=expert_linears(proj_stored, proj_scale, precision, torch.float32, CPU, False))
-    reference = Experts(first=0, count=count, fc=dequantize_weight(fc_stored, fc_scale, precision),
-                        proj=dequantize_weight(proj_stored, proj_scale, precision))
-    tokens = torch.randn(7, d, generator=torch.Generator().manual_seed(2))
+    tokens = torch.randn(rows, d, generator=torch.Generator().manual_seed(2))
     weights, chosen = route(tokens, torch.randn(count, d, generator=torch.Generator().manual_seed(5)), 2, 1.0)
-    assert isinstance(quantized.fc_quantized, WeightOnlyLinear)
-    assert torch.allclose(moe_forward(tokens, weights, chosen, quantized),
-                          moe_forward(tokens, weights, chosen, reference, "loop"), atol=1e-5)
+    ours, reference = torch.zeros(rows, d), torch.zeros(rows, d)
+    for rank in range(ep):  # expert parallelism: each rank holds count / ep experts
+        mine = slice(rank * count // ep, (rank + 1) * count // ep)
+        quantized = Experts(
+            first=mine.start, count=count // ep,
+            fc_quantized=expert_linears(fc_stored[mine], fc_scale[mine], precision, torch.float32, CPU, True),
+            proj_quantized=expert_linears(proj_stored[mine], proj_scale[mine], precision, torch.float32, CPU, False))
+        assert (quantized.fc_quantized is not None and quantized.proj_quantized is not None
+                and (quantized.fc_quantized.stack is not None) == (precision == "int8"))
+        assert quantized.proj_quantized.stack is None or quantized.proj_quantized.stack.shape == (count // ep, d,
+                                                                                                  hidden)
+        ours += moe_forward(tokens, weights, chosen, quantized, method)
+        reference += moe_forward(tokens, weights, chosen, Experts(
+            first=mine.start, count=count // ep, fc=dequantize_weight(fc_stored[mine], fc_scale[mine], precision),
+            proj=dequantize_weight(proj_stored[mine], proj_scale[mine], precision)), "loop")
+    assert torch.allclose(ours, reference, atol=1e-5)
 
 
 # --- whole engines ---------------------------------------------------------------------------------------------

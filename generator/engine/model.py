@@ -25,7 +25,13 @@ from generator.engine.config import EngineConfig, alibi_slopes
 from generator.engine.distributed import Communicator
 from generator.engine.kv_cache import KVCache
 from generator.engine.moe import Experts, moe_forward, route
-from generator.engine.weight_only import KERNEL_ENV, WeightOnlyLinear, expert_linears, weight_only_linear
+from generator.engine.weight_only import (
+    KERNEL_ENV,
+    QuantizedExperts,
+    WeightOnlyLinear,
+    expert_linears,
+    weight_only_linear,
+)
 from generator.errors import ConfigError
 from generator.quantize import dequantize_weight, is_weight_only_target, quantize_weight
 
@@ -146,7 +152,7 @@ class DecoderModel:
             raise ConfigError(f"{path} not found: the engine dir has no weights for rank {self.mapping.rank}")
         precision = {"W8A16": "int8", "W4A16": "int4"}.get(self.config.quant_algo or "")
         at_load = os.environ.get(KERNEL_ENV) == "load"
-        self.weight_only: dict[str, WeightOnlyLinear | list[WeightOnlyLinear]] = {}
+        self.weight_only: dict[str, WeightOnlyLinear | QuantizedExperts] = {}
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
@@ -186,9 +192,7 @@ class DecoderModel:
     def weight_bytes(self) -> int:
         """Bytes of weights this rank holds on its device (quantized weights at their packed size)."""
         total = sum(t.numel() * t.element_size() for t in self.tensors.values() if t.device.type != "meta")
-        for value in self.weight_only.values():
-            total += sum(linear.nbytes for linear in (value if isinstance(value, list) else [value]))
-        return total
+        return total + sum(value.nbytes for value in self.weight_only.values())
 
     def _layer(self, local_layer: int, name: str) -> torch.Tensor:
         return self.tensors[f"transformer.layers.{local_layer}.{name}"]
@@ -356,8 +360,8 @@ class DecoderModel:
         experts = Experts(first=self.mapping.moe_ep_rank * count, count=count)
         fc_quantized, proj_quantized = self.weight_only.get(prefix + ".fc.weight"), self.weight_only.get(
             prefix + ".proj.weight")
-        if isinstance(fc_quantized, list) and isinstance(proj_quantized, list):
-            experts.fc_quantized, experts.proj_quantized = fc_quantized[0], proj_quantized
+        if isinstance(fc_quantized, QuantizedExperts) and isinstance(proj_quantized, QuantizedExperts):
+            experts.fc_quantized, experts.proj_quantized = fc_quantized, proj_quantized
         else:
             experts.fc, experts.proj = fc, proj
         return self.comm.tp_all_reduce(moe_forward(tokens, weights, chosen, experts)).reshape(shape)

@@ -10,6 +10,9 @@ kernels every step and can be captured in a CUDA graph. Three ways to run one ra
   scale the activations before the down projection: fc is one GEMM over the experts side by side, proj a
   batched GEMM summed over experts. Fixed shapes, any dtype, any device; weight-only experts run this way.
   It costs experts / top_k times the FLOPs, which is free while decode is bound by reading the weights.
+- `gather`: int8 weight-only experts when there are fewer (token, choice) pairs than local experts (decode
+  at small batch): each pair's row is multiplied by its own expert's int8 weight (a Triton kernel on CUDA,
+  `triton_w8a16.w8a16_gather_mm`), so only the chosen experts' weights are read.
 - `loop`: the reference (the engine's old code): one host sync per layer, a Python loop over experts.
 
 Routing follows DBRX: float32 softmax over all experts, top-k, then the chosen weights divided by their p-norm.
@@ -25,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from generator.engine.weight_only import WeightOnlyLinear
+from generator.engine.weight_only import QuantizedExperts, triton_available
 
-METHOD_ENV = "GEN_REPO_MOE_KERNEL"  # "grouped", "dense" or "loop" overrides the automatic choice
-METHODS = ("grouped", "dense", "loop")
+METHOD_ENV = "GEN_REPO_MOE_KERNEL"  # "grouped", "dense", "gather" or "loop" overrides the automatic choice
+METHODS = ("grouped", "dense", "gather", "loop")
 _DENSE_CHUNK = 256
 
 
@@ -40,8 +43,8 @@ class Experts:
     count: int                                   # local experts
     fc: torch.Tensor | None = None               # float [E, 2F, d]
     proj: torch.Tensor | None = None             # float [E, d, F]
-    fc_quantized: WeightOnlyLinear | None = None  # every expert's fc side by side: [E * 2F, d]
-    proj_quantized: list[WeightOnlyLinear] | None = None  # per expert [d, F]
+    fc_quantized: QuantizedExperts | None = None    # one linear: every expert's fc side by side [E * 2F, d]
+    proj_quantized: QuantizedExperts | None = None  # one linear per expert [d, F]
 
     @property
     def quantized(self) -> bool:
@@ -68,20 +71,30 @@ def grouped_mm_supported(tokens: torch.Tensor, experts: Experts) -> bool:
     return tokens.dtype in (torch.float32, torch.bfloat16)
 
 
-def choose_method(tokens: torch.Tensor, experts: Experts) -> str:
+def gather_supported(experts: Experts) -> bool:
+    return (experts.fc_quantized is not None and experts.fc_quantized.stack is not None
+            and experts.proj_quantized is not None and experts.proj_quantized.stack is not None)
+
+
+def choose_method(tokens: torch.Tensor, chosen: torch.Tensor, experts: Experts) -> str:
     forced = os.environ.get(METHOD_ENV)
-    if forced in METHODS and not (experts.quantized and forced != "dense"):
-        if forced != "grouped" or grouped_mm_supported(tokens, experts):
-            return forced
-    return "grouped" if grouped_mm_supported(tokens, experts) else "dense"
+    supported = {"grouped": grouped_mm_supported(tokens, experts), "gather": gather_supported(experts),
+                 "dense": True, "loop": not experts.quantized}
+    if forced in METHODS and supported[forced]:
+        return forced
+    if supported["gather"] and chosen.numel() < experts.count:
+        return "gather"
+    return "grouped" if supported["grouped"] else "dense"
 
 
 def moe_forward(tokens: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, experts: Experts,
                 method: str | None = None) -> torch.Tensor:
     """This rank's share of the MoE MLP for `tokens [N, d]` (to be summed over ranks)."""
-    method = method or choose_method(tokens, experts)
+    method = method or choose_method(tokens, chosen, experts)
     if method == "grouped":
         return _grouped(tokens, weights, chosen, experts)
+    if method == "gather":
+        return _gather(tokens, weights, chosen, experts)
     if method == "dense":
         return _dense(tokens, weights, chosen, experts)
     return _loop(tokens, weights, chosen, experts)
@@ -124,19 +137,47 @@ def _dense(tokens: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, ex
     gates = torch.zeros(rows, count + 1, dtype=tokens.dtype, device=tokens.device)
     gates = gates.scatter(1, _local_choices(chosen, experts), weights)[:, :count]
     if experts.fc_quantized is not None:
-        hidden = experts.fc_quantized(tokens)
+        hidden = experts.fc_quantized.linears[0](tokens)
     else:
         assert experts.fc is not None
         hidden = F.linear(tokens, experts.fc.reshape(-1, experts.fc.shape[-1]))
     hidden = hidden.view(rows, count, 2, -1)                 # [N, E, up/gate, F]
     act = F.silu(hidden[:, :, 1]) * hidden[:, :, 0] * gates[..., None]
     if experts.proj_quantized is not None:
-        out = experts.proj_quantized[0](act[:, 0])
+        projections = experts.proj_quantized.linears
+        out = projections[0](act[:, 0])
         for index in range(1, count):
-            out = out + experts.proj_quantized[index](act[:, index])
+            out = out + projections[index](act[:, index])
         return out
     assert experts.proj is not None
     return torch.bmm(act.transpose(0, 1), experts.proj.transpose(1, 2)).sum(dim=0)
+
+
+def _gather_mm(rows: torch.Tensor, stack: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row p: `rows[p] @ stack[ids[p]].T * scales[ids[p]]`, zero for ids past the last expert."""
+    if rows.is_cuda and triton_available():
+        from generator.engine.triton_w8a16 import w8a16_gather_mm
+
+        return w8a16_gather_mm(rows.contiguous(), stack, scales, ids)
+    count = stack.shape[0]
+    valid = ids < count
+    safe = torch.where(valid, ids, 0)
+    out = torch.bmm(rows[:, None, :], stack[safe].transpose(1, 2).to(rows.dtype))[:, 0] * scales[safe]
+    return torch.where(valid[:, None], out, 0)
+
+
+def _gather(tokens: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, experts: Experts) -> torch.Tensor:
+    assert experts.fc_quantized is not None and experts.proj_quantized is not None
+    fc, fc_scales = experts.fc_quantized.stack, experts.fc_quantized.scales
+    proj, proj_scales = experts.proj_quantized.stack, experts.proj_quantized.scales
+    assert fc is not None and fc_scales is not None and proj is not None and proj_scales is not None
+    rows, top_k = chosen.shape
+    ids = _local_choices(chosen, experts).flatten()                   # pair p is token p // k
+    hidden = _gather_mm(tokens.repeat_interleave(top_k, dim=0), fc, fc_scales, ids)
+    hidden = hidden.view(rows * top_k, 2, -1)
+    act = F.silu(hidden[:, 1]) * hidden[:, 0]
+    out = _gather_mm(act, proj, proj_scales, ids) * weights.reshape(-1, 1)
+    return out.view(rows, top_k, -1).sum(dim=1)
 
 
 def _loop(tokens: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, experts: Experts) -> torch.Tensor:

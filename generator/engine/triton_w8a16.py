@@ -71,3 +71,37 @@ def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, block_
                                                num_warps=num_warps)
     summed = partial[0] if split == 1 else partial.sum(dim=0)
     return (summed * scales.float()).to(x.dtype)
+
+
+@triton.jit
+def _w8a16_gather_kernel(a_ptr, w_ptr, s_ptr, ids_ptr, out_ptr, N, K, experts, stride_am,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    expert = tl.load(ids_ptr + row)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if expert < experts:  # another rank's expert: no weight read, a zero row
+        w_base = w_ptr + expert.to(tl.int64) * N * K
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + row * stride_am + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            w = tl.load(w_base + offs_n[:, None] * K + offs_k[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        scale = tl.load(s_ptr + expert.to(tl.int64) * N + offs_n, mask=offs_n < N, other=0.0)
+        acc = acc * scale.to(tl.float32)
+    tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def w8a16_gather_mm(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor,
+                    block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+    """Row p of the result is `(a[p] @ weight[ids[p]].T) * scales[ids[p]]`, zero where `ids[p]` is not a valid
+    expert: a `[P, K]`, weight int8 `[E, N, K]`, scales `[E, N]`, ids `[P]`. Each row reads only its expert's
+    weight, so a decode step with few (token, expert) pairs reads only the experts it uses."""
+    rows, depth = a.shape
+    experts, outputs = weight.shape[0], weight.shape[1]
+    out = torch.empty(rows, outputs, dtype=a.dtype, device=a.device)
+    _w8a16_gather_kernel[(triton.cdiv(outputs, block_n), rows)](a, weight, scales, ids, out, outputs, depth, experts,
+                                                                a.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
+    return out

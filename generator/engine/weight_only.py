@@ -19,6 +19,7 @@ wants, and the float weight is never materialized:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -129,10 +130,12 @@ class WeightOnlyLinear:
 
 def plain_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """The stored int8 weight, or the packed int4 one unpacked: integer values `[.., in, out]` as int8."""
+    if precision != "int4":
+        return weight
     # imported here: this module needs only torch (bench/moe_quant_gpu.py runs it without the converter's deps)
     from generator.quantize import unpack_int4
 
-    return unpack_int4(weight) if precision == "int4" else weight
+    return unpack_int4(weight)
 
 
 def weight_only_linear(weight: torch.Tensor, scale: torch.Tensor, precision: str, dtype: torch.dtype,
@@ -141,13 +144,44 @@ def weight_only_linear(weight: torch.Tensor, scale: torch.Tensor, precision: str
     return WeightOnlyLinear(plain_values(weight, precision), scale, precision, dtype, device)
 
 
+@dataclass
+class QuantizedExperts:
+    """One layer's weight-only fc or proj for this rank's experts.
+
+    `linears`: one linear over every expert side by side (fc: one GEMM for all experts) or one per expert
+    (proj). For int8 weights also `stack` (int8 `[E, out, in]`, the linears' own storage, not a copy) and
+    `scales` (`[E, out]`), which `moe.py`'s gather path reads per (token, expert) pair."""
+
+    linears: list[WeightOnlyLinear]
+    stack: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(linear.nbytes for linear in self.linears)
+
+
+_INT8_KERNELS = ("int8pack", "int8_triton", "dequant")
+
+
 def expert_linears(weight: torch.Tensor, scale: torch.Tensor, precision: str, dtype: torch.dtype,
-                   device: torch.device, concatenate: bool) -> list[WeightOnlyLinear]:
+                   device: torch.device, concatenate: bool) -> QuantizedExperts:
     """Stored experts `[E, in, out]` + scales `[E, out]` -> one linear per expert, or one linear whose outputs
     are every expert's outputs side by side (`concatenate`: one GEMM for all experts' fc)."""
     values = plain_values(weight, precision)
+    experts, inputs, outputs = values.shape
     if concatenate:
-        experts, inputs, outputs = values.shape
         side_by_side = values.permute(1, 0, 2).reshape(inputs, experts * outputs)
-        return [WeightOnlyLinear(side_by_side, scale.reshape(-1), precision, dtype, device)]
-    return [WeightOnlyLinear(values[e], scale[e], precision, dtype, device) for e in range(values.shape[0])]
+        linear = WeightOnlyLinear(side_by_side, scale.reshape(-1), precision, dtype, device)
+        if precision == "int8" and linear.kernel in _INT8_KERNELS:  # [E * out, in] is already [E, out, in]
+            return QuantizedExperts([linear], linear.weight.view(experts, outputs, inputs),
+                                    linear.scales.view(experts, outputs))
+        return QuantizedExperts([linear])
+    linears = [WeightOnlyLinear(values[e], scale[e], precision, dtype, device) for e in range(experts)]
+    if precision == "int8" and all(linear.kernel in _INT8_KERNELS for linear in linears):
+        stack = torch.stack([linear.weight for linear in linears])
+        scales = torch.stack([linear.scales for linear in linears])
+        for index, linear in enumerate(linears):  # share the stack's storage instead of keeping both
+            linear.weight, linear.scales = stack[index], scales[index]
+        return QuantizedExperts(linears, stack, scales)
+    return QuantizedExperts(linears)
