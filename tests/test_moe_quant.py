@@ -78,6 +78,18 @@ for rows, outputs, depth in [(1, 64, 128), (3, 100, 520), (16, 192, 1024), (20, 
     ref = (x.float() @ w.float().t()) * s.float()
     out = w8a16_mm(x, w, s).float()
     assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (rows, outputs, depth)
+from generator.engine.triton_w8a16 import w8a16_gather_mm
+g = torch.Generator().manual_seed(0)
+experts, outputs, depth = 4, 70, 300
+a = torch.randn(6, depth, generator=g).to(device, dtype)
+w = torch.randint(-128, 128, (experts, outputs, depth), generator=g, dtype=torch.int8).to(device)
+s = (torch.rand(experts, outputs, generator=g) * 1e-3).to(device, dtype)
+ids = torch.tensor([0, 3, 4, 1, 1, 2], device=device)  # 4: another rank's expert -> a zero row
+out = w8a16_gather_mm(a, w, s, ids).float()
+for p in range(6):
+    e = int(ids[p])
+    ref = (a[p].float() @ w[e].float().t()) * s[e].float() if e < experts else torch.zeros(outputs, device=device)
+    assert torch.allclose(out[p], ref, rtol=2e-2, atol=2e-2 * max(ref.abs().max().item(), 1e-6)), p
 print("ok")
 """
 

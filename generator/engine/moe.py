@@ -71,14 +71,16 @@ def grouped_mm_supported(tokens: torch.Tensor, experts: Experts) -> bool:
     return tokens.dtype in (torch.float32, torch.bfloat16)
 
 
-def gather_supported(experts: Experts) -> bool:
+def gather_supported(tokens: torch.Tensor, experts: Experts) -> bool:
+    """int8 expert stacks; on CUDA only with Triton (the torch fallback copies each pair's expert weight)."""
     return (experts.fc_quantized is not None and experts.fc_quantized.stack is not None
-            and experts.proj_quantized is not None and experts.proj_quantized.stack is not None)
+            and experts.proj_quantized is not None and experts.proj_quantized.stack is not None
+            and (not tokens.is_cuda or triton_available()))
 
 
 def choose_method(tokens: torch.Tensor, chosen: torch.Tensor, experts: Experts) -> str:
     forced = os.environ.get(METHOD_ENV)
-    supported = {"grouped": grouped_mm_supported(tokens, experts), "gather": gather_supported(experts),
+    supported = {"grouped": grouped_mm_supported(tokens, experts), "gather": gather_supported(tokens, experts),
                  "dense": True, "loop": not experts.quantized}
     if forced in METHODS and supported[forced]:
         return forced
