@@ -218,7 +218,14 @@ def test_quantized_engine_reports_its_weight_bytes(tmp_path: Path) -> None:
     for precision in (None, "int8", "int4"):
         checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / f"ckpt-{precision}", dtype="bfloat16",
                                                         weight_only_precision=precision, progress=False))
-        sizes[precision] = _load_rank(checkpoint, "cpu")[2].weight_bytes()
+        model = _load_rank(checkpoint, "cpu")[2]
+        sizes[precision] = model.weight_bytes()
+        if precision:
+            # the GEMM weights: their meta placeholders have the bf16 shape, the kernels hold the packed bytes
+            float_bytes = sum(t.numel() * 2 for t in model.tensors.values() if t.device.type == "meta")
+            quantized_bytes = sum(value.nbytes for value in model.weight_only.values())
+            ratio = {"int8": 0.5, "int4": 0.25}[precision]
+            assert ratio * float_bytes < quantized_bytes < (ratio + 0.03) * float_bytes
     # embeddings, lm_head, norms and the router stay float: only the GEMM weights shrink
     assert sizes["int4"] < sizes["int8"] < sizes[None]
 
