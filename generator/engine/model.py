@@ -12,6 +12,7 @@ generation phase (T = 1).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from generator.engine.config import EngineConfig, alibi_slopes
 from generator.engine.distributed import Communicator
 from generator.engine.kv_cache import KVCache
+from generator.engine.moe import Experts, moe_forward, route
+from generator.engine.weight_only import (
+    KERNEL_ENV,
+    QuantizedExperts,
+    WeightOnlyLinear,
+    expert_linears,
+    weight_only_linear,
+)
 from generator.errors import ConfigError
 from generator.quantize import dequantize_weight, is_weight_only_target, quantize_weight
 
@@ -135,9 +144,15 @@ class DecoderModel:
 
     # loading ---------------------------------------------------------------------------------------------
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
+        """The rank's tensors on the device. Weight-only int8/int4 GEMM weights stay quantized: they go to
+        `self.weight_only` (converted once for their kernel) and `tensors` holds a meta-device placeholder of
+        the float shape, so shape checks still read it. `GEN_REPO_WEIGHT_ONLY_KERNEL=load` dequantizes at load
+        instead (the old behaviour, kept as a reference)."""
         if not path.is_file():
             raise ConfigError(f"{path} not found: the engine dir has no weights for rank {self.mapping.rank}")
         precision = {"W8A16": "int8", "W4A16": "int4"}.get(self.config.quant_algo or "")
+        at_load = os.environ.get(KERNEL_ENV) == "load"
+        self.weight_only: dict[str, WeightOnlyLinear | QuantizedExperts] = {}
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
@@ -146,15 +161,38 @@ class DecoderModel:
                     continue
                 tensor = handle.get_tensor(name)
                 scale_name = name[: -len(".weight")] + ".per_channel_scale"
+                quantized: tuple[torch.Tensor, torch.Tensor] | None = None
                 if precision and tensor.dtype == torch.int8 and scale_name in names:
-                    tensor = _dequantize(tensor, handle.get_tensor(scale_name), precision)
+                    quantized = (tensor, handle.get_tensor(scale_name))
                 elif precision and tensor.is_floating_point() and is_weight_only_target(name):
                     # float weights with quant_algo set: quantized at build time, as trtllm-build does
-                    tensor = _dequantize(*quantize_weight(tensor.to(self.dtype), precision), precision)
+                    quantized = quantize_weight(tensor.to(self.dtype), precision)
+                if quantized is not None and precision and not at_load:
+                    tensors[name] = self._keep_quantized(name, *quantized, precision)
+                    continue
+                if quantized is not None and precision:
+                    tensor = _dequantize(*quantized, precision)
                 keep_float32 = name.endswith("mlp.router.weight") or "kv_cache_" in name
                 dtype = torch.float32 if keep_float32 else self.dtype
                 tensors[name] = tensor.to(device=self.device, dtype=dtype)
         return tensors
+
+    def _keep_quantized(self, name: str, weight: torch.Tensor, scale: torch.Tensor, precision: str) -> torch.Tensor:
+        """Register the weight-only linear(s) for `name`; return the float-shaped meta placeholder."""
+        outputs = scale.shape[-1]
+        if weight.dim() == 3:  # experts [E, in, out]: fc as one GEMM over all experts, proj one per expert
+            self.weight_only[name] = expert_linears(weight, scale, precision, self.dtype, self.device,
+                                                    concatenate=name.endswith("mlp.fc.weight"))
+            shape: tuple[int, ...] = (weight.shape[0], outputs, weight.shape[1])
+        else:
+            self.weight_only[name] = weight_only_linear(weight, scale, precision, self.dtype, self.device)
+            shape = (outputs, weight.shape[0])
+        return torch.empty(shape, dtype=self.dtype, device="meta")
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights this rank holds on its device (quantized weights at their packed size)."""
+        total = sum(t.numel() * t.element_size() for t in self.tensors.values() if t.device.type != "meta")
+        return total + sum(value.nbytes for value in self.weight_only.values())
 
     def _layer(self, local_layer: int, name: str) -> torch.Tensor:
         return self.tensors[f"transformer.layers.{local_layer}.{name}"]
@@ -184,12 +222,21 @@ class DecoderModel:
         return F.layer_norm(x, (x.shape[-1],), self.tensors[prefix + ".weight"],
                             self._optional(prefix + ".bias"), self.config.norm_epsilon)
 
+    def _matmul(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`x @ W^T` for the float or weight-only quantized weight `name`."""
+        quantized = self.weight_only.get(name)
+        if isinstance(quantized, WeightOnlyLinear):
+            return quantized(x)
+        return F.linear(x, self.tensors[name])
+
     def _linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        return F.linear(x, self.tensors[prefix + ".weight"], self._optional(prefix + ".bias"))
+        out = self._matmul(x, prefix + ".weight")
+        bias = self._optional(prefix + ".bias")
+        return out + bias if bias is not None else out
 
     def _row_linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         """Row-parallel linear: partial products summed over TP, then the bias once."""
-        out = self.comm.tp_all_reduce(F.linear(x, self.tensors[prefix + ".weight"]))
+        out = self.comm.tp_all_reduce(self._matmul(x, prefix + ".weight"))
         bias = self._optional(prefix + ".bias")
         return out + bias if bias is not None else out
 
@@ -300,38 +347,24 @@ class DecoderModel:
         return self._row_linear(hidden, prefix + ".proj")
 
     def _moe(self, local: int, x: torch.Tensor) -> torch.Tensor:
-        """Top-k routing in float32 on every rank; each rank runs its experts' share of F, then one all-reduce."""
+        """Top-k routing in float32 on every rank; each rank runs its experts' share of F (no host sync, see
+        engine/moe.py), then one all-reduce."""
         moe = self.config.moe
         assert moe is not None
         prefix = f"transformer.layers.{local}.mlp"
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        router = self.tensors[prefix + ".router.weight"]
-        probs = torch.softmax(F.linear(tokens.float(), router), dim=-1)
-        weights, experts = torch.topk(probs, moe.top_k, dim=-1)
-        if moe.normalize_p is not None:
-            weights = weights / torch.norm(weights, p=moe.normalize_p, dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        fc = self.tensors[prefix + ".fc.weight"]       # [E_local, 2 F_local, d]: up rows, then gate rows
-        proj = self.tensors[prefix + ".proj.weight"]   # [E_local, d, F_local]
-        local_experts = fc.shape[0]
-        first = self.mapping.moe_ep_rank * local_experts
-        # group the (token, choice) pairs by expert with one host sync per layer, not one per expert
-        choices = experts.flatten()
-        order = torch.argsort(choices, stable=True)
-        counts = torch.bincount(choices, minlength=moe.num_experts).tolist()
-        starts = [sum(counts[:e]) for e in range(moe.num_experts)]
-        out = torch.zeros_like(tokens)
-        for index in range(local_experts):
-            count = counts[first + index]
-            if count == 0:
-                continue
-            picked = order[starts[first + index]:starts[first + index] + count]
-            token_rows, slot = picked // moe.top_k, picked % moe.top_k
-            up, gate = F.linear(tokens[token_rows], fc[index]).chunk(2, dim=-1)
-            expert_out = F.linear(F.silu(gate) * up, proj[index])
-            out.index_add_(0, token_rows, expert_out * weights[token_rows, slot, None])
-        return self.comm.tp_all_reduce(out).reshape(shape)
+        weights, chosen = route(tokens, self.tensors[prefix + ".router.weight"], moe.top_k, moe.normalize_p)
+        fc, proj = self.tensors[prefix + ".fc.weight"], self.tensors[prefix + ".proj.weight"]
+        count = fc.shape[0]  # [E_local, 2 F_local, d]: up rows, then gate rows; proj [E_local, d, F_local]
+        experts = Experts(first=self.mapping.moe_ep_rank * count, count=count)
+        fc_quantized, proj_quantized = self.weight_only.get(prefix + ".fc.weight"), self.weight_only.get(
+            prefix + ".proj.weight")
+        if isinstance(fc_quantized, QuantizedExperts) and isinstance(proj_quantized, QuantizedExperts):
+            experts.fc_quantized, experts.proj_quantized = fc_quantized, proj_quantized
+        else:
+            experts.fc, experts.proj = fc, proj
+        return self.comm.tp_all_reduce(moe_forward(tokens, weights, chosen, experts)).reshape(shape)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """ln_f + vocab-parallel lm_head -> float32 logits `[B, vocab_size]`."""
