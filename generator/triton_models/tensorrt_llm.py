@@ -27,8 +27,14 @@ from generator.triton_models.common import (
     parameter,
     parse_bool,
 )
+from generator.triton_models.responder import OutputBuilder, Responder
 
 NOT_SUPPORTED = "not supported by the pytorch engine"
+#: threads answering executor results (responses of one request never run on two at once)
+RESPONDER_THREADS = 1
+#: at most this many requests are asked is_cancelled() per cancellation_check_period_ms (round robin): each ask
+#: is a round trip to tritonserver, and asking all of them every period under load starved the response path
+CANCEL_CHECKS_PER_PERIOD = 16
 #: inputs answered with an error whenever they are sent
 _UNSUPPORTED_INPUTS = (
     "encoder_input_features", "encoder_output_lengths", "draft_input_ids", "draft_logits",
@@ -100,11 +106,15 @@ class _Pending:
     arrival_ns: int
     batch_size: int
     responses: list = field(default_factory=list)  # non-decoupled: collected here
+    wanted: tuple = OutputBuilder.ALL  # the outputs the request asked for
     finished: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
-    # Set, under the model's lock, when the FINAL response goes out: Triton then frees the request, and asking
+    # Set, under `lock`, when the FINAL response goes out: Triton then frees the request, and asking
     # it `is_cancelled()` afterwards crashes tritonserver 2.51 (TRITONBACKEND_ResponseFactoryIsCancelled).
     final_sent: bool = False
+    # Held while the FINAL response is sent and while the watcher asks is_cancelled(): per request, so that the
+    # watcher's round trips to tritonserver never hold up the responses of other requests.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class TritonPythonModel:
@@ -134,6 +144,9 @@ class TritonPythonModel:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}  # executor request id -> its Triton request
         self._stop = threading.Event()
+        self._builder = OutputBuilder(pb_utils.Tensor)
+        # results are answered on the responder's threads: the step loop never waits on Triton's send
+        self._responder = Responder(self._on_result, threads=RESPONDER_THREADS)
         self._cancel_thread = threading.Thread(target=self._watch_cancellations, daemon=True)
         self._cancel_thread.start()
 
@@ -194,13 +207,14 @@ class TritonPythonModel:
         if bool(_row_scalar(_input(request, "stop"), 0) or False):
             raise RequestError("the request was sent with stop=true")
         pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
-                           sender=request.get_response_sender() if self.decoupled else None)
+                           sender=request.get_response_sender() if self.decoupled else None,
+                           wanted=self._builder.wanted(request.requested_output_names()))
         for item, sampling in zip(items, samplings, strict=True):
             generation_request = GenerationRequest(input_ids=item.prompt, sampling=sampling, streaming=item.streaming)
             try:
                 # no lock held here: the executor may call back from its thread before enqueue returns
                 item.request_id = self.executor.enqueue(
-                    generation_request, lambda result, p=pending, i=item: self._on_result(p, i, result))
+                    generation_request, lambda result, p=pending, i=item: self._responder.push(p, i, result))
             except ValueError as error:
                 pending.failed = True
                 for started in items:
@@ -271,7 +285,7 @@ class TritonPythonModel:
 
     # executor -> responses ------------------------------------------------------------------------------
     def _on_result(self, pending, item, result):
-        """Executor callback (step-loop thread): turn a GenerationResult into a Triton response."""
+        """Responder thread: turn a (merged) GenerationResult into a Triton response."""
         try:
             self._respond(pending, item, result)
         except Exception as error:  # never let an exception escape into the executor thread
@@ -308,32 +322,9 @@ class TritonPythonModel:
         self._send(pending, item, outputs, final_item=result.finished)
 
     def _outputs(self, pending, item, tokens, log_probs, cum_log_prob, now):
-        def scalar(name, value, dtype):
-            return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
-
-        return [
-            pb_utils.Tensor("output_ids", np.array(tokens, dtype=np.int32).reshape(1, 1, len(tokens))),
-            pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-            pb_utils.Tensor("cum_log_probs", np.array([[cum_log_prob or 0.0]], dtype=np.float32)),
-            pb_utils.Tensor("output_log_probs",
-                            np.array(log_probs, dtype=np.float32).reshape(1, 1, len(log_probs))),
-            # logits are never returned (asking for them is an error): a [1, 1, 1] / [1, 1, 1, 1] zero stands in
-            pb_utils.Tensor("context_logits", np.zeros((1, 1, 1), dtype=np.float32)),
-            pb_utils.Tensor("generation_logits", np.zeros((1, 1, 1, 1), dtype=np.float32)),
-            scalar("batch_index", item.row, np.int32),
-            scalar("sequence_index", 0, np.int32),
-            pb_utils.Tensor("context_phase_params", np.zeros((1, 0), dtype=np.uint8)),
-            scalar("kv_cache_alloc_new_blocks", 0, np.int32),
-            scalar("kv_cache_reused_blocks", 0, np.int32),
-            scalar("kv_cache_alloc_total_blocks", 0, np.int32),
-            scalar("arrival_time_ns", pending.arrival_ns, np.int64),
-            scalar("first_scheduled_time_ns", pending.arrival_ns, np.int64),
-            scalar("first_token_time_ns", item.first_token_ns or now, np.int64),
-            scalar("last_token_time_ns", now, np.int64),
-            scalar("acceptance_rate", 0.0, np.float32),
-            scalar("total_accepted_draft_tokens", 0, np.int32),
-            scalar("total_draft_tokens", 0, np.int32),
-        ]
+        # only the outputs the request asked for (the rest would be dropped by Triton after the copy)
+        return self._builder.build(pending.wanted, item.row, pending.arrival_ns, item.first_token_ns, now, tokens,
+                                   log_probs, cum_log_prob)
 
     def _send(self, pending, item, outputs, error=None, final_item=False):
         """Send (decoupled) or keep (non-decoupled) one response; FINAL goes with the request's last one."""
@@ -372,7 +363,7 @@ class TritonPythonModel:
             if response is not None:
                 pending.sender.send(response)
             return
-        with self._lock:  # never while the cancellation watcher asks this request is_cancelled()
+        with pending.lock:  # never while the cancellation watcher asks this request is_cancelled()
             if pending.final_sent:
                 return
             pending.final_sent = True
@@ -383,7 +374,7 @@ class TritonPythonModel:
                 pending.sender.send(response, flags=flags)
 
     def _was_cancelled_by_client(self, pending):
-        with self._lock:
+        with pending.lock:
             return not pending.final_sent and _is_cancelled(pending.request)
 
     def _forget(self, item):
@@ -392,13 +383,30 @@ class TritonPythonModel:
 
     # cancellation -----------------------------------------------------------------------------------------
     def _watch_cancellations(self):
-        """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor."""
+        """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor.
+
+        At most CANCEL_CHECKS_PER_PERIOD requests per period, round robin by request id, so that under load a
+        sweep takes several periods instead of hundreds of round trips to tritonserver every period; and under
+        each request's own lock, never the model's, so responses of the others go on meanwhile."""
+        last_checked = 0
         while not self._stop.wait(self.cancel_period_s):
             with self._lock:
-                cancelled = [request_id for request_id, pending in self._pending.items()
-                             if not pending.final_sent and _is_cancelled(pending.request)]
-            for request_id in cancelled:
-                self.executor.cancel(request_id)
+                in_flight = list(self._pending.items())
+            if not in_flight:
+                continue
+            in_flight.sort(key=lambda entry: entry[0])
+            turn = [e for e in in_flight if e[0] > last_checked] + [e for e in in_flight if e[0] <= last_checked]
+            turn = turn[:CANCEL_CHECKS_PER_PERIOD]
+            last_checked = turn[-1][0]
+            verdicts = {}
+            for request_id, pending in turn:
+                cancelled = verdicts.get(id(pending))
+                if cancelled is None:
+                    with pending.lock:
+                        cancelled = not pending.final_sent and _is_cancelled(pending.request)
+                    verdicts[id(pending)] = cancelled
+                if cancelled:
+                    self.executor.cancel(request_id)
 
     def finalize(self):
         if hasattr(self, "_stop"):
@@ -406,3 +414,5 @@ class TritonPythonModel:
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown()
             self.executor = None
+        if getattr(self, "_responder", None) is not None:
+            self._responder.close()  # after the executor: its last results (cancelled) still get answered
