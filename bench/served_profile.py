@@ -157,13 +157,15 @@ def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) 
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99)}
 
 
-def stub_pids() -> dict[str, int]:
-    """pid of each python-backend stub, by model name."""
+def stub_pids(server_pid: int) -> dict[str, int]:
+    """pid of each python-backend stub of our server (not of other servers on the machine), by model name."""
     found = {}
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     for line in out.splitlines():
         if "triton_python_backend_stub" in line:
-            pid, rest = line.strip().split(" ", 1)
+            pid, ppid, rest = line.strip().split(None, 2)
+            if int(ppid) != server_pid:
+                continue
             for part in rest.split():
                 if "/" in part and part.endswith(".py"):
                     found[Path(part).parent.parent.name] = int(pid)
@@ -172,7 +174,7 @@ def stub_pids() -> dict[str, int]:
 
 def profile(args: argparse.Namespace, server_pid: int, level: int) -> dict[str, Any]:
     """py-spy every stub and sample per-process CPU while a level runs (in background threads)."""
-    pids = stub_pids()
+    pids = stub_pids(server_pid)
     procs = []
     for name, pid in pids.items():
         out = args.out / f"pyspy-{level}-{name}.txt"
