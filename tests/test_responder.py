@@ -108,3 +108,25 @@ def test_output_builder_builds_only_what_was_asked() -> None:
     assert built["arrival_time_ns"].dtype == np.int64 and built["arrival_time_ns"].tolist() == [[100]]
     assert built["context_logits"].shape == (1, 1, 1) and built["generation_logits"].shape == (1, 1, 1, 1)
     assert built["context_phase_params"].shape == (1, 0) and built["context_phase_params"].dtype == np.uint8
+
+
+def test_merged_tokens_never_split_a_character(tiny_mpt_job: PipelineResult) -> None:
+    from generator.tokenizer import load_tokenizer
+    from generator.triton_models.common import ChunkDecoder, Utf8HoldBack
+    from generator.triton_models.responder import hold_back_each
+
+    tokenizer = load_tokenizer(tiny_mpt_job.tokenizer_dir)
+    text = "ab 世界 🙂 é x 数据 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # byte-level: characters span several tokens
+    decoder = ChunkDecoder(tokenizer)
+    for merge in (1, 2, 3, 4, 5, 7):  # tokens per merged result
+        holdback = Utf8HoldBack(lambda chunk: tokenizer.decode(chunk, skip_special_tokens=False))
+        pieces = []
+        for start in range(0, len(ids), merge):
+            ready = hold_back_each(holdback, ids[start:start + merge])
+            if ready:
+                pieces.append(decoder.decode(ready))
+        pieces.append(decoder.decode(holdback.flush()))
+        assert "".join(pieces) == text, merge
+        assert all("\ufffd" not in piece for piece in pieces), (merge, pieces)

@@ -43,6 +43,16 @@ def merge_results(results: list[Any]) -> Any:
     return dataclasses.replace(last, token_ids=tokens, log_probs=log_probs)
 
 
+def hold_back_each(holdback: Any, tokens: list[int]) -> list[int]:
+    """Push merged tokens into a `Utf8HoldBack` one at a time: it then holds back exactly what it held when each
+    token came alone. Pushed at once, four or more tokens would be released even when the last ones are half a
+    character, and the streamed text would no longer join to the whole text."""
+    ready: list[int] = []
+    for token in tokens:
+        ready.extend(holdback.push([token]))
+    return ready
+
+
 class _Buffer:
     """The results of one Triton request not yet answered, and whether a thread owns the request now."""
 

@@ -27,7 +27,7 @@ from generator.triton_models.common import (
     parameter,
     parse_bool,
 )
-from generator.triton_models.responder import OutputBuilder, Responder
+from generator.triton_models.responder import OutputBuilder, Responder, hold_back_each
 
 NOT_SUPPORTED = "not supported by the pytorch engine"
 #: threads answering executor results (the `response_threads` parameter overrides it). Triton's send releases
@@ -330,7 +330,7 @@ class TritonPythonModel:
         if item.streaming:
             if item.holdback is not None:
                 item.held_log_probs.extend(log_probs)
-                tokens = item.holdback.push(tokens)
+                tokens = hold_back_each(item.holdback, tokens)  # several tokens when responses were merged
                 if result.finished:
                     tokens += item.holdback.flush()
                 log_probs, item.held_log_probs = item.held_log_probs[:len(tokens)], item.held_log_probs[len(tokens):]
