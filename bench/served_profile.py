@@ -145,6 +145,9 @@ def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) 
     errors = sum(g["errors"] for g in gathered)
     ttft = [d["times"][0] - d["start"] for d in done if d["times"]]
     itl = [(d["times"][-1] - d["times"][0]) / (len(d["times"]) - 1) for d in done if len(d["times"]) > 1]
+    # per token, as AIPerf counts it: a response may carry several tokens when responses fall behind the engine
+    itl_token = [(d["times"][-1] - d["times"][0]) / (args.output_len - 1) for d in done
+                 if d["times"] and args.output_len > 1]
     responses = sum(len(d["times"]) for d in done)
 
     def pct(values: list[float], q: float) -> float:
@@ -153,17 +156,21 @@ def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) 
     return {"concurrency": concurrency, "requests": len(done), "errors": errors, "seconds": round(elapsed, 2),
             "output_tok_s": round(len(done) * args.output_len / elapsed, 1),
             "responses_per_request": round(responses / max(1, len(done)), 1),
+            "responses_per_s": round(responses / elapsed, 1),
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
-            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99)}
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),  # between responses
+            "itl_token_ms_p50": pct(itl_token, 50), "itl_token_ms_p99": pct(itl_token, 99)}
 
 
-def stub_pids() -> dict[str, int]:
-    """pid of each python-backend stub, by model name."""
+def stub_pids(server_pid: int) -> dict[str, int]:
+    """pid of each python-backend stub of our server (not of other servers on the machine), by model name."""
     found = {}
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     for line in out.splitlines():
         if "triton_python_backend_stub" in line:
-            pid, rest = line.strip().split(" ", 1)
+            pid, ppid, rest = line.strip().split(None, 2)
+            if int(ppid) != server_pid:
+                continue
             for part in rest.split():
                 if "/" in part and part.endswith(".py"):
                     found[Path(part).parent.parent.name] = int(pid)
@@ -172,7 +179,7 @@ def stub_pids() -> dict[str, int]:
 
 def profile(args: argparse.Namespace, server_pid: int, level: int) -> dict[str, Any]:
     """py-spy every stub and sample per-process CPU while a level runs (in background threads)."""
-    pids = stub_pids()
+    pids = stub_pids(server_pid)
     procs = []
     for name, pid in pids.items():
         out = args.out / f"pyspy-{level}-{name}.txt"

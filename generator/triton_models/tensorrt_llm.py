@@ -28,8 +28,17 @@ from generator.triton_models.common import (
     parse_bool,
 )
 from generator.triton_models.metrics import new_metrics
+from generator.triton_models.responder import OutputBuilder, Responder, hold_back_each
 
 NOT_SUPPORTED = "not supported by the pytorch engine"
+#: threads answering executor results (the `response_threads` parameter overrides it). Triton's send releases
+#: the GIL and tritonserver takes responses on a thread pool, so more threads overlap the round trips, but each
+#: sends more, smaller responses (less merging); on 2 CPU cores one thread served 128 streams best. The
+#: responses of one request never run on two threads at once.
+RESPONDER_THREADS = 1
+#: at most this many requests are asked is_cancelled() per cancellation_check_period_ms (round robin): each ask
+#: is a round trip to tritonserver, and asking all of them every period under load starved the response path
+CANCEL_CHECKS_PER_PERIOD = 16
 #: inputs answered with an error whenever they are sent
 _UNSUPPORTED_INPUTS = (
     "encoder_input_features", "encoder_output_lengths", "draft_input_ids", "draft_logits",
@@ -64,8 +73,24 @@ def _is_cancelled(request):
 
 
 def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    tensors = getattr(request, "tensors", None)
+    if tensors is not None:
+        tensor = tensors.get(name)
+    else:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+class _RequestView:
+    """A Triton request with its input tensors indexed by name once. pb_utils.get_input_tensor_by_name lists and
+    scans all inputs on every call, and parsing asks for some 50 names: that was most of `execute`'s time."""
+
+    def __init__(self, request):
+        self._request = request
+        self.tensors = {tensor.name(): tensor for tensor in request.inputs()}
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
 
 
 def _row_scalar(array, row):
@@ -101,11 +126,15 @@ class _Pending:
     arrival_ns: int
     batch_size: int
     responses: list = field(default_factory=list)  # non-decoupled: collected here
+    wanted: tuple = OutputBuilder.ALL  # the outputs the request asked for
     finished: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
-    # Set, under the model's lock, when the FINAL response goes out: Triton then frees the request, and asking
+    # Set, under `lock`, when the FINAL response goes out: Triton then frees the request, and asking
     # it `is_cancelled()` afterwards crashes tritonserver 2.51 (TRITONBACKEND_ResponseFactoryIsCancelled).
     final_sent: bool = False
+    # Held while the FINAL response is sent and while the watcher asks is_cancelled(): per request, so that the
+    # watcher's round trips to tritonserver never hold up the responses of other requests.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class TritonPythonModel:
@@ -136,6 +165,10 @@ class TritonPythonModel:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}  # executor request id -> its Triton request
         self._stop = threading.Event()
+        self._builder = OutputBuilder(pb_utils.Tensor)
+        # results are answered on the responder's threads: the step loop never waits on Triton's send
+        self._responder = Responder(self._on_result,
+                                    threads=int(parameter(config, "response_threads", str(RESPONDER_THREADS))))
         self._cancel_thread = threading.Thread(target=self._watch_cancellations, daemon=True)
         self._cancel_thread.start()
 
@@ -146,7 +179,7 @@ class TritonPythonModel:
         for request in requests:
             pending = None
             try:
-                pending = self._start(request)
+                pending = self._start(_RequestView(request))
             except RequestError as error:
                 self._fail(request, str(error), responses)
             if pending is not None:
@@ -196,13 +229,14 @@ class TritonPythonModel:
             items.append(_Item(row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback))
             samplings.append(self._sampling(request, row))
         pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
-                           sender=request.get_response_sender() if self.decoupled else None)
+                           sender=request.get_response_sender() if self.decoupled else None,
+                           wanted=self._builder.wanted(request.requested_output_names()))
         for item, sampling in zip(items, samplings, strict=True):
             generation_request = GenerationRequest(input_ids=item.prompt, sampling=sampling, streaming=item.streaming)
             try:
                 # no lock held here: the executor may call back from its thread before enqueue returns
                 item.request_id = self.executor.enqueue(
-                    generation_request, lambda result, p=pending, i=item: self._on_result(p, i, result))
+                    generation_request, lambda result, p=pending, i=item: self._on_engine_result(p, i, result))
             except ValueError as error:
                 pending.failed = True
                 for started in items:
@@ -295,10 +329,14 @@ class TritonPythonModel:
         )
 
     # executor -> responses ------------------------------------------------------------------------------
-    def _on_result(self, pending, item, result):
-        """Executor callback (step-loop thread): turn a GenerationResult into a Triton response."""
+    def _on_engine_result(self, pending, item, result):
+        """Executor callback (step-loop thread): count it for the metrics, hand it to the responder."""
         if self.metrics is not None:
             self.metrics.on_result(result, pending.arrival_ns, len(item.prompt), item.streaming)
+        self._responder.push(pending, item, result)
+
+    def _on_result(self, pending, item, result):
+        """Responder thread: turn a (merged) GenerationResult into a Triton response."""
         try:
             self._respond(pending, item, result)
         except Exception as error:  # never let an exception escape into the executor thread
@@ -323,7 +361,7 @@ class TritonPythonModel:
         if item.streaming:
             if item.holdback is not None:
                 item.held_log_probs.extend(log_probs)
-                tokens = item.holdback.push(tokens)
+                tokens = hold_back_each(item.holdback, tokens)  # several tokens when responses were merged
                 if result.finished:
                     tokens += item.holdback.flush()
                 log_probs, item.held_log_probs = item.held_log_probs[:len(tokens)], item.held_log_probs[len(tokens):]
@@ -335,32 +373,9 @@ class TritonPythonModel:
         self._send(pending, item, outputs, final_item=result.finished)
 
     def _outputs(self, pending, item, tokens, log_probs, cum_log_prob, now):
-        def scalar(name, value, dtype):
-            return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
-
-        return [
-            pb_utils.Tensor("output_ids", np.array(tokens, dtype=np.int32).reshape(1, 1, len(tokens))),
-            pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-            pb_utils.Tensor("cum_log_probs", np.array([[cum_log_prob or 0.0]], dtype=np.float32)),
-            pb_utils.Tensor("output_log_probs",
-                            np.array(log_probs, dtype=np.float32).reshape(1, 1, len(log_probs))),
-            # logits are never returned (asking for them is an error): a [1, 1, 1] / [1, 1, 1, 1] zero stands in
-            pb_utils.Tensor("context_logits", np.zeros((1, 1, 1), dtype=np.float32)),
-            pb_utils.Tensor("generation_logits", np.zeros((1, 1, 1, 1), dtype=np.float32)),
-            scalar("batch_index", item.row, np.int32),
-            scalar("sequence_index", 0, np.int32),
-            pb_utils.Tensor("context_phase_params", np.zeros((1, 0), dtype=np.uint8)),
-            scalar("kv_cache_alloc_new_blocks", 0, np.int32),
-            scalar("kv_cache_reused_blocks", 0, np.int32),
-            scalar("kv_cache_alloc_total_blocks", 0, np.int32),
-            scalar("arrival_time_ns", pending.arrival_ns, np.int64),
-            scalar("first_scheduled_time_ns", pending.arrival_ns, np.int64),
-            scalar("first_token_time_ns", item.first_token_ns or now, np.int64),
-            scalar("last_token_time_ns", now, np.int64),
-            scalar("acceptance_rate", 0.0, np.float32),
-            scalar("total_accepted_draft_tokens", 0, np.int32),
-            scalar("total_draft_tokens", 0, np.int32),
-        ]
+        # only the outputs the request asked for (the rest would be dropped by Triton after the copy)
+        return self._builder.build(pending.wanted, item.row, pending.arrival_ns, item.first_token_ns, now, tokens,
+                                   log_probs, cum_log_prob)
 
     def _send(self, pending, item, outputs, error=None, final_item=False):
         """Send (decoupled) or keep (non-decoupled) one response; FINAL goes with the request's last one."""
@@ -399,7 +414,7 @@ class TritonPythonModel:
             if response is not None:
                 pending.sender.send(response)
             return
-        with self._lock:  # never while the cancellation watcher asks this request is_cancelled()
+        with pending.lock:  # never while the cancellation watcher asks this request is_cancelled()
             if pending.final_sent:
                 return
             pending.final_sent = True
@@ -410,7 +425,7 @@ class TritonPythonModel:
                 pending.sender.send(response, flags=flags)
 
     def _was_cancelled_by_client(self, pending):
-        with self._lock:
+        with pending.lock:
             return not pending.final_sent and _is_cancelled(pending.request)
 
     def _forget(self, item):
@@ -419,13 +434,30 @@ class TritonPythonModel:
 
     # cancellation -----------------------------------------------------------------------------------------
     def _watch_cancellations(self):
-        """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor."""
+        """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor.
+
+        At most CANCEL_CHECKS_PER_PERIOD requests per period, round robin by request id, so that under load a
+        sweep takes several periods instead of hundreds of round trips to tritonserver every period; and under
+        each request's own lock, never the model's, so responses of the others go on meanwhile."""
+        last_checked = 0
         while not self._stop.wait(self.cancel_period_s):
             with self._lock:
-                cancelled = [request_id for request_id, pending in self._pending.items()
-                             if not pending.final_sent and _is_cancelled(pending.request)]
-            for request_id in cancelled:
-                self.executor.cancel(request_id)
+                in_flight = list(self._pending.items())
+            if not in_flight:
+                continue
+            in_flight.sort(key=lambda entry: entry[0])
+            turn = [e for e in in_flight if e[0] > last_checked] + [e for e in in_flight if e[0] <= last_checked]
+            turn = turn[:CANCEL_CHECKS_PER_PERIOD]
+            last_checked = turn[-1][0]
+            verdicts = {}
+            for request_id, pending in turn:
+                cancelled = verdicts.get(id(pending))
+                if cancelled is None:
+                    with pending.lock:
+                        cancelled = not pending.final_sent and _is_cancelled(pending.request)
+                    verdicts[id(pending)] = cancelled
+                if cancelled:
+                    self.executor.cancel(request_id)
 
     def finalize(self):
         if hasattr(self, "_stop"):
@@ -433,5 +465,7 @@ class TritonPythonModel:
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown()
             self.executor = None
+        if getattr(self, "_responder", None) is not None:
+            self._responder.close()  # after the executor: its last results (cancelled) still get answered
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
