@@ -406,10 +406,11 @@ def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **op
 @click.argument("repository", type=click.Path(path_type=Path))
 @click.option("--no-streaming", is_flag=True, help="Allow non-decoupled tensorrt_llm / BLS.")
 def validate_command(repository: Path, no_streaming: bool) -> None:
-    """Check a Triton model repository offline; exit 1 when it has problems."""
+    """Check a Triton model repository offline (configs, and the engine and tokenizer files they load); exit 1
+    when it has problems."""
     from generator.validate import validate_repository
 
-    problems = validate_repository(repository, streaming=not no_streaming)
+    problems = validate_repository(repository, streaming=not no_streaming, deep=True)
     for problem in problems:
         click.echo(str(problem), err=True)
     if problems:
