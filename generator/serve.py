@@ -621,7 +621,7 @@ def serve(settings: ServeSettings) -> int:
                    f"metrics http://{host}:{settings.metrics_port}/metrics")
         click.echo(f'try:   gen-repo infer --url {host}:{settings.grpc_port} "What is machine learning?"')
         click.echo("Ctrl-C stops the server.")
-        _watch(process, log_file, settings.shm_prefix)
+        _watch(process, log_file, settings)
     except (KeyboardInterrupt, _Stop):
         def kill_now(signum: int, frame: FrameType | None) -> None:
             _signal_session(process, signal.SIGKILL)  # a second Ctrl-C: no more waiting
@@ -647,14 +647,30 @@ def _stop_timeout(settings: ServeSettings) -> float:
 STUB_POLL_S = 1.0
 
 
-def _watch(process: subprocess.Popen[bytes], log_file: Path, shm_prefix: str) -> NoReturn:
+def _model_ready(settings: ServeSettings, model: str) -> bool | None:
+    """The server's /v2/models/<model>/ready: True (200), False (any other answer, or no answer), None when the
+    model is not served over this port (ranks > 0 load only the engine model, which rank 0 also serves)."""
+    url = f"http://{_client_host(settings.host)}:{settings.http_port}/v2/models/{model}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as error:
+        return None if error.code == 404 else False
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _watch(process: subprocess.Popen[bytes], log_file: Path, settings: ServeSettings) -> NoReturn:
     """Return never: raise `GenRepoError` when the server exits or one of its python stubs dies."""
+    shm_prefix = settings.shm_prefix
     stubs = supervise.StubWatch(process.pid)
     while True:
         try:
             code = process.wait(timeout=STUB_POLL_S)
         except subprocess.TimeoutExpired:
-            dead = stubs.dead()
+            # a stub also ends when its model is unloaded on purpose (explicit model control) or the server
+            # stops: only one whose model the server still calls ready is a death
+            dead = [stub for stub in stubs.dead() if _model_ready(settings, stub.model) is not False]
             if not dead:
                 continue
             names = ", ".join(f"'{stub.model}' (pid {stub.pid})" for stub in dead)

@@ -274,9 +274,30 @@ def test_a_killed_engine_stub_stops_serve(tiny_mpt_job: PipelineResult, tmp_path
         assert serve.wait(timeout_s=15) == 2, serve.output
         stream.join(20)
         assert stream.ended_at is not None and stream.ended_at - killed < 10, stream.end
-        assert re.search(r"error: the python stub of model 'tensorrt_llm' \(pid \d+\) died", serve.output)
+        assert re.search(r"error: the python stub of model 'tensorrt_llm' \(pid \d+\) died", serve.output), serve.output
         assert _wait_gone([stub.pid for stub in stubs], 3) == []
         assert _regions_left(stubs) == []
+    finally:
+        serve.kill()
+
+
+def test_a_model_unloaded_on_purpose_is_no_death(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
+    """The stub watch of `serve` does not mistake an explicit unload (its stub exits) for a dead engine."""
+    serve = Serve(tiny_mpt_job.triton_repo, tmp_path / "log", "--", "--model-control-mode=explicit",
+                  "--load-model=*")
+    try:
+        serve.wait_ready()
+        stub = next(stub for stub in serve.stubs() if stub.model == "tensorrt_llm_bls")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{serve.http_port}/v2/repository/models/tensorrt_llm_bls/unload", method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+        assert _wait_gone([stub.pid], 10) == []
+        time.sleep(3)  # three polls of the watch
+        assert serve.process.poll() is None, serve.output
+        assert _ready_status(serve.http_port) == 200
+        serve.process.send_signal(signal.SIGINT)
+        assert serve.wait(timeout_s=25) == 0, serve.output
     finally:
         serve.kill()
 
