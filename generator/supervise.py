@@ -51,8 +51,9 @@ _LIBC = _libc()
 def child_preexec(parent_pid: int, death_signal: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
     """A `preexec_fn`: the child gets `death_signal` when this process dies, and ignores SIGPIPE.
 
-    Resolved here, in the parent: the child must not load libraries between fork and exec."""
-    prctl = getattr(_LIBC, "prctl", None)
+    Linux sends the parent-death signal when the *thread* that forked exits, so it is only set up when called
+    from the main thread. Resolved here, in the parent: the child must not load libraries between fork and exec."""
+    prctl = getattr(_LIBC, "prctl", None) if threading.current_thread() is threading.main_thread() else None
     set_handler = getattr(_LIBC, "signal", None)
     if set_handler is not None:
         set_handler.argtypes = [ctypes.c_int, ctypes.c_void_p]
@@ -63,8 +64,8 @@ def child_preexec(parent_pid: int, death_signal: signal.Signals = signal.SIGTERM
             set_handler(int(signal.SIGPIPE), 1)  # SIG_IGN survives exec: a closed log pipe gives EPIPE, not death
         if prctl is not None:
             prctl(PR_SET_PDEATHSIG, int(death_signal), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), death_signal)
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os.kill(os.getpid(), death_signal)
     return preexec
 
 
