@@ -263,6 +263,9 @@ def models_command(gpu_memory_gib: float) -> None:
 @click.option("--multi-model", is_flag=True,
               help="TensorRT-LLM's orchestrator mode (tensorrtllm backend only): one tritonserver whose backend "
               "spawns each engine's ranks (TRTLLM_ORCHESTRATOR=1), so a repository can hold several engines.")
+@click.option("--disable-spawn-processes", is_flag=True,
+              help="With --multi-model: start the ranks with mpirun (TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=0) "
+              "instead of letting the backend spawn them, as launch_triton_server.py's flag of that name.")
 @click.option("--tensorrt-llm-model-name", default="tensorrt_llm", show_default=True,
               help="The engine model(s), comma-separated: ranks > 0 load only these (leader mode).")
 @click.option("--openai-port", type=int, default=None,
@@ -274,13 +277,17 @@ def models_command(gpu_memory_gib: float) -> None:
 @click.option("--log-verbose", type=int, default=0, show_default=True, help="tritonserver --log-verbose level.")
 @click.option("--ready-timeout", "ready_timeout_s", type=float, default=600.0, show_default=True,
               help="Seconds to wait for /v2/health/ready.")
+@click.option("--exit-timeout", "exit_timeout_s", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Seconds a stop (Ctrl-C, SIGTERM) waits for requests in flight before tritonserver exits "
+              "(its --exit-timeout-secs); a second Ctrl-C kills it at once.")
 @click.option("--dry-run", is_flag=True, help="Print the exact command (and PATH/LD_LIBRARY_PATH) and exit.")
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED)
 def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
                   triton_bin: str | None, world_size: int | None, launcher: str, multi_model: bool,
-                  tensorrt_llm_model_name: str, openai_port: int | None, chat_template: Path | None,
-                  log_file: Path | None,
-                  log_verbose: int, ready_timeout_s: float, dry_run: bool, extra_args: tuple[str, ...]) -> None:
+                  disable_spawn_processes: bool, tensorrt_llm_model_name: str, openai_port: int | None,
+                  chat_template: Path | None, log_file: Path | None,
+                  log_verbose: int, ready_timeout_s: float, exit_timeout_s: int, dry_run: bool,
+                  extra_args: tuple[str, ...]) -> None:
     """Run tritonserver on a repository until Ctrl-C; extra args after `--` go to tritonserver."""
     from generator.serve import ServeSettings, serve
 
@@ -289,7 +296,8 @@ def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: 
         metrics_port=metrics_port, triton_bin=triton_bin, world_size=world_size, launcher=launcher,
         multi_model=multi_model, tensorrt_llm_model_name=tensorrt_llm_model_name, openai_port=openai_port,
         chat_template=chat_template, log_file=log_file,
-        log_verbose=log_verbose, ready_timeout_s=ready_timeout_s, dry_run=dry_run, extra_args=extra_args)))
+        log_verbose=log_verbose, ready_timeout_s=ready_timeout_s, dry_run=dry_run, extra_args=extra_args,
+        spawn_processes=not disable_spawn_processes, exit_timeout_s=exit_timeout_s)))
 
 
 @main.command("infer")
@@ -432,10 +440,11 @@ def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **op
 @click.argument("repository", type=click.Path(path_type=Path))
 @click.option("--no-streaming", is_flag=True, help="Allow non-decoupled tensorrt_llm / BLS.")
 def validate_command(repository: Path, no_streaming: bool) -> None:
-    """Check a Triton model repository offline; exit 1 when it has problems."""
+    """Check a Triton model repository offline (configs, and the engine and tokenizer files they load); exit 1
+    when it has problems."""
     from generator.validate import validate_repository
 
-    problems = validate_repository(repository, streaming=not no_streaming)
+    problems = validate_repository(repository, streaming=not no_streaming, deep=True)
     for problem in problems:
         click.echo(str(problem), err=True)
     if problems:

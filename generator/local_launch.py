@@ -18,6 +18,8 @@ import sys
 import time
 from types import FrameType
 
+from generator.supervise import child_preexec
+
 #: mpirun flags that take no value here and mean nothing on one host
 _IGNORED_FLAGS = ("--allow-run-as-root", "--oversubscribe")
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     for rank, command in enumerate(commands):
         env = {**os.environ, **extra_env, "RANK": str(rank), "WORLD_SIZE": str(world_size),
                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)}
-        processes.append(subprocess.Popen(command, env=env))
+        # a rank gets SIGTERM when this launcher dies (kill -9 included), as mpirun's ranks do
+        processes.append(subprocess.Popen(command, env=env, preexec_fn=child_preexec(os.getpid())))
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for process in processes:

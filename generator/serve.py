@@ -31,10 +31,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
+from generator import supervise
 from generator.errors import GenRepoError
 
 TRITON_BIN_ENV = "TRITON_BIN"
@@ -71,9 +72,17 @@ class ServeSettings:
     # TensorRT-LLM's orchestrator mode (launch_triton_server.py --multi-model): one tritonserver whose tensorrtllm
     # backend spawns each engine's ranks itself (TRTLLM_ORCHESTRATOR=1), so several engines can be served
     multi_model: bool = False
+    # launch_triton_server.py --disable-spawn-processes: ranks come from mpirun (leader mode), not the backend
+    spawn_processes: bool = True
+    gpu_count: int | None = None             # GPUs orchestrator mode gives a zero CUDA pool; None: detect
     ready_timeout_s: float = 600.0
     openai_port: int | None = None           # also serve the OpenAI-compatible API here (generator.openai_server)
     chat_template: Path | None = None        # its --chat-template
+    # tritonserver --exit-timeout-secs: how long a stop waits for requests in flight (its default, 30 s, makes
+    # Ctrl-C hang behind a stuck request); None: tritonserver's default
+    exit_timeout_s: int | None = 5
+    # tritonserver --http-max-input-size (added after 2.51; passed only to a binary that lists it in --help)
+    http_max_input_size: int | None = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -192,9 +201,14 @@ def launch_command(settings: ServeSettings, install: TritonInstall | None = None
             if backend != "tensorrtllm":
                 raise GenRepoError(f"--multi-model is TensorRT-LLM's orchestrator mode: {name} uses the {backend} "
                                    "backend, not tensorrtllm (the pytorch engine serves multi-rank in leader mode)")
-        env["TRTLLM_ORCHESTRATOR"] = "1"
-        return _rank_args(settings, install, cpu_only, rank=None), env
-    if world_size == 1:
+        env.update(orchestrator_environment(settings.spawn_processes))
+        if settings.spawn_processes:
+            # one process: the backend spawns each engine's ranks itself
+            args = _rank_args(settings, install, cpu_only, rank=None)
+            extra = orchestrator_args(settings.gpu_count)
+            return args[:len(args) - len(settings.extra_args)] + [a for a in extra if a not in args] + list(
+                settings.extra_args), env
+    if world_size == 1 and not settings.multi_model:
         return _rank_args(settings, install, cpu_only, rank=None), env
     if settings.launcher == "local":
         argv = [sys.executable, "-m", "generator.local_launch"]
@@ -220,6 +234,12 @@ def _rank_args(settings: ServeSettings, install: TritonInstall, cpu_only: bool, 
             f"--metrics-port={settings.metrics_port}",
             # auto-complete starts one extra stub per python model just to read its config: ~2 s per start
             "--disable-auto-complete-config"]
+    given = " ".join(settings.extra_args)
+    if settings.exit_timeout_s is not None and "--exit-timeout-secs" not in given:
+        args.append(f"--exit-timeout-secs={settings.exit_timeout_s}")
+    if (settings.http_max_input_size and "--http-max-input-size" not in given
+            and _supports_option(install.binary, "--http-max-input-size")):
+        args.append(f"--http-max-input-size={settings.http_max_input_size}")
     if install.backend_directory is not None:
         args.append(f"--backend-directory={install.backend_directory}")
     if cpu_only:
@@ -233,6 +253,76 @@ def _rank_args(settings: ServeSettings, install: TritonInstall, cpu_only: bool, 
     elif settings.shm_prefix:
         args.append(f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}")
     return args + list(settings.extra_args)
+
+
+TRITON_VERSION_ENV = "NVIDIA_TRITON_SERVER_VERSION"   # set in NVIDIA's containers, e.g. "26.07"
+
+
+def orchestrator_environment(spawn_processes: bool) -> dict[str, str]:
+    """What launch_triton_server.py --multi-model adds to the environment."""
+    return {"TRTLLM_ORCHESTRATOR": "1", "TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES": "1" if spawn_processes else "0"}
+
+
+def orchestrator_args(gpu_count: int | None = None) -> list[str]:
+    """The flags launch_triton_server.py --multi-model adds when the backend spawns the ranks.
+
+    It adds them only on a Triton newer than 24.06 (read from $NVIDIA_TRITON_SERVER_VERSION); without that
+    variable (not NVIDIA's container: tritonserver 2.51 = 24.10 from nvidia-pytriton) they are added too."""
+    version = os.environ.get(TRITON_VERSION_ENV, "")
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match and (int(match.group(1)), int(match.group(2))) <= (24, 6):
+        return []
+    gpus = count_gpus() if gpu_count is None else gpu_count
+    return ["--pinned-memory-pool-byte-size=0", "--enable-peer-access=false",
+            *(f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in range(max(gpus, 1)))]
+
+
+def count_gpus() -> int:
+    """GPUs tritonserver will see: $CUDA_VISIBLE_DEVICES when set, else `nvidia-smi --list-gpus` (0 without)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([device for device in visible.split(",") if device.strip()])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return len([line for line in listed.splitlines() if line.strip()])
+
+
+_HELP_CACHE: dict[tuple[str, float], str] = {}
+
+
+def _supports_option(binary: Path, option: str) -> bool:
+    """True when `binary --help` lists `option` (tritonserver's options differ between releases)."""
+    try:
+        key = (str(binary), binary.stat().st_mtime)
+    except OSError:
+        return False
+    if key not in _HELP_CACHE:
+        try:
+            done = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30,
+                                  env=server_environment(TritonInstall(binary, None)))
+            _HELP_CACHE[key] = done.stdout + done.stderr
+        except (OSError, subprocess.TimeoutExpired):
+            _HELP_CACHE[key] = ""
+    return option in _HELP_CACHE[key]
+
+
+def launch_form(settings: ServeSettings) -> str:
+    """Which form of TensorRT-LLM's launch_triton_server.py the launch line follows (for --dry-run)."""
+    if settings.multi_model and settings.spawn_processes:
+        return ("launch_triton_server.py --multi-model --no-mpi form: one tritonserver, TRTLLM_ORCHESTRATOR=1 "
+                "(the tensorrtllm backend spawns each engine's ranks)")
+    if settings.multi_model:
+        return (f"launch_triton_server.py --multi-model --disable-spawn-processes: leader mode (world size "
+                f"{settings.world_size or 1}) with TRTLLM_ORCHESTRATOR=1")
+    if (settings.world_size or 1) == 1:
+        return ("launch_triton_server.py --no-mpi form (world size 1): one tritonserver without mpirun and "
+                "without its shm-region-prefix-name=prefix0_")
+    return (f"launch_triton_server.py leader mode (world size {settings.world_size}): one mpirun, one "
+            "`-n 1 tritonserver` block per rank")
 
 
 def _model_names(settings: ServeSettings) -> list[str]:
@@ -289,11 +379,23 @@ def start_server(settings: ServeSettings) -> tuple[subprocess.Popen[bytes], Path
     install = find_tritonserver(settings.triton_bin)
     ensure_python_stub(install)
     argv, env = launch_command(settings, install)
+    # an orphan of an earlier run on these ports would answer our readiness checks
+    supervise.check_ports_free(settings.host, {"--http-port": settings.http_port, "--grpc-port": settings.grpc_port,
+                                               "--metrics-port": settings.metrics_port})
     log_file = settings.log_file or _default_log_file(repository)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+    cpu_only = detect_cpu_only() if settings.cpu_only is None else settings.cpu_only
+    log = open(log_file, "wb")  # noqa: SIM115 (the log pump closes it)
+    try:
+        # own session (the whole tree is signalled as one), parent-death SIGTERM (nothing outlives `serve`)
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=supervise.child_preexec(os.getpid()))
+    except BaseException:
+        log.close()
+        raise
+    assert process.stdout is not None
+    supervise.start_log_pump(process.pid, process.stdout, log, supervise.CPU_ONLY_NOISE if cpu_only else ())
     return process, log_file
 
 
@@ -311,11 +413,14 @@ def wait_until_ready(process: subprocess.Popen[bytes], host: str, http_port: int
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            stop_server(process)  # its stubs, its log
             raise GenRepoError(f"tritonserver exited with code {process.returncode} before it was ready"
                                + _log_tail(log_file))
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
+                    _check_own_listener(process, http_port)
+                    supervise.remember_stubs(process.pid)
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
@@ -324,26 +429,46 @@ def wait_until_ready(process: subprocess.Popen[bytes], host: str, http_port: int
     raise GenRepoError(f"tritonserver was not ready after {timeout_s:.0f} s" + _log_tail(log_file))
 
 
+def _check_own_listener(process: subprocess.Popen[bytes], http_port: int) -> None:
+    """The HTTP port that answered is held by a process of this server's session, not by an orphan."""
+    holders = supervise.listener_pids(http_port)
+    if not holders:
+        return  # /proc cannot tell (another user's process, or not Linux)
+    ours = {process.pid, *_session_members(process.pid)}
+    if not holders & ours:
+        stop_server(process)
+        raise GenRepoError(f"port {http_port} answers readiness but is held by {supervise.describe_pids(holders)}, "
+                           f"not by the tritonserver this command started (pid {process.pid})")
+
+
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 def _log_tail(log_file: Path | None, lines: int = 40) -> str:
+    """What went wrong: one line per model that failed to load, else the last `lines` lines of the log."""
     if log_file is None or not log_file.is_file():
         return ""
+    failures = supervise.load_failures(log_file)
+    if failures:
+        return "\n" + "\n".join(failures) + f"\n(full log: {log_file})"
     tail = log_file.read_text(errors="replace").splitlines()[-lines:]
     return f"\n--- last {len(tail)} lines of {log_file} ---\n" + "\n".join(tail)
 
 
-def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0, shm_prefix: str = "") -> int:
+def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0, shm_prefix: str = "",
+                force_cleanup: bool = False) -> int:
     """Stop the server and everything it started; returns its exit code.
 
     SIGTERM goes to the tritonserver processes one rank at a time, rank 0 first, and never to mpirun (it
     would SIGKILL the ranks). Rank 0 then shuts its python stubs down cleanly (they remove their /dev/shm
     regions) and releases the ranks that follow it. Whatever is left of the session after `timeout_s`
-    gets SIGTERM, then SIGKILL. With `shm_prefix` (the server's `ServeSettings.shm_prefix`), regions
-    left behind by stubs that never started properly are removed too."""
+    gets SIGTERM, then SIGKILL; so do stubs that outlive the server (after its `kill -9`). When anything had
+    to be killed (or `force_cleanup`), the /dev/shm regions its stubs were seen with are removed; with
+    `shm_prefix` (the server's `ServeSettings.shm_prefix`), every region of that prefix is removed too."""
+    supervise.remember_stubs(process.pid)  # their regions, before anything is signalled
     deadline = time.monotonic() + timeout_s
+    killed = False
     if process.poll() is None:
         for pid in _tritonserver_ranks(process.pid) or [process.pid]:
             _signal_pid(pid, signal.SIGTERM)
@@ -352,16 +477,33 @@ def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 20.0, shm_p
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            killed = True
             _signal_session(process, signal.SIGTERM)
             try:
-                process.wait(timeout=5)
+                process.wait(timeout=min(2.0, timeout_s))
             except subprocess.TimeoutExpired:
                 _signal_session(process, signal.SIGKILL)
                 process.wait()
-    _signal_session(process, signal.SIGTERM)  # stubs or ranks that outlived the leader
+    killed = _end_session(process) or killed  # stubs or ranks that outlived the leader
+    supervise.finish_log_pump(process.pid)
+    supervise.forget_regions(process.pid, remove=killed or force_cleanup)
     if shm_prefix:
         remove_shared_memory(shm_prefix)
     return process.returncode
+
+
+def _end_session(process: subprocess.Popen[bytes], grace_s: float = 2.0) -> bool:
+    """SIGTERM what is left of the server's session, SIGKILL it after `grace_s`; True if anything was left."""
+    left = [pid for pid in _session_members(process.pid) if _alive(pid)]
+    for pid in left:
+        _signal_pid(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in left):
+        time.sleep(0.05)
+    for pid in left:
+        if _alive(pid):
+            _signal_pid(pid, signal.SIGKILL)
+    return bool(left)
 
 
 def remove_shared_memory(shm_prefix: str, shm_dir: Path = Path("/dev/shm")) -> list[Path]:
@@ -454,11 +596,16 @@ class _Stop(Exception):
 
 
 def serve(settings: ServeSettings) -> int:
-    """Run the server in the foreground until Ctrl-C / SIGTERM (or it exits); returns its exit code."""
+    """Run the server in the foreground until Ctrl-C / SIGTERM (or it exits); returns its exit code.
+
+    The first Ctrl-C / SIGTERM stops tritonserver, which waits at most `exit_timeout_s` for requests in
+    flight; a second one kills it at once. A python stub that dies while serving (tritonserver would keep
+    answering ready and fail every request) stops the server: `GenRepoError` naming the model."""
     settings = resolve_settings(settings)
     if settings.dry_run:
         argv, env = launch_command(settings)
-        shown = ["PATH", "LD_LIBRARY_PATH"] + (["TRTLLM_ORCHESTRATOR"] if settings.multi_model else [])
+        shown = ["PATH", "LD_LIBRARY_PATH"] + (list(orchestrator_environment(True)) if settings.multi_model else [])
+        click.echo(f"# {launch_form(settings)}")
         click.echo(" ".join(f"{name}={shlex.quote(env[name])}" for name in shown) + " \\")
         click.echo(shlex.join(argv))
         return 0
@@ -480,21 +627,24 @@ def serve(settings: ServeSettings) -> int:
             front = _start_openai(settings)
             click.echo(f"OpenAI-compatible API: http://{host}:{settings.openai_port}/v1")
         click.echo("Ctrl-C stops the server.")
-        code = process.wait()
-        raise GenRepoError(f"tritonserver exited with code {code}" + _log_tail(log_file))
+        _watch(process, log_file, settings)
     except (KeyboardInterrupt, _Stop):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        def kill_now(signum: int, frame: FrameType | None) -> None:
+            _signal_session(process, signal.SIGKILL)  # a second Ctrl-C: no more waiting
+
+        signal.signal(signal.SIGTERM, kill_now)
+        signal.signal(signal.SIGINT, kill_now)
         if front is not None:
             front.stop()
-        click.echo("stopping tritonserver ...")
-        code = stop_server(process, shm_prefix=settings.shm_prefix)
+        click.echo(f"stopping tritonserver (requests in flight get up to {settings.exit_timeout_s or 30} s; "
+                   "Ctrl-C again kills it) ...")
+        code = stop_server(process, timeout_s=_stop_timeout(settings), shm_prefix=settings.shm_prefix)
         click.echo(f"stopped (exit code {code})")
         return 0
     finally:
         if front is not None:
             front.stop()
-        stop_server(process, shm_prefix=settings.shm_prefix)
+        stop_server(process, timeout_s=_stop_timeout(settings), shm_prefix=settings.shm_prefix)
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -513,3 +663,47 @@ def _start_openai(settings: ServeSettings) -> Any:
         chat_template=settings.chat_template, host=settings.host, port=settings.openai_port or 9000))
     front.start()
     return front
+
+
+def _stop_timeout(settings: ServeSettings) -> float:
+    """tritonserver's own exit timeout plus time to unload the models, before the session is killed."""
+    return float(settings.exit_timeout_s if settings.exit_timeout_s is not None else 30) + 10.0
+
+
+STUB_POLL_S = 1.0
+
+
+def _model_ready(settings: ServeSettings, model: str) -> bool | None:
+    """The server's /v2/models/<model>/ready: True (200), False (any other answer, or no answer), None when the
+    model is not served over this port (ranks > 0 load only the engine model, which rank 0 also serves)."""
+    url = f"http://{_client_host(settings.host)}:{settings.http_port}/v2/models/{model}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as error:
+        return None if error.code == 404 else False
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _watch(process: subprocess.Popen[bytes], log_file: Path, settings: ServeSettings) -> NoReturn:
+    """Return never: raise `GenRepoError` when the server exits or one of its python stubs dies."""
+    shm_prefix = settings.shm_prefix
+    stubs = supervise.StubWatch(process.pid)
+    while True:
+        try:
+            code = process.wait(timeout=STUB_POLL_S)
+        except subprocess.TimeoutExpired:
+            # a stub also ends when its model is unloaded on purpose (explicit model control) or the server
+            # stops: only one whose model the server still calls ready is a death
+            dead = [stub for stub in stubs.dead() if _model_ready(settings, stub.model) is not False]
+            if not dead:
+                continue
+            names = ", ".join(f"'{stub.model}' (pid {stub.pid})" for stub in dead)
+            click.echo(f"the python stub of model {names} died; stopping tritonserver ...", err=True)
+            # the server is broken: a short grace, then the session is killed so requests in flight fail now
+            stop_server(process, timeout_s=1.0, shm_prefix=shm_prefix, force_cleanup=True)
+            raise GenRepoError(f"the python stub of model {names} died (killed, or out of memory?); tritonserver "
+                               f"cannot serve it any more and was stopped (log: {log_file})") from None
+        stop_server(process, shm_prefix=shm_prefix, force_cleanup=True)  # its stubs, its /dev/shm regions
+        raise GenRepoError(f"tritonserver exited with code {code}" + _log_tail(log_file))

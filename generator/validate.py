@@ -27,6 +27,14 @@ STREAMING_MODELS = ("tensorrt_llm", "tensorrt_llm_bls")
 BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1", "v1")
 _PLACEHOLDER = re.compile(r"\$\{[^}]*\}|\{\{[^}]*\}\}")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Backends a Triton model may name (NVIDIA's containers and the python-based ones); anything else fails to load.
+KNOWN_BACKENDS = ("python", "tensorrtllm", "onnxruntime", "pytorch", "tensorflow", "tensorrt", "openvino", "fil",
+                  "dali", "vllm", "identity", "repeat", "square")
+KNOWN_PLATFORMS = ("ensemble", "tensorrt_plan", "onnxruntime_onnx", "pytorch_libtorch", "tensorflow_savedmodel",
+                   "tensorflow_graphdef")
+# HF config keys of the same quantity, across model families
+_HF_KEYS = {"vocab_size": ("vocab_size",), "hidden_size": ("hidden_size", "d_model", "n_embd"),
+            "num_hidden_layers": ("num_hidden_layers", "n_layers", "n_layer")}
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,10 @@ class _Model:
 
 
 class _Checker:
-    def __init__(self, root: Path, streaming: bool) -> None:
+    def __init__(self, root: Path, streaming: bool, deep: bool = False) -> None:
         self.root = root
         self.streaming = streaming
+        self.deep = deep
         self.problems: list[Problem] = []
         self.models: dict[str, _Model] = {}
         # the group being checked: role ("preprocessing", ..., "tensorrt_llm_bls") -> model name
@@ -141,6 +150,37 @@ class _Checker:
             if model.config.max_batch_size <= 0:
                 self.add(model.config_file, "max_batch_size",
                          f"is {model.config.max_batch_size}; the inflight_batcher_llm contract needs > 0")
+            self.check_backend(model)
+            for index, count in _instance_counts(model.config_file.read_text()):
+                if count <= 0:
+                    self.add(model.config_file, f"instance_group[{index}].count",
+                             f"is {count}: the model would have no instance to run requests")
+            model_py = version_dir / "model.py"
+            if model.config.backend == "python" and model_py.is_file():
+                try:
+                    compile(model_py.read_bytes(), str(model_py), "exec")
+                except (SyntaxError, ValueError) as error:
+                    line = getattr(error, "lineno", None)
+                    self.add(model_py, "(syntax)", f"does not compile{f' (line {line})' if line else ''}: "
+                             f"{getattr(error, 'msg', error)}")
+
+    def check_backend(self, model: _Model) -> None:
+        """A backend (or platform) Triton knows."""
+        backend, platform = model.config.backend, model.config.platform
+        if not backend and not platform:
+            self.add(model.config_file, "backend", "neither backend nor platform is set (auto-complete is off in "
+                     "what gen-repo serve starts)")
+        elif backend and backend not in KNOWN_BACKENDS:
+            self.add(model.config_file, "backend", f"unknown backend '{backend}' (known: {', '.join(KNOWN_BACKENDS)})")
+        elif not backend and platform not in KNOWN_PLATFORMS:
+            self.add(model.config_file, "platform", f"unknown platform '{platform}'")
+
+    def check_strays(self) -> None:
+        """Every directory of the repository is a model: one without config.pbtxt fails the server's start."""
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_dir() and not entry.name.startswith(".") and not (entry / "config.pbtxt").is_file():
+                self.add(entry, "(dir)", "directory without config.pbtxt: tritonserver fails to load it (remove it "
+                         "or move it out of the repository)")
 
     def check_streaming(self) -> None:
         """Decoupled generation models where streaming is wanted; BLS and tensorrt_llm agree."""
@@ -259,9 +299,14 @@ class _Checker:
         engine_backend = config.get("engine_backend", "tensorrtllm")
         suffix = "safetensors" if engine_backend == "pytorch" else "engine"
         for rank in range(world_size):
-            if not (engine / f"rank{rank}.{suffix}").is_file():
+            rank_file = engine / f"rank{rank}.{suffix}"
+            if not rank_file.is_file():
                 self.add(file, "parameters[gpt_model_path]",
                          f"engine file rank{rank}.{suffix} is missing from '{engine_dir}' (world size {world_size})")
+            elif self.deep and suffix == "safetensors":
+                self.check_rank_file(rank_file, config, rank)
+        if self.deep:
+            self.check_model_identity(core, config)
         expected_backend = "tensorrtllm" if engine_backend == "tensorrtllm" else "python"
         if core.config.backend != expected_backend:
             self.add(file, "backend", f"is '{core.config.backend}' but the engine is a '{engine_backend}' engine "
@@ -289,6 +334,73 @@ class _Checker:
                 if count != world_size:
                     self.add(file, "parameters[gpu_device_ids]", f"instance {instance} lists {count} GPUs "
                              f"('{group}') but the engine has world size {world_size}")
+
+    def check_rank_file(self, rank_file: Path, config: dict[str, Any], rank: int) -> None:
+        """A pytorch engine rank file is whole (safetensors header and data) and its tensors fit the config."""
+        try:
+            shapes = _safetensors_shapes(rank_file)
+        except ValueError as error:
+            self.add(rank_file, "(file)", f"truncated or corrupt: {error}")
+            return
+        pretrained = config.get("pretrained_config", {})
+        mapping = pretrained.get("mapping", {})
+        tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+        vocab, hidden = pretrained.get("vocab_size"), pretrained.get("hidden_size")
+        layers = {int(m.group(1)) for name in shapes for m in [re.match(r"transformer\.layers\.(\d+)\.", name)] if m}
+        expected_layers = pretrained.get("num_hidden_layers")
+        if pp == 1 and expected_layers is not None and layers and len(layers) != int(expected_layers):
+            self.add(rank_file, "(tensors)", f"holds {len(layers)} layers but config.json says num_hidden_layers "
+                     f"{expected_layers}: the rank file is of another model")
+        embedding = shapes.get("transformer.vocab_embedding.weight")
+        if embedding and len(embedding) == 2 and not pretrained.get("use_parallel_embedding"):
+            if vocab is not None and embedding[0] != int(vocab):
+                self.add(rank_file, "transformer.vocab_embedding.weight", f"has {embedding[0]} rows but config.json "
+                         f"says vocab_size {vocab}")
+            if hidden is not None and embedding[1] != int(hidden):
+                self.add(rank_file, "transformer.vocab_embedding.weight", f"has {embedding[1]} columns but "
+                         f"config.json says hidden_size {hidden}")
+        head = shapes.get("lm_head.weight")
+        if head and vocab is not None and not int(vocab) <= head[0] * tp < int(vocab) + tp:
+            self.add(rank_file, "lm_head.weight", f"has {head[0]} rows (x tp {tp}) but config.json says vocab_size "
+                     f"{vocab}")
+
+    def check_model_identity(self, core: _Model, config: dict[str, Any]) -> None:
+        """The tokenizer (and the HF config next to it) belong to the engine's model."""
+        preprocessing = self.model("preprocessing")
+        tokenizer_dir = core.parameter("tokenizer_dir") or (preprocessing.parameter("tokenizer_dir")
+                                                            if preprocessing is not None else None)
+        pretrained = config.get("pretrained_config", {})
+        if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+            return
+        directory = Path(tokenizer_dir)
+        parsed: dict[str, Any] = {}
+        for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+            path = directory / name
+            if path.is_file():
+                try:
+                    parsed[name] = json.loads(path.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                    self.add(path, "(json)", f"truncated or corrupt: {error}")
+        vocab = pretrained.get("vocab_size")
+        tokens = _tokenizer_size(parsed.get("tokenizer.json"))
+        if tokens is not None and vocab is not None and tokens > int(vocab):
+            self.add(directory / "tokenizer.json", "(vocab)", f"the tokenizer has {tokens} token ids but the engine's "
+                     f"vocab_size is {vocab}: tokenizer and engine are of different models")
+        hf = parsed.get("config.json")
+        if isinstance(hf, dict):
+            engine_family = _family(str(pretrained.get("architecture") or ""))
+            hf_families = {_family(str(name)) for name in hf.get("architectures") or []}
+            if engine_family and hf_families and engine_family not in hf_families:
+                self.add(core.config_file, "parameters[gpt_model_path]", f"the engine is a "
+                         f"{pretrained.get('architecture')} but the model's config.json in {tokenizer_dir} says "
+                         f"{', '.join(map(str, hf.get('architectures') or []))}: the engine is of another model")
+            for engine_key, hf_keys in _HF_KEYS.items():
+                hf_value = next((hf[key] for key in hf_keys if isinstance(hf.get(key), int)), None)
+                engine_value = pretrained.get(engine_key)
+                if hf_value is not None and engine_value is not None and int(engine_value) != hf_value:
+                    self.add(core.config_file, "parameters[gpt_model_path]", f"the engine's {engine_key} is "
+                             f"{engine_value} but the model's config.json in {tokenizer_dir} says {hf_value}: "
+                             "the engine is of another model")
 
     def check_kv_cache(self, core: _Model, build: dict[str, Any]) -> None:
         """KV-cache parameters of the C++ backend against the engine's build."""
@@ -334,6 +446,72 @@ class _Checker:
                          f"repository group is '{self.names[role]}'")
 
 
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header; `ValueError` when the file is cut short or malformed."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > size - 8:
+            raise ValueError(f"the header needs {header_size} bytes, the file has {size - 8} after its length")
+        try:
+            header = json.loads(file.read(header_size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"the header is not JSON ({error})") from None
+    end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + header_size + end != size:
+        raise ValueError(f"the header describes {8 + header_size + end} bytes, the file has {size}")
+    return {name: list(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _family(architecture: str) -> str:
+    """'MPTForCausalLM' and 'MptForCausalLM' -> 'mpt', 'Qwen2ForCausalLM' -> 'qwen' (TensorRT-LLM and HF spell
+    some names differently)."""
+    return re.sub(r"[^a-z]", "", architecture.lower().removesuffix("forcausallm"))
+
+
+def _tokenizer_size(tokenizer: Any) -> int | None:
+    """Token ids a tokenizer.json can produce (the highest id + 1), None when it cannot tell."""
+    if not isinstance(tokenizer, dict):
+        return None
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    ids: list[int] = []
+    if isinstance(vocab, dict):
+        ids = [value for value in vocab.values() if isinstance(value, int)]
+    elif isinstance(vocab, list):
+        ids = [len(vocab) - 1] if vocab else []
+    ids += [token["id"] for token in tokenizer.get("added_tokens") or [] if isinstance(token.get("id"), int)]
+    return max(ids) + 1 if ids else None
+
+
+def _instance_counts(text: str) -> list[tuple[int, int]]:
+    """(group index, count) for each `count:` written in the instance_group list (proto3 cannot tell an explicit
+    0 from an absent count, which means 1)."""
+    text = re.sub(r"#[^\n]*", "", text)
+    match = re.search(r"\binstance_group\s*:?\s*\[", text)
+    if not match:
+        return []
+    counts, depth, group, index = [], 1, -1, match.end()
+    while index < len(text) and depth:
+        char = text[index]
+        if char in "[{":
+            depth += 1
+            if depth == 2 and char == "{":
+                group += 1
+        elif char in "]}":
+            depth -= 1
+        elif depth == 2:
+            found = re.match(r"count\s*:\s*(-?\d+)", text[index:])
+            if found and (index == 0 or not (text[index - 1].isalnum() or text[index - 1] == "_")):
+                counts.append((group, int(found.group(1))))
+                index += found.end()
+                continue
+        index += 1
+    return counts
+
+
 def _dtype(value: int) -> str:
     from tritonclient.grpc import model_config_pb2
 
@@ -352,19 +530,23 @@ def _field_of_line(line: str, line_number: int) -> str:
     return first.group(1) if first else f"line {line_number}"
 
 
-def validate_repository(path: str | Path, streaming: bool = True) -> list[Problem]:
+def validate_repository(path: str | Path, streaming: bool = True, deep: bool = False) -> list[Problem]:
     """All problems found in the repository at `path` (empty when it is fine).
 
     `streaming`: the generation models must be decoupled (the default; render passes its `decoupled` setting).
+    `deep`: also read the files the models load: every pytorch engine rank file is whole and fits config.json,
+    tokenizer.json / tokenizer_config.json parse, and the tokenizer and the HF config.json next to it are of the
+    engine's model (`gen-repo validate` does this; render, which may run before the weights exist, does not).
     """
     root = Path(path).resolve()
     if not root.is_dir():
         return [Problem(str(path), "(dir)", "repository directory does not exist")]
-    checker = _Checker(root, streaming)
+    checker = _Checker(root, streaming, deep)
     checker.load_models()
     if not checker.models and not checker.problems:
         return [Problem(str(path), "(dir)", "no */config.pbtxt found: not a Triton model repository")]
     checker.check_each_model()
+    checker.check_strays()
     for names in checker.groups():
         checker.names = names
         checker.check_present()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite (lint, types, pytest); sets up .venv first if it is missing or incomplete.
-#   bash scripts/test.sh                 everything (a few minutes on 2 cores)
+#   bash scripts/test.sh                 everything (about 6 minutes on 2 cores, up to ~10 when busy)
+#   bash scripts/test.sh -m faults       the fault-injection tests only (kills, stuck requests, held ports)
 #   bash scripts/test.sh -m "not server" skip the tests that start tritonserver
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,6 +22,17 @@ from generator.cli import main
 from generator.serve import detect_cpu_only
 
 CPU_ONLY_FLAGS = ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
+# gen-repo's own stop timeout (tritonserver's default of 30 s makes Ctrl-C hang behind a stuck request)
+EXIT_TIMEOUT_FLAG = "--exit-timeout-secs=5"
+
+
+def dry_run_lines(args: list[str]) -> tuple[str, str, str]:
+    """`gen-repo serve ... --dry-run`: (the launch form comment, the environment line, the command line)."""
+    result = CliRunner().invoke(main, ["serve", *args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    form_line, env_line, command_line = result.output.strip().splitlines()
+    assert form_line.startswith("# launch_triton_server.py ")
+    return form_line, env_line, command_line
 
 
 def make_repository(root: Path, world_size: int) -> Path:
@@ -41,11 +52,9 @@ def make_repository(root: Path, world_size: int) -> Path:
 
 
 def dry_run_argv(repository: Path, triton_bin: Path) -> list[str]:
-    """The argv `gen-repo serve --dry-run` prints (its second line; the first one is the environment)."""
-    result = CliRunner().invoke(main, ["serve", "--model-repository", str(repository), "--triton-bin",
-                                       str(triton_bin), "--dry-run"])
-    assert result.exit_code == 0, result.output
-    env_line, command_line = result.output.strip().splitlines()
+    """The argv `gen-repo serve --dry-run` prints (its last line; before it the form and the environment)."""
+    _, env_line, command_line = dry_run_lines(["--model-repository", str(repository), "--triton-bin",
+                                               str(triton_bin)])
     assert env_line.startswith("PATH=") and " LD_LIBRARY_PATH=" in env_line
     return shlex.split(command_line)
 
@@ -91,7 +100,7 @@ def test_serve_dry_run_launch_line(tmp_path: Path, triton_bin: Path, world_size:
     def rank_args(rank: int | None) -> list[str]:
         args = [str(triton_bin), f"--model-repository={repository.resolve()}", "--http-address=127.0.0.1",
                 "--grpc-address=127.0.0.1", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002",
-                "--disable-auto-complete-config", *cpu_flags]
+                "--disable-auto-complete-config", EXIT_TIMEOUT_FLAG, *cpu_flags]
         if rank is not None:
             args.append(f"--backend-config=python,shm-region-prefix-name=prefix{rank}_")
             if rank > 0:
@@ -122,7 +131,7 @@ def test_leader_mode_matches_launch_triton_server(tmp_path: Path, triton_bin: Pa
     global_options, blocks = rank_blocks(argv)
     assert global_options[1] == "--allow-run-as-root" and Path(global_options[0]).name == "mpirun"
     assert len(blocks) == world_size
-    allowed_extras = {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", *CPU_ONLY_FLAGS}
+    allowed_extras = {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", EXIT_TIMEOUT_FLAG, *CPU_ONLY_FLAGS}
     for rank, block in enumerate(blocks):
         assert block[0] == str(triton_bin)
         flags = set(block[1:])
@@ -133,18 +142,62 @@ def test_leader_mode_matches_launch_triton_server(tmp_path: Path, triton_bin: Pa
     assert ["--load-model=tensorrt_llm" in block for block in blocks] == [False] + [True] * (world_size - 1)
 
 
-def test_multi_model_is_one_server_in_orchestrator_mode(tmp_path: Path) -> None:
-    """launch_triton_server.py --multi-model: one tritonserver, TRTLLM_ORCHESTRATOR=1, the backend spawns ranks."""
+def anchor_multi_model_flags(gpus: int) -> list[str]:
+    """What launch_triton_server.py --multi-model adds on Triton > 24.06 (add_multi_model_config)."""
+    return ["--pinned-memory-pool-byte-size=0", "--enable-peer-access=false",
+            *(f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in range(gpus))]
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_multi_model_is_one_server_in_orchestrator_mode(tmp_path: Path, triton_bin: Path, gpus: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch_triton_server.py --multi-model: one tritonserver with TRTLLM_ORCHESTRATOR=1 and
+    TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=1 (the backend spawns the ranks), no pinned pool, no peer access and a
+    zero CUDA pool on every GPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(str(gpu) for gpu in range(gpus)))
+    monkeypatch.delenv("NVIDIA_TRITON_SERVER_VERSION", raising=False)
     repository = make_repository(tmp_path, world_size=4)
-    triton_bin = tmp_path / "tritonserver"
-    triton_bin.write_text("")
-    result = CliRunner().invoke(main, ["serve", "--model-repository", str(repository), "--triton-bin",
-                                       str(triton_bin), "--multi-model", "--dry-run"])
-    assert result.exit_code == 0, result.output
-    env_line, command_line = result.output.strip().splitlines()
-    assert env_line.endswith("TRTLLM_ORCHESTRATOR=1 \\")
+    form, env_line, command_line = dry_run_lines(["--model-repository", str(repository), "--triton-bin",
+                                                  str(triton_bin), "--multi-model"])
+    assert "--multi-model --no-mpi form" in form
+    assert env_line.endswith(" TRTLLM_ORCHESTRATOR=1 TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=1 \\")
     argv = shlex.split(command_line)
     assert argv[0] == str(triton_bin) and "mpirun" not in command_line and ":" not in argv
+    for flag in anchor_multi_model_flags(gpus):
+        assert argv.count(flag) == 1, (flag, argv)
+
+
+def test_multi_model_flags_follow_the_triton_version(tmp_path: Path, triton_bin: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like the anchor, Triton 24.06 and older get no orchestrator memory flags (newer ones do)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    repository = make_repository(tmp_path, world_size=2)
+    args = ["--model-repository", str(repository), "--triton-bin", str(triton_bin), "--multi-model"]
+    monkeypatch.setenv("NVIDIA_TRITON_SERVER_VERSION", "24.06")
+    assert "--enable-peer-access=false" not in dry_run_lines(args)[2]
+    monkeypatch.setenv("NVIDIA_TRITON_SERVER_VERSION", "26.07")
+    argv = shlex.split(dry_run_lines(args)[2])
+    assert all(argv.count(flag) == 1 for flag in anchor_multi_model_flags(2)), argv
+
+
+def test_multi_model_without_spawning_is_leader_mode(tmp_path: Path, triton_bin: Path) -> None:
+    """--disable-spawn-processes: mpirun starts the ranks, TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=0, no memory flags."""
+    repository = make_repository(tmp_path, world_size=2)
+    form, env_line, command_line = dry_run_lines(["--model-repository", str(repository), "--triton-bin",
+                                                  str(triton_bin), "--multi-model", "--disable-spawn-processes"])
+    assert "--disable-spawn-processes" in form
+    assert env_line.endswith(" TRTLLM_ORCHESTRATOR=1 TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=0 \\")
+    global_options, blocks = rank_blocks(shlex.split(command_line))
+    assert Path(global_options[0]).name == "mpirun" and len(blocks) == 2
+    assert "--enable-peer-access=false" not in command_line
+
+
+def test_dry_run_names_the_launch_form(tmp_path: Path, triton_bin: Path) -> None:
+    """World size 1 follows launch_triton_server.py's --no-mpi form; larger ones its leader mode."""
+    for world_size, expected in ((1, "--no-mpi form (world size 1)"), (2, "leader mode (world size 2)")):
+        repository = make_repository(tmp_path / str(world_size), world_size)
+        form, _, _ = dry_run_lines(["--model-repository", str(repository), "--triton-bin", str(triton_bin)])
+        assert expected in form, form
 
 
 def test_multi_model_refuses_the_pytorch_engine(tmp_path: Path) -> None:
@@ -166,6 +219,6 @@ def test_ranks_above_zero_load_every_named_engine_model(tmp_path: Path) -> None:
                                        str(triton_bin), "--tensorrt-llm-model-name", "tensorrt_llm,other_llm",
                                        "--dry-run"])
     assert result.exit_code == 0, result.output
-    blocks = " ".join(shlex.split(result.output.strip().splitlines()[1])).split(" : ")
+    blocks = " ".join(shlex.split(result.output.strip().splitlines()[-1])).split(" : ")
     assert "--load-model=tensorrt_llm --load-model=other_llm" in blocks[1]
     assert "--load-model" not in blocks[0]

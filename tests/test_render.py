@@ -283,7 +283,9 @@ def make_engine_dir(path: Path, engine_backend: str = "pytorch", world_size: int
     (path / "config.json").write_text(json.dumps(config))
     suffix = "safetensors" if engine_backend == "pytorch" else "engine"
     for rank in range(world_size):
-        (path / f"rank{rank}.{suffix}").write_bytes(b"")
+        # a whole safetensors file without tensors (validate reads the header of pytorch rank files)
+        (path / f"rank{rank}.{suffix}").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}" if suffix == "safetensors"
+                                                    else b"")
     return path
 
 

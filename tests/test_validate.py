@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from generator.cli import main
+from generator.pipeline import PipelineResult
 from generator.validate import Problem, validate_repository
 from tests.test_render import make_engine_dir, make_tokenizer_dir, render
 
@@ -143,3 +145,91 @@ def test_engine_world_size_needs_every_rank_file(tmp_path: Path) -> None:
     (engine / "rank1.engine").unlink()
     messages = [p.message for p in validate_repository(repo)]
     assert any("rank1.engine is missing" in m for m in messages), messages
+
+
+# Defects in the files the models load (issue 10 item 7): validate(deep=True), as `gen-repo validate` runs it, on a
+# copy of the real tiny-mpt job.
+@pytest.fixture(scope="module")
+def other_model_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The engine of another model (tiny DBRX)."""
+    from tests.conftest import run_tiny_job
+
+    return run_tiny_job("tiny-dbrx", tmp_path_factory.mktemp("dbrx-job")).engine_dir
+
+
+def copy_job(job: PipelineResult, root: Path) -> Path:
+    """Copy the job's engine, tokenizer and repository under `root`, the configs pointing at the copies."""
+    for source, name in ((job.engine_dir, "engine"), (job.tokenizer_dir, "tokenizer"), (job.triton_repo, "repo")):
+        shutil.copytree(source, root / name)
+    for config in (root / "repo").glob("*/config.pbtxt"):
+        text = config.read_text().replace(str(job.engine_dir), str(root / "engine"))
+        config.write_text(text.replace(str(job.tokenizer_dir), str(root / "tokenizer")))
+    return root / "repo"
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+
+
+def _bigger_tokenizer(path: Path) -> None:
+    tokenizer = json.loads(path.read_text())
+    tokenizer["added_tokens"].append({"id": 1500, "content": "<|extra|>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    path.write_text(json.dumps(tokenizer))
+
+
+def _engine_vocab(path: Path, vocab_size: int) -> None:
+    config = json.loads(path.read_text())
+    config["pretrained_config"]["vocab_size"] = vocab_size
+    path.write_text(json.dumps(config))
+
+
+# (defect id, how to seed it given the copied repo, file, field substring, message substring)
+FILE_DEFECTS: list[tuple[str, Callable[[Path], None], str, str, str]] = [
+    ("truncated engine rank file", lambda r: _truncate(r.parent / "engine" / "rank0.safetensors"),
+     "rank0.safetensors", "(file)", "truncated"),
+    ("truncated tokenizer.json", lambda r: _truncate(r.parent / "tokenizer" / "tokenizer.json"),
+     "tokenizer.json", "(json)", "truncated"),
+    ("model.py syntax error", lambda r: (r / "preprocessing" / "1" / "model.py").write_text(
+        (r / "preprocessing" / "1" / "model.py").read_text() + "\ndef broken(:\n"),
+     "preprocessing/1/model.py", "(syntax)", "does not compile"),
+    ("unknown backend", lambda r: edit(r, "postprocessing", 'backend: "python"', 'backend: "pyhton"'),
+     "postprocessing/config.pbtxt", "backend", "unknown backend 'pyhton'"),
+    ("instance count 0", lambda r: edit(r, "preprocessing", "instance_group [ { count: 1,", "instance_group [ { count: 0,"),
+     "preprocessing/config.pbtxt", "instance_group[0].count", "is 0"),
+    ("stray directory", lambda r: (r / "notes").mkdir(), "notes", "(dir)", "without config.pbtxt"),
+    ("tokenizer vocab larger than the engine's", lambda r: _bigger_tokenizer(r.parent / "tokenizer" / "tokenizer.json"),
+     "tokenizer.json", "(vocab)", "1501 token ids but the engine's vocab_size is 1000"),
+    ("engine config vocab differs from its weights", lambda r: _engine_vocab(r.parent / "engine" / "config.json", 2000),
+     "rank0.safetensors", "vocab_embedding", "1000 rows but config.json says vocab_size 2000"),
+]
+
+
+@pytest.mark.parametrize("defect", FILE_DEFECTS, ids=[d[0] for d in FILE_DEFECTS])
+def test_defect_in_loaded_files_is_caught(tiny_mpt_job: PipelineResult, tmp_path: Path,
+                                          defect: tuple[str, Callable[[Path], None], str, str, str]) -> None:
+    _, seed, file, field, message = defect
+    repo = copy_job(tiny_mpt_job, tmp_path)
+    assert validate_repository(repo, deep=True) == []
+    seed(repo)
+    problems = validate_repository(repo, deep=True)
+    assert any(p.file.endswith(file) and field in p.field and message in p.message for p in problems), (
+        "\n".join(map(str, problems)))
+
+
+def test_engine_of_another_model_is_caught(tiny_mpt_job: PipelineResult, other_model_engine: Path,
+                                           tmp_path: Path) -> None:
+    repo = copy_job(tiny_mpt_job, tmp_path)
+    edit(repo, "tensorrt_llm", str(tmp_path / "engine"), str(other_model_engine))
+    problems = validate_repository(repo, deep=True)
+    assert any(p.field == "parameters[gpt_model_path]" and "the engine is of another model" in p.message
+               for p in problems), "\n".join(map(str, problems))
+
+
+def test_cli_validate_reads_the_engine_files(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
+    repo = copy_job(tiny_mpt_job, tmp_path)
+    assert CliRunner().invoke(main, ["validate", str(repo)]).exit_code == 0
+    _truncate(tmp_path / "engine" / "rank0.safetensors")
+    result = CliRunner().invoke(main, ["validate", str(repo)])
+    assert result.exit_code == 1 and "rank0.safetensors: (file): truncated or corrupt" in result.output
