@@ -1,28 +1,26 @@
-"""CUDA graphs for the generation phase: one captured forward per (batch bucket, key-length bucket, slot mode).
+"""CUDA graphs for decode steps: one captured forward per batch size of a fixed ladder up to max_batch_size.
 
 A decode step launches ~15 kernels per layer; on a GPU the Python and launch overhead of that (tens of
 microseconds each) costs more than the kernels themselves. Replaying a captured graph costs one launch.
 
-Shapes are made static by padding: the batch to the next power of two (padding rows write their K/V into a
-scratch slot past `max_batch_size` and see one key), the key length to the next power of two (at least 128,
-at most max_seq_len; the extra keys are masked). Slots are read either as a slice `0..B-1` (the executor's
-usual, lowest-slots-first layout) or gathered by index. Only single-rank dense (non-MoE) models are
-captured: routing needs host syncs, and collectives stay eager (see `graphs_enabled`).
+Shapes are made static by padding: the batch to the next captured size (1, 2, 4, 8, then every 8 up to
+max_batch_size; padding rows write their K/V into the padding block 0 and read one key from it), the block
+tables to the longest a sequence can have. All graphs share their input buffers (views of the largest) and one
+logits buffer, and one memory pool, captured largest first so the smaller ones reuse its memory. The paged
+decode kernel reads each row's length from memory, so one graph serves every sequence length. Only
+single-rank dense (non-MoE) models are captured: routing needs host syncs and collectives stay eager (see
+`graphs_enabled`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
+import numpy as np
 import torch
 
-from generator.engine.kv_cache import KVCache
-from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan, make_batch
-
-_MIN_KEY_LENGTH = 128
-# fields of the one int64 staging tensor copied to the GPU per step
-_FIELDS = ("token_ids", "positions", "total_lengths", "write_slots", "write_positions", "slot_index")
+from generator.engine.kv_cache import KVPool
+from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan
 
 
 def graphs_enabled(model: DecoderModel) -> bool:
@@ -34,102 +32,94 @@ def graphs_enabled(model: DecoderModel) -> bool:
             and os.environ.get("GEN_REPO_CUDA_GRAPHS", "1") != "0")
 
 
-def _next_power_of_two(value: int) -> int:
-    return 1 << max(0, value - 1).bit_length()
-
-
-class _Captured:
-    """One graph with its static inputs and output."""
-
-    def __init__(self, model: DecoderModel, cache: KVCache, batch: int, key_length: int, contiguous: bool,
-                 scratch_slot: int, pool: Any) -> None:
-        device = model.device
-        self.batch = batch
-        self.contiguous = contiguous
-        self.staging = torch.zeros((len(_FIELDS), batch), dtype=torch.long, device=device)
-        fields = dict(zip(_FIELDS, self.staging, strict=True))
-        rows = torch.arange(batch, device=device)
-        self.inputs = ForwardBatch(
-            token_ids=fields["token_ids"].view(batch, 1), positions=fields["positions"].view(batch, 1),
-            past_lengths=fields["positions"], total_lengths=fields["total_lengths"],
-            last_index=torch.zeros(batch, dtype=torch.long, device=device),
-            slot_index=slice(0, batch) if contiguous else fields["slot_index"],
-            write_slots=fields["write_slots"], write_positions=fields["write_positions"],
-            write_rows=rows, write_cols=torch.zeros(batch, dtype=torch.long, device=device),
-            max_total=key_length, nothing_cached=False)
-        # harmless inputs for warm-up and capture: every row writes into the scratch slot, sees one key
-        self.staging.zero_()
-        fields["total_lengths"].fill_(1)
-        fields["write_slots"].fill_(scratch_slot)
-        fields["slot_index"].fill_(scratch_slot)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (lazy inits, autotuning)
-                model.forward(self.inputs, cache)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            logits = model.forward(self.inputs, cache)
-        self.logits = logits  # None on ranks other than 0
-
-    def run(self, staging_host: torch.Tensor, rows: int) -> torch.Tensor | None:
-        self.staging.copy_(staging_host, non_blocking=True)
-        self.graph.replay()
-        return self.logits[:rows] if self.logits is not None else None
-
-
-def new_runner(model: DecoderModel) -> tuple[KVCache, DecodeGraphs | None]:
-    """The rank's KV cache, plus graphs when they apply (then the cache gets one scratch slot)."""
-    if not graphs_enabled(model):
-        return model.new_cache(), None
-    cache = model.new_cache(extra_slots=1)
-    return cache, DecodeGraphs(model, cache, scratch_slot=model.config.max_batch_size)
-
-
-def run_forward(model: DecoderModel, cache: KVCache, graphs: DecodeGraphs | None,
-                plan: ForwardPlan) -> torch.Tensor | None:
-    """One forward of `plan` on this rank: a graph replay for generation steps when possible, else eager."""
-    if graphs is not None and graphs.handles(plan):
-        return graphs.forward(plan)
-    return model.forward(make_batch(plan, model.device), cache)
+def capture_sizes(max_batch_size: int) -> list[int]:
+    """The captured batch sizes: 1, 2, 4, 8, 16, 24, ... and max_batch_size itself."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch_size]
+    sizes += list(range(8, max_batch_size, 8))
+    return sizes + [max_batch_size]
 
 
 class DecodeGraphs:
-    """Captures lazily and replays the generation-phase forward of `model` over `cache`."""
+    """Captures (at `capture_all`, or lazily) and replays the decode forward of `model` over `cache`."""
 
-    def __init__(self, model: DecoderModel, cache: KVCache, scratch_slot: int) -> None:
+    def __init__(self, model: DecoderModel, cache: KVPool, max_blocks_per_sequence: int) -> None:
         self.model = model
         self.cache = cache
-        self.scratch_slot = scratch_slot
+        self.block_size = cache.block_size
         self.max_batch = model.config.max_batch_size
-        self.max_seq_len = model.config.max_seq_len
+        self.sizes = capture_sizes(self.max_batch)
+        device = model.device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, bool], _Captured] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # static inputs: token ids, positions, slots (int64), lengths (int32), block tables (int32)
+        self.longs = torch.zeros((3, self.max_batch), dtype=torch.long, device=device)
+        self.lengths = torch.ones(self.max_batch, dtype=torch.int32, device=device)
+        self.tables = torch.zeros((self.max_batch, max_blocks_per_sequence), dtype=torch.int32, device=device)
+        self.rows = torch.arange(self.max_batch, device=device)
+        self.logits = (torch.zeros((self.max_batch, model.config.vocab_size), dtype=torch.float32, device=device)
+                       if model.mapping.rank == 0 else None)
+        # pinned host staging, rewritten every step (the step's token fetch syncs before the next rewrite)
+        self.host_longs = torch.zeros((3, self.max_batch), dtype=torch.long).pin_memory()
+        self.host_lengths = torch.ones(self.max_batch, dtype=torch.int32).pin_memory()
+        self.host_tables = torch.zeros((self.max_batch, max_blocks_per_sequence), dtype=torch.int32).pin_memory()
+
+    def _inputs(self, size: int) -> ForwardBatch:
+        return ForwardBatch(
+            token_ids=self.longs[0, :size], positions=self.longs[1, :size], slot_mapping=self.longs[2, :size],
+            last_index=self.rows[:size], num_rows=size, num_decode=size,
+            decode_tables=self.tables[:size], decode_lengths=self.lengths[:size])
+
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        model, device = self.model, self.model.device
+        inputs = self._inputs(size)
+        # harmless inputs: every row writes slot 0 (the padding block) and reads that one key
+        self.longs.zero_()
+        self.lengths.fill_(1)
+        self.tables.zero_()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            model.forward(inputs, self.cache)  # warm-up outside the graph (lazy inits, kernel compilation)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = model.forward(inputs, self.cache)
+            if self.logits is not None and logits is not None:
+                self.logits[:size].copy_(logits)
+        self.graphs[size] = graph
+        return graph
+
+    def capture_all(self) -> None:
+        """Capture every size now (largest first: the smaller graphs reuse its memory)."""
+        for size in sorted(self.sizes, reverse=True):
+            if size not in self.graphs:
+                self._capture(size)
+        torch.cuda.synchronize(self.model.device)
 
     def handles(self, plan: ForwardPlan) -> bool:
-        """A generation step: one new token per row, something cached for each."""
-        return all(len(t) == 1 for t in plan.tokens) and min(plan.past_lengths) > 0
+        """A decode step: one new token per row."""
+        return plan.num_decode == len(plan.tokens) <= self.max_batch
 
     def forward(self, plan: ForwardPlan) -> torch.Tensor | None:
-        rows = len(plan.slots)
-        batch = min(_next_power_of_two(rows), self.max_batch)
-        totals = [p + 1 for p in plan.past_lengths]
-        key_length = min(max(_MIN_KEY_LENGTH, _next_power_of_two(max(totals))), self.max_seq_len)
-        contiguous = plan.slots == list(range(rows))
-        key = (batch, key_length, contiguous)
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = _Captured(self.model, self.cache, batch, key_length, contiguous, self.scratch_slot, self.pool)
-            self.graphs[key] = captured
-        padding = batch - rows
-        scratch = self.scratch_slot
-        staging = torch.tensor([
-            [t[0] for t in plan.tokens] + [0] * padding,
-            list(plan.past_lengths) + [0] * padding,
-            totals + [1] * padding,
-            list(plan.slots) + [scratch] * padding,
-            list(plan.past_lengths) + [0] * padding,
-            list(plan.slots) + [scratch] * padding,
-        ], dtype=torch.long).pin_memory()
-        return captured.run(staging, rows)
+        rows = len(plan.tokens)
+        size = next(s for s in self.sizes if s >= rows)
+        graph = self.graphs.get(size) or self._capture(size)
+        width = max(len(t) for t in plan.block_tables)
+        tables = np.zeros((size, width), dtype=np.int32)
+        for row, table in enumerate(plan.block_tables):
+            tables[row, :len(table)] = table
+        past = np.asarray(plan.past_lengths, dtype=np.int64)
+        ids = np.zeros((3, size), dtype=np.int64)
+        ids[0, :rows] = [t[0] for t in plan.tokens]
+        ids[1, :rows] = past
+        ids[2, :rows] = tables[np.arange(rows), past // self.block_size] * self.block_size + past % self.block_size
+        lengths = np.ones(size, dtype=np.int32)
+        lengths[:rows] = past + 1
+        self.host_longs[:, :size].numpy()[:] = ids
+        self.host_lengths[:size].numpy()[:] = lengths
+        self.host_tables[:size, :width].numpy()[:] = tables
+        self.longs[:, :size].copy_(self.host_longs[:, :size], non_blocking=True)
+        self.lengths[:size].copy_(self.host_lengths[:size], non_blocking=True)
+        self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        graph.replay()
+        return self.logits[:rows] if self.logits is not None else None

@@ -143,6 +143,14 @@ class Communicator:
         dist.broadcast_object_list(box, src=0, group=self._control_group)
         return box[0]
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest `value` any rank passes (every rank must call it), e.g. the KV pool's block count."""
+        if self.world_size == 1:
+            return value
+        box = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN, group=self._control_group)
+        return int(box.item())
+
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

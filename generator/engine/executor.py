@@ -1,9 +1,14 @@
-"""The executor: a request queue and a step-loop thread doing in-flight batching over the model runner.
+"""The executor: a request queue and a step-loop thread doing in-flight batching with a paged KV cache.
 
-Every step the loop (1) admits queued requests into free KV-cache slots, (2) runs ONE batched generation
-forward (one new token per running request), (3) runs the context phase of the requests admitted in (1),
-sampling their first token, and (4) hands out results and frees the slots of finished requests. Requests
-therefore join and leave between steps, as in TensorRT-LLM's in-flight batcher.
+Three parts with small interfaces between them (as nano-vllm and vLLM's v1 engine split theirs):
+- the `Scheduler` (scheduler.py) picks each step's work under the `max_num_tokens` budget: every running
+  sequence's next token, chunks of new prompts, preemption when the pool runs out of blocks;
+- the `BlockManager` (block_manager.py) hands out the pool's blocks and shares full prefix blocks;
+- the `ModelRunner` (model_runner.py) turns the step into one forward (decode rows and prefill chunks
+  together) over the rank's KV pool, as a CUDA-graph replay when the step is all decodes.
+The loop here samples the rows whose chunk reached their sequence's end, hands out results and retires
+finished requests. Requests therefore join and leave between steps, as in TensorRT-LLM's in-flight batcher,
+and a new prompt never stalls the running streams for more than one chunk.
 
 Multi-rank: rank 0 owns the executor and broadcasts each forward's `ForwardPlan`; the other ranks run
 `follow(engine_dir)`, which replays the plans until rank 0 shuts down.
@@ -22,17 +27,21 @@ from pathlib import Path
 
 import torch
 
+from generator.engine.block_manager import BlockManager
 from generator.engine.config import EngineConfig, load_engine_config
-from generator.engine.cuda_graphs import new_runner, run_forward
 from generator.engine.distributed import Communicator, pick_device, process_info
+from generator.engine.kv_cache import KVCacheSettings
 from generator.engine.model import DecoderModel, ForwardPlan
+from generator.engine.model_runner import ModelRunner
 from generator.engine.sampling import SamplingConfig, SequenceState, new_generator, sample
+from generator.engine.scheduler import Scheduled, Scheduler, Sequence
 from generator.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 _SHUTDOWN = "shutdown"
 _FORWARD = "forward"
+_SETTINGS = "settings"
 
 
 @dataclass(frozen=True)
@@ -66,13 +75,8 @@ class _Running:
     request: GenerationRequest
     callback: Callback
     state: SequenceState
-    slot: int = -1
+    sequence: Sequence
     log_probs: list[float] = field(default_factory=list)
-    pending_token: int | None = None  # sampled, not yet fed through the model
-
-    @property
-    def cached_length(self) -> int:
-        return len(self.state.prompt) + len(self.state.output) - 1
 
 
 def _set_cpu_threads(world_size: int, device: torch.device) -> None:
@@ -101,40 +105,62 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
     config, comm, model = _load_rank(Path(engine_dir), device)
     if comm.mapping.rank == 0:
         raise ConfigError("follow() is for ranks > 0; rank 0 creates the Executor")
-    cache, graphs = new_runner(model)
     if model.device.type == "cuda":
         torch.cuda.set_device(model.device)
+    _, settings = comm.broadcast_plan(None)  # rank 0's KV cache settings: every pool must match
+    runner = ModelRunner(model, settings)
+    runner.warmup()
     with torch.inference_mode():
         while True:
             kind, plan = comm.broadcast_plan(None)
             if kind == _SHUTDOWN:
                 break
-            run_forward(model, cache, graphs, plan)
+            runner.execute(plan)
     comm.close()
 
 
 class Executor:
     """Rank 0's engine: `enqueue` requests from any thread, results come back through callbacks."""
 
-    def __init__(self, engine_dir: Path | str, device: str | None = None) -> None:
+    def __init__(self, engine_dir: Path | str, device: str | None = None, *,
+                 kv_cache_free_gpu_mem_fraction: float | None = None,
+                 max_tokens_in_paged_kv_cache: int | None = None,
+                 enable_kv_cache_reuse: bool = False, max_num_tokens: int | None = None) -> None:
+        """Load the engine, size the KV pool (`kv_cache_free_gpu_mem_fraction` of the GPU memory free after
+        the weights, default 0.9, or `max_tokens_in_paged_kv_cache` tokens), capture the decode graphs, and
+        start the step loop. `max_num_tokens` overrides the engine's per-step token budget."""
         self.engine_dir = Path(engine_dir)
         config, comm, model = _load_rank(self.engine_dir, device)
         if comm.mapping.rank != 0:
             raise ConfigError(f"rank {comm.mapping.rank} must call generator.engine.follow(), not Executor()")
+        fraction = 0.9 if kv_cache_free_gpu_mem_fraction is None else float(kv_cache_free_gpu_mem_fraction)
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {fraction}")
+        if max_tokens_in_paged_kv_cache is not None and max_tokens_in_paged_kv_cache < config.tokens_per_block:
+            raise ConfigError(f"max_tokens_in_paged_kv_cache {max_tokens_in_paged_kv_cache} cannot hold one KV "
+                              f"block of {config.tokens_per_block} tokens")
+        settings = KVCacheSettings(fraction, max_tokens_in_paged_kv_cache, bool(enable_kv_cache_reuse),
+                                   config.tokens_per_block)
         self.config = config
         self._comm = comm
         self._model = model
-        self._cache, self._graphs = new_runner(model)
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)
+        comm.broadcast_plan((_SETTINGS, settings))
+        self._runner = ModelRunner(model, settings)
+        self._runner.warmup()
+        self._blocks = BlockManager(self._runner.cache.num_blocks, settings.block_size, settings.enable_reuse)
         self.max_batch_size = config.max_batch_size
         self.max_input_len = config.max_input_len
         self.max_seq_len = config.max_seq_len
-        self.max_num_tokens = config.max_num_tokens
+        self.max_num_tokens = int(max_num_tokens or config.max_num_tokens)
         self.vocab_size = config.vocab_size
+        self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens)
         self._lock = threading.Condition()
-        self._queue: deque[_Running] = deque()
-        self._running: dict[int, _Running] = {}
+        self._queue: deque[_Running] = deque()        # enqueued, not yet seen by the step loop
+        self._active: dict[int, _Running] = {}        # the step loop's: in the scheduler (waiting or running)
+        self._by_sequence: dict[Sequence, _Running] = {}
         self._cancelled: set[int] = set()
-        self._free_slots = list(range(config.max_batch_size))
         self._ids = itertools.count(1)
         self._stopping = False
         self._closed = False
@@ -142,6 +168,14 @@ class Executor:
         self._thread.start()
         # an executor left running at exit would leave the other ranks waiting for a plan forever
         atexit.register(self.shutdown)
+
+    @property
+    def kv_cache_info(self) -> dict[str, int | bool]:
+        """The KV pool: blocks (besides the padding block), tokens per block, tokens, bytes, reuse."""
+        cache = self._runner.cache
+        return {"blocks": cache.num_blocks - 1, "tokens_per_block": cache.block_size, "tokens": cache.num_tokens,
+                "bytes": cache.nbytes, "reuse": self._blocks.enable_reuse,
+                "preemptions": self._scheduler.num_preemptions}
 
     # public API -----------------------------------------------------------------------------------------
     def enqueue(self, request: GenerationRequest, callback: Callback) -> int:
@@ -153,7 +187,8 @@ class Executor:
             request_id = next(self._ids)
             state = SequenceState(request.sampling, list(request.input_ids), [],
                                   new_generator(request.sampling, self._model.device))
-            self._queue.append(_Running(request_id, request, callback, state))
+            sequence = Sequence(state.prompt, state.output)
+            self._queue.append(_Running(request_id, request, callback, state, sequence))
             self._lock.notify_all()
         return request_id
 
@@ -210,6 +245,9 @@ class Executor:
         if len(ids) + sampling.max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) is more "
                              f"than the engine's max_seq_len {self.max_seq_len}")
+        if len(ids) + sampling.max_new_tokens > self._runner.cache.num_tokens:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) is more "
+                             f"than the KV cache holds ({self._runner.cache.num_tokens} tokens)")
         if sampling.beam_width != 1:
             raise ValueError(f"beam_width {sampling.beam_width} is not supported by the pytorch engine (only 1)")
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
@@ -240,56 +278,46 @@ class Executor:
     def _step(self) -> bool:
         """One step of the loop; False once shutdown was asked."""
         with self._lock:
-            while not self._stopping and not self._queue and not self._running:
+            while not self._stopping and not self._queue and not self._active:
                 self._lock.wait()
             if self._stopping:
                 return False
             cancelled = set(self._cancelled)
             self._cancelled.clear()
-            admitted = self._admit(cancelled)
-            to_cancel = [r for r in list(self._queue) + list(self._running.values()) if r.request_id in cancelled]
-        for running in to_cancel:
-            self._finish(running, "cancelled")
-        generating = [r for r in self._running.values() if r.pending_token is not None]
-        if generating:
-            self._run_forward(generating, [[r.pending_token or 0] for r in generating],
-                              [r.cached_length for r in generating])
-        if admitted:
-            self._run_forward(admitted, [r.state.prompt for r in admitted], [0] * len(admitted))
+        self._take_queue()
+        for request_id in cancelled:
+            running = self._active.get(request_id)
+            if running is not None:
+                self._finish(running, "cancelled")
+        work = self._scheduler.schedule()
+        if work:
+            self._run_forward(work)
+        elif self._active:
+            raise RuntimeError("the scheduler found nothing to run for waiting requests")  # a bug: never spin
         return True
 
-    def _admit(self, cancelled: set[int]) -> list[_Running]:
-        """Move queued requests into free slots (lowest first), within max_num_tokens of context tokens."""
-        admitted: list[_Running] = []
-        tokens = 0
-        while self._queue and self._free_slots:
-            candidate = self._queue[0]
-            if candidate.request_id in cancelled:
-                break  # the caller finishes it this step; the rest are admitted next step
-            if admitted and tokens + len(candidate.state.prompt) > self.max_num_tokens:
-                break
-            self._queue.popleft()
-            self._free_slots.sort()
-            candidate.slot = self._free_slots.pop(0)
-            tokens += len(candidate.state.prompt)
-            self._running[candidate.request_id] = candidate
-            admitted.append(candidate)
-        return admitted
-
-    def _run_forward(self, requests: list[_Running], tokens: list[list[int]], past: list[int]) -> None:
-        plan = ForwardPlan([r.slot for r in requests], tokens, past)
+    def _run_forward(self, work: list[Scheduled]) -> None:
+        plan = ForwardPlan([item.sequence.tokens(item.start, item.start + item.count) for item in work],
+                           [item.start for item in work], [list(item.sequence.block_table) for item in work])
+        requests = [self._by_sequence[item.sequence] for item in work]
+        sampled = [row for row, item in enumerate(work) if item.samples]
         try:
             self._comm.broadcast_plan((_FORWARD, plan))
-            logits = run_forward(self._model, self._cache, self._graphs, plan)
+            logits = self._runner.execute(plan)
             assert logits is not None
-            new_tokens, log_probs = sample(logits, [r.state for r in requests])
+            self._scheduler.computed(work)
+            if not sampled:
+                return
+            if len(sampled) < len(work):
+                logits = logits[torch.tensor(sampled, device=logits.device)]
+            new_tokens, log_probs = sample(logits, [requests[row].state for row in sampled])
         except Exception as error:  # noqa: BLE001 - report it on the requests, keep serving
             log.exception("forward failed")
             for running in requests:
                 self._finish(running, "error", error=f"{type(error).__name__}: {error}")
             return
-        for running, token, log_prob in zip(requests, new_tokens, log_probs, strict=True):
-            self._accept(running, token, log_prob)
+        for row, token, log_prob in zip(sampled, new_tokens, log_probs, strict=True):
+            self._accept(requests[row], token, log_prob)
 
     def _accept(self, running: _Running, token: int, log_prob: float | None) -> None:
         """Append a sampled token, then deliver a result and decide whether the request is done."""
@@ -300,7 +328,6 @@ class Executor:
         running.state.output.append(token)
         if log_prob is not None:
             running.log_probs.append(log_prob)
-        running.pending_token = token
         output = running.state.output
         reason = None
         if any(words and output[-len(words):] == list(words) for words in config.stop_words):
@@ -314,14 +341,11 @@ class Executor:
 
     def _finish(self, running: _Running, reason: str, last_token: int | None = None,
                 error: str | None = None) -> None:
-        with self._lock:
-            known = self._running.pop(running.request_id, None) is not None
-            if known:
-                self._free_slots.append(running.slot)
-            elif running in self._queue:
-                self._queue.remove(running)
-            else:
-                return  # already finished
+        """Retire a request of the step loop (gives its KV blocks back) and deliver its final result."""
+        if self._active.pop(running.request_id, None) is None:
+            return  # already finished
+        del self._by_sequence[running.sequence]
+        self._scheduler.remove(running.sequence)
         if running.request.streaming:
             tokens = [last_token] if last_token is not None else []
         else:
@@ -342,12 +366,23 @@ class Executor:
         except Exception:  # noqa: BLE001 - a broken callback must not stop the other requests
             log.exception("callback of request %d raised", running.request_id)
 
+    def _take_queue(self) -> None:
+        with self._lock:
+            arrived = list(self._queue)
+            self._queue.clear()
+        for running in arrived:
+            self._active[running.request_id] = running
+            self._by_sequence[running.sequence] = running
+            self._scheduler.add(running.sequence)
+
     def _fail_all(self, message: str) -> None:
-        for running in list(self._running.values()) + list(self._queue):
+        self._take_queue()
+        for running in list(self._active.values()):
             self._finish(running, "error", error=message)
 
     def _finish_shutdown(self) -> None:
-        for running in list(self._running.values()) + list(self._queue):
+        self._take_queue()
+        for running in list(self._active.values()):
             self._finish(running, "cancelled")
         try:
             self._comm.broadcast_plan((_SHUTDOWN, None))

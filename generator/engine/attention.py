@@ -1,0 +1,146 @@
+"""Attention over the paged KV pool.
+
+Decode rows (one new token each) read their keys and values straight from the pool blocks through their block
+tables: on CUDA with a Triton-language kernel (one program per sequence and query head, an online softmax over
+tiles of keys gathered through the block table, GQA/MQA by head grouping, ALiBi from the slopes, int8 K/V
+dequantized on load); elsewhere with `decode_attention_reference`, which gathers the padded table's slots and
+runs SDPA (the CPU path and the kernel's correctness reference). Both have fixed shapes for a fixed table width,
+so they can be captured in CUDA graphs. RoPE is applied before K is written, so the pool holds rotated keys.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:  # part of torch's CUDA wheels; absent on CPU-only installs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+# cuDNN's SDPA builds a new plan for every key length (one more each decode step): tens of ms per call
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_TILE = 64  # keys per kernel iteration (several blocks when blocks are small)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """The Triton kernel runs on CUDA (or anywhere under TRITON_INTERPRET=1); GEN_REPO_PAGED_KERNEL=0 turns it off."""
+    if triton is None or os.environ.get("GEN_REPO_PAGED_KERNEL", "1") == "0":
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def decode_attention_reference(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
+                               tables: torch.Tensor, lengths: torch.Tensor, scale: float,
+                               slopes: torch.Tensor | None, kv_scale: float | None) -> torch.Tensor:
+    """`q` `[D, heads, hd]` against each row's first `lengths[i]` pool tokens -> `[D, heads, hd]` (q's dtype).
+
+    `key_blocks`/`value_blocks`: `[num_blocks, block_size, kv_heads, hd]`; `tables`: `[D, W]` block ids.
+    """
+    rows, heads, hd = q.shape
+    block_size = key_blocks.shape[1]
+    width = tables.shape[1] * block_size
+    slots = (tables.long()[:, :, None] * block_size + torch.arange(block_size, device=q.device)).reshape(rows, width)
+    keys = key_blocks.flatten(0, 1)[slots]       # [D, K, kv, hd]
+    values = value_blocks.flatten(0, 1)[slots]
+    if kv_scale is not None:
+        keys, values = keys.to(q.dtype) * kv_scale, values.to(q.dtype) * kv_scale
+    positions = torch.arange(width, device=q.device)
+    allowed = positions[None, :] < lengths.long()[:, None]                       # [D, K]
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill(~allowed, float("-inf"))
+    bias = bias[:, None, None, :]                                                 # [D, 1, 1, K]
+    if slopes is not None:
+        relative = (positions[None, :] - (lengths.long()[:, None] - 1)).float()
+        bias = bias + slopes[None, :, None, None] * relative[:, None, None, :]
+    gqa = {"enable_gqa": True} if keys.shape[2] != heads else {}
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=bias.to(q.dtype), scale=scale, **gqa)
+    return out[:, :, 0, :]
+
+
+if triton is not None:
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_ptr, out_ptr,
+                             scale, kv_scale,
+                             stride_q_row, stride_q_head, stride_block, stride_slot, stride_kv_head,
+                             stride_table_row, stride_out_row, stride_out_head,
+                             GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, TILE: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                             INT8: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        kv_head = head // GROUP
+        length = tl.load(lengths_ptr + row)
+        dims = tl.arange(0, BLOCK_D)
+        dims_ok = dims < HEAD_DIM
+        q = tl.load(q_ptr + row * stride_q_row + head * stride_q_head + dims, mask=dims_ok, other=0.0)
+        q = q.to(tl.float32) * scale
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(slopes_ptr + head).to(tl.float32)
+        best = tl.zeros([1], dtype=tl.float32) - float("inf")
+        total = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        offsets = tl.arange(0, TILE)
+        for start in range(0, length, TILE):
+            positions = start + offsets
+            valid = positions < length
+            block = tl.load(tables_ptr + row * stride_table_row + positions // BLOCK_SIZE, mask=valid, other=0)
+            base = block.to(tl.int64) * stride_block + (positions % BLOCK_SIZE) * stride_slot + kv_head * stride_kv_head
+            both_ok = valid[:, None] & dims_ok[None, :]
+            keys = tl.load(k_ptr + base[:, None] + dims[None, :], mask=both_ok, other=0.0).to(tl.float32)
+            if INT8:
+                keys = keys * kv_scale
+            scores = tl.sum(keys * q[None, :], 1)
+            if HAS_ALIBI:
+                scores += slope * (positions - (length - 1)).to(tl.float32)
+            scores = tl.where(valid, scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 0))
+            weights = tl.exp(scores - new_best)
+            correction = tl.exp(best - new_best)
+            values = tl.load(v_ptr + base[:, None] + dims[None, :], mask=both_ok, other=0.0).to(tl.float32)
+            if INT8:
+                values = values * kv_scale
+            total = total * correction + tl.sum(weights, 0)
+            acc = acc * correction + tl.sum(weights[:, None] * values, 0)
+            best = new_best
+        out = acc / total
+        tl.store(out_ptr + row * stride_out_row + head * stride_out_head + dims,
+                 out.to(out_ptr.dtype.element_ty), mask=dims_ok)
+
+
+def paged_decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
+                           tables: torch.Tensor, lengths: torch.Tensor, scale: float,
+                           slopes: torch.Tensor | None, kv_scale: float | None) -> torch.Tensor:
+    """The Triton kernel; same contract as `decode_attention_reference` (`tables`, `lengths`: int32)."""
+    assert triton is not None
+    rows, heads, hd = q.shape
+    kv_heads = key_blocks.shape[2]
+    out = torch.empty_like(q)
+    if rows == 0:
+        return out
+    _paged_decode_kernel[(rows, heads)](
+        q, key_blocks, value_blocks, tables, lengths, slopes if slopes is not None else q, out,
+        scale, kv_scale if kv_scale is not None else 1.0,
+        q.stride(0), q.stride(1), key_blocks.stride(0), key_blocks.stride(1), key_blocks.stride(2),
+        tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=heads // kv_heads, BLOCK_SIZE=key_blocks.shape[1], HEAD_DIM=hd,
+        BLOCK_D=triton.next_power_of_2(hd), TILE=_TILE, HAS_ALIBI=slopes is not None,
+        INT8=kv_scale is not None)
+    return out
+
+
+def decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, tables: torch.Tensor,
+                     lengths: torch.Tensor, slopes: torch.Tensor | None, kv_scale: float | None) -> torch.Tensor:
+    """Paged decode attention with the kernel when it runs here, else the gather reference."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if kernel_available(q.device):
+        return paged_decode_attention(q.contiguous(), key_blocks, value_blocks, tables, lengths, scale, slopes,
+                                      kv_scale)
+    return decode_attention_reference(q, key_blocks, value_blocks, tables, lengths, scale, slopes, kv_scale)
