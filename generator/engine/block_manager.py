@@ -34,6 +34,7 @@ class BlockManager:
         self._tokens_of: dict[int, tuple[int, ...]] = {}  # block -> its tokens (to rule out hash collisions)
         # free blocks, least recently freed first; a value is unused (an ordered set)
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
+        self.num_reused = 0  # blocks taken from the prefix cache so far (a statistic)
 
     # accounting --------------------------------------------------------------------------------------------
     @property
@@ -83,6 +84,7 @@ class BlockManager:
             if self._refs[block] == 0:
                 del self._free[block]
             self._refs[block] += 1
+        self.num_reused += len(cached)
         return list(cached)
 
     def register_full_blocks(self, table: list[int], tokens: Callable[[int, int], list[int]], num_computed: int,

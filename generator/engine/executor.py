@@ -175,7 +175,7 @@ class Executor:
         cache = self._runner.cache
         return {"blocks": cache.num_blocks - 1, "tokens_per_block": cache.block_size, "tokens": cache.num_tokens,
                 "bytes": cache.nbytes, "reuse": self._blocks.enable_reuse,
-                "preemptions": self._scheduler.num_preemptions}
+                "preemptions": self._scheduler.num_preemptions, "reused_blocks": self._blocks.num_reused}
 
     # public API -----------------------------------------------------------------------------------------
     def enqueue(self, request: GenerationRequest, callback: Callback) -> int:
