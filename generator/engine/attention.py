@@ -65,7 +65,8 @@ def decode_attention_reference(q: torch.Tensor, key_blocks: torch.Tensor, value_
 
 
 if triton is not None:
-    @triton.jit
+    # the table's row stride follows the batch's widest table: specializing on it would recompile per width
+    @triton.jit(do_not_specialize=["stride_table_row"])
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_ptr, out_ptr,
                              scale, kv_scale,
                              stride_q_row, stride_q_head, stride_block, stride_slot, stride_kv_head,

@@ -99,11 +99,11 @@ class Scheduler:
         """The next step's work: decodes first, then prefill chunks (the order the model runner wants)."""
         budget = self.max_num_tokens
         chosen: dict[Sequence, Scheduled] = {}
-        preempted = False
+        preempted: set[Sequence] = set()
         # decodes first so a long prefill chunk never takes their budget
         order = sorted(self.running, key=lambda s: len(s) - s.num_computed > 1)
         for sequence in order:
-            if sequence not in self.running:
+            if sequence in preempted:
                 continue  # preempted for an earlier one this step
             count = min(len(sequence) - sequence.num_computed, budget)
             if count <= 0:
@@ -114,7 +114,7 @@ class Scheduler:
                 if undone is not None:
                     budget += undone.count
                 self._preempt(victim)
-                preempted = True
+                preempted.add(victim)
                 if victim is sequence:
                     break
             else:
