@@ -266,3 +266,11 @@ def test_engine_through_the_kernel_matches_transformers(mpt: tuple[Path, Path, l
                                cwd=Path(__file__).parent.parent)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout.splitlines()[-1]) == mpt[2]
+
+
+def test_plan_round_trips_through_its_array() -> None:
+    from generator.engine.model import ForwardPlan
+
+    plan = ForwardPlan([[5], [1, 2, 3], [9, 8]], [7, 0, 4], [[3, 4], [1], [2, 6, 8]])
+    back = ForwardPlan.from_array(plan.to_array())
+    assert back == plan and back.num_decode == 1

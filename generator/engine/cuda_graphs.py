@@ -7,8 +7,8 @@ Shapes are made static by padding: the batch to the next captured size (1, 2, 4,
 max_batch_size; padding rows write their K/V into the padding block 0 and read one key from it), the block
 tables to the longest a sequence can have. All graphs share their input buffers (views of the largest) and one
 logits buffer, and one memory pool, captured largest first so the smaller ones reuse its memory. The paged
-decode kernel reads each row's length from memory, so one graph serves every sequence length. Only
-single-rank dense (non-MoE) models are captured: routing needs host syncs and collectives stay eager (see
+decode kernel reads each row's length from memory, so one graph serves every sequence length. Dense
+(non-MoE) models are captured: routing needs host syncs; tensor parallelism only on request (see
 `graphs_enabled`).
 """
 
@@ -24,12 +24,16 @@ from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan
 
 
 def graphs_enabled(model: DecoderModel) -> bool:
-    """Graphs run on CUDA, single rank, dense MLP; GEN_REPO_CUDA_GRAPHS=0 turns them off.
-
-    Multi-rank engines stay eager: capturing the TP all-reduces hung in a first try on 2 H200s (not debugged).
-    """
-    return (model.device.type == "cuda" and model.mapping.world_size == 1 and model.config.moe is None
-            and os.environ.get("GEN_REPO_CUDA_GRAPHS", "1") != "0")
+    """Graphs run on CUDA with a dense MLP (MoE routing syncs with the host); GEN_REPO_CUDA_GRAPHS=0 turns
+    them off. Tensor-parallel engines (pp 1) capture their NCCL all-reduces inside the graphs only with
+    GEN_REPO_CUDA_GRAPHS_TP=1: an earlier try hung on 2 H200s and this path has not been measured since (every
+    rank now captures the same sizes in the same order at warm-up, the condition NCCL needs)."""
+    if (model.device.type != "cuda" or model.config.moe is not None
+            or os.environ.get("GEN_REPO_CUDA_GRAPHS", "1") == "0"):
+        return False
+    if model.mapping.world_size == 1:
+        return True
+    return model.mapping.pipeline_parallel_size == 1 and os.environ.get("GEN_REPO_CUDA_GRAPHS_TP") == "1"
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:

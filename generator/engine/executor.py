@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from generator.engine.block_manager import BlockManager
@@ -39,9 +40,9 @@ from generator.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_SHUTDOWN = "shutdown"
-_FORWARD = "forward"
-_SETTINGS = "settings"
+# kinds of the step messages rank 0 sends the other ranks (distributed.QUIET is the third)
+_FORWARD = 0
+_SHUTDOWN = 1
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,17 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
         raise ConfigError("follow() is for ranks > 0; rank 0 creates the Executor")
     if model.device.type == "cuda":
         torch.cuda.set_device(model.device)
-    _, settings = comm.broadcast_plan(None)  # rank 0's KV cache settings: every pool must match
+    settings = comm.broadcast_plan(None)  # rank 0's KV cache settings: every pool must match
     runner = ModelRunner(model, settings)
     runner.warmup()
     with torch.inference_mode():
         while True:
-            kind, plan = comm.broadcast_plan(None)
+            message = comm.broadcast_step(None)
+            kind = int(message[0])
             if kind == _SHUTDOWN:
                 break
-            runner.execute(plan)
+            if kind == _FORWARD:
+                runner.execute(ForwardPlan.from_array(message[1:]))
     comm.close()
 
 
@@ -146,7 +149,7 @@ class Executor:
         self._model = model
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)
-        comm.broadcast_plan((_SETTINGS, settings))
+        comm.broadcast_plan(settings)
         self._runner = ModelRunner(model, settings)
         self._runner.warmup()
         self._blocks = BlockManager(self._runner.cache.num_blocks, settings.block_size, settings.enable_reuse)
@@ -278,6 +281,10 @@ class Executor:
     def _step(self) -> bool:
         """One step of the loop; False once shutdown was asked."""
         with self._lock:
+            idle = not self._stopping and not self._queue and not self._active
+        if idle:
+            self._comm.go_quiet()  # the other ranks wait on gloo, not spinning in an NCCL broadcast
+        with self._lock:
             while not self._stopping and not self._queue and not self._active:
                 self._lock.wait()
             if self._stopping:
@@ -302,7 +309,8 @@ class Executor:
         requests = [self._by_sequence[item.sequence] for item in work]
         sampled = [row for row, item in enumerate(work) if item.samples]
         try:
-            self._comm.broadcast_plan((_FORWARD, plan))
+            if self._comm.world_size > 1:
+                self._comm.broadcast_step(np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()]))
             logits = self._runner.execute(plan)
             assert logits is not None
             self._scheduler.computed(work)
@@ -385,7 +393,7 @@ class Executor:
         for running in list(self._active.values()):
             self._finish(running, "cancelled")
         try:
-            self._comm.broadcast_plan((_SHUTDOWN, None))
+            self._comm.broadcast_step(np.array([_SHUTDOWN], dtype=np.int64))
         finally:
             self._comm.close()
 

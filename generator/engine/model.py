@@ -43,6 +43,33 @@ class ForwardPlan:
     past_lengths: list[int]
     block_tables: list[list[int]]
 
+    def to_array(self) -> np.ndarray:
+        """The plan as one int64 array (sent to the other ranks as a tensor): rows, then per row its token
+        count, past length and table length, then every row's tokens, then every row's table."""
+        counts = [len(t) for t in self.tokens]
+        table_lengths = [len(t) for t in self.block_tables]
+        parts = [np.array([len(counts)], dtype=np.int64), np.array(counts, dtype=np.int64),
+                 np.array(self.past_lengths, dtype=np.int64), np.array(table_lengths, dtype=np.int64),
+                 np.fromiter((t for row in self.tokens for t in row), dtype=np.int64, count=sum(counts)),
+                 np.fromiter((b for row in self.block_tables for b in row), dtype=np.int64,
+                             count=sum(table_lengths))]
+        return np.concatenate(parts)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> ForwardPlan:
+        rows = int(array[0])
+        counts, past, table_lengths = (array[1 + i * rows:1 + (i + 1) * rows].tolist() for i in range(3))
+        flat = array[1 + 3 * rows:].tolist()
+        tokens, tables = [], []
+        at = 0
+        for count in counts:
+            tokens.append(flat[at:at + count])
+            at += count
+        for length in table_lengths:
+            tables.append(flat[at:at + length])
+            at += length
+        return cls(tokens, past, tables)
+
     @property
     def num_decode(self) -> int:
         """The leading rows with exactly one new token."""
