@@ -164,6 +164,7 @@ class Executor:
         self._active: dict[int, _Running] = {}        # the step loop's: in the scheduler (waiting or running)
         self._by_sequence: dict[Sequence, _Running] = {}
         self._cancelled: set[int] = set()
+        self._outbox: list[tuple[Callback, GenerationResult]] = []  # results to hand out (see _flush)
         self._ids = itertools.count(1)
         self._stopping = False
         self._closed = False
@@ -283,6 +284,7 @@ class Executor:
         with self._lock:
             idle = not self._stopping and not self._queue and not self._active
         if idle:
+            self._flush()
             self._comm.go_quiet()  # the other ranks wait on gloo, not spinning in an NCCL broadcast
         with self._lock:
             while not self._stopping and not self._queue and not self._active:
@@ -299,7 +301,9 @@ class Executor:
         work = self._scheduler.schedule()
         if work:
             self._run_forward(work)
-        elif self._active:
+        else:
+            self._flush()
+        if not work and self._active:
             raise RuntimeError("the scheduler found nothing to run for waiting requests")  # a bug: never spin
         return True
 
@@ -312,6 +316,7 @@ class Executor:
             if self._comm.world_size > 1:
                 self._comm.broadcast_step(np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()]))
             logits = self._runner.execute(plan)
+            self._flush()  # the previous step's results, while this step runs on the GPU
             assert logits is not None
             self._scheduler.computed(work)
             if not sampled:
@@ -323,6 +328,7 @@ class Executor:
             log.exception("forward failed")
             for running in requests:
                 self._finish(running, "error", error=f"{type(error).__name__}: {error}")
+            self._flush()
             return
         for row, token, log_prob in zip(sampled, new_tokens, log_probs, strict=True):
             self._accept(requests[row], token, log_prob)
@@ -369,10 +375,17 @@ class Executor:
             log_probs = running.log_probs[len(running.log_probs) - len(tokens):]
             cum = float(sum(running.log_probs))
         result = GenerationResult(running.request_id, tokens, finished, reason, log_probs, cum, error)
-        try:
-            running.callback(result)
-        except Exception:  # noqa: BLE001 - a broken callback must not stop the other requests
-            log.exception("callback of request %d raised", running.request_id)
+        self._outbox.append((running.callback, result))
+
+    def _flush(self) -> None:
+        """Hand out the queued results. Called right after the next forward is launched, so the callbacks
+        (a Triton response per token when serving) run while the GPU computes, not between steps."""
+        outbox, self._outbox = self._outbox, []
+        for callback, result in outbox:
+            try:
+                callback(result)
+            except Exception:  # noqa: BLE001 - a broken callback must not stop the other requests
+                log.exception("callback of request %d raised", result.request_id)
 
     def _take_queue(self) -> None:
         with self._lock:
@@ -387,11 +400,13 @@ class Executor:
         self._take_queue()
         for running in list(self._active.values()):
             self._finish(running, "error", error=message)
+        self._flush()
 
     def _finish_shutdown(self) -> None:
         self._take_queue()
         for running in list(self._active.values()):
             self._finish(running, "cancelled")
+        self._flush()
         try:
             self._comm.broadcast_step(np.array([_SHUTDOWN], dtype=np.int64))
         finally:
