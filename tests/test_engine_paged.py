@@ -234,6 +234,14 @@ for heads, kv_heads, alibi, int8 in [(4, 4, True, False), (8, 2, False, False), 
     want = decode_attention_reference(q, k, v, tables, lengths, scale, slopes, kv_scale)
     got = paged_decode_attention(q, k, v, tables, lengths, scale, slopes, kv_scale)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (heads, kv_heads, (got - want).abs().max())
+from generator.engine.attention import store_kv
+qkv = torch.randn(5, (4 + 2 * 2) * 16)
+k, v = qkv[:, 64:96].view(5, 2, 16), qkv[:, 96:].view(5, 2, 16)  # strided views, as the model passes them
+pool_k, pool_v = torch.zeros(12, 2, 16), torch.zeros(12, 2, 16)
+slots = torch.tensor([3, 0, 11, 7, 5])
+store_kv(k, v, slots, pool_k, pool_v)
+assert torch.equal(pool_k[slots], k) and torch.equal(pool_v[slots], v)
+assert pool_k.abs().sum() == k.abs().sum()
 print("ok")
 """
 
@@ -274,3 +282,30 @@ def test_plan_round_trips_through_its_array() -> None:
     plan = ForwardPlan([[5], [1, 2, 3], [9, 8]], [7, 0, 4], [[3, 4], [1], [2, 6, 8]])
     back = ForwardPlan.from_array(plan.to_array())
     assert back == plan and back.num_decode == 1
+
+
+def test_decode_graph_inputs_match_the_eager_batch() -> None:
+    """The host staging of a decode-graph replay (run here without a GPU) against make_batch's tensors."""
+    import torch
+
+    from generator.engine.cuda_graphs import DecodeGraphs, capture_sizes
+    from generator.engine.model import ForwardPlan, make_batch
+
+    assert capture_sizes(4) == [1, 2, 4] and capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    graphs = DecodeGraphs.__new__(DecodeGraphs)  # only the host side: no CUDA here
+    graphs.block_size = 4
+    graphs.host_tokens, graphs.host_positions, graphs.host_slots = (torch.full((8,), 99) for _ in range(3))
+    graphs.host_lengths = torch.full((8,), 99, dtype=torch.int32)
+    graphs.host_tables = torch.full((8, 5), 7, dtype=torch.int32)  # stale ids from an earlier step
+    plan = ForwardPlan([[5], [6], [7]], [0, 9, 4], [[3], [1, 2, 6], [4, 8]])
+    graphs._stage(plan, 4)
+    eager = make_batch(plan, torch.device("cpu"), 4)
+    assert graphs.host_tokens[:3].tolist() == eager.token_ids.tolist()
+    assert graphs.host_positions[:3].tolist() == eager.positions.tolist()
+    assert graphs.host_slots[:3].tolist() == eager.slot_mapping.tolist()
+    assert eager.decode_lengths is not None and eager.decode_tables is not None
+    assert graphs.host_lengths[:3].tolist() == eager.decode_lengths.tolist()
+    assert graphs.host_tables[:3, :3].tolist() == [[3, 7, 7], [1, 2, 6], [4, 8, 7]]
+    # the padding row writes and reads slot 0 of the padding block
+    assert (graphs.host_tokens[3], graphs.host_slots[3], graphs.host_lengths[3], graphs.host_tables[3, 0]) == (
+        0, 0, 1, 0)

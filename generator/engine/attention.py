@@ -116,6 +116,37 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=dims_ok)
 
 
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, slots_ptr, k_pool_ptr, v_pool_ptr,
+                         stride_k_row, stride_k_head, stride_v_row, stride_v_head, stride_slot, stride_pool_head,
+                         KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        heads = tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, BLOCK_D)
+        mask = (heads < KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+        target = slot * stride_slot + heads[:, None] * stride_pool_head + dims[None, :]
+        keys = tl.load(k_ptr + row * stride_k_row + heads[:, None] * stride_k_head + dims[None, :], mask=mask)
+        tl.store(k_pool_ptr + target, keys, mask=mask)
+        values = tl.load(v_ptr + row * stride_v_row + heads[:, None] * stride_v_head + dims[None, :], mask=mask)
+        tl.store(v_pool_ptr + target, values, mask=mask)
+
+
+def store_kv(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, key_pool: torch.Tensor,
+             value_pool: torch.Tensor) -> None:
+    """`key_pool[slots[i]] = keys[i]` and the same for values, in one kernel (float pools; `keys`: `[N, kv, hd]`
+    with unit stride along hd, e.g. a view of the fused qkv output; pools: `[slots, kv, hd]` contiguous)."""
+    assert triton is not None
+    rows, kv_heads, hd = keys.shape
+    if rows == 0:
+        return
+    _store_kv_kernel[(rows,)](
+        keys, values, slots, key_pool, value_pool, keys.stride(0), keys.stride(1), values.stride(0),
+        values.stride(1), key_pool.stride(0), key_pool.stride(1), KV_HEADS=kv_heads, HEAD_DIM=hd,
+        BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(hd))
+
+
 def paged_decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
                            tables: torch.Tensor, lengths: torch.Tensor, scale: float,
                            slopes: torch.Tensor | None, kv_scale: float | None) -> torch.Tensor:
@@ -142,6 +173,6 @@ def decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: to
     """Paged decode attention with the kernel when it runs here, else the gather reference."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if kernel_available(q.device):
-        return paged_decode_attention(q.contiguous(), key_blocks, value_blocks, tables, lengths, scale, slopes,
+        return paged_decode_attention(q if q.stride(-1) == 1 else q.contiguous(), key_blocks, value_blocks, tables, lengths, scale, slopes,
                                       kv_scale)
     return decode_attention_reference(q, key_blocks, value_blocks, tables, lengths, scale, slopes, kv_scale)

@@ -55,21 +55,28 @@ class DecodeGraphs:
         device = model.device
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # static inputs: token ids, positions, slots (int64), lengths (int32), block tables (int32)
-        self.longs = torch.zeros((3, self.max_batch), dtype=torch.long, device=device)
+        # static inputs: token ids, positions, slots (int64), lengths (int32), block tables (int32); a batch
+        # of `size` rows uses the first `size` of each (contiguous slices: one plain copy per step each)
+        blocks = max_blocks_per_sequence
+        self.tokens = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self.slots = torch.zeros(self.max_batch, dtype=torch.long, device=device)
         self.lengths = torch.ones(self.max_batch, dtype=torch.int32, device=device)
-        self.tables = torch.zeros((self.max_batch, max_blocks_per_sequence), dtype=torch.int32, device=device)
+        self.tables = torch.zeros((self.max_batch, blocks), dtype=torch.int32, device=device)
         self.rows = torch.arange(self.max_batch, device=device)
         self.logits = (torch.zeros((self.max_batch, model.config.vocab_size), dtype=torch.float32, device=device)
                        if model.mapping.rank == 0 else None)
-        # pinned host staging, rewritten every step (the step's token fetch syncs before the next rewrite)
-        self.host_longs = torch.zeros((3, self.max_batch), dtype=torch.long).pin_memory()
+        # pinned host twins, rewritten every step (the step's token fetch syncs before the next rewrite). Table
+        # columns past a step's widest table keep older ids: valid blocks, never read (past each row's length)
+        self.host_tokens = torch.zeros(self.max_batch, dtype=torch.long).pin_memory()
+        self.host_positions = torch.zeros(self.max_batch, dtype=torch.long).pin_memory()
+        self.host_slots = torch.zeros(self.max_batch, dtype=torch.long).pin_memory()
         self.host_lengths = torch.ones(self.max_batch, dtype=torch.int32).pin_memory()
-        self.host_tables = torch.zeros((self.max_batch, max_blocks_per_sequence), dtype=torch.int32).pin_memory()
+        self.host_tables = torch.zeros((self.max_batch, blocks), dtype=torch.int32).pin_memory()
 
     def _inputs(self, size: int) -> ForwardBatch:
         return ForwardBatch(
-            token_ids=self.longs[0, :size], positions=self.longs[1, :size], slot_mapping=self.longs[2, :size],
+            token_ids=self.tokens[:size], positions=self.positions[:size], slot_mapping=self.slots[:size],
             last_index=self.rows[:size], num_rows=size, num_decode=size,
             decode_tables=self.tables[:size], decode_lengths=self.lengths[:size])
 
@@ -77,9 +84,9 @@ class DecodeGraphs:
         model, device = self.model, self.model.device
         inputs = self._inputs(size)
         # harmless inputs: every row writes slot 0 (the padding block) and reads that one key
-        self.longs.zero_()
+        for buffer in (self.tokens, self.positions, self.slots, self.tables, self.host_tables):
+            buffer.zero_()
         self.lengths.fill_(1)
-        self.tables.zero_()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -108,22 +115,31 @@ class DecodeGraphs:
         rows = len(plan.tokens)
         size = next(s for s in self.sizes if s >= rows)
         graph = self.graphs.get(size) or self._capture(size)
-        width = max(len(t) for t in plan.block_tables)
-        tables = np.zeros((size, width), dtype=np.int32)
+        self._stage(plan, size)
+        for device_buffer, host_buffer in ((self.tokens, self.host_tokens), (self.positions, self.host_positions),
+                                           (self.slots, self.host_slots), (self.lengths, self.host_lengths),
+                                           (self.tables, self.host_tables)):
+            device_buffer[:size].copy_(host_buffer[:size], non_blocking=True)
+        graph.replay()
+        return self.logits[:rows] if self.logits is not None else None
+
+    def _stage(self, plan: ForwardPlan, size: int) -> None:
+        """Write the step's inputs for a batch of `size` into the host buffers (rows past the plan's: padding)."""
+        rows = len(plan.tokens)
+        if max(len(t) for t in plan.block_tables) > self.host_tables.shape[1]:
+            raise ValueError("a block table is longer than max_seq_len allows")
+        tables = self.host_tables.numpy()
+        tables[rows:size, 0] = 0  # padding rows read the padding block
         for row, table in enumerate(plan.block_tables):
             tables[row, :len(table)] = table
         past = np.asarray(plan.past_lengths, dtype=np.int64)
-        ids = np.zeros((3, size), dtype=np.int64)
-        ids[0, :rows] = [t[0] for t in plan.tokens]
-        ids[1, :rows] = past
-        ids[2, :rows] = tables[np.arange(rows), past // self.block_size] * self.block_size + past % self.block_size
-        lengths = np.ones(size, dtype=np.int32)
+        self.host_tokens.numpy()[:rows] = [t[0] for t in plan.tokens]
+        self.host_tokens.numpy()[rows:size] = 0
+        self.host_positions.numpy()[:rows] = past
+        self.host_positions.numpy()[rows:size] = 0
+        self.host_slots.numpy()[:rows] = (tables[np.arange(rows), past // self.block_size] * self.block_size
+                                          + past % self.block_size)
+        self.host_slots.numpy()[rows:size] = 0
+        lengths = self.host_lengths.numpy()
         lengths[:rows] = past + 1
-        self.host_longs[:, :size].numpy()[:] = ids
-        self.host_lengths[:size].numpy()[:] = lengths
-        self.host_tables[:size, :width].numpy()[:] = tables
-        self.longs[:, :size].copy_(self.host_longs[:, :size], non_blocking=True)
-        self.lengths[:size].copy_(self.host_lengths[:size], non_blocking=True)
-        self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
-        graph.replay()
-        return self.logits[:rows] if self.logits is not None else None
+        lengths[rows:size] = 1

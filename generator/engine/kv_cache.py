@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from generator.engine.attention import kernel_available, store_kv
 from generator.errors import ConfigError
 
 DEFAULT_BLOCK_SIZE = 32
@@ -72,6 +73,7 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         storage = torch.int8 if int8_scales is not None else dtype
+        self.use_kernel = int8_scales is None and kernel_available(device)
         try:
             self.data = torch.zeros((num_layers, 2, num_blocks, block_size, num_kv_heads, head_size),
                                     dtype=storage, device=device)
@@ -113,6 +115,9 @@ class KVPool:
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store token `i`'s K/V (`keys[i]`: `[kv_heads, head_size]`) at flat slot `slots[i]`."""
         flat_keys, flat_values = self.flat(layer)
+        if self.use_kernel and keys.stride(-1) == 1 and values.stride(-1) == 1:
+            store_kv(keys, values, slots, flat_keys, flat_values)  # one launch instead of two scatters
+            return
         flat_keys[slots] = self.store(layer, keys)
         flat_values[slots] = self.store(layer, values)
 
