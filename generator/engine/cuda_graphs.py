@@ -24,12 +24,13 @@ from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan
 
 
 def graphs_enabled(model: DecoderModel) -> bool:
-    """Graphs run on CUDA with a dense MLP (MoE routing syncs with the host); GEN_REPO_CUDA_GRAPHS=0 turns
+    """Graphs run on CUDA with a dense MLP (MoE routing synced with the host); GEN_REPO_CUDA_GRAPHS=0 turns
     them off. Tensor-parallel engines (pp 1) capture their NCCL all-reduces inside the graphs only with
     GEN_REPO_CUDA_GRAPHS_TP=1: an earlier try hung on 2 H200s and this path has not been measured since (every
     rank now captures the same sizes in the same order at warm-up, the condition NCCL needs)."""
-    if (model.device.type != "cuda" or model.config.moe is not None
-            or os.environ.get("GEN_REPO_CUDA_GRAPHS", "1") == "0"):
+    # a model whose MoE runs without host syncs says so with a true `moe_graph_safe` attribute
+    moe_ok = model.config.moe is None or bool(getattr(model, "moe_graph_safe", False))
+    if model.device.type != "cuda" or not moe_ok or os.environ.get("GEN_REPO_CUDA_GRAPHS", "1") == "0":
         return False
     if model.mapping.world_size == 1:
         return True
