@@ -242,6 +242,41 @@ slots = torch.tensor([3, 0, 11, 7, 5])
 store_kv(k, v, slots, pool_k, pool_v)
 assert torch.equal(pool_k[slots], k) and torch.equal(pool_v[slots], v)
 assert pool_k.abs().sum() == k.abs().sum()
+import math
+from generator.engine.attention import paged_prefill_attention
+def reference(q, kb, vb, tables, starts, counts, past, slopes, kv_scale):
+    out = torch.empty_like(q)
+    bs = kb.shape[1]; heads = q.shape[1]; kvh = kb.shape[2]
+    for i in range(tables.shape[0]):
+        n, p = int(counts[i]), int(past[i]); total = n + p
+        pos = torch.arange(total)
+        slots = tables[i].long()[pos // bs] * bs + pos % bs
+        k = kb.flatten(0, 1)[slots].float(); v = vb.flatten(0, 1)[slots].float()
+        if kv_scale is not None: k, v = k * kv_scale, v * kv_scale
+        k = k.repeat_interleave(heads // kvh, 1); v = v.repeat_interleave(heads // kvh, 1)
+        qq = q[int(starts[i]):int(starts[i]) + n].float()
+        s = torch.einsum("qhd,khd->hqk", qq, k) / math.sqrt(q.shape[-1])
+        if slopes is not None: s = s + slopes[:, None, None] * (pos - (total - 1)).float()[None, None, :]
+        mask = pos[None, :] <= (p + torch.arange(n))[:, None]
+        s = s.masked_fill(~mask[None], float("-inf"))
+        out[int(starts[i]):int(starts[i]) + n] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v).to(q.dtype)
+    return out
+for heads, kvh, alibi, int8 in [(4, 4, True, False), (8, 2, False, False), (4, 1, True, True)]:
+    hd, bs, nb = 16, 4, 40
+    kb = torch.randn(nb, bs, kvh, hd); vb = torch.randn(nb, bs, kvh, hd)
+    kv_scale = None
+    if int8:
+        kv_scale = 0.025
+        kb, vb = (kb * 40).round().clamp(-128, 127).to(torch.int8), (vb * 40).round().clamp(-128, 127).to(torch.int8)
+    counts = torch.tensor([5, 1, 37], dtype=torch.int32); past = torch.tensor([0, 9, 3], dtype=torch.int32)
+    starts = torch.tensor([0, 5, 6], dtype=torch.int32)
+    perm = torch.randperm(nb - 1) + 1
+    tables = perm[:30].view(3, 10).to(torch.int32)
+    q = torch.randn(43, heads, hd)
+    slopes = torch.rand(heads) if alibi else None
+    want = reference(q, kb, vb, tables, starts, counts, past, slopes, kv_scale)
+    got = paged_prefill_attention(q, kb, vb, tables, starts, counts, past, 37, slopes, kv_scale)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (heads, kvh, (got - want).abs().max())
 print("ok")
 """
 
@@ -255,25 +290,38 @@ def test_paged_decode_kernel_matches_the_gather_reference() -> None:
 
 
 _ENGINE_CHECK = """
-import json, sys
-from generator.engine import SamplingConfig, run_prompts
-from generator.engine.attention import kernel_available
+import json, sys, threading
+from generator.engine import Executor, GenerationRequest, SamplingConfig
+from generator.engine.attention import kernel_available, prefill_kernel_available
 import torch
-assert kernel_available(torch.device("cpu"))
-results = run_prompts(sys.argv[1], json.loads(sys.argv[2]), SamplingConfig(max_new_tokens=int(sys.argv[3])))
-print(json.dumps([r.token_ids for r in results]))
+assert kernel_available(torch.device("cpu")) and prefill_kernel_available(torch.device("cpu"))
+prompts, new_tokens = json.loads(sys.argv[2]), int(sys.argv[3])
+outputs = []
+for budget in (None, 4):  # whole prompts; then chunks of 4 tokens mixed with decodes
+    with Executor(sys.argv[1], max_num_tokens=budget) as executor:
+        results, events = [None] * len(prompts), [threading.Event() for _ in prompts]
+        for index, prompt in enumerate(prompts):
+            def done(result, index=index):
+                results[index] = result
+                events[index].set()
+            executor.enqueue(GenerationRequest(prompt, SamplingConfig(max_new_tokens=new_tokens)), done)
+        for event in events:
+            event.wait()
+        outputs.append([r.token_ids for r in results])
+print(json.dumps(outputs))
 """
 
 
 def test_engine_through_the_kernel_matches_transformers(mpt: tuple[Path, Path, list[list[int]]]) -> None:
-    """The whole engine with decode rows on the (interpreted) kernel, blocks of 4 tokens."""
+    """The whole engine on the (interpreted) decode and prefill kernels, blocks of 4 tokens, whole prompts and
+    chunked ones."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     completed = subprocess.run([sys.executable, "-c", _ENGINE_CHECK, str(mpt[1]), json.dumps(PROMPTS),
                                 str(NEW_TOKENS)], capture_output=True, text=True, env=env, timeout=300,
                                cwd=Path(__file__).parent.parent)
     assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout.splitlines()[-1]) == mpt[2]
+    assert json.loads(completed.stdout.splitlines()[-1]) == [mpt[2], mpt[2]]
 
 
 def test_plan_round_trips_through_its_array() -> None:

@@ -28,6 +28,11 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 _TILE = 64  # keys per kernel iteration (several blocks when blocks are small)
 
 
+def prefill_kernel_available(device: torch.device) -> bool:
+    """The prefill kernel goes with the decode kernel; GEN_REPO_PAGED_PREFILL=0 keeps SDPA over gathered keys."""
+    return kernel_available(device) and os.environ.get("GEN_REPO_PAGED_PREFILL", "1") != "0"
+
+
 def kernel_available(device: torch.device) -> bool:
     """The Triton kernel runs on CUDA (or anywhere under TRITON_INTERPRET=1); GEN_REPO_PAGED_KERNEL=0 turns it off."""
     if triton is None or os.environ.get("GEN_REPO_PAGED_KERNEL", "1") == "0":
@@ -133,6 +138,102 @@ if triton is not None:
         tl.store(v_pool_ptr + target, values, mask=mask)
 
 
+    @triton.jit(do_not_specialize=["stride_table_row"])
+    def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, counts_ptr, past_ptr, slopes_ptr, out_ptr,
+                              scale, kv_scale,
+                              stride_q_row, stride_q_head, stride_block, stride_slot, stride_kv_head,
+                              stride_table_row, stride_out_row, stride_out_head,
+                              GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              HAS_ALIBI: tl.constexpr, INT8: tl.constexpr, IEEE: tl.constexpr):
+        sequence = tl.program_id(0)
+        head = tl.program_id(1)
+        tile = tl.program_id(2)
+        count = tl.load(counts_ptr + sequence)
+        if tile * BLOCK_M < count:
+            start = tl.load(starts_ptr + sequence)
+            past = tl.load(past_ptr + sequence)
+            total = past + count
+            kv_head = head // GROUP
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows_ok = rows < count
+            query_positions = past + rows
+            dims = tl.arange(0, BLOCK_D)
+            dims_ok = dims < HEAD_DIM
+            q = tl.load(q_ptr + (start + rows)[:, None] * stride_q_row + head * stride_q_head + dims[None, :],
+                        mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
+            slope = 0.0
+            if HAS_ALIBI:
+                slope = tl.load(slopes_ptr + head).to(tl.float32)
+            best = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+            weight_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            offsets = tl.arange(0, BLOCK_N)
+            end = tl.minimum(total, past + (tile + 1) * BLOCK_M)  # later keys are in every row's future
+            for key_start in range(0, end, BLOCK_N):
+                positions = key_start + offsets
+                valid = positions < total
+                block = tl.load(tables_ptr + sequence * stride_table_row + positions // BLOCK_SIZE, mask=valid,
+                                other=0)
+                base = (block.to(tl.int64) * stride_block + (positions % BLOCK_SIZE) * stride_slot
+                        + kv_head * stride_kv_head)
+                both_ok = valid[:, None] & dims_ok[None, :]
+                keys = tl.load(k_ptr + base[:, None] + dims[None, :], mask=both_ok, other=0.0)
+                values = tl.load(v_ptr + base[:, None] + dims[None, :], mask=both_ok, other=0.0)
+                if INT8:
+                    keys = (keys.to(tl.float32) * kv_scale).to(q.dtype)
+                    values = (values.to(tl.float32) * kv_scale).to(q.dtype)
+                if IEEE:
+                    scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(keys))
+                scores = scores * scale
+                if HAS_ALIBI:
+                    scores += slope * (positions - (total - 1)).to(tl.float32)[None, :]
+                allowed = (positions[None, :] <= query_positions[:, None]) & valid[None, :]
+                scores = tl.where(allowed, scores, float("-inf"))
+                new_best = tl.maximum(best, tl.max(scores, 1))
+                weights = tl.exp(scores - new_best[:, None])
+                correction = tl.exp(best - new_best)
+                weight_sum = weight_sum * correction + tl.sum(weights, 1)
+                if IEEE:
+                    update = tl.dot(weights.to(values.dtype), values, input_precision="ieee")
+                else:
+                    update = tl.dot(weights.to(values.dtype), values)
+                acc = acc * correction[:, None] + update
+                best = new_best
+            out = acc / weight_sum[:, None]
+            tl.store(out_ptr + (start + rows)[:, None] * stride_out_row + head * stride_out_head + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & dims_ok[None, :])
+
+
+def paged_prefill_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
+                            tables: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, past: torch.Tensor,
+                            max_count: int, slopes: torch.Tensor | None, kv_scale: float | None) -> torch.Tensor:
+    """Causal attention of prefill chunks over their blocks, in place (their own new K/V already written).
+
+    `q`: `[M, heads, hd]`, the chunks' tokens one after the other; row `i` of `tables` (`[P, W]` int32) owns
+    `q[starts[i]:starts[i] + counts[i]]`, at positions `past[i]...`. Returns `[M, heads, hd]`.
+    """
+    assert triton is not None
+    tokens, heads, hd = q.shape
+    out = torch.empty_like(q)
+    rows = tables.shape[0]
+    if tokens == 0 or rows == 0:
+        return out
+    block_m = 16 if max_count <= 16 else 32
+    grid = (rows, heads, triton.cdiv(max_count, block_m))
+    _paged_prefill_kernel[grid](
+        q, key_blocks, value_blocks, tables, starts, counts, past, slopes if slopes is not None else q, out,
+        1.0 / math.sqrt(hd), kv_scale if kv_scale is not None else 1.0,
+        q.stride(0), q.stride(1), key_blocks.stride(0), key_blocks.stride(1), key_blocks.stride(2),
+        tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=heads // key_blocks.shape[2], BLOCK_SIZE=key_blocks.shape[1], HEAD_DIM=hd,
+        BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_M=block_m, BLOCK_N=32,
+        HAS_ALIBI=slopes is not None, INT8=kv_scale is not None, IEEE=q.dtype == torch.float32)
+    return out
+
+
 def store_kv(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, key_pool: torch.Tensor,
              value_pool: torch.Tensor) -> None:
     """`key_pool[slots[i]] = keys[i]` and the same for values, in one kernel (float pools; `keys`: `[N, kv, hd]`
@@ -173,6 +274,6 @@ def decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: to
     """Paged decode attention with the kernel when it runs here, else the gather reference."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if kernel_available(q.device):
-        return paged_decode_attention(q if q.stride(-1) == 1 else q.contiguous(), key_blocks, value_blocks, tables, lengths, scale, slopes,
-                                      kv_scale)
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        return paged_decode_attention(q, key_blocks, value_blocks, tables, lengths, scale, slopes, kv_scale)
     return decode_attention_reference(q, key_blocks, value_blocks, tables, lengths, scale, slopes, kv_scale)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.nn.attention import sdpa_kernel
 
-from generator.engine.attention import ATTENTION_BACKENDS, decode_attention
+from generator.engine.attention import ATTENTION_BACKENDS, decode_attention, paged_prefill_attention
 from generator.engine.config import EngineConfig, alibi_slopes
 from generator.engine.distributed import Communicator
 from generator.engine.kv_cache import KVPool, bytes_per_token
@@ -105,16 +105,24 @@ class ForwardBatch:
     key_slots: torch.Tensor | None = None        # [P, K] pool slots of the keys; None: nothing cached, the
     key_lengths: torch.Tensor | None = None      # [P]    new K/V are the whole sequences
     output_index: torch.Tensor | None = None     # [M] place of each gather token in the flat [P * Tq] output
+    # prefill_in_place: the gather rows run the paged prefill kernel over their blocks instead (no padding)
+    prefill_in_place: bool = False
+    prefill_tables: torch.Tensor | None = None   # [P, W] int32
+    prefill_starts: torch.Tensor | None = None   # [P] int32: first token among the gather tokens
+    prefill_counts: torch.Tensor | None = None   # [P] int32
+    prefill_past: torch.Tensor | None = None     # [P] int32
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
 
-def make_batch(plan: ForwardPlan, device: torch.device, block_size: int, split_decode: bool = True) -> ForwardBatch:
+def make_batch(plan: ForwardPlan, device: torch.device, block_size: int, split_decode: bool = True,
+               prefill_in_place: bool = False) -> ForwardBatch:
     """Flatten the plan's tokens and compute on the host (numpy) where each goes in the pool and what it reads.
 
-    `split_decode` False sends every row through the gather path (the CPU path: one SDPA for all rows).
+    `split_decode` False sends every row through the gather path (the CPU path: one SDPA for all rows);
+    `prefill_in_place` runs the other rows with the paged prefill kernel instead of the gather path.
     """
     counts = np.array([len(t) for t in plan.tokens], dtype=np.int64)
     past = np.array(plan.past_lengths, dtype=np.int64)
@@ -147,9 +155,16 @@ def make_batch(plan: ForwardPlan, device: torch.device, block_size: int, split_d
     g_rows = rows - decode
     g_width = int(g_counts.max())
     g_starts = np.cumsum(g_counts) - g_counts
+    batch.gather_rows, batch.gather_width = g_rows, g_width
+    if prefill_in_place:
+        batch.prefill_in_place = True
+        batch.prefill_tables = tensor(g_tables, torch.int32)
+        batch.prefill_starts = tensor(g_starts, torch.int32)
+        batch.prefill_counts = tensor(g_counts, torch.int32)
+        batch.prefill_past = tensor(g_past, torch.int32)
+        return batch
     columns = np.minimum(np.arange(g_width)[None, :], g_counts[:, None] - 1)
     totals = g_past + g_counts
-    batch.gather_rows, batch.gather_width = g_rows, g_width
     batch.query_index = tensor(g_starts[:, None] + columns)
     batch.query_positions = tensor(g_past[:, None] + columns)
     batch.key_lengths = tensor(totals)
@@ -352,7 +367,15 @@ class DecoderModel:
             out = decode_attention(q[:decode], key_blocks, value_blocks, batch.decode_tables, batch.decode_lengths,
                                    self.slopes, cache.scale(local))
             parts.append(out.reshape(decode, self.heads * hd))
-        if batch.gather_rows:
+        if batch.prefill_in_place:
+            assert batch.prefill_tables is not None and batch.prefill_starts is not None
+            assert batch.prefill_counts is not None and batch.prefill_past is not None
+            key_blocks, value_blocks = cache.blocks(local)
+            out = paged_prefill_attention(q[decode:], key_blocks, value_blocks, batch.prefill_tables,
+                                          batch.prefill_starts, batch.prefill_counts, batch.prefill_past,
+                                          batch.gather_width, self.slopes, cache.scale(local))
+            parts.append(out.reshape(-1, self.heads * hd))
+        elif batch.gather_rows:
             assert batch.query_index is not None and batch.output_index is not None
             queries = q[decode:][batch.query_index].transpose(1, 2)     # [P, heads, Tq, hd]
             if batch.key_slots is None:  # nothing cached: the new K/V are the whole sequences
@@ -434,7 +457,7 @@ class DecoderModel:
             hidden = self.embed(batch)
         else:
             hidden = comm.recv_from_previous_stage((tokens, d), self.dtype)
-        bias = self._attention_bias(batch) if batch.gather_rows else None
+        bias = self._attention_bias(batch) if batch.gather_rows and not batch.prefill_in_place else None
         rope = None
         if self.config.position_embedding_type.startswith("rope"):
             freqs = batch.positions[:, None].float() * self.inv_freq  # [N, rotary/2]

@@ -11,10 +11,10 @@ import logging
 
 import torch
 
-from generator.engine.attention import kernel_available
+from generator.engine.attention import kernel_available, prefill_kernel_available
 from generator.engine.cuda_graphs import DecodeGraphs, graphs_enabled
 from generator.engine.kv_cache import KVCacheSettings, KVPool, pool_blocks
-from generator.engine.model import DecoderModel, ForwardPlan, make_batch
+from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class ModelRunner:
         self.block_size = settings.block_size
         self.max_blocks_per_sequence = -(-config.max_seq_len // self.block_size)
         self.split_decode = kernel_available(model.device)
+        self.prefill_in_place = prefill_kernel_available(model.device)
         reserve = self._profile_activations() if model.device.type == "cuda" else 0
         blocks = pool_blocks(settings, token_bytes=model.kv_token_bytes(),
                              needed_tokens=config.max_batch_size * self.max_blocks_per_sequence * self.block_size,
@@ -58,7 +59,7 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(device)
         with torch.inference_mode():
             plan = self._dummy_plan(self.model.config.max_num_tokens)
-            self.model.forward(make_batch(plan, device, self.block_size, self.split_decode), scratch)
+            self.model.forward(self._batch(plan), scratch)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         del scratch
@@ -70,8 +71,10 @@ class ModelRunner:
         Returns the logits of every row's last token on rank 0, None elsewhere."""
         if self.graphs is not None and self.graphs.handles(plan):
             return self.graphs.forward(plan)
-        return self.model.forward(make_batch(plan, self.model.device, self.block_size, self.split_decode),
-                                  self.cache)
+        return self.model.forward(self._batch(plan), self.cache)
+
+    def _batch(self, plan: ForwardPlan) -> ForwardBatch:
+        return make_batch(plan, self.model.device, self.block_size, self.split_decode, self.prefill_in_place)
 
     def warmup(self) -> None:
         """Compile and capture now, not on the first requests: the decode graphs of every size, and one eager
