@@ -108,8 +108,8 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
         raise ConfigError("follow() is for ranks > 0; rank 0 creates the Executor")
     if model.device.type == "cuda":
         torch.cuda.set_device(model.device)
-    settings = comm.broadcast_plan(None)  # rank 0's KV cache settings: every pool must match
-    runner = ModelRunner(model, settings)
+    settings, max_num_tokens = comm.broadcast_plan(None)  # rank 0's: every pool must match
+    runner = ModelRunner(model, settings, max_num_tokens)
     runner.warmup()
     with torch.inference_mode():
         while True:
@@ -149,14 +149,14 @@ class Executor:
         self._model = model
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)
-        comm.broadcast_plan(settings)
-        self._runner = ModelRunner(model, settings)
+        self.max_num_tokens = int(max_num_tokens or config.max_num_tokens)
+        comm.broadcast_plan((settings, self.max_num_tokens))
+        self._runner = ModelRunner(model, settings, self.max_num_tokens)
         self._runner.warmup()
         self._blocks = BlockManager(self._runner.cache.num_blocks, settings.block_size, settings.enable_reuse)
         self.max_batch_size = config.max_batch_size
         self.max_input_len = config.max_input_len
         self.max_seq_len = config.max_seq_len
-        self.max_num_tokens = int(max_num_tokens or config.max_num_tokens)
         self.vocab_size = config.vocab_size
         self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens)
         self._lock = threading.Condition()

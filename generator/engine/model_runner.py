@@ -25,8 +25,9 @@ _ACTIVATION_EXTRA = 512 * 2**20   # cuBLAS workspaces, graph pool, allocator sla
 class ModelRunner:
     """Owns the rank's `KVPool` and runs forwards over it."""
 
-    def __init__(self, model: DecoderModel, settings: KVCacheSettings) -> None:
+    def __init__(self, model: DecoderModel, settings: KVCacheSettings, max_num_tokens: int | None = None) -> None:
         self.model = model
+        self.max_num_tokens = max(max_num_tokens or model.config.max_num_tokens, model.config.max_batch_size)
         self.settings = settings
         config = model.config
         self.block_size = settings.block_size
@@ -58,7 +59,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         with torch.inference_mode():
-            plan = self._dummy_plan(self.model.config.max_num_tokens)
+            plan = self._dummy_plan(self.max_num_tokens)
             self.model.forward(self._batch(plan), scratch)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
