@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of the GPU memory free after the weights for the KV pool (default 0.9)")
     parser.add_argument("--max-tokens-in-paged-kv-cache", type=int, default=None,
                         help="KV pool size in tokens (overrides the fraction)")
+    parser.add_argument("--arrival-ms", type=float, default=0.0,
+                        help="delay between two requests of a batch (default 0: all at once)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (best is reported)")
     parser.add_argument("--nproc", type=int, default=None, help="spawn this many local ranks (no mpirun needed)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir, removed after")
@@ -162,8 +164,16 @@ def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
     first_token: dict[int, float] = {}
     counts: dict[int, int] = {}
 
+    last_seen: dict[int, float] = {}
+    gaps: list[float] = []  # inter-token latencies: time between two results of one request
+
     def on_result(result: GenerationResult) -> None:
-        first_token.setdefault(result.request_id, time.perf_counter())
+        now = time.perf_counter()
+        first_token.setdefault(result.request_id, now)
+        if result.request_id in last_seen and result.token_ids:
+            gaps.append(now - last_seen[result.request_id])
+        if result.token_ids:
+            last_seen[result.request_id] = now
         counts[result.request_id] = counts.get(result.request_id, 0) + len(result.token_ids)
         if result.finished:
             done.release()
@@ -172,13 +182,21 @@ def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
     start = time.perf_counter()
     for prompt in prompts:
         executor.enqueue(GenerationRequest(prompt, sampling, streaming=True), on_result)
+        if args.arrival_ms:
+            time.sleep(args.arrival_ms / 1000)  # requests join running ones: prefill chunks mix with decodes
     for _ in prompts:
         done.acquire()
     wall = time.perf_counter() - start
     generated = sum(counts.values())
     ttft = sum(t - start for t in first_token.values()) / len(first_token)
+    gaps.sort()
+
+    def percentile(q: float) -> float:
+        return 1000 * gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else 0.0
+
     return {"batch": batch, "seconds": wall, "generated_tokens": generated, "tokens_per_s": generated / wall,
-            "mean_ttft_s": ttft, "decode_step_ms": 1000 * (wall - ttft) / max(1, args.output_len - 1)}
+            "mean_ttft_s": ttft, "decode_step_ms": 1000 * (wall - ttft) / max(1, args.output_len - 1),
+            "itl_p50_ms": percentile(0.5), "itl_p99_ms": percentile(0.99)}
 
 
 def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
@@ -286,7 +304,8 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
             results.append(best)
             print(f"batch {batch:3d}: {best['tokens_per_s']:9.1f} tokens/s  ({best['generated_tokens']} tokens in "
                   f"{best['seconds']:.2f} s, mean TTFT {1000 * best['mean_ttft_s']:.1f} ms, "
-                  f"decode step {best['decode_step_ms']:.2f} ms)", flush=True)
+                  f"decode step {best['decode_step_ms']:.2f} ms, ITL p50 {best['itl_p50_ms']:.2f} / p99 "
+                  f"{best['itl_p99_ms']:.2f} ms)", flush=True)
         kv = executor.kv_cache_info  # with the preemptions of the timed runs
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
