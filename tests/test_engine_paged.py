@@ -357,3 +357,44 @@ def test_decode_graph_inputs_match_the_eager_batch() -> None:
     # the padding row writes and reads slot 0 of the padding block
     assert (graphs.host_tokens[3], graphs.host_slots[3], graphs.host_lengths[3], graphs.host_tables[3, 0]) == (
         0, 0, 1, 0)
+
+
+def test_everything_at_once_matches_the_plain_run(mpt: tuple[Path, Path, list[list[int]]]) -> None:
+    """Shared prefixes, a small pool (preemption), a small budget (chunking), reuse, cancellations, requests
+    joining running ones: every request that is not cancelled gets the tokens of a plain run."""
+    import random
+
+    rng = random.Random(7)
+    prefix = [rng.randrange(512) for _ in range(9)]
+    # every other prompt starts with the whole prefix (2 full blocks of 4), the others with a random share of it
+    prompts = [prefix[:9 if i % 2 else rng.randrange(0, 10)]
+               + [rng.randrange(512) for _ in range(rng.randrange(1, 8))] for i in range(12)]
+    lengths = [11 if i in (3, 8) else rng.randrange(1, 12) for i in range(len(prompts))]  # 3, 8: cancelled
+
+    def run(executor: Executor, cancel: set[int]) -> list[list[int] | None]:
+        events = [threading.Event() for _ in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        for index, (prompt, length) in enumerate(zip(prompts, lengths, strict=True)):
+            def on_result(result: GenerationResult, index: int = index) -> None:
+                outputs[index] += result.token_ids
+                if result.finished:
+                    reasons[index] = result.finish_reason
+                    events[index].set()
+            request_id = executor.enqueue(GenerationRequest(prompt, SamplingConfig(max_new_tokens=length),
+                                                            streaming=index % 3 != 0), on_result)
+            if index in cancel:
+                executor.cancel(request_id)
+        for event in events:
+            assert event.wait(120)
+        return [None if reason == "cancelled" else out for out, reason in zip(outputs, reasons, strict=True)]
+
+    with Executor(mpt[1]) as executor:
+        plain = run(executor, set())
+    # 7 blocks: the longest request (16 + 11 tokens) fits alone, a few together do not
+    with Executor(mpt[1], max_tokens_in_paged_kv_cache=28, max_num_tokens=5, enable_kv_cache_reuse=True) as executor:
+        busy = run(executor, {3, 8})
+        info = executor.kv_cache_info
+    assert busy[3] is None and busy[8] is None
+    assert [b for i, b in enumerate(busy) if i not in (3, 8)] == [p for i, p in enumerate(plain) if i not in (3, 8)]
+    assert info["preemptions"] > 0 and info["reused_blocks"] > 0, (info["preemptions"], info["reused_blocks"])
