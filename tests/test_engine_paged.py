@@ -277,6 +277,14 @@ for heads, kvh, alibi, int8 in [(4, 4, True, False), (8, 2, False, False), (4, 1
     want = reference(q, kb, vb, tables, starts, counts, past, slopes, kv_scale)
     got = paged_prefill_attention(q, kb, vb, tables, starts, counts, past, 37, slopes, kv_scale)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (heads, kvh, (got - want).abs().max())
+from generator.engine.attention import add_layer_norm
+x, residual = torch.randn(6, 40), torch.randn(6, 40)
+weight, bias = torch.randn(40), torch.randn(40)
+for b in (bias, None):
+    total, normed = add_layer_norm(x, residual, weight, b, 1e-5)
+    assert torch.equal(total, x + residual)
+    want = torch.nn.functional.layer_norm(x + residual, (40,), weight, b, 1e-5)
+    assert torch.allclose(normed, want, atol=1e-5), (normed - want).abs().max()
 print("ok")
 """
 

@@ -33,6 +33,11 @@ def prefill_kernel_available(device: torch.device) -> bool:
     return kernel_available(device) and os.environ.get("GEN_REPO_PAGED_PREFILL", "1") != "0"
 
 
+def fused_norm_available(device: torch.device) -> bool:
+    """The fused residual add + LayerNorm; GEN_REPO_FUSED_NORM=0 keeps torch's add and layer_norm."""
+    return kernel_available(device) and os.environ.get("GEN_REPO_FUSED_NORM", "1") != "0"
+
+
 def kernel_available(device: torch.device) -> bool:
     """The Triton kernel runs on CUDA (or anywhere under TRITON_INTERPRET=1); GEN_REPO_PAGED_KERNEL=0 turns it off."""
     if triton is None or os.environ.get("GEN_REPO_PAGED_KERNEL", "1") == "0":
@@ -232,6 +237,46 @@ def paged_prefill_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blo
         BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_M=block_m, BLOCK_N=32,
         HAS_ALIBI=slopes is not None, INT8=kv_scale is not None, IEEE=q.dtype == torch.float32)
     return out
+
+
+if triton is not None:
+    @triton.jit
+    def _add_layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr,
+                               stride_x, stride_residual, stride_sum, stride_out, eps,
+                               WIDTH: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+        row = tl.program_id(0)
+        columns = tl.arange(0, BLOCK)
+        mask = columns < WIDTH
+        x = tl.load(x_ptr + row * stride_x + columns, mask=mask, other=0.0)
+        residual = tl.load(residual_ptr + row * stride_residual + columns, mask=mask, other=0.0)
+        total = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded as torch's add rounds
+        tl.store(sum_ptr + row * stride_sum + columns, total, mask=mask)
+        values = total.to(tl.float32)
+        mean = tl.sum(values, 0) / WIDTH
+        centered = tl.where(mask, values - mean, 0.0)
+        variance = tl.sum(centered * centered, 0) / WIDTH
+        out = centered * tl.rsqrt(variance + eps) * tl.load(weight_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + columns, out.to(x.dtype), mask=mask)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`total = x + residual` and `layer_norm(total)` in one kernel (`[N, d]`, unit stride along d): the
+    residual stream and the next sublayer's input, two launches fewer per sublayer than add + norm."""
+    assert triton is not None
+    rows, width = x.shape
+    total = torch.empty_like(x)
+    out = torch.empty_like(x)
+    if rows == 0:
+        return total, out
+    block = triton.next_power_of_2(width)
+    _add_layer_norm_kernel[(rows,)](
+        x, residual, weight, bias if bias is not None else weight, total, out, x.stride(0), residual.stride(0),
+        total.stride(0), out.stride(0), eps, WIDTH=width, BLOCK=block, HAS_BIAS=bias is not None,
+        num_warps=8 if block >= 2048 else 4)
+    return total, out
 
 
 def store_kv(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, key_pool: torch.Tensor,

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.nn.attention import sdpa_kernel
 
-from generator.engine.attention import ATTENTION_BACKENDS, decode_attention, paged_prefill_attention
+from generator.engine.attention import (
+    ATTENTION_BACKENDS,
+    add_layer_norm,
+    decode_attention,
+    fused_norm_available,
+    paged_prefill_attention,
+)
 from generator.engine.config import EngineConfig, alibi_slopes
 from generator.engine.distributed import Communicator
 from generator.engine.kv_cache import KVPool, bytes_per_token
@@ -448,6 +454,11 @@ class DecoderModel:
         return logits[:, : self.config.vocab_size]
 
     # the forward ----------------------------------------------------------------------------------------
+    @property
+    def fused_norm(self) -> bool:
+        """Whether forward fuses the residual adds into the LayerNorms (CUDA, see attention.add_layer_norm)."""
+        return fused_norm_available(self.device) and len(self.layer_ids) > 0
+
     def forward(self, batch: ForwardBatch, cache: KVPool) -> torch.Tensor | None:
         """Run this rank's stage; returns the float32 logits of each row's last new token on rank 0 (else None)."""
         tokens = batch.num_tokens
@@ -463,11 +474,14 @@ class DecoderModel:
             freqs = batch.positions[:, None].float() * self.inv_freq  # [N, rotary/2]
             angles = torch.cat((freqs, freqs), dim=-1)[:, None]       # [N, 1, rotary]
             rope = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))
-        for local in range(len(self.layer_ids)):
-            prefix = f"transformer.layers.{local}"
-            hidden = hidden + self._attention(local, self._norm(hidden, prefix + ".input_layernorm"), batch, cache,
-                                              bias, rope)
-            hidden = hidden + self._mlp(local, self._norm(hidden, prefix + ".post_layernorm"))
+        if self.fused_norm:
+            hidden = self._fused_layers(hidden, batch, cache, bias, rope)
+        else:
+            for local in range(len(self.layer_ids)):
+                prefix = f"transformer.layers.{local}"
+                hidden = hidden + self._attention(local, self._norm(hidden, prefix + ".input_layernorm"), batch,
+                                                  cache, bias, rope)
+                hidden = hidden + self._mlp(local, self._norm(hidden, prefix + ".post_layernorm"))
         if not self.mapping.is_last_pp_rank:
             comm.send_to_next_stage(hidden)
             logits = None
@@ -481,6 +495,27 @@ class DecoderModel:
             elif self.mapping.rank == 0:
                 logits = comm.recv_logits((batch.num_rows, self.config.vocab_size))
         return logits if self.mapping.rank == 0 else None
+
+    def _fused_layers(self, hidden: torch.Tensor, batch: ForwardBatch, cache: KVPool, bias: torch.Tensor | None,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The layers with each residual add fused into the LayerNorm after it (the same arithmetic)."""
+        eps = self.config.norm_epsilon
+        count = len(self.layer_ids)
+        normed = self._norm(hidden, "transformer.layers.0.input_layernorm")
+        for local in range(count):
+            prefix = f"transformer.layers.{local}"
+            update = self._attention(local, normed, batch, cache, bias, rope)
+            post = prefix + ".post_layernorm"
+            hidden, normed = add_layer_norm(update, hidden, self.tensors[post + ".weight"],
+                                            self._optional(post + ".bias"), eps)
+            update = self._mlp(local, normed)
+            if local + 1 == count:
+                hidden = hidden + update  # ln_f runs on the last tokens only (in _head)
+            else:
+                after = f"transformer.layers.{local + 1}.input_layernorm"
+                hidden, normed = add_layer_norm(update, hidden, self.tensors[after + ".weight"],
+                                                self._optional(after + ".bias"), eps)
+        return hidden
 
     def kv_token_bytes(self) -> int:
         """Bytes one token's K and V take in this rank's pool."""

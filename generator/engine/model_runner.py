@@ -33,7 +33,9 @@ class ModelRunner:
         self.block_size = settings.block_size
         self.max_blocks_per_sequence = -(-config.max_seq_len // self.block_size)
         self.split_decode = kernel_available(model.device)
-        self.prefill_in_place = prefill_kernel_available(model.device)
+        # an INT8 KV cache: fresh prompts attend over their unquantized K/V (as TensorRT-LLM's context FMHA
+        # does), which the SDPA path gives and reading the pool in place would not
+        self.prefill_in_place = prefill_kernel_available(model.device) and model.kv_scales is None
         reserve = self._profile_activations() if model.device.type == "cuda" else 0
         blocks = pool_blocks(settings, token_bytes=model.kv_token_bytes(),
                              needed_tokens=config.max_batch_size * self.max_blocks_per_sequence * self.block_size,
