@@ -22,6 +22,18 @@ import torch
 from generator.engine.kv_cache import KVPool
 from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan
 
+# decode rows whose input token is still on the device: (plan rows, indices into the tokens, the tokens)
+DeviceTokens = tuple[list[int], list[int], torch.Tensor]
+
+
+def substitute(token_ids: torch.Tensor, device_tokens: DeviceTokens) -> None:
+    """`token_ids[rows] = tokens[sources]` on the device (decode rows come first: row i is token i)."""
+    rows, sources, tokens = device_tokens
+    if rows:
+        index = torch.tensor(rows, dtype=torch.long).to(token_ids.device, non_blocking=True)
+        picked = torch.tensor(sources, dtype=torch.long).to(tokens.device, non_blocking=True)
+        token_ids[index] = tokens[picked].to(token_ids.dtype)
+
 
 def graphs_enabled(model: DecoderModel) -> bool:
     """Graphs run on CUDA with a dense MLP (MoE routing synced with the host); GEN_REPO_CUDA_GRAPHS=0 turns
@@ -112,7 +124,7 @@ class DecodeGraphs:
         """A decode step: one new token per row."""
         return plan.num_decode == len(plan.tokens) <= self.max_batch
 
-    def forward(self, plan: ForwardPlan) -> torch.Tensor | None:
+    def forward(self, plan: ForwardPlan, device_tokens: DeviceTokens | None = None) -> torch.Tensor | None:
         rows = len(plan.tokens)
         size = next(s for s in self.sizes if s >= rows)
         graph = self.graphs.get(size) or self._capture(size)
@@ -121,6 +133,8 @@ class DecodeGraphs:
                                            (self.slots, self.host_slots), (self.lengths, self.host_lengths),
                                            (self.tables, self.host_tables)):
             device_buffer[:size].copy_(host_buffer[:size], non_blocking=True)
+        if device_tokens is not None:
+            substitute(self.tokens, device_tokens)
         graph.replay()
         return self.logits[:rows] if self.logits is not None else None
 
@@ -134,7 +148,7 @@ class DecodeGraphs:
         for row, table in enumerate(plan.block_tables):
             tables[row, :len(table)] = table
         past = np.asarray(plan.past_lengths, dtype=np.int64)
-        self.host_tokens.numpy()[:rows] = [t[0] for t in plan.tokens]
+        self.host_tokens.numpy()[:rows] = [max(0, t[0]) for t in plan.tokens]  # placeholders: substituted
         self.host_tokens.numpy()[rows:size] = 0
         self.host_positions.numpy()[:rows] = past
         self.host_positions.numpy()[rows:size] = 0

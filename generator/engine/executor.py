@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import torch
 
 from generator.engine.block_manager import BlockManager
 from generator.engine.config import EngineConfig, load_engine_config
+from generator.engine.cuda_graphs import DeviceTokens
 from generator.engine.distributed import Communicator, pick_device, process_info
 from generator.engine.kv_cache import KVCacheSettings
 from generator.engine.model import DecoderModel, ForwardPlan
@@ -78,6 +80,19 @@ class _Running:
     state: SequenceState
     sequence: Sequence
     log_probs: list[float] = field(default_factory=list)
+
+
+_PLACEHOLDER = -1  # an output token sampled on the device, not yet fetched (see Executor._launch_fetch)
+
+
+@dataclass
+class _InFlight:
+    """A step whose sampled tokens are still on their way to the host."""
+
+    requests: list[_Running]
+    tokens: torch.Tensor          # on the device
+    host: torch.Tensor            # their copy (pinned on CUDA), valid once `event` completed
+    event: torch.cuda.Event | None
 
 
 def _set_cpu_threads(world_size: int, device: torch.device) -> None:
@@ -165,6 +180,12 @@ class Executor:
         self._by_sequence: dict[Sequence, _Running] = {}
         self._cancelled: set[int] = set()
         self._outbox: list[tuple[Callback, GenerationResult]] = []  # results to hand out (see _flush)
+        self._inflight: _InFlight | None = None
+        # lookahead (see _launch_fetch) needs every rank to know the tokens: one rank only
+        self._overlap = comm.world_size == 1 and os.environ.get("GEN_REPO_LOOKAHEAD", "1") != "0"
+        self._fetch_buffer = torch.zeros(config.max_batch_size, dtype=torch.long)
+        if model.device.type == "cuda":
+            self._fetch_buffer = self._fetch_buffer.pin_memory()
         self._ids = itertools.count(1)
         self._stopping = False
         self._closed = False
@@ -302,6 +323,9 @@ class Executor:
         if work:
             self._run_forward(work)
         else:
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                self._resolve(inflight)
             self._flush()
         if not work and self._active:
             raise RuntimeError("the scheduler found nothing to run for waiting requests")  # a bug: never spin
@@ -312,26 +336,73 @@ class Executor:
                            [item.start for item in work], [list(item.sequence.block_table) for item in work])
         requests = [self._by_sequence[item.sequence] for item in work]
         sampled = [row for row, item in enumerate(work) if item.samples]
+        inflight, self._inflight = self._inflight, None
+        device_tokens = self._device_tokens(inflight, requests) if inflight is not None else None
         try:
             if self._comm.world_size > 1:
                 self._comm.broadcast_step(np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()]))
-            logits = self._runner.execute(plan)
+            logits = self._runner.execute(plan, device_tokens)
             self._flush()  # the previous step's results, while this step runs on the GPU
+            if inflight is not None:
+                self._resolve(inflight)  # likewise: the previous step's tokens reach the host now
+                self._flush()
             assert logits is not None
-            self._scheduler.computed(work)
+            self._scheduler.computed(work)  # after _resolve: no placeholder is hashed
             if not sampled:
                 return
             if len(sampled) < len(work):
                 logits = logits[torch.tensor(sampled, device=logits.device)]
-            new_tokens, log_probs = sample(logits, [requests[row].state for row in sampled])
+            states = [requests[row].state for row in sampled]
+            if self._overlap and all(s.config.is_greedy and not s.config.needs_processing
+                                     and not s.config.return_log_probs for s in states):
+                self._launch_fetch([requests[row] for row in sampled], logits.argmax(dim=-1))
+                return
+            new_tokens, log_probs = sample(logits, states)
         except Exception as error:  # noqa: BLE001 - report it on the requests, keep serving
             log.exception("forward failed")
-            for running in requests:
+            for running in requests + (inflight.requests if inflight is not None else []):
                 self._finish(running, "error", error=f"{type(error).__name__}: {error}")
             self._flush()
             return
         for row, token, log_prob in zip(sampled, new_tokens, log_probs, strict=True):
             self._accept(requests[row], token, log_prob)
+
+    # one step of lookahead -----------------------------------------------------------------------------------
+    # All-greedy steps on one rank do not wait for their tokens: each sampled sequence gets a placeholder token,
+    # the next step is scheduled and launched with the real tokens taken on the device, and only then are the
+    # tokens fetched (the copy has long finished) and accepted. The host work of a step thus overlaps the GPU.
+    # A sequence that turns out finished wasted one row of the next step, nothing else.
+    def _launch_fetch(self, requests: list[_Running], tokens: torch.Tensor) -> None:
+        host = self._fetch_buffer[:len(requests)]
+        host.copy_(tokens, non_blocking=True)
+        event = None
+        if tokens.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        for running in requests:
+            running.state.output.append(_PLACEHOLDER)
+        self._inflight = _InFlight(requests, tokens, host, event)
+
+    def _device_tokens(self, inflight: _InFlight, requests: list[_Running]) -> DeviceTokens:
+        where = {id(running): index for index, running in enumerate(inflight.requests)}
+        rows, sources = [], []
+        for row, running in enumerate(requests):
+            index = where.get(id(running))
+            if index is not None and running.state.output and running.state.output[-1] == _PLACEHOLDER:
+                rows.append(row)
+                sources.append(index)
+        return rows, sources, inflight.tokens
+
+    def _resolve(self, inflight: _InFlight) -> None:
+        if inflight.event is not None:
+            inflight.event.synchronize()
+        for running, token in zip(inflight.requests, inflight.host.tolist(), strict=True):
+            if running.request_id not in self._active:
+                continue  # finished meanwhile (cancelled): _finish dropped its placeholder
+            output = running.state.output
+            assert output and output[-1] == _PLACEHOLDER
+            output.pop()
+            self._accept(running, int(token), None)
 
     def _accept(self, running: _Running, token: int, log_prob: float | None) -> None:
         """Append a sampled token, then deliver a result and decide whether the request is done."""
@@ -360,6 +431,8 @@ class Executor:
             return  # already finished
         del self._by_sequence[running.sequence]
         self._scheduler.remove(running.sequence)
+        if running.state.output and running.state.output[-1] == _PLACEHOLDER:
+            running.state.output.pop()  # a token still on its way: never delivered
         if running.request.streaming:
             tokens = [last_token] if last_token is not None else []
         else:

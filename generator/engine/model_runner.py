@@ -12,7 +12,7 @@ import logging
 import torch
 
 from generator.engine.attention import kernel_available, prefill_kernel_available
-from generator.engine.cuda_graphs import DecodeGraphs, graphs_enabled
+from generator.engine.cuda_graphs import DecodeGraphs, DeviceTokens, graphs_enabled, substitute
 from generator.engine.kv_cache import KVCacheSettings, KVPool, pool_blocks
 from generator.engine.model import DecoderModel, ForwardBatch, ForwardPlan, make_batch
 
@@ -69,12 +69,19 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak * _ACTIVATION_MARGIN) + _ACTIVATION_EXTRA
 
-    def execute(self, plan: ForwardPlan) -> torch.Tensor | None:
+    def execute(self, plan: ForwardPlan, device_tokens: DeviceTokens | None = None) -> torch.Tensor | None:
         """One forward of `plan`: a graph replay for a decode step when graphs apply, else eager.
-        Returns the logits of every row's last token on rank 0, None elsewhere."""
+        Returns the logits of every row's last token on rank 0, None elsewhere.
+
+        `device_tokens` (rows, sources, tokens): decode rows `rows` take `tokens[sources]`, tokens sampled by
+        the previous step and still on the device (their places in `plan` hold a placeholder).
+        """
         if self.graphs is not None and self.graphs.handles(plan):
-            return self.graphs.forward(plan)
-        return self.model.forward(self._batch(plan), self.cache)
+            return self.graphs.forward(plan, device_tokens)
+        batch = self._batch(plan)
+        if device_tokens is not None:
+            substitute(batch.token_ids, device_tokens)
+        return self.model.forward(batch, self.cache)
 
     def _batch(self, plan: ForwardPlan) -> ForwardBatch:
         return make_batch(plan, self.model.device, self.block_size, self.split_decode, self.prefill_in_place)
