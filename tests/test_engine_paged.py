@@ -367,9 +367,13 @@ def test_decode_graph_inputs_match_the_eager_batch() -> None:
         0, 0, 1, 0)
 
 
-def test_everything_at_once_matches_the_plain_run(mpt: tuple[Path, Path, list[list[int]]]) -> None:
+@pytest.mark.parametrize("lookahead", ["1", "0"])
+def test_everything_at_once_matches_the_plain_run(mpt: tuple[Path, Path, list[list[int]]], lookahead: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Shared prefixes, a small pool (preemption), a small budget (chunking), reuse, cancellations, requests
-    joining running ones: every request that is not cancelled gets the tokens of a plain run."""
+    joining running ones, with and without the executor's lookahead: every request that is not cancelled gets
+    the tokens of a plain run."""
+    monkeypatch.setenv("GEN_REPO_LOOKAHEAD", lookahead)
     import random
 
     rng = random.Random(7)
