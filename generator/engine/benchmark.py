@@ -52,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-num-tokens", type=int, default=None,
+                        help="per-step token budget (chunked prefill); default max batch x input len")
+    parser.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=None,
+                        help="share of the GPU memory free after the weights for the KV pool (default 0.9)")
+    parser.add_argument("--max-tokens-in-paged-kv-cache", type=int, default=None,
+                        help="KV pool size in tokens (overrides the fraction)")
+    parser.add_argument("--arrival-ms", type=float, default=0.0,
+                        help="delay between two requests of a batch (default 0: all at once)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (best is reported)")
     parser.add_argument("--nproc", type=int, default=None, help="spawn this many local ranks (no mpirun needed)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir, removed after")
@@ -156,8 +164,16 @@ def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
     first_token: dict[int, float] = {}
     counts: dict[int, int] = {}
 
+    last_seen: dict[int, float] = {}
+    gaps: list[float] = []  # inter-token latencies: time between two results of one request
+
     def on_result(result: GenerationResult) -> None:
-        first_token.setdefault(result.request_id, time.perf_counter())
+        now = time.perf_counter()
+        first_token.setdefault(result.request_id, now)
+        if result.request_id in last_seen and result.token_ids:
+            gaps.append(now - last_seen[result.request_id])
+        if result.token_ids:
+            last_seen[result.request_id] = now
         counts[result.request_id] = counts.get(result.request_id, 0) + len(result.token_ids)
         if result.finished:
             done.release()
@@ -166,13 +182,21 @@ def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
     start = time.perf_counter()
     for prompt in prompts:
         executor.enqueue(GenerationRequest(prompt, sampling, streaming=True), on_result)
+        if args.arrival_ms:
+            time.sleep(args.arrival_ms / 1000)  # requests join running ones: prefill chunks mix with decodes
     for _ in prompts:
         done.acquire()
     wall = time.perf_counter() - start
     generated = sum(counts.values())
     ttft = sum(t - start for t in first_token.values()) / len(first_token)
+    gaps.sort()
+
+    def percentile(q: float) -> float:
+        return 1000 * gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else 0.0
+
     return {"batch": batch, "seconds": wall, "generated_tokens": generated, "tokens_per_s": generated / wall,
-            "mean_ttft_s": ttft, "decode_step_ms": 1000 * (wall - ttft) / max(1, args.output_len - 1)}
+            "mean_ttft_s": ttft, "decode_step_ms": 1000 * (wall - ttft) / max(1, args.output_len - 1),
+            "itl_p50_ms": percentile(0.5), "itl_p99_ms": percentile(0.99)}
 
 
 def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
@@ -180,29 +204,31 @@ def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
     thread while the executor is idle, so the profiler sees every operation."""
     from torch.profiler import ProfilerActivity, profile
 
-    from generator.engine.model import ForwardPlan, make_batch
+    from generator.engine.model import ForwardPlan
 
-    model, cache = executor._model, executor._cache  # the idle executor's own runner and cache
-    device = model.device
+    runner = executor._runner  # the idle executor's own runner and KV pool; blocks 1.. are free while idle
+    device = runner.model.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompt = list(range(1, args.input_len + 1))
+    blocks = -(-(args.input_len + args.output_len) // runner.block_size)
+    table = list(range(1, min(blocks, runner.cache.num_blocks - 1) + 1))
 
     def forward(plan: ForwardPlan) -> float:
         sync()
         start = time.perf_counter()
-        model.forward(make_batch(plan, device), cache)
+        runner.execute(plan)
         sync()
         return 1000 * (time.perf_counter() - start)
 
     with torch.inference_mode():
-        context_ms = forward(ForwardPlan([0], [prompt], [0]))
-        room = max(1, args.output_len - 1)  # positions left in the cache slot
-        steps = [forward(ForwardPlan([0], [[7]], [args.input_len + i % room])) for i in range(8)]
+        context_ms = forward(ForwardPlan([prompt], [0], [table]))
+        room = max(1, args.output_len - 1)  # positions left in the sequence's blocks
+        steps = [forward(ForwardPlan([[7]], [args.input_len + i % room], [table])) for i in range(8)]
         print(f"context {context_ms:.2f} ms, decode steps {', '.join(f'{t:.2f}' for t in steps)} ms", flush=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             for i in range(4):
-                forward(ForwardPlan([0], [[7]], [args.input_len + (8 + i) % room]))
+                forward(ForwardPlan([[7]], [args.input_len + (8 + i) % room], [table]))
     for key in (["cuda_time_total"] if device.type == "cuda" else []) + ["cpu_time_total"]:
         print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
@@ -252,7 +278,7 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
     if info.rank == 0:
         build_engine(BuildSettings(checkpoint, engine, max_batch_size=max(batch_sizes),
                                    max_input_len=args.input_len, max_seq_len=args.input_len + args.output_len,
-                                   max_num_tokens=max(batch_sizes) * args.input_len))
+                                   max_num_tokens=args.max_num_tokens or max(batch_sizes) * args.input_len))
     if info.world_size > 1:
         torch.distributed.barrier()
     prepared = time.perf_counter() - started
@@ -260,10 +286,15 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
         follow(engine, device=args.device)
         return 0
     results = []
-    with Executor(engine, device=args.device) as executor:
-        print(f"weights written and loaded in {prepared:.1f} s; device {device}, world size {info.world_size} "
-              f"(tp {mapping.tensor_parallel_size}, pp {mapping.pipeline_parallel_size}), dtype {args.dtype}",
-              flush=True)
+    with Executor(engine, device=args.device, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
+                  max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache) as executor:
+        ready = time.perf_counter() - started
+        kv = executor.kv_cache_info
+        print(f"weights written and loaded in {prepared:.1f} s, engine ready (KV pool, warm-up) at {ready:.1f} s; "
+              f"device {device}, world size {info.world_size} (tp {mapping.tensor_parallel_size}, "
+              f"pp {mapping.pipeline_parallel_size}), dtype {args.dtype}", flush=True)
+        print(f"KV cache: {kv['blocks']} blocks x {kv['tokens_per_block']} tokens = {kv['tokens']} tokens, "
+              f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}", flush=True)
         run_batch(executor, 1, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
         if args.profile:
             profile_forwards(executor, args)
@@ -273,10 +304,12 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
             results.append(best)
             print(f"batch {batch:3d}: {best['tokens_per_s']:9.1f} tokens/s  ({best['generated_tokens']} tokens in "
                   f"{best['seconds']:.2f} s, mean TTFT {1000 * best['mean_ttft_s']:.1f} ms, "
-                  f"decode step {best['decode_step_ms']:.2f} ms)", flush=True)
+                  f"decode step {best['decode_step_ms']:.2f} ms, ITL p50 {best['itl_p50_ms']:.2f} / p99 "
+                  f"{best['itl_p99_ms']:.2f} ms)", flush=True)
+        kv = executor.kv_cache_info  # with the preemptions of the timed runs
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "world_size": info.world_size, "results": results}
+               "world_size": info.world_size, "kv_cache": kv, "results": results}
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

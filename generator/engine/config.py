@@ -62,6 +62,7 @@ class EngineConfig:
     max_input_len: int
     max_seq_len: int
     max_num_tokens: int
+    tokens_per_block: int  # KV cache block size (build_config's, else the engine's default)
     pretrained_config: dict[str, Any]
 
     @property
@@ -167,6 +168,8 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
             max_input_len=max_input_len,
             max_seq_len=max_seq_len,
             max_num_tokens=int(build.get("max_num_tokens") or max(max_input_len, 2048)),
+            tokens_per_block=int(build.get("tokens_per_block")
+                                 or dict(build.get("plugin_config") or {}).get("tokens_per_block") or 32),
             pretrained_config=pretrained,
         )
     except KeyError as error:

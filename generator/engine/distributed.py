@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,6 +22,7 @@ from generator.mapping import Mapping
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK")
 _SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")
 _LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "LOCAL_RANK")
+QUIET = -1  # kind of the step message that moves the next one to gloo (see Communicator.broadcast_step)
 # followers block in a broadcast while rank 0 is idle (a server can sit idle for days): never time out there
 _IDLE_TIMEOUT = timedelta(days=365)
 
@@ -70,6 +72,7 @@ class Communicator:
         self.world_size = mapping.world_size
         self._tp_group: Any = None
         self._control_group: Any = None
+        self._quiet = True  # followers start by waiting on gloo (rank 0 may take long to get its first request)
         if self.world_size == 1:
             return
         if not dist.is_initialized():
@@ -136,12 +139,58 @@ class Communicator:
 
     # step plans -------------------------------------------------------------------------------------------
     def broadcast_plan(self, plan: Any) -> Any:
-        """Rank 0 passes its plan, the others pass None and get rank 0's plan back."""
+        """Rank 0 passes a python object, the others pass None and get it back (over gloo; for rare messages
+        such as the start-up settings)."""
         if self.world_size == 1:
             return plan
         box = [plan]
         dist.broadcast_object_list(box, src=0, group=self._control_group)
         return box[0]
+
+    def broadcast_step(self, message: np.ndarray | None) -> np.ndarray:
+        """Rank 0 passes a step message (int64 array, `message[0]` its kind), the others pass None and get it.
+
+        While rank 0 is busy, messages go as device tensors over the tensors' own communicator (NCCL on GPU: no
+        pickling, no CPU collective). A message whose kind is `QUIET` (rank 0 is about to sit idle) switches both
+        sides to the gloo group, where a follower can wait for days without spinning its GPU; the next message
+        goes there and switches back.
+        """
+        if self.world_size == 1:
+            assert message is not None
+            return message
+        if self._quiet:
+            box = [message]
+            dist.broadcast_object_list(box, src=0, group=self._control_group)
+            received = np.asarray(box[0], dtype=np.int64)
+            self._quiet = False
+        else:
+            tensor_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            header = torch.zeros(1, dtype=torch.long, device=tensor_device)
+            if message is not None:
+                header.fill_(len(message))
+            dist.broadcast(header, src=0)
+            if message is not None:
+                payload = torch.from_numpy(message).to(tensor_device)
+            else:
+                payload = torch.empty(int(header.item()), dtype=torch.long, device=tensor_device)
+            dist.broadcast(payload, src=0)
+            received = message if message is not None else payload.cpu().numpy()
+        if int(received[0]) == QUIET:
+            self._quiet = True
+        return received
+
+    def go_quiet(self) -> None:
+        """Rank 0, before it waits for work: move the step messages to gloo until the next one."""
+        if self.world_size > 1 and not self._quiet:
+            self.broadcast_step(np.array([QUIET], dtype=np.int64))
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest `value` any rank passes (every rank must call it), e.g. the KV pool's block count."""
+        if self.world_size == 1:
+            return value
+        box = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN, group=self._control_group)
+        return int(box.item())
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():

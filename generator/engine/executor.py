@@ -1,9 +1,14 @@
-"""The executor: a request queue and a step-loop thread doing in-flight batching over the model runner.
+"""The executor: a request queue and a step-loop thread doing in-flight batching with a paged KV cache.
 
-Every step the loop (1) admits queued requests into free KV-cache slots, (2) runs ONE batched generation
-forward (one new token per running request), (3) runs the context phase of the requests admitted in (1),
-sampling their first token, and (4) hands out results and frees the slots of finished requests. Requests
-therefore join and leave between steps, as in TensorRT-LLM's in-flight batcher.
+Three parts with small interfaces between them (as nano-vllm and vLLM's v1 engine split theirs):
+- the `Scheduler` (scheduler.py) picks each step's work under the `max_num_tokens` budget: every running
+  sequence's next token, chunks of new prompts, preemption when the pool runs out of blocks;
+- the `BlockManager` (block_manager.py) hands out the pool's blocks and shares full prefix blocks;
+- the `ModelRunner` (model_runner.py) turns the step into one forward (decode rows and prefill chunks
+  together) over the rank's KV pool, as a CUDA-graph replay when the step is all decodes.
+The loop here samples the rows whose chunk reached their sequence's end, hands out results and retires
+finished requests. Requests therefore join and leave between steps, as in TensorRT-LLM's in-flight batcher,
+and a new prompt never stalls the running streams for more than one chunk.
 
 Multi-rank: rank 0 owns the executor and broadcasts each forward's `ForwardPlan`; the other ranks run
 `follow(engine_dir)`, which replays the plans until rank 0 shuts down.
@@ -14,25 +19,32 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from generator.engine.block_manager import BlockManager
 from generator.engine.config import EngineConfig, load_engine_config
-from generator.engine.cuda_graphs import new_runner, run_forward
+from generator.engine.cuda_graphs import DeviceTokens
 from generator.engine.distributed import Communicator, pick_device, process_info
+from generator.engine.kv_cache import KVCacheSettings
 from generator.engine.model import DecoderModel, ForwardPlan
+from generator.engine.model_runner import ModelRunner
 from generator.engine.sampling import SamplingConfig, SequenceState, new_generator, sample
+from generator.engine.scheduler import Scheduled, Scheduler, Sequence
 from generator.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_SHUTDOWN = "shutdown"
-_FORWARD = "forward"
+# kinds of the step messages rank 0 sends the other ranks (distributed.QUIET is the third)
+_FORWARD = 0
+_SHUTDOWN = 1
 
 
 @dataclass(frozen=True)
@@ -66,13 +78,21 @@ class _Running:
     request: GenerationRequest
     callback: Callback
     state: SequenceState
-    slot: int = -1
+    sequence: Sequence
     log_probs: list[float] = field(default_factory=list)
-    pending_token: int | None = None  # sampled, not yet fed through the model
 
-    @property
-    def cached_length(self) -> int:
-        return len(self.state.prompt) + len(self.state.output) - 1
+
+_PLACEHOLDER = -1  # an output token sampled on the device, not yet fetched (see Executor._launch_fetch)
+
+
+@dataclass
+class _InFlight:
+    """A step whose sampled tokens are still on their way to the host."""
+
+    requests: list[_Running]
+    tokens: torch.Tensor          # on the device
+    host: torch.Tensor            # their copy (pinned on CUDA), valid once `event` completed
+    event: torch.cuda.Event | None
 
 
 def _set_cpu_threads(world_size: int, device: torch.device) -> None:
@@ -101,40 +121,71 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
     config, comm, model = _load_rank(Path(engine_dir), device)
     if comm.mapping.rank == 0:
         raise ConfigError("follow() is for ranks > 0; rank 0 creates the Executor")
-    cache, graphs = new_runner(model)
     if model.device.type == "cuda":
         torch.cuda.set_device(model.device)
+    settings, max_num_tokens = comm.broadcast_plan(None)  # rank 0's: every pool must match
+    runner = ModelRunner(model, settings, max_num_tokens)
+    runner.warmup()
     with torch.inference_mode():
         while True:
-            kind, plan = comm.broadcast_plan(None)
+            message = comm.broadcast_step(None)
+            kind = int(message[0])
             if kind == _SHUTDOWN:
                 break
-            run_forward(model, cache, graphs, plan)
+            if kind == _FORWARD:
+                runner.execute(ForwardPlan.from_array(message[1:]))
     comm.close()
 
 
 class Executor:
     """Rank 0's engine: `enqueue` requests from any thread, results come back through callbacks."""
 
-    def __init__(self, engine_dir: Path | str, device: str | None = None) -> None:
+    def __init__(self, engine_dir: Path | str, device: str | None = None, *,
+                 kv_cache_free_gpu_mem_fraction: float | None = None,
+                 max_tokens_in_paged_kv_cache: int | None = None,
+                 enable_kv_cache_reuse: bool = False, max_num_tokens: int | None = None) -> None:
+        """Load the engine, size the KV pool (`kv_cache_free_gpu_mem_fraction` of the GPU memory free after
+        the weights, default 0.9, or `max_tokens_in_paged_kv_cache` tokens), capture the decode graphs, and
+        start the step loop. `max_num_tokens` overrides the engine's per-step token budget."""
         self.engine_dir = Path(engine_dir)
         config, comm, model = _load_rank(self.engine_dir, device)
         if comm.mapping.rank != 0:
             raise ConfigError(f"rank {comm.mapping.rank} must call generator.engine.follow(), not Executor()")
+        fraction = 0.9 if kv_cache_free_gpu_mem_fraction is None else float(kv_cache_free_gpu_mem_fraction)
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {fraction}")
+        if max_tokens_in_paged_kv_cache is not None and max_tokens_in_paged_kv_cache < config.tokens_per_block:
+            raise ConfigError(f"max_tokens_in_paged_kv_cache {max_tokens_in_paged_kv_cache} cannot hold one KV "
+                              f"block of {config.tokens_per_block} tokens")
+        settings = KVCacheSettings(fraction, max_tokens_in_paged_kv_cache, bool(enable_kv_cache_reuse),
+                                   config.tokens_per_block)
         self.config = config
         self._comm = comm
         self._model = model
-        self._cache, self._graphs = new_runner(model)
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)
+        self.max_num_tokens = int(max_num_tokens or config.max_num_tokens)
+        comm.broadcast_plan((settings, self.max_num_tokens))
+        self._runner = ModelRunner(model, settings, self.max_num_tokens)
+        self._runner.warmup()
+        self._blocks = BlockManager(self._runner.cache.num_blocks, settings.block_size, settings.enable_reuse)
         self.max_batch_size = config.max_batch_size
         self.max_input_len = config.max_input_len
         self.max_seq_len = config.max_seq_len
-        self.max_num_tokens = config.max_num_tokens
         self.vocab_size = config.vocab_size
+        self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens)
         self._lock = threading.Condition()
-        self._queue: deque[_Running] = deque()
-        self._running: dict[int, _Running] = {}
+        self._queue: deque[_Running] = deque()        # enqueued, not yet seen by the step loop
+        self._active: dict[int, _Running] = {}        # the step loop's: in the scheduler (waiting or running)
+        self._by_sequence: dict[Sequence, _Running] = {}
         self._cancelled: set[int] = set()
-        self._free_slots = list(range(config.max_batch_size))
+        self._outbox: list[tuple[Callback, GenerationResult]] = []  # results to hand out (see _flush)
+        self._inflight: _InFlight | None = None
+        # lookahead (see _launch_fetch) needs every rank to know the tokens: one rank only
+        self._overlap = comm.world_size == 1 and os.environ.get("GEN_REPO_LOOKAHEAD", "1") != "0"
+        self._fetch_buffer = torch.zeros(config.max_batch_size, dtype=torch.long)
+        if model.device.type == "cuda":
+            self._fetch_buffer = self._fetch_buffer.pin_memory()
         self._ids = itertools.count(1)
         self._stopping = False
         self._closed = False
@@ -142,6 +193,14 @@ class Executor:
         self._thread.start()
         # an executor left running at exit would leave the other ranks waiting for a plan forever
         atexit.register(self.shutdown)
+
+    @property
+    def kv_cache_info(self) -> dict[str, int | bool]:
+        """The KV pool: blocks (besides the padding block), tokens per block, tokens, bytes, reuse."""
+        cache = self._runner.cache
+        return {"blocks": cache.num_blocks - 1, "tokens_per_block": cache.block_size, "tokens": cache.num_tokens,
+                "bytes": cache.nbytes, "reuse": self._blocks.enable_reuse,
+                "preemptions": self._scheduler.num_preemptions, "reused_blocks": self._blocks.num_reused}
 
     # public API -----------------------------------------------------------------------------------------
     def enqueue(self, request: GenerationRequest, callback: Callback) -> int:
@@ -153,7 +212,8 @@ class Executor:
             request_id = next(self._ids)
             state = SequenceState(request.sampling, list(request.input_ids), [],
                                   new_generator(request.sampling, self._model.device))
-            self._queue.append(_Running(request_id, request, callback, state))
+            sequence = Sequence(state.prompt, state.output)
+            self._queue.append(_Running(request_id, request, callback, state, sequence))
             self._lock.notify_all()
         return request_id
 
@@ -210,6 +270,9 @@ class Executor:
         if len(ids) + sampling.max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) is more "
                              f"than the engine's max_seq_len {self.max_seq_len}")
+        if len(ids) + sampling.max_new_tokens > self._runner.cache.num_tokens:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) is more "
+                             f"than the KV cache holds ({self._runner.cache.num_tokens} tokens)")
         if sampling.beam_width != 1:
             raise ValueError(f"beam_width {sampling.beam_width} is not supported by the pytorch engine (only 1)")
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
@@ -240,56 +303,106 @@ class Executor:
     def _step(self) -> bool:
         """One step of the loop; False once shutdown was asked."""
         with self._lock:
-            while not self._stopping and not self._queue and not self._running:
+            idle = not self._stopping and not self._queue and not self._active
+        if idle:
+            self._flush()
+            self._comm.go_quiet()  # the other ranks wait on gloo, not spinning in an NCCL broadcast
+        with self._lock:
+            while not self._stopping and not self._queue and not self._active:
                 self._lock.wait()
             if self._stopping:
                 return False
             cancelled = set(self._cancelled)
             self._cancelled.clear()
-            admitted = self._admit(cancelled)
-            to_cancel = [r for r in list(self._queue) + list(self._running.values()) if r.request_id in cancelled]
-        for running in to_cancel:
-            self._finish(running, "cancelled")
-        generating = [r for r in self._running.values() if r.pending_token is not None]
-        if generating:
-            self._run_forward(generating, [[r.pending_token or 0] for r in generating],
-                              [r.cached_length for r in generating])
-        if admitted:
-            self._run_forward(admitted, [r.state.prompt for r in admitted], [0] * len(admitted))
+        self._take_queue()
+        for request_id in cancelled:
+            running = self._active.get(request_id)
+            if running is not None:
+                self._finish(running, "cancelled")
+        work = self._scheduler.schedule()
+        if work:
+            self._run_forward(work)
+        else:
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                self._resolve(inflight)
+            self._flush()
+        if not work and self._active:
+            raise RuntimeError("the scheduler found nothing to run for waiting requests")  # a bug: never spin
         return True
 
-    def _admit(self, cancelled: set[int]) -> list[_Running]:
-        """Move queued requests into free slots (lowest first), within max_num_tokens of context tokens."""
-        admitted: list[_Running] = []
-        tokens = 0
-        while self._queue and self._free_slots:
-            candidate = self._queue[0]
-            if candidate.request_id in cancelled:
-                break  # the caller finishes it this step; the rest are admitted next step
-            if admitted and tokens + len(candidate.state.prompt) > self.max_num_tokens:
-                break
-            self._queue.popleft()
-            self._free_slots.sort()
-            candidate.slot = self._free_slots.pop(0)
-            tokens += len(candidate.state.prompt)
-            self._running[candidate.request_id] = candidate
-            admitted.append(candidate)
-        return admitted
-
-    def _run_forward(self, requests: list[_Running], tokens: list[list[int]], past: list[int]) -> None:
-        plan = ForwardPlan([r.slot for r in requests], tokens, past)
+    def _run_forward(self, work: list[Scheduled]) -> None:
+        plan = ForwardPlan([item.sequence.tokens(item.start, item.start + item.count) for item in work],
+                           [item.start for item in work], [list(item.sequence.block_table) for item in work])
+        requests = [self._by_sequence[item.sequence] for item in work]
+        sampled = [row for row, item in enumerate(work) if item.samples]
+        inflight, self._inflight = self._inflight, None
+        device_tokens = self._device_tokens(inflight, requests) if inflight is not None else None
         try:
-            self._comm.broadcast_plan((_FORWARD, plan))
-            logits = run_forward(self._model, self._cache, self._graphs, plan)
+            if self._comm.world_size > 1:
+                self._comm.broadcast_step(np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()]))
+            logits = self._runner.execute(plan, device_tokens)
+            self._flush()  # the previous step's results, while this step runs on the GPU
+            if inflight is not None:
+                self._resolve(inflight)  # likewise: the previous step's tokens reach the host now
+                self._flush()
             assert logits is not None
-            new_tokens, log_probs = sample(logits, [r.state for r in requests])
+            self._scheduler.computed(work)  # after _resolve: no placeholder is hashed
+            if not sampled:
+                return
+            if len(sampled) < len(work):
+                logits = logits[torch.tensor(sampled, device=logits.device)]
+            states = [requests[row].state for row in sampled]
+            if self._overlap and all(s.config.is_greedy and not s.config.needs_processing
+                                     and not s.config.return_log_probs for s in states):
+                self._launch_fetch([requests[row] for row in sampled], logits.argmax(dim=-1))
+                return
+            new_tokens, log_probs = sample(logits, states)
         except Exception as error:  # noqa: BLE001 - report it on the requests, keep serving
             log.exception("forward failed")
-            for running in requests:
+            for running in requests + (inflight.requests if inflight is not None else []):
                 self._finish(running, "error", error=f"{type(error).__name__}: {error}")
+            self._flush()
             return
-        for running, token, log_prob in zip(requests, new_tokens, log_probs, strict=True):
-            self._accept(running, token, log_prob)
+        for row, token, log_prob in zip(sampled, new_tokens, log_probs, strict=True):
+            self._accept(requests[row], token, log_prob)
+
+    # one step of lookahead -----------------------------------------------------------------------------------
+    # All-greedy steps on one rank do not wait for their tokens: each sampled sequence gets a placeholder token,
+    # the next step is scheduled and launched with the real tokens taken on the device, and only then are the
+    # tokens fetched (the copy has long finished) and accepted. The host work of a step thus overlaps the GPU.
+    # A sequence that turns out finished wasted one row of the next step, nothing else.
+    def _launch_fetch(self, requests: list[_Running], tokens: torch.Tensor) -> None:
+        host = self._fetch_buffer[:len(requests)]
+        host.copy_(tokens, non_blocking=True)
+        event = None
+        if tokens.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        for running in requests:
+            running.state.output.append(_PLACEHOLDER)
+        self._inflight = _InFlight(requests, tokens, host, event)
+
+    def _device_tokens(self, inflight: _InFlight, requests: list[_Running]) -> DeviceTokens:
+        where = {id(running): index for index, running in enumerate(inflight.requests)}
+        rows, sources = [], []
+        for row, running in enumerate(requests):
+            index = where.get(id(running))
+            if index is not None and running.state.output and running.state.output[-1] == _PLACEHOLDER:
+                rows.append(row)
+                sources.append(index)
+        return rows, sources, inflight.tokens
+
+    def _resolve(self, inflight: _InFlight) -> None:
+        if inflight.event is not None:
+            inflight.event.synchronize()
+        for running, token in zip(inflight.requests, inflight.host.tolist(), strict=True):
+            if running.request_id not in self._active:
+                continue  # finished meanwhile (cancelled): _finish dropped its placeholder
+            output = running.state.output
+            assert output and output[-1] == _PLACEHOLDER
+            output.pop()
+            self._accept(running, int(token), None)
 
     def _accept(self, running: _Running, token: int, log_prob: float | None) -> None:
         """Append a sampled token, then deliver a result and decide whether the request is done."""
@@ -300,7 +413,6 @@ class Executor:
         running.state.output.append(token)
         if log_prob is not None:
             running.log_probs.append(log_prob)
-        running.pending_token = token
         output = running.state.output
         reason = None
         if any(words and output[-len(words):] == list(words) for words in config.stop_words):
@@ -314,14 +426,13 @@ class Executor:
 
     def _finish(self, running: _Running, reason: str, last_token: int | None = None,
                 error: str | None = None) -> None:
-        with self._lock:
-            known = self._running.pop(running.request_id, None) is not None
-            if known:
-                self._free_slots.append(running.slot)
-            elif running in self._queue:
-                self._queue.remove(running)
-            else:
-                return  # already finished
+        """Retire a request of the step loop (gives its KV blocks back) and deliver its final result."""
+        if self._active.pop(running.request_id, None) is None:
+            return  # already finished
+        del self._by_sequence[running.sequence]
+        self._scheduler.remove(running.sequence)
+        if running.state.output and running.state.output[-1] == _PLACEHOLDER:
+            running.state.output.pop()  # a token still on its way: never delivered
         if running.request.streaming:
             tokens = [last_token] if last_token is not None else []
         else:
@@ -337,20 +448,40 @@ class Executor:
             log_probs = running.log_probs[len(running.log_probs) - len(tokens):]
             cum = float(sum(running.log_probs))
         result = GenerationResult(running.request_id, tokens, finished, reason, log_probs, cum, error)
-        try:
-            running.callback(result)
-        except Exception:  # noqa: BLE001 - a broken callback must not stop the other requests
-            log.exception("callback of request %d raised", running.request_id)
+        self._outbox.append((running.callback, result))
+
+    def _flush(self) -> None:
+        """Hand out the queued results. Called right after the next forward is launched, so the callbacks
+        (a Triton response per token when serving) run while the GPU computes, not between steps."""
+        outbox, self._outbox = self._outbox, []
+        for callback, result in outbox:
+            try:
+                callback(result)
+            except Exception:  # noqa: BLE001 - a broken callback must not stop the other requests
+                log.exception("callback of request %d raised", result.request_id)
+
+    def _take_queue(self) -> None:
+        with self._lock:
+            arrived = list(self._queue)
+            self._queue.clear()
+        for running in arrived:
+            self._active[running.request_id] = running
+            self._by_sequence[running.sequence] = running
+            self._scheduler.add(running.sequence)
 
     def _fail_all(self, message: str) -> None:
-        for running in list(self._running.values()) + list(self._queue):
+        self._take_queue()
+        for running in list(self._active.values()):
             self._finish(running, "error", error=message)
+        self._flush()
 
     def _finish_shutdown(self) -> None:
-        for running in list(self._running.values()) + list(self._queue):
+        self._take_queue()
+        for running in list(self._active.values()):
             self._finish(running, "cancelled")
+        self._flush()
         try:
-            self._comm.broadcast_plan((_SHUTDOWN, None))
+            self._comm.broadcast_step(np.array([_SHUTDOWN], dtype=np.int64))
         finally:
             self._comm.close()
 

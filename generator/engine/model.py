@@ -4,9 +4,8 @@ Covers what MPT (ALiBi, clip_qkv, optional qk LayerNorm / learned positions / bi
 mixture of experts) need. Numerics follow the Hugging Face reference implementations: exact-erf GELU,
 LayerNorm, softmax in float32 inside attention, float32 router and logits.
 
-One forward runs a padded batch `[B, T]` of new tokens for `B` cache slots, each with its own number of
-cached positions, so the same code runs the context phase (T = prompt length, nothing cached) and the
-generation phase (T = 1).
+One forward runs the new tokens of `B` sequences flattened to `[N]`, each sequence with its own number of
+tokens already in the paged KV pool, so one forward mixes decode rows (one token) and prefill chunks.
 """
 
 from __future__ import annotations
@@ -16,15 +15,23 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
+from generator.engine.attention import (
+    ATTENTION_BACKENDS,
+    add_layer_norm,
+    decode_attention,
+    fused_norm_available,
+    paged_prefill_attention,
+)
 from generator.engine.config import EngineConfig, alibi_slopes
 from generator.engine.distributed import Communicator
-from generator.engine.kv_cache import KVCache
-from generator.engine.moe import Experts, moe_forward, route
+from generator.engine.kv_cache import KVPool, bytes_per_token
+from generator.engine.moe import METHOD_ENV, Experts, moe_forward, route
 from generator.engine.weight_only import (
     KERNEL_ENV,
     QuantizedExperts,
@@ -35,76 +42,157 @@ from generator.engine.weight_only import (
 from generator.errors import ConfigError
 from generator.quantize import dequantize_weight, is_weight_only_target, quantize_weight
 
-# cuDNN's SDPA builds a new plan for every key length (one more each decode step): tens of ms per call
-_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# keys read from the cache are padded to a multiple of this (masked), so kernels see few distinct shapes
+# keys gathered from the pool are padded to a multiple of this (masked), so kernels see few distinct shapes
 _KEY_LENGTH_BUCKET = 16
 
 
 @dataclass(frozen=True)
 class ForwardPlan:
-    """What every rank runs in one forward: new tokens per slot and how many positions each slot has cached.
+    """What every rank runs in one forward: per sequence its new tokens, how many of its tokens the KV pool
+    already holds, and its block table (covering past + new tokens).
 
-    Rank 0 builds it and broadcasts it; it is plain Python so it pickles cheaply.
+    Rows with one new token (decode rows) come first. Rank 0 builds it and broadcasts it; plain Python.
     """
 
-    slots: list[int]
     tokens: list[list[int]]
     past_lengths: list[int]
+    block_tables: list[list[int]]
+
+    def to_array(self) -> np.ndarray:
+        """The plan as one int64 array (sent to the other ranks as a tensor): rows, then per row its token
+        count, past length and table length, then every row's tokens, then every row's table."""
+        counts = [len(t) for t in self.tokens]
+        table_lengths = [len(t) for t in self.block_tables]
+        parts = [np.array([len(counts)], dtype=np.int64), np.array(counts, dtype=np.int64),
+                 np.array(self.past_lengths, dtype=np.int64), np.array(table_lengths, dtype=np.int64),
+                 np.fromiter((t for row in self.tokens for t in row), dtype=np.int64, count=sum(counts)),
+                 np.fromiter((b for row in self.block_tables for b in row), dtype=np.int64,
+                             count=sum(table_lengths))]
+        return np.concatenate(parts)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> ForwardPlan:
+        rows = int(array[0])
+        counts, past, table_lengths = (array[1 + i * rows:1 + (i + 1) * rows].tolist() for i in range(3))
+        flat = array[1 + 3 * rows:].tolist()
+        tokens, tables = [], []
+        at = 0
+        for count in counts:
+            tokens.append(flat[at:at + count])
+            at += count
+        for length in table_lengths:
+            tables.append(flat[at:at + length])
+            at += length
+        return cls(tokens, past, tables)
+
+    @property
+    def num_decode(self) -> int:
+        """The leading rows with exactly one new token."""
+        count = 0
+        for row in self.tokens:
+            if len(row) != 1:
+                break
+            count += 1
+        return count
 
 
 @dataclass
 class ForwardBatch:
-    """A `ForwardPlan` as tensors on the rank's device."""
+    """A `ForwardPlan` as tensors on the rank's device; the new tokens of all rows are flattened to `[N]`.
 
-    token_ids: torch.Tensor        # [B, T] long, right-padded with 0
-    positions: torch.Tensor        # [B, T] long: past + t
-    past_lengths: torch.Tensor     # [B]
-    total_lengths: torch.Tensor    # [B]: past + new
-    last_index: torch.Tensor       # [B]: index of each row's last new token
-    slot_index: torch.Tensor | slice
-    write_slots: torch.Tensor      # [N] slot of each real (non-padding) new token
-    write_positions: torch.Tensor  # [N] its position
-    write_rows: torch.Tensor       # [N] its row in the batch
-    write_cols: torch.Tensor       # [N] its column in the batch
-    max_total: int
-    nothing_cached: bool
+    Rows `0..num_decode-1` (tokens `0..num_decode-1`) run the paged decode attention over their block tables;
+    the `gather_rows` rows after them run SDPA over keys gathered from the pool (prefill chunks, and every
+    row where the decode kernel does not run), with queries padded to `[gather_rows, gather_width]`.
+    """
+
+    token_ids: torch.Tensor        # [N]
+    positions: torch.Tensor        # [N]
+    slot_mapping: torch.Tensor     # [N] flat pool slot where each new token's K/V goes
+    last_index: torch.Tensor       # [B] flat index of each row's last new token
+    num_rows: int
+    num_decode: int
+    decode_tables: torch.Tensor | None = None    # [D, W] int32 block ids
+    decode_lengths: torch.Tensor | None = None   # [D] int32: past + 1
+    gather_rows: int = 0
+    gather_width: int = 0
+    query_index: torch.Tensor | None = None      # [P, Tq] index among the gather tokens (padding: row's last)
+    query_positions: torch.Tensor | None = None  # [P, Tq]
+    key_slots: torch.Tensor | None = None        # [P, K] pool slots of the keys; None: nothing cached, the
+    key_lengths: torch.Tensor | None = None      # [P]    new K/V are the whole sequences
+    output_index: torch.Tensor | None = None     # [M] place of each gather token in the flat [P * Tq] output
+    # prefill_in_place: the gather rows run the paged prefill kernel over their blocks instead (no padding)
+    prefill_in_place: bool = False
+    prefill_tables: torch.Tensor | None = None   # [P, W] int32
+    prefill_starts: torch.Tensor | None = None   # [P] int32: first token among the gather tokens
+    prefill_counts: torch.Tensor | None = None   # [P] int32
+    prefill_past: torch.Tensor | None = None     # [P] int32
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.token_ids.shape[0]), int(self.token_ids.shape[1])
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
 
 
-def make_batch(plan: ForwardPlan, device: torch.device) -> ForwardBatch:
-    """Pad the plan's token lists and precompute, on the host, where each real token goes in the cache."""
-    batch = len(plan.slots)
-    new_lengths = [len(t) for t in plan.tokens]
-    width = max(new_lengths)
-    padded = [t + [0] * (width - len(t)) for t in plan.tokens]
-    rows, cols, write_slots, write_positions = [], [], [], []
-    for row, (slot, cached, count) in enumerate(zip(plan.slots, plan.past_lengths, new_lengths, strict=True)):
-        rows += [row] * count
-        cols += list(range(count))
-        write_slots += [slot] * count
-        write_positions += list(range(cached, cached + count))
-    totals = [p + n for p, n in zip(plan.past_lengths, new_lengths, strict=True)]
+def make_batch(plan: ForwardPlan, device: torch.device, block_size: int, split_decode: bool = True,
+               prefill_in_place: bool = False) -> ForwardBatch:
+    """Flatten the plan's tokens and compute on the host (numpy) where each goes in the pool and what it reads.
 
-    def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    `split_decode` False sends every row through the gather path (the CPU path: one SDPA for all rows);
+    `prefill_in_place` runs the other rows with the paged prefill kernel instead of the gather path.
+    """
+    counts = np.array([len(t) for t in plan.tokens], dtype=np.int64)
+    past = np.array(plan.past_lengths, dtype=np.int64)
+    rows = len(counts)
+    starts = np.cumsum(counts) - counts
+    total_tokens = int(counts.sum())
+    width = max(len(t) for t in plan.block_tables)
+    tables = np.zeros((rows, max(1, width)), dtype=np.int64)
+    for row, table in enumerate(plan.block_tables):
+        tables[row, :len(table)] = table
+    row_of = np.repeat(np.arange(rows), counts)
+    positions = np.arange(total_tokens) - np.repeat(starts, counts) + np.repeat(past, counts)
+    slots = tables[row_of, positions // block_size] * block_size + positions % block_size
 
-    past_tensor = tensor(plan.past_lengths)
-    contiguous = plan.slots == list(range(batch))
-    return ForwardBatch(
-        token_ids=tensor(padded),
-        positions=past_tensor[:, None] + torch.arange(width, device=device)[None, :],
-        past_lengths=past_tensor,
-        total_lengths=tensor(totals),
-        last_index=tensor([n - 1 for n in new_lengths]),
-        slot_index=slice(0, batch) if contiguous else tensor(plan.slots),
-        write_slots=tensor(write_slots), write_positions=tensor(write_positions),
-        write_rows=tensor(rows), write_cols=tensor(cols),
-        max_total=max(totals), nothing_cached=max(plan.past_lengths) == 0)
+    def tensor(values: np.ndarray, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(device=device, dtype=dtype, non_blocking=True)
 
+    flat_tokens = [t for row in plan.tokens for t in row]
+    decode = plan.num_decode if split_decode else 0
+    batch = ForwardBatch(
+        token_ids=torch.tensor(flat_tokens, dtype=torch.long).to(device, non_blocking=True),
+        positions=tensor(positions), slot_mapping=tensor(slots), last_index=tensor(starts + counts - 1),
+        num_rows=rows, num_decode=decode)
+    if decode:
+        batch.decode_tables = tensor(tables[:decode], torch.int32)
+        batch.decode_lengths = tensor(past[:decode] + 1, torch.int32)
+    if decode == rows:
+        return batch
+    g_counts, g_past, g_tables = counts[decode:], past[decode:], tables[decode:]
+    g_rows = rows - decode
+    g_width = int(g_counts.max())
+    g_starts = np.cumsum(g_counts) - g_counts
+    batch.gather_rows, batch.gather_width = g_rows, g_width
+    if prefill_in_place:
+        batch.prefill_in_place = True
+        batch.prefill_tables = tensor(g_tables, torch.int32)
+        batch.prefill_starts = tensor(g_starts, torch.int32)
+        batch.prefill_counts = tensor(g_counts, torch.int32)
+        batch.prefill_past = tensor(g_past, torch.int32)
+        return batch
+    columns = np.minimum(np.arange(g_width)[None, :], g_counts[:, None] - 1)
+    totals = g_past + g_counts
+    batch.query_index = tensor(g_starts[:, None] + columns)
+    batch.query_positions = tensor(g_past[:, None] + columns)
+    batch.key_lengths = tensor(totals)
+    g_total = int(g_counts.sum())
+    g_row_of = np.repeat(np.arange(g_rows), g_counts)
+    batch.output_index = tensor(g_row_of * g_width + np.arange(g_total) - np.repeat(g_starts, g_counts))
+    if int(g_past.max()) > 0:
+        keys = -(-int(totals.max()) // _KEY_LENGTH_BUCKET) * _KEY_LENGTH_BUCKET
+        key_positions = np.arange(keys)
+        blocks = g_tables[:, np.minimum(key_positions // block_size, g_tables.shape[1] - 1)]
+        key_slots = blocks * block_size + key_positions % block_size
+        batch.key_slots = tensor(np.where(key_positions[None, :] < totals[:, None], key_slots, 0))
+    return batch
 
 def _dequantize(weight: torch.Tensor, scale: torch.Tensor, precision: str) -> torch.Tensor:
     """Weight-only int8/int4 `[in, out]` (or `[E, in, out]`) -> float `[out, in]` (`[E, out, in]`)."""
@@ -260,19 +348,21 @@ class DecoderModel:
             hidden = hidden + F.embedding(batch.positions, positions)
         return hidden
 
-    def _attention_bias(self, batch: ForwardBatch, length: int) -> torch.Tensor:
-        """Additive mask `[B, heads or 1, T, length]`: causal + per-row length, plus ALiBi.
+    def _attention_bias(self, batch: ForwardBatch) -> torch.Tensor:
+        """Additive mask of the gather rows `[P, heads or 1, Tq, K]`: causal + per-row length, plus ALiBi.
 
         ALiBi is `slope * (key position - last position)`, as HF MPT builds it (not scaled by 1/sqrt(hd)).
         """
+        assert batch.query_positions is not None and batch.key_lengths is not None
+        length = batch.key_slots.shape[1] if batch.key_slots is not None else batch.gather_width
         keys = torch.arange(length, device=self.device)
-        queries = batch.positions
-        allowed = (keys[None, None, :] <= queries[:, :, None]) & (keys[None, None, :] < batch.total_lengths[:, None,
-                                                                                                          None])
+        queries = batch.query_positions
+        totals = batch.key_lengths
+        allowed = (keys[None, None, :] <= queries[:, :, None]) & (keys[None, None, :] < totals[:, None, None])
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
         bias = bias.masked_fill(~allowed, float("-inf"))[:, None]
         if self.slopes is not None:
-            relative = (keys[None, :] - (batch.total_lengths[:, None] - 1)).float()  # [B, L]
+            relative = (keys[None, :] - (totals[:, None] - 1)).float()  # [P, K]
             bias = bias + self.slopes[None, :, None, None] * relative[:, None, None, :]
         return bias.to(self.dtype)
 
@@ -304,10 +394,10 @@ class DecoderModel:
         out = ((xf - mean) * torch.rsqrt(var + self.config.norm_epsilon)).to(x.dtype) * weight
         return out + bias if bias is not None else out
 
-    def _attention(self, local: int, x: torch.Tensor, batch: ForwardBatch, cache: KVCache,
-                   bias: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _attention(self, local: int, x: torch.Tensor, batch: ForwardBatch, cache: KVPool,
+                   bias: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         prefix = f"transformer.layers.{local}.attention"
-        rows, width = batch.shape
+        tokens = x.shape[0]
         hd = self.head_size
         qkv = self._linear(x, prefix + ".qkv")
         if self.config.clip_qkv:
@@ -316,22 +406,42 @@ class DecoderModel:
         if prefix + ".q_layernorm.weight" in self.tensors:
             q = self._qk_norm(q, prefix + ".q_layernorm")
             k = self._qk_norm(k, prefix + ".k_layernorm")
-        q = q.view(rows, width, self.heads, hd).transpose(1, 2)
-        k = k.view(rows, width, self.kv_heads, hd).transpose(1, 2)
-        v = v.view(rows, width, self.kv_heads, hd).transpose(1, 2)
+        q = q.reshape(tokens, self.heads, hd)
+        k = k.reshape(tokens, self.kv_heads, hd)
+        v = v.reshape(tokens, self.kv_heads, hd)
         if rope is not None:
             q, k = self._rope(q, *rope), self._rope(k, *rope)
-        new_k = k.transpose(1, 2)[batch.write_rows, batch.write_cols]   # [N, kv, hd]
-        new_v = v.transpose(1, 2)[batch.write_rows, batch.write_cols]
-        cache.write(local, batch.write_slots, batch.write_positions, new_k, new_v)
-        if batch.nothing_cached:
-            keys, values = k, v  # context phase: the new K/V are the whole sequence
-        else:
-            keys, values = cache.read(local, batch.slot_index, bias.shape[-1])
-        gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
-        with sdpa_kernel(_ATTENTION_BACKENDS):
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0 / math.sqrt(hd), **gqa)
-        out = out.transpose(1, 2).reshape(rows, width, self.heads * hd)
+        cache.write(local, batch.slot_mapping, k, v)
+        parts = []
+        decode = batch.num_decode
+        if decode:
+            assert batch.decode_tables is not None and batch.decode_lengths is not None
+            key_blocks, value_blocks = cache.blocks(local)
+            out = decode_attention(q[:decode], key_blocks, value_blocks, batch.decode_tables, batch.decode_lengths,
+                                   self.slopes, cache.scale(local))
+            parts.append(out.reshape(decode, self.heads * hd))
+        if batch.prefill_in_place:
+            assert batch.prefill_tables is not None and batch.prefill_starts is not None
+            assert batch.prefill_counts is not None and batch.prefill_past is not None
+            key_blocks, value_blocks = cache.blocks(local)
+            out = paged_prefill_attention(q[decode:], key_blocks, value_blocks, batch.prefill_tables,
+                                          batch.prefill_starts, batch.prefill_counts, batch.prefill_past,
+                                          batch.gather_width, self.slopes, cache.scale(local))
+            parts.append(out.reshape(-1, self.heads * hd))
+        elif batch.gather_rows:
+            assert batch.query_index is not None and batch.output_index is not None
+            queries = q[decode:][batch.query_index].transpose(1, 2)     # [P, heads, Tq, hd]
+            if batch.key_slots is None:  # nothing cached: the new K/V are the whole sequences
+                keys, values = k[decode:][batch.query_index], v[decode:][batch.query_index]
+            else:
+                keys, values = cache.gather(local, batch.key_slots)     # [P, K, kv, hd]
+            gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
+            with sdpa_kernel(ATTENTION_BACKENDS):
+                out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2),
+                                                     attn_mask=bias, scale=1.0 / math.sqrt(hd), **gqa)
+            out = out.transpose(1, 2).reshape(-1, self.heads * hd)[batch.output_index]
+            parts.append(out)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self._row_linear(out, prefix + ".dense")
 
     def _mlp(self, local: int, x: torch.Tensor) -> torch.Tensor:
@@ -377,55 +487,80 @@ class DecoderModel:
         return logits[:, : self.config.vocab_size]
 
     # the forward ----------------------------------------------------------------------------------------
-    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:
+    @property
+    def moe_graph_safe(self) -> bool:
+        """MoE layers run without host syncs (CUDA-graph capturable) unless the reference loop is forced."""
+        return os.environ.get(METHOD_ENV) != "loop"
+
+    @property
+    def fused_norm(self) -> bool:
+        """Whether forward fuses the residual adds into the LayerNorms (CUDA, see attention.add_layer_norm)."""
+        return fused_norm_available(self.device) and len(self.layer_ids) > 0
+
+    def forward(self, batch: ForwardBatch, cache: KVPool) -> torch.Tensor | None:
         """Run this rank's stage; returns the float32 logits of each row's last new token on rank 0 (else None)."""
-        rows, width = batch.shape
+        tokens = batch.num_tokens
         d = self.config.hidden_size
         comm = self.comm
         if self.mapping.is_first_pp_rank:
             hidden = self.embed(batch)
         else:
-            hidden = comm.recv_from_previous_stage((rows, width, d), self.dtype)
-        if batch.nothing_cached:
-            length = width
-        else:
-            length = min(-(-batch.max_total // _KEY_LENGTH_BUCKET) * _KEY_LENGTH_BUCKET, self.config.max_seq_len)
-        bias = self._attention_bias(batch, length)
+            hidden = comm.recv_from_previous_stage((tokens, d), self.dtype)
+        bias = self._attention_bias(batch) if batch.gather_rows and not batch.prefill_in_place else None
         rope = None
         if self.config.position_embedding_type.startswith("rope"):
-            freqs = batch.positions[..., None].float() * self.inv_freq  # [B, T, rotary/2]
-            angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+            freqs = batch.positions[:, None].float() * self.inv_freq  # [N, rotary/2]
+            angles = torch.cat((freqs, freqs), dim=-1)[:, None]       # [N, 1, rotary]
             rope = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))
-        for local in range(len(self.layer_ids)):
-            prefix = f"transformer.layers.{local}"
-            hidden = hidden + self._attention(local, self._norm(hidden, prefix + ".input_layernorm"), batch, cache,
-                                              bias, rope)
-            hidden = hidden + self._mlp(local, self._norm(hidden, prefix + ".post_layernorm"))
+        if self.fused_norm:
+            hidden = self._fused_layers(hidden, batch, cache, bias, rope)
+        else:
+            for local in range(len(self.layer_ids)):
+                prefix = f"transformer.layers.{local}"
+                hidden = hidden + self._attention(local, self._norm(hidden, prefix + ".input_layernorm"), batch,
+                                                  cache, bias, rope)
+                hidden = hidden + self._mlp(local, self._norm(hidden, prefix + ".post_layernorm"))
         if not self.mapping.is_last_pp_rank:
             comm.send_to_next_stage(hidden)
             logits = None
         else:
-            last = hidden[torch.arange(rows, device=self.device), batch.last_index]
-            logits = self._head(last)
+            logits = self._head(hidden[batch.last_index])
         if self.mapping.pipeline_parallel_size > 1:
             source = comm.logits_source_rank()
             if self.mapping.rank == source and source != 0:
                 assert logits is not None
                 comm.send_logits_to_leader(logits)
             elif self.mapping.rank == 0:
-                logits = comm.recv_logits((rows, self.config.vocab_size))
+                logits = comm.recv_logits((batch.num_rows, self.config.vocab_size))
         return logits if self.mapping.rank == 0 else None
 
-    def new_cache(self, extra_slots: int = 0) -> KVCache:
-        """A KV cache sized by the engine's build limits for this rank's layers and KV heads (plus
-        `extra_slots` scratch slots)."""
-        slots = self.config.max_batch_size + extra_slots
-        try:
-            return KVCache(len(self.layer_ids), slots, self.kv_heads, self.config.max_seq_len, self.head_size,
-                           self.dtype, self.device, self.kv_scales)
-        except torch.cuda.OutOfMemoryError as error:
-            per_slot = (2 * len(self.layer_ids) * self.kv_heads * self.config.max_seq_len * self.head_size
-                        * (1 if self.kv_scales is not None else self.dtype.itemsize))
-            raise ConfigError(f"the KV cache ({slots} slots x {per_slot / 2**30:.2f} GiB) does not fit on "
-                              f"{self.device}: rebuild the engine with a smaller max_batch_size or max_seq_len"
-                              ) from error
+    def _fused_layers(self, hidden: torch.Tensor, batch: ForwardBatch, cache: KVPool, bias: torch.Tensor | None,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The layers with each residual add fused into the LayerNorm after it (the same arithmetic)."""
+        eps = self.config.norm_epsilon
+        count = len(self.layer_ids)
+        normed = self._norm(hidden, "transformer.layers.0.input_layernorm")
+        for local in range(count):
+            prefix = f"transformer.layers.{local}"
+            update = self._attention(local, normed, batch, cache, bias, rope)
+            post = prefix + ".post_layernorm"
+            hidden, normed = add_layer_norm(update, hidden, self.tensors[post + ".weight"],
+                                            self._optional(post + ".bias"), eps)
+            update = self._mlp(local, normed)
+            if local + 1 == count:
+                hidden = hidden + update  # ln_f runs on the last tokens only (in _head)
+            else:
+                after = f"transformer.layers.{local + 1}.input_layernorm"
+                hidden, normed = add_layer_norm(update, hidden, self.tensors[after + ".weight"],
+                                                self._optional(after + ".bias"), eps)
+        return hidden
+
+    def kv_token_bytes(self) -> int:
+        """Bytes one token's K and V take in this rank's pool."""
+        return bytes_per_token(len(self.layer_ids), self.kv_heads, self.head_size,
+                               1 if self.kv_scales is not None else self.dtype.itemsize)
+
+    def new_cache(self, num_blocks: int, block_size: int) -> KVPool:
+        """The rank's KV pool of `num_blocks` blocks for its layers and KV heads."""
+        return KVPool(len(self.layer_ids), num_blocks, block_size, self.kv_heads, self.head_size, self.dtype,
+                      self.device, self.kv_scales)

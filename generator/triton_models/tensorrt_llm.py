@@ -157,7 +157,13 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"rank {rank}: rank 0 has shut down")
         from generator.engine import Executor
 
-        self.executor = Executor(engine_dir)
+        # the KV cache parameters of the anchor's config.pbtxt size the engine's paged KV pool
+        fraction = parameter(config, "kv_cache_free_gpu_mem_fraction")
+        max_kv_tokens = parameter(config, "max_tokens_in_paged_kv_cache")
+        self.executor = Executor(
+            engine_dir, kv_cache_free_gpu_mem_fraction=float(fraction) if fraction else None,
+            max_tokens_in_paged_kv_cache=int(max_kv_tokens) if max_kv_tokens else None,
+            enable_kv_cache_reuse=parse_bool(parameter(config, "enable_kv_cache_reuse"), False))
         self.metrics = new_metrics(args["model_name"], self.executor, pb_utils)  # LLM metrics on /metrics
         self.exclude_input_default = parse_bool(parameter(config, "exclude_input_in_output"), False)
         self.tokenizer = configured_tokenizer(config)  # only to hold back split UTF-8 characters when streaming
