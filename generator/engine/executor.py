@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class GenerationResult:
     log_probs: list[float] | None = None
     cum_log_prob: float | None = None
     error: str | None = None
+    scheduled_ns: int = 0  # time.time_ns() when the request was first scheduled (its queue time ends there)
 
 
 Callback = Callable[[GenerationResult], None]
@@ -80,6 +82,7 @@ class _Running:
     state: SequenceState
     sequence: Sequence
     log_probs: list[float] = field(default_factory=list)
+    scheduled_ns: int = 0
 
 
 _PLACEHOLDER = -1  # an output token sampled on the device, not yet fetched (see Executor._launch_fetch)
@@ -201,6 +204,13 @@ class Executor:
         return {"blocks": cache.num_blocks - 1, "tokens_per_block": cache.block_size, "tokens": cache.num_tokens,
                 "bytes": cache.nbytes, "reuse": self._blocks.enable_reuse,
                 "preemptions": self._scheduler.num_preemptions, "reused_blocks": self._blocks.num_reused}
+
+    @property
+    def load(self) -> tuple[int, int, float]:
+        """(running requests, waiting requests, fraction of the KV pool's blocks in use), read without a lock."""
+        scheduler, blocks = self._scheduler, self._blocks
+        waiting = len(scheduler.waiting) + len(self._queue)
+        return len(scheduler.running), waiting, 1.0 - blocks.num_free / max(1, blocks.capacity)
 
     # public API -----------------------------------------------------------------------------------------
     def enqueue(self, request: GenerationRequest, callback: Callback) -> int:
@@ -335,6 +345,9 @@ class Executor:
         plan = ForwardPlan([item.sequence.tokens(item.start, item.start + item.count) for item in work],
                            [item.start for item in work], [list(item.sequence.block_table) for item in work])
         requests = [self._by_sequence[item.sequence] for item in work]
+        now = time.time_ns()
+        for running in requests:
+            running.scheduled_ns = running.scheduled_ns or now
         sampled = [row for row, item in enumerate(work) if item.samples]
         inflight, self._inflight = self._inflight, None
         device_tokens = self._device_tokens(inflight, requests) if inflight is not None else None
@@ -447,7 +460,8 @@ class Executor:
             # `tokens` are the newest ones when streaming, all of them otherwise: the log probs follow suit
             log_probs = running.log_probs[len(running.log_probs) - len(tokens):]
             cum = float(sum(running.log_probs))
-        result = GenerationResult(running.request_id, tokens, finished, reason, log_probs, cum, error)
+        result = GenerationResult(running.request_id, tokens, finished, reason, log_probs, cum, error,
+                                  running.scheduled_ns)
         self._outbox.append((running.callback, result))
 
     def _flush(self) -> None:

@@ -12,9 +12,8 @@ namespace, each with one `model` label (plus `reason` on finished requests):
 Times are measured in the model from the request's arrival in `execute`. Time to first token and inter-token
 latency are observed for streaming requests only (a non-streaming request's tokens all arrive at once); the
 inter-token latency is one observation per request, its mean gap ((last - first token) / (tokens - 1)), as
-genai-perf / AIPerf define it. Queue time runs from arrival to the executor's admission of the request.
-KV-cache usage is the fraction of the engine's KV slots held by running requests (each holds one slot of
-max_seq_len positions).
+genai-perf / AIPerf define it. Queue time runs from arrival to the step that first schedules the request (`GenerationResult.scheduled_ns`).
+KV-cache usage is the fraction of the engine's paged KV pool's blocks in use (`Executor.load`).
 
 Every metric update is an IPC to tritonserver, so the step loop only updates a few integers; a thread of its
 own pushes the observations, counts and gauges every `period_s`.
@@ -80,8 +79,8 @@ class LLMMetrics:
         self._queue = histogram("request_queue_time_seconds", "Time from arrival to admission by the executor",
                                 LATENCY_BUCKETS)
         self._running = single("num_requests_running", "Requests in the engine's running batch", family.GAUGE)
-        self._waiting = single("num_requests_waiting", "Requests queued for a free slot", family.GAUGE)
-        self._kv_usage = single("kv_cache_usage_ratio", "Fraction of KV-cache slots held by running requests",
+        self._waiting = single("num_requests_waiting", "Requests waiting to be scheduled", family.GAUGE)
+        self._kv_usage = single("kv_cache_usage_ratio", "Fraction of the paged KV-cache blocks in use",
                                 family.GAUGE)
         self._prompt_tokens = single("prompt_tokens_total", "Prompt tokens of finished requests", family.COUNTER)
         self._generation_tokens = single("generation_tokens_total", "Generated tokens", family.COUNTER)
@@ -89,29 +88,11 @@ class LLMMetrics:
         self._finished = {reason: finished.Metric(labels={**labels, "reason": reason}) for reason in REASONS}
         self._lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
-        self._scheduled: dict[int, int] = {}
         self._observations: list[tuple[Any, float]] = []
         self._counts: Counter[str] = Counter()
-        self._watch_admissions()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._export_loop, name="gen-repo-metrics", daemon=True)
         self._thread.start()
-
-    def _watch_admissions(self) -> None:
-        """Note when the executor admits each request (its `_admit` step), for the queue time."""
-        admit = getattr(self.executor, "_admit", None)
-        if admit is None:  # an executor without that step: queue time is not observed
-            return
-
-        def admit_and_note(*args: Any, **kwargs: Any) -> Any:
-            admitted = admit(*args, **kwargs)
-            now = time.time_ns()
-            with self._lock:
-                for running in admitted:
-                    self._scheduled[running.request_id] = now
-            return admitted
-
-        self.executor._admit = admit_and_note
 
     def on_result(self, result: Any, arrival_ns: int, prompt_tokens: int, streaming: bool) -> None:
         """An executor result (step-loop thread): count its tokens; a finished one's timings are queued."""
@@ -121,7 +102,7 @@ class LLMMetrics:
             if request is None:
                 request = self._requests[result.request_id] = _Request(arrival_ns, streaming)
             if request.scheduled_ns == 0:
-                request.scheduled_ns = self._scheduled.pop(result.request_id, 0)
+                request.scheduled_ns = getattr(result, "scheduled_ns", 0)
             new_tokens = len(result.token_ids)
             if new_tokens:
                 if request.first_ns == 0:
@@ -132,7 +113,6 @@ class LLMMetrics:
             if not result.finished:
                 return
             del self._requests[result.request_id]
-            self._scheduled.pop(result.request_id, None)
             reason = result.finish_reason if result.finish_reason in REASONS else "error"
             self._counts[reason] += 1
             self._counts["prompt"] += prompt_tokens
@@ -173,12 +153,9 @@ class LLMMetrics:
             pass
 
     def engine_load(self) -> tuple[int, int, float]:
-        """(running requests, waiting requests, KV slot usage) read from the executor."""
-        executor = self.executor
-        running = len(getattr(executor, "_running", ()) or ())
-        waiting = len(getattr(executor, "_queue", ()) or ())
-        slots = getattr(executor, "max_batch_size", 0) or 0
-        return running, waiting, (running / slots if slots else 0.0)
+        """(running requests, waiting requests, KV-cache block usage) from the executor."""
+        running, waiting, usage = self.executor.load
+        return running, waiting, usage
 
     def close(self) -> None:
         """Stop the export thread after a last export."""
