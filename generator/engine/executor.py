@@ -37,7 +37,7 @@ from generator.engine.distributed import Communicator, pick_device, process_info
 from generator.engine.kv_cache import KVCacheSettings
 from generator.engine.model import DecoderModel, ForwardPlan
 from generator.engine.model_runner import ModelRunner
-from generator.engine.sampling import SamplingConfig, SequenceState, new_generator, sample
+from generator.engine.sampling import SamplingConfig, SequenceState, mask_min_tokens, new_generator, sample
 from generator.engine.scheduler import Scheduled, Scheduler, Sequence
 from generator.errors import ConfigError
 
@@ -368,7 +368,7 @@ class Executor:
             states = [requests[row].state for row in sampled]
             if self._overlap and all(s.config.is_greedy and not s.config.needs_processing
                                      and not s.config.return_log_probs for s in states):
-                self._launch_fetch([requests[row] for row in sampled], logits.argmax(dim=-1))
+                self._launch_fetch([requests[row] for row in sampled], mask_min_tokens(logits, states).argmax(dim=-1))
                 return
             new_tokens, log_probs = sample(logits, states)
         except Exception as error:  # noqa: BLE001 - report it on the requests, keep serving

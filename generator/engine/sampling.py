@@ -1,7 +1,8 @@
 """Sampling with TensorRT-LLM's semantics: greedy unless top_k > 1 or top_p > 0.
 
-Order per row: repetition penalty (multiplicative, HF style, over prompt + output), presence / frequency
-penalties (additive, over prompt + output), min_tokens (end_id masked), bad words, then greedy argmax or
+Order: min_tokens (end_id masked, all rows at once), then per row repetition penalty (multiplicative, HF
+style, over prompt + output), presence / frequency penalties (additive, over prompt + output), bad words, then
+greedy argmax or
 temperature -> top-k -> top-p -> a draw from the request's own `torch.Generator`. The returned log
 probability is the log-softmax of the processed logits at the chosen token.
 """
@@ -39,9 +40,10 @@ class SamplingConfig:
 
     @property
     def needs_processing(self) -> bool:
-        """True when the logits must be edited before the argmax / draw."""
+        """True when the logits must be edited row by row before the argmax / draw (min_tokens is not: it is
+        applied to all rows at once by `mask_min_tokens`)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.min_tokens > 0 or bool(self.bad_words))
+                or bool(self.bad_words))
 
 
 @dataclass
@@ -79,14 +81,25 @@ def _process_row(logits: torch.Tensor, state: SequenceState) -> None:
                                          values * config.repetition_penalty)
         if config.presence_penalty or config.frequency_penalty:
             logits[unique] -= config.presence_penalty + config.frequency_penalty * counts.to(logits.dtype)
-    if config.end_id is not None and len(state.output) < config.min_tokens:
-        logits[config.end_id] = float("-inf")
     for words in config.bad_words:
         if not words:
             continue
         prefix = words[:-1]
         if not prefix or (len(sequence) >= len(prefix) and sequence[-len(prefix):] == prefix):
             logits[words[-1]] = float("-inf")
+
+
+def mask_min_tokens(logits: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+    """`logits` with end_id masked in the rows that have not reached their min_tokens (one indexing op; a copy
+    only when some row needs it)."""
+    rows = [(row, s.config.end_id) for row, s in enumerate(states)
+            if s.config.end_id is not None and len(s.output) < s.config.min_tokens]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+    logits[index[:, 0], index[:, 1]] = float("-inf")
+    return logits
 
 
 def _draw(logits: torch.Tensor, states: list[SequenceState]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +135,7 @@ def sample(logits: torch.Tensor, states: list[SequenceState]) -> tuple[list[int]
     One host sync per call, whatever the mix of greedy and sampled rows.
     """
     want_log_probs = any(s.config.return_log_probs for s in states)
+    logits = mask_min_tokens(logits, states)
     if all(s.config.is_greedy and not s.config.needs_processing for s in states) and not want_log_probs:
         return logits.argmax(dim=-1).tolist(), [None] * len(states)
     logits = logits.clone()
