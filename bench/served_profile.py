@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine", action="store_true", help="also gen-repo bench (engine alone)")
     parser.add_argument("--model-name", default="ensemble")
     parser.add_argument("--keep-serving", action="store_true")
+    parser.add_argument("--response-threads", type=int, nargs="*", default=[],
+                        help="serve once per value (tensorrt_llm's response_threads parameter), same job")
     return parser.parse_args()
 
 
@@ -191,32 +193,24 @@ def profile(args: argparse.Namespace, server_pid: int, level: int) -> dict[str, 
     return {"pids": pids, "server_pid": server_pid, "procs": procs + [top]}
 
 
-def main() -> None:
-    args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    hf_dir = args.work / "hf"
-    write_random_mpt(hf_dir, args)
-    out = args.work / "job"
-    result = run_pipeline(PipelineSettings(
-        model=str(hf_dir), output_dir=out, dtype=args.dtype, max_batch_size=args.max_batch_size,
-        max_input_len=args.input_len + 64, max_seq_len=args.input_len + args.output_len + 64, progress=False))
+def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], threads: int | None) -> None:
+    """Start a server on `repo`, run every concurrency level (profiling the chosen ones), stop it."""
     ports = [free_port() for _ in range(3)]
     backends = os.environ.get("TRITON_BACKENDS")
     extra = (f"--backend-directory={backends}",) if backends else ()
-    settings = ServeSettings(model_repository=result.triton_repo, http_port=ports[0], grpc_port=ports[1],
+    settings = ServeSettings(model_repository=repo, http_port=ports[0], grpc_port=ports[1],
                              metrics_port=ports[2], master_port=free_port(), extra_args=extra)
     process, log_file = start_server(settings)
-    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "served": []}
     try:
         wait_until_ready(process, "127.0.0.1", ports[0], 900.0, log_file)
         url = f"127.0.0.1:{ports[1]}"
         run_level(url, args.model_name, 1, argparse.Namespace(**{**vars(args), "requests_per_level": 2}))
         for concurrency in args.concurrency:
-            prof = None
             if concurrency in args.profile_level:
                 timer = threading.Timer(5.0, lambda c=concurrency: report.setdefault("prof", profile(args, process.pid, c)))
                 timer.start()
             level = run_level(url, args.model_name, concurrency, args)
+            level["response_threads"] = threads
             report["served"].append(level)
             print("served", json.dumps(level), flush=True)
             (args.out / "served_profile.json").write_text(json.dumps(report, indent=2, default=str))
@@ -228,6 +222,26 @@ def main() -> None:
     finally:
         if not args.keep_serving:
             stop_server(process)
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    hf_dir = args.work / "hf"
+    write_random_mpt(hf_dir, args)
+    out = args.work / "job"
+    result = run_pipeline(PipelineSettings(
+        model=str(hf_dir), output_dir=out, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        max_input_len=args.input_len + 64, max_seq_len=args.input_len + args.output_len + 64, progress=False))
+    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "served": []}
+    config_path = result.triton_repo / "tensorrt_llm" / "config.pbtxt"
+    original = config_path.read_text()
+    for threads in args.response_threads or [None]:
+        if threads is not None:  # tensorrt_llm's response_threads parameter, appended to the rendered config
+            config_path.write_text(original + f'parameters: {{ key: "response_threads", value: {{ string_value: '
+                                              f'"{threads}" }} }}\n')
+        serve_levels(args, result.triton_repo, report, threads)
+    config_path.write_text(original)
     if args.engine:
         cmd = [sys.executable, "-m", "generator.engine.benchmark", "--hidden", str(args.hidden), "--layers",
                str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--dtype", args.dtype,
