@@ -1,7 +1,14 @@
 """Triton python model `tensorrt_llm` for the pytorch engine backend: runs `generator.engine.Executor`.
 
-Inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/tensorrt_llm (c2e65b8), so the anchor's
-ensemble and BLS drive it unchanged. Requests go into the executor's queue and are batched in flight with the
+Inputs and outputs as TensorRT-LLM 1.x's inflight_batcher_llm/tensorrt_llm (a superset of tensorrtllm_backend
+c2e65b8), so the anchor's ensemble and BLS drive it unchanged. `return_num_input_tokens` /
+`return_num_output_tokens` add `num_input_tokens` (the prompt's length) and `num_output_tokens` (the generated
+tokens this response carries: the new ones when streaming, so their sum is the total; all of them otherwise) to
+every response of the request, as TensorRT-LLM's backend does for Triton's OpenAI frontend.
+
+Every request ends with exactly one FINAL response (or an error with FINAL), whatever happens: bad input, an
+exception while parsing, a failed send, client cancellation, or the model being unloaded with requests in
+flight (`finalize` ends them with an error). Requests go into the executor's queue and are batched in flight with the
 others; results come back on the executor thread and are sent with the request's response sender (decoupled) or
 returned from `execute` (non-decoupled: no streaming, one batch item per request).
 
@@ -12,6 +19,7 @@ and never finish loading, as TensorRT-LLM's leader mode does.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +59,13 @@ _NEUTRAL_ONLY = {
 }
 
 
+#: float inputs checked before they reach the sampler: name -> (lower bound or None, bound allowed)
+_FLOAT_RANGES = (
+    ("temperature", 0.0, True), ("runtime_top_p", 0.0, True), ("repetition_penalty", 0.0, False),
+    ("presence_penalty", None, True), ("frequency_penalty", None, True), ("len_penalty", None, True),
+)
+
+
 class RequestError(ValueError):
     """A request answered with an error response."""
 
@@ -88,6 +103,8 @@ class _Item:
     held_log_probs: list[float] = field(default_factory=list)
     first_token_ns: int = 0
     done: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
 
 
 @dataclass
@@ -147,6 +164,8 @@ class TritonPythonModel:
                 pending = self._start(request)
             except RequestError as error:
                 self._fail(request, str(error), responses)
+            except Exception as error:  # a parsing bug must still end this request, and not the others
+                self._fail(request, f"tensorrt_llm: {error!r}", responses)
             if pending is not None:
                 pendings.append(pending)
         if self.decoupled:
@@ -180,6 +199,9 @@ class TritonPythonModel:
         items, samplings = [], []
         for row in range(batch_size):
             length = int(_row_scalar(lengths, row)) if lengths is not None else input_ids.shape[1]
+            if not 1 <= length <= input_ids.shape[1]:
+                raise RequestError(f"input_lengths {length} must be in 1..{input_ids.shape[1]} (the number of "
+                                   f"input_ids sent)")
             prompt = [int(token) for token in input_ids[row, :length]]
             streaming = bool(_row_scalar(_input(request, "streaming"), row) or False)
             if streaming and not self.decoupled:
@@ -189,7 +211,10 @@ class TritonPythonModel:
             holdback = None
             if streaming and self.tokenizer is not None:
                 holdback = Utf8HoldBack(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
-            items.append(_Item(row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback))
+            items.append(_Item(
+                row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback,
+                return_num_input_tokens=bool(_row_scalar(_input(request, "return_num_input_tokens"), row)),
+                return_num_output_tokens=bool(_row_scalar(_input(request, "return_num_output_tokens"), row))))
             samplings.append(self._sampling(request, row))
         if bool(_row_scalar(_input(request, "stop"), 0) or False):
             raise RequestError("the request was sent with stop=true")
@@ -213,6 +238,9 @@ class TritonPythonModel:
         return pending
 
     def _reject_unsupported(self, request):
+        beam_width = _input(request, "beam_width")
+        if beam_width is not None and beam_width.size > 0 and (beam_width < 1).any():
+            raise RequestError(f"beam_width must be at least 1, got {beam_width.reshape(-1).tolist()}")
         for name in _UNSUPPORTED_INPUTS:
             value = _input(request, name)
             if value is not None and value.size > 0:
@@ -247,6 +275,16 @@ class TritonPythonModel:
         max_new_tokens = int(value("request_output_len", 0))
         if max_new_tokens <= 0:
             raise RequestError(f"request_output_len (max_tokens) must be positive, got {max_new_tokens}")
+        for name, low, low_inclusive in _FLOAT_RANGES:
+            found = _row_scalar(_input(request, name), row)
+            if found is None:
+                continue
+            number = float(found)
+            if not math.isfinite(number) or (low is not None and (number < low if low_inclusive else number <= low)):
+                bound = "" if low is None else f" and {'>=' if low_inclusive else '>'} {low:g}"
+                raise RequestError(f"{name} must be a finite number{bound}, got {found}")
+        if int(value("min_tokens", 0)) < 0:
+            raise RequestError(f"min_tokens must be >= 0, got {int(value('min_tokens', 0))}")
         end_id = _row_scalar(_input(request, "end_id"), row)
         pad_id = _row_scalar(_input(request, "pad_id"), row)
         seed = _row_scalar(_input(request, "seed"), row)
@@ -275,7 +313,10 @@ class TritonPythonModel:
         try:
             self._respond(pending, item, result)
         except Exception as error:  # never let an exception escape into the executor thread
-            self._send(pending, item, None, error=f"tensorrt_llm: {error}", final_item=True)
+            try:
+                self._send(pending, item, None, error=f"tensorrt_llm: {error}", final_item=True)
+            except Exception as send_error:
+                pb_utils.Logger.log_error(f"tensorrt_llm: cannot end a request after {error!r}: {send_error!r}")
 
     def _respond(self, pending, item, result):
         if pending.failed or item.done:
@@ -302,9 +343,14 @@ class TritonPythonModel:
                 log_probs, item.held_log_probs = item.held_log_probs[:len(tokens)], item.held_log_probs[len(tokens):]
             if not tokens and not result.finished:
                 return
-        elif not item.exclude_input:
+        generated = len(tokens)
+        if not item.streaming and not item.exclude_input:
             tokens = item.prompt + tokens
         outputs = self._outputs(pending, item, tokens, log_probs, result.cum_log_prob, now)
+        if item.return_num_input_tokens:
+            outputs.append(pb_utils.Tensor("num_input_tokens", np.array([[len(item.prompt)]], dtype=np.int32)))
+        if item.return_num_output_tokens:
+            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([[generated]], dtype=np.int32)))
         self._send(pending, item, outputs, final_item=result.finished)
 
     def _outputs(self, pending, item, tokens, log_probs, cum_log_prob, now):
@@ -370,7 +416,11 @@ class TritonPythonModel:
             return
         if not last:
             if response is not None:
-                pending.sender.send(response)
+                try:
+                    pending.sender.send(response)
+                except Exception as error:  # e.g. the client went away: stop generating, still end the request
+                    self._send(pending, item, None, error=f"tensorrt_llm: sending a response failed: {error}",
+                               final_item=True)
             return
         with self._lock:  # never while the cancellation watcher asks this request is_cancelled()
             if pending.final_sent:
@@ -401,8 +451,19 @@ class TritonPythonModel:
                 self.executor.cancel(request_id)
 
     def finalize(self):
-        if hasattr(self, "_stop"):
-            self._stop.set()
-        if getattr(self, "executor", None) is not None:
-            self.executor.shutdown()
-            self.executor = None
+        if getattr(self, "executor", None) is None:  # ranks > 0, or a failed initialize
+            return
+        self._stop.set()
+        # requests still in flight would otherwise never get their FINAL response
+        with self._lock:
+            pendings = list({id(p): p for p in self._pending.values()}.values())
+        for pending in pendings:
+            open_items = [item for item in pending.items if not item.done]
+            if open_items:
+                try:
+                    self._send(pending, open_items[0], None, error="tensorrt_llm: the model is shutting down",
+                               final_item=True)
+                except Exception as error:  # nothing more can be done for this one
+                    pb_utils.Logger.log_error(f"tensorrt_llm: cannot end a request at shutdown: {error!r}")
+        self.executor.shutdown()
+        self.executor = None

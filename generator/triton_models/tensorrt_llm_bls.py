@@ -1,9 +1,11 @@
 """Triton python model `tensorrt_llm_bls`: preprocessing -> tensorrt_llm -> postprocessing through BLS calls.
 
-Same user-facing inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/tensorrt_llm_bls (c2e65b8),
-for both engine backends (it only talks to the other models). One prompt per request. While streaming, each
+Same user-facing inputs and outputs as TensorRT-LLM 1.x's inflight_batcher_llm/tensorrt_llm_bls (a superset of
+tensorrtllm_backend c2e65b8), for both engine backends (it only talks to the other models). One prompt per request. While streaming, each
 response carries the text of the new tokens, or, with the `accumulate_tokens` parameter, the text of all tokens
 so far. Each request runs on its own thread, so concurrent requests meet in tensorrt_llm's in-flight batcher.
+Every request ends with one FINAL response (an error one when anything failed); a request the client cancelled
+stops being answered at once and ends with FINAL too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _CORE_INPUTS = {
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
     "return_log_probs": "return_log_probs", "return_context_logits": "return_context_logits",
     "return_generation_logits": "return_generation_logits", "return_perf_metrics": "return_perf_metrics",
+    "return_num_input_tokens": "return_num_input_tokens", "return_num_output_tokens": "return_num_output_tokens",
     "num_return_sequences": "num_return_sequences", "beam_width": "beam_width", "stream": "streaming",
     "exclude_input_in_output": "exclude_input_in_output", "prompt_embedding_table": "prompt_embedding_table",
     "prompt_vocab_size": "prompt_vocab_size", "lora_task_id": "lora_task_id", "lora_weights": "lora_weights",
@@ -48,9 +51,9 @@ _PASSTHROUGH_OUTPUTS = (
     "cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index", "sequence_index",
     "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
     "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
-    "total_accepted_draft_tokens", "total_draft_tokens",
+    "total_accepted_draft_tokens", "total_draft_tokens", "num_input_tokens", "num_output_tokens",
 )
-_UNSUPPORTED = ("image_input", "image_bytes_input", "image_url_input", "video_bytes_input")
+_UNSUPPORTED = ("image_input", "image_bytes_input", "image_url_input", "image_sizes_input", "video_bytes_input")
 
 
 class RequestError(ValueError):
@@ -60,6 +63,13 @@ class RequestError(ValueError):
 def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def _is_cancelled(request):
+    try:
+        return bool(request.is_cancelled())
+    except Exception:  # a request Triton no longer knows counts as not cancelled
+        return False
 
 
 def _as_batch(array):
@@ -97,18 +107,26 @@ class TritonPythonModel:
     # one request ----------------------------------------------------------------------------------------
     def _run_streaming(self, request):
         sender = request.get_response_sender()
+        message = None
         try:
             for response in self._generate(request):
+                if _is_cancelled(request):  # the client is gone: stop answering, end the request below
+                    break
                 sender.send(response)
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except RequestError as error:
-            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            message = str(error)
         except Exception as error:  # an unexpected failure must still end the stream
-            sender.send(pb_utils.InferenceResponse(output_tensors=[],
-                                                   error=pb_utils.TritonError(f"tensorrt_llm_bls: {error!r}")),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            message = f"tensorrt_llm_bls: {error!r}"
         finally:
+            # whatever happened above, the request ends here with exactly one FINAL response
+            try:
+                if message is None:
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                else:
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as error:
+                pb_utils.Logger.log_error(f"tensorrt_llm_bls: cannot end a request: {error!r}")
             with self._threads_lock:
                 self._threads.discard(threading.current_thread())
 
@@ -117,6 +135,9 @@ class TritonPythonModel:
             responses = list(self._generate(request))
         except RequestError as error:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error)))
+        except Exception as error:  # one failing request must not take the others of the batch with it
+            return pb_utils.InferenceResponse(output_tensors=[],
+                                              error=pb_utils.TritonError(f"tensorrt_llm_bls: {error!r}"))
         if len(responses) != 1:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                 "tensorrt_llm_bls: expected one response from tensorrt_llm without streaming"))
