@@ -294,3 +294,69 @@ def test_cancelled_streams_end_and_the_server_keeps_serving(triton_server: Runni
                                              outputs=["text_output"])
     assert error is None and final and joined_text(responses) == expected
     assert time.monotonic() - started < 30
+
+
+def test_stop_request_ends_the_request_it_names(triton_server: RunningServer) -> None:
+    """TensorRT-LLM's `stop` input: a request with stop=true and another request's id ends that request early
+    (what the BLS sends when its client cancels), and is itself answered with an empty FINAL response."""
+    import tritonclient.grpc as grpcclient
+
+    values = core_values(triton_server, PROMPTS[0], True)
+    values["request_output_len"] = np.array([[60]], np.int32)
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=triton_server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    tensors = []
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), "BOOL" if value.dtype == bool else "INT32")
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    client.async_stream_infer("tensorrt_llm", tensors, request_id="to-stop", enable_empty_final_response=True)
+    try:
+        first, error = results.get(timeout=END_TIMEOUT_S)
+        assert error is None
+        stop = core_values(triton_server, PROMPTS[0], True)
+        stop["stop"] = np.array([[True]], dtype=bool)
+        _, stop_error, stop_final = grpc_responses_with_id(triton_server.grpc_url, "tensorrt_llm", stop, "to-stop")
+        assert stop_error is None and stop_final
+        tokens = 1
+        while True:
+            result, error = results.get(timeout=END_TIMEOUT_S)
+            assert error is None
+            output = result.as_numpy("output_ids")
+            tokens += 0 if output is None else output.size
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        assert tokens < 60
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def grpc_responses_with_id(url: str, model: str, values: dict[str, np.ndarray],
+                           request_id: str) -> tuple[int, str | None, bool]:
+    """Send one request with `request_id` on its own stream: (responses with outputs, error, ended)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    tensors = []
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, value.shape, np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    client.async_stream_infer(model, tensors, request_id=request_id, enable_empty_final_response=True)
+    count, error, final = 0, None, False
+    try:
+        while not final:
+            result, failure = results.get(timeout=END_TIMEOUT_S)
+            if failure is not None:
+                return count, str(failure), True
+            count += bool(result.get_response().outputs)
+            final = result.get_response().parameters["triton_final_response"].bool_param
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    return count, error, final

@@ -119,6 +119,7 @@ class _Pending:
     responses: list = field(default_factory=list)  # non-decoupled: collected here
     finished: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    client_id: str = ""  # the request id the client gave, which a `stop` request names
     # Set, under the model's lock, when the FINAL response goes out: Triton then frees the request, and asking
     # it `is_cancelled()` afterwards crashes tritonserver 2.51 (TRITONBACKEND_ResponseFactoryIsCancelled).
     final_sent: bool = False
@@ -156,37 +157,41 @@ class TritonPythonModel:
 
     # requests -> executor ---------------------------------------------------------------------------------
     def execute(self, requests):
-        pendings = []
-        responses = []
+        # non-decoupled: one slot per request, in the requests' order (a pending request or its response)
+        slots = []
         for request in requests:
-            pending = None
             try:
                 pending = self._start(request)
+                slots.append(pending if pending is not None else pb_utils.InferenceResponse(output_tensors=[]))
             except RequestError as error:
-                self._fail(request, str(error), responses)
+                slots.append(self._fail(request, str(error)))
             except Exception as error:  # a parsing bug must still end this request, and not the others
-                self._fail(request, f"tensorrt_llm: {error!r}", responses)
-            if pending is not None:
-                pendings.append(pending)
+                slots.append(self._fail(request, f"tensorrt_llm: {error!r}"))
         if self.decoupled:
             return None
-        for pending in pendings:
-            pending.finished.wait()
-            responses.append(pending.responses[0])
+        responses = []
+        for slot in slots:
+            if isinstance(slot, _Pending):
+                slot.finished.wait()
+                slot = slot.responses[0]
+            responses.append(slot)
         return responses
 
-    def _fail(self, request, message, responses):
+    def _fail(self, request, message):
+        """The error response of a request that never started (decoupled: sent with FINAL at once)."""
         response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
         if self.decoupled:
             request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        else:
-            responses.append(response)
+        return response
 
     def _start(self, request):
         """Parse a Triton request into executor requests and enqueue them."""
         from generator.engine import GenerationRequest
 
         arrival_ns = time.time_ns()
+        if bool(_row_scalar(_input(request, "stop"), 0) or False):
+            self._stop_request(request)
+            return None
         self._reject_unsupported(request)
         input_ids = _input(request, "input_ids")
         if input_ids is None:
@@ -216,9 +221,8 @@ class TritonPythonModel:
                 return_num_input_tokens=bool(_row_scalar(_input(request, "return_num_input_tokens"), row)),
                 return_num_output_tokens=bool(_row_scalar(_input(request, "return_num_output_tokens"), row))))
             samplings.append(self._sampling(request, row))
-        if bool(_row_scalar(_input(request, "stop"), 0) or False):
-            raise RequestError("the request was sent with stop=true")
         pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
+                           client_id=request.request_id() or "",
                            sender=request.get_response_sender() if self.decoupled else None)
         for item, sampling in zip(items, samplings, strict=True):
             generation_request = GenerationRequest(input_ids=item.prompt, sampling=sampling, streaming=item.streaming)
@@ -236,6 +240,20 @@ class TritonPythonModel:
                 if not item.done:
                     self._pending[item.request_id] = pending
         return pending
+
+    def _stop_request(self, request):
+        """`stop` = true (TensorRT-LLM's backend): cancel the requests in flight with this request's id, and
+        answer the stop request itself with an empty FINAL response."""
+        client_id = request.request_id() or ""
+        if not client_id:
+            raise RequestError("a stop request needs the request id of the request to stop")
+        with self._lock:
+            to_cancel = [request_id for request_id, pending in self._pending.items()
+                         if pending.client_id == client_id and not pending.final_sent]
+        for request_id in to_cancel:
+            self.executor.cancel(request_id)
+        if self.decoupled:
+            request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _reject_unsupported(self, request):
         beam_width = _input(request, "beam_width")

@@ -5,12 +5,14 @@ tensorrtllm_backend c2e65b8), for both engine backends (it only talks to the oth
 response carries the text of the new tokens, or, with the `accumulate_tokens` parameter, the text of all tokens
 so far. Each request runs on its own thread, so concurrent requests meet in tensorrt_llm's in-flight batcher.
 Every request ends with one FINAL response (an error one when anything failed); a request the client cancelled
-stops being answered at once and ends with FINAL too.
+stops being answered at once, ends with FINAL too, and stops its tensorrt_llm request (a `stop` request naming
+that request's id, as TensorRT-LLM's backend takes it).
 """
 
 from __future__ import annotations
 
 import threading
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -108,9 +110,11 @@ class TritonPythonModel:
     def _run_streaming(self, request):
         sender = request.get_response_sender()
         message = None
+        core_id = f"bls-{uuid.uuid4().hex}"
         try:
-            for response in self._generate(request):
-                if _is_cancelled(request):  # the client is gone: stop answering, end the request below
+            for response in self._generate(request, core_id):
+                if _is_cancelled(request):  # the client is gone: stop generating, end the request below
+                    self._stop_core(core_id)
                     break
                 sender.send(response)
         except RequestError as error:
@@ -132,7 +136,7 @@ class TritonPythonModel:
 
     def _run_collect(self, request):
         try:
-            responses = list(self._generate(request))
+            responses = list(self._generate(request, f"bls-{uuid.uuid4().hex}"))
         except RequestError as error:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error)))
         except Exception as error:  # one failing request must not take the others of the batch with it
@@ -143,8 +147,22 @@ class TritonPythonModel:
                 "tensorrt_llm_bls: expected one response from tensorrt_llm without streaming"))
         return responses[0]
 
-    def _generate(self, request):
-        """Yield the client responses for one request."""
+    def _stop_core(self, core_id):
+        """Ask tensorrt_llm to stop the request `core_id` (best effort: it may have finished already)."""
+        inputs = [pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
+                  pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
+                  pb_utils.Tensor("request_output_len", np.ones((1, 1), dtype=np.int32)),
+                  pb_utils.Tensor("stop", np.ones((1, 1), dtype=bool))]
+        try:
+            stop = pb_utils.InferenceRequest(model_name=self.core_model, inputs=inputs, request_id=core_id,
+                                             requested_output_names=[])
+            for _ in stop.exec(decoupled=True):
+                pass
+        except Exception as error:
+            pb_utils.Logger.log_warn(f"tensorrt_llm_bls: could not stop {core_id}: {error!r}")
+
+    def _generate(self, request, core_id):
+        """Yield the client responses for one request; its tensorrt_llm request has the id `core_id`."""
         for name in _UNSUPPORTED:
             if _input(request, name) is not None:
                 raise RequestError(f"input {name}: multimodal inputs are not supported by this model")
@@ -169,7 +187,7 @@ class TritonPythonModel:
             if value is not None:
                 core_inputs.append(pb_utils.Tensor(core_name, _as_batch(value)))
         core_request = pb_utils.InferenceRequest(
-            model_name=self.core_model, inputs=core_inputs,
+            model_name=self.core_model, inputs=core_inputs, request_id=core_id,
             requested_output_names=["output_ids", "sequence_length", *_PASSTHROUGH_OUTPUTS])
         core_responses = core_request.exec(decoupled=True) if self.decoupled else [core_request.exec()]
         accumulated = None
