@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+ERRORS: list[str] = []  # what came instead of a first piece
+
 
 def cancelled_stream(url: str, model: str, max_tokens: int) -> bool:
     """One stream cancelled after its first response; True when that response came."""
@@ -38,8 +40,12 @@ def cancelled_stream(url: str, model: str, max_tokens: int) -> bool:
     client.async_stream_infer(model, inputs)
     try:
         first = results.get(timeout=30)
-        return not isinstance(first, Exception)
+        if isinstance(first, Exception):
+            ERRORS.append(str(first))
+            return False
+        return True
     except queue.Empty:
+        ERRORS.append("no first piece within 30 s")
         return False
     finally:
         client.stop_stream(cancel_requests=True)
@@ -95,11 +101,14 @@ def main() -> None:
     finally:
         stop_server(process, shm_prefix=server.shm_prefix)
     log = log_file.read_text(errors="replace")
-    in_flight = re.findall(r"(\S+) has (\d+) in-flight inferences", log)
+    # tritonserver repeats the list every second of its exit timeout: the first one is enough
+    in_flight = dict(re.findall(r"Model '([^']+)' \(version \d+\) has (\d+) in-flight inferences", log))
     per_1000 = (after - before) / max(args.count, 1) * 1000 / 2**20
     print(f"{args.model}: {args.count} cancelled streams in {seconds:.0f} s ({answered[0]} got a first piece); "
           f"server RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB ({per_1000:+.1f} MiB per 1,000); "
           f"in flight at shutdown: {in_flight or 'none'}")
+    if ERRORS:
+        print(f"{len(ERRORS)} without a first piece, e.g.: {ERRORS[0]}")
 
 
 if __name__ == "__main__":

@@ -348,7 +348,7 @@ class TritonPythonModel:
             self._send(pending, item, None, error=result.error or "generation failed", final_item=True)
             return
         if result.finish_reason == "cancelled" and self._was_cancelled_by_client(pending):
-            self._send(pending, item, None, final_item=True)
+            self._end_cancelled(pending)
             return
         tokens = list(result.token_ids)
         log_probs = list(result.log_probs or [])
@@ -454,6 +454,15 @@ class TritonPythonModel:
         with self._lock:
             return not pending.final_sent and _is_cancelled(pending.request)
 
+    def _end_cancelled(self, pending):
+        """A request the client cancelled: stop its executor requests and send the bare FINAL flag at once."""
+        with self._lock:
+            open_items = [item for item in pending.items if not item.done]
+        for item in open_items:
+            if item.request_id is not None:
+                self.executor.cancel(item.request_id)
+            self._send(pending, item, None, final_item=True)
+
     def _forget(self, item):
         if item.request_id is not None:
             self._pending.pop(item.request_id, None)
@@ -463,10 +472,10 @@ class TritonPythonModel:
         """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor."""
         while not self._stop.wait(self.cancel_period_s):
             with self._lock:
-                cancelled = [request_id for request_id, pending in self._pending.items()
-                             if not pending.final_sent and _is_cancelled(pending.request)]
-            for request_id in cancelled:
-                self.executor.cancel(request_id)
+                cancelled = list({id(pending): pending for pending in self._pending.values()
+                                  if not pending.final_sent and _is_cancelled(pending.request)}.values())
+            for pending in cancelled:
+                self._end_cancelled(pending)
 
     def finalize(self):
         if getattr(self, "executor", None) is None:  # ranks > 0, or a failed initialize
