@@ -746,8 +746,8 @@ class Front:
                 generated += len(piece.token_ids)
                 if piece.num_input_tokens is not None:
                     outcome.prompt_tokens = piece.num_input_tokens
-                if piece.num_output_tokens is not None:
-                    engine_output_tokens = piece.num_output_tokens
+                if piece.num_output_tokens is not None:  # each response counts the tokens it carries
+                    engine_output_tokens = (engine_output_tokens or 0) + piece.num_output_tokens
                 received.append(piece.text)
                 text = stop.push(piece.text)
                 if text or piece.token_ids:

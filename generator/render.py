@@ -1,11 +1,15 @@
 """Render a Triton model repository for an engine dir: preprocessing, tensorrt_llm, postprocessing, ensemble,
 tensorrt_llm_bls.
 
-Template version pinned: NVIDIA tensorrtllm_backend `all_models/inflight_batcher_llm` at commit c2e65b8
-(2025-05-13, the last state of that repo with `all_models/`, = release v0.19.0). Our templates keep its tensor
-names, dtypes, dims, optional / reshape / allow_ragged_batch flags, ensemble maps and, for the C++ `tensorrtllm`
-backend, every `parameters` key of its tensorrt_llm template; they drop the duplicated ensemble output
-`kv_cache_alloc_total_blocks` of that commit. Values come from the engine's own config.json and
+Template version pinned: NVIDIA TensorRT-LLM 1.x `triton_backend/all_models/inflight_batcher_llm`, at the
+commits in `ANCHOR_FILES` (the newest stored copies we could read), which extend tensorrtllm_backend c2e65b8
+(2025-05-13, the last state of that repo with `all_models/`, = v0.19.0) with optional fields only, so c2e65b8
+clients work unchanged. Our templates keep its tensor names, dtypes, dims, optional / reshape /
+allow_ragged_batch flags, ensemble maps and, for the C++ `tensorrtllm` backend, every `parameters` key of its
+tensorrt_llm template; they drop the duplicated ensemble output `kv_cache_alloc_total_blocks`. Deviations, each
+because the upstream form fails on a real server: the ensemble types `prompt_embedding_table` like
+tensorrt_llm does (upstream hard-codes FP16), and no ensemble output is also a step's input (see
+`ensemble_output_problems`). Values come from the engine's own config.json and
 `RenderSettings`, never from hand edits, and every path written is absolute.
 
 Engine backends: `pytorch` (our engine, `generator.engine.Executor` in a decoupled python-backend model) and
@@ -31,7 +35,16 @@ from typing import Any
 from generator import __version__
 from generator.errors import ConfigError, GenRepoError
 
-ANCHOR_COMMIT = "c2e65b8"
+ANCHOR_COMMIT = "c2e65b8"  # tensorrtllm_backend: the older contract every rendered repository still accepts
+#: TensorRT-LLM commit of each config.pbtxt the templates were compared with, field by field
+#: (triton_backend/all_models/inflight_batcher_llm/<model>/config.pbtxt)
+ANCHOR_FILES = {
+    "preprocessing": "808059da341493bbf8deb9380aef745e4f546909",
+    "postprocessing": "89fd9b74ab7ae753b4c6b3db25a400dca7ea54a0",
+    "tensorrt_llm": "2a9abd9536aa62ad3e4b9314be9286b1b1be523b",
+    "ensemble": "2a9abd9536aa62ad3e4b9314be9286b1b1be523b",
+    "tensorrt_llm_bls": "bff88ea886779f832686acb3f165e2b919c95b77",
+}
 MODEL_NAMES = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
 ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
 BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1")
@@ -48,7 +61,7 @@ PASSTHROUGH_OUTPUTS = (
     "cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index", "sequence_index",
     "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
     "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
-    "total_accepted_draft_tokens", "total_draft_tokens",
+    "total_accepted_draft_tokens", "total_draft_tokens", "num_input_tokens", "num_output_tokens",
 )
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: characters a model name prefix may use (Triton model names are directory names and URL path segments)
@@ -195,6 +208,8 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
     return {
         "gen_repo_version": __version__,
         "anchor_commit": ANCHOR_COMMIT,
+        "anchor_source": (f"TensorRT-LLM triton_backend/all_models/inflight_batcher_llm, per-model commits in "
+                          f"generator/render.py ANCHOR_FILES; accepts tensorrtllm_backend {ANCHOR_COMMIT} clients"),
         "model_names": model_names(settings),
         "engine_backend": backend,
         "triton_backend": "tensorrtllm" if backend == "tensorrtllm" else "python",
@@ -214,6 +229,8 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
         "bls_instance_count": settings.bls_instance_count,
         "logits_datatype": logits_datatype,
         "encoder_input_features_data_type": _TRITON_DTYPES.get(info.dtype, "TYPE_FP16"),
+        # the engine's activation dtype, as TensorRT-LLM's runtime expects prompt tables in it
+        "prompt_embedding_table_data_type": _TRITON_DTYPES.get(info.dtype, "TYPE_FP16"),
         "passthrough_outputs": PASSTHROUGH_OUTPUTS,
         "exclude_input_in_output": _flag(settings.exclude_input_in_output),
         "cancellation_check_period_ms": settings.cancellation_check_period_ms,

@@ -207,6 +207,7 @@ class _Checker:
         # tensor name -> (data type, who provides it)
         available = {name: (tensor.data_type, "ensemble input") for name, tensor in ensemble.inputs().items()}
         produced: set[str] = set()
+        ensemble_outputs = set(ensemble.outputs())
         for index, step in enumerate(ensemble.config.ensemble_scheduling.step):
             where = f"ensemble_scheduling.step[{index}]"
             model = self.models.get(step.model_name)
@@ -225,6 +226,11 @@ class _Checker:
                     self.add(file, f"{where}.input_map[{key}]",
                              f"'{value}' is neither an ensemble input nor an output of an earlier step")
                     continue
+                if value in ensemble_outputs:
+                    # Triton drops an ensemble output the client did not request, so this step would never run
+                    # for a client naming other outputs: the request ends without a response
+                    self.add(file, f"{where}.input_map[{key}]", f"'{value}' is also an ensemble output; feed the "
+                             f"step an internal tensor instead")
                 dtype, source = available[value]
                 if dtype != step_inputs[key].data_type:
                     self.add(file, f"{where}.input_map[{key}]", f"{source} '{value}' is {_dtype(dtype)} but "

@@ -24,6 +24,7 @@ from generator.tokenizer import load_tokenizer
 from tests.conftest import start_test_server
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 from tests.test_convert import make_gqa_mpt
+from tests.test_e2e_contract import assert_anchor_client_texts
 from tests.test_e2e_variants import (
     NEW_TOKENS,
     PROMPTS,
@@ -55,6 +56,8 @@ class Layout:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+#: layouts also asked by a client shaped like the anchor's end_to_end_grpc_client.py (issue 8), one prompt each
+ANCHOR_CLIENT_LAYOUTS = ("mpt-tp2", "dbrx-tp2-moe-tp2")
 LAYOUTS = {
     "mpt-tp2": Layout("mpt", tensor_parallel_size=2),
     "mpt-pp2": Layout("mpt", pipeline_parallel_size=2),
@@ -128,6 +131,10 @@ def test_layout_served_under_mpirun_equals_transformers_greedy(models: Models, n
     try:
         ready_s = time.monotonic() - started
         assert_served_texts(server, models.expected[layout.model])
+        if name in ANCHOR_CLIENT_LAYOUTS:
+            prompt, text = next(iter(models.expected[layout.model].items()))
+            for model in ("ensemble", "tensorrt_llm_bls"):
+                assert_anchor_client_texts(server, model, prompt, text, NEW_TOKENS)
     finally:
         peak = memory.stop()
         stop_server(process, shm_prefix=server.shm_prefix)

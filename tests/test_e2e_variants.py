@@ -38,6 +38,7 @@ from generator.tokenizer import load_tokenizer
 from tests.conftest import RunningServer, start_test_server
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 from tests.test_convert import make_gqa_mpt, write_variant
+from tests.test_e2e_contract import assert_anchor_client_texts
 from tests.test_engine_variants import foundry_variant, reference_greedy
 
 PROMPTS = ["What is machine learning?", "def generate(model"]
@@ -285,6 +286,10 @@ def variant_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Variant
 
 # --- tests -------------------------------------------------------------------------------------------------
 
+#: world-size-1 variants also asked by the anchor-shaped client (tiny MPT at TP1 is in test_e2e_contract.py)
+ANCHOR_CLIENT_VARIANTS = ("dbrx_gqa_4x2",)
+
+
 @pytest.mark.parametrize(("heads", "bias_max"), [(1, 8), (3, 8), (4, 16), (6, 4), (8, 16), (12, 8), (48, 8)])
 def test_alibi_slopes_follow_llm_foundry(heads: int, bias_max: float) -> None:
     torch.testing.assert_close(alibi_slopes(heads, bias_max), foundry_gen_slopes(heads, bias_max), rtol=0, atol=0)
@@ -312,3 +317,7 @@ def test_one_server_serves_every_variant(variant_server: VariantServer) -> None:
 def test_variant_served_text_equals_reference_greedy(variant_server: VariantServer, name: str) -> None:
     expected = {prompt: variant_server.expected[(name, prompt)] for prompt in PROMPTS}
     assert_served_texts(variant_server.server, expected, model=f"{name}_ensemble", with_bls=True)
+    if name in ANCHOR_CLIENT_VARIANTS:  # a client shaped like the anchor's end_to_end_grpc_client.py (issue 8)
+        for model in ("ensemble", "tensorrt_llm_bls"):
+            assert_anchor_client_texts(variant_server.server, f"{name}_{model}", PROMPTS[0],
+                                       expected[PROMPTS[0]], NEW_TOKENS)

@@ -1,10 +1,11 @@
 """render: the rendered repositories keep the I/O contract of the pinned anchor and fill every value.
 
-The ANCHOR_* tables below were read from NVIDIA tensorrtllm_backend at commit c2e65b8,
-`all_models/inflight_batcher_llm/{preprocessing,postprocessing,tensorrt_llm,ensemble,tensorrt_llm_bls}/config.pbtxt`
-(tensor facts only; `LOGITS` / `ENCODER` stand for the `${logits_datatype}` /
-`${encoder_input_features_data_type}` template variables; the ensemble's duplicated
-`kv_cache_alloc_total_blocks` output is listed once).
+The ANCHOR_* tables below were read from NVIDIA TensorRT-LLM
+`triton_backend/all_models/inflight_batcher_llm/<model>/config.pbtxt` at the commits of `render.ANCHOR_FILES`
+(tensor facts only; `LOGITS` / `ENCODER` / `PROMPT` stand for the `${logits_datatype}` /
+`${encoder_input_features_data_type}` / `${prompt_embedding_table_data_type}` template variables; the ensemble's
+duplicated `kv_cache_alloc_total_blocks` output is listed once). They extend tensorrtllm_backend c2e65b8 with
+optional inputs and new outputs only; `C2E65B8_CHANGES` lists what differs, so the older contract is checked too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from generator.validate import validate_repository
 ANCHOR_IO = {
     ("preprocessing", "input"): [
         ("QUERY", "STRING", (1,), ""), ("DECODER_QUERY", "STRING", (1,), "o"),
-        ("IMAGE_BYTES", "UINT8", (-1, -1, -1, -1), "o"), ("IMAGE_URL", "STRING", (1,), "o"),
-        ("VIDEO_BYTES", "UINT8", (-1, -1, -1, -1), "o"), ("REQUEST_OUTPUT_LEN", "INT32", (1,), ""),
+        ("IMAGE_BYTES", "UINT8", (-1, -1, -1, -1), "o"), ("IMAGE_URL", "STRING", (-1,), "o"),
+        ("IMAGE_SIZES", "INT64", (-1, 2), "o"), ("VIDEO_BYTES", "UINT8", (-1, -1, -1, -1), "o"), ("REQUEST_OUTPUT_LEN", "INT32", (1,), ""),
         ("BAD_WORDS_DICT", "STRING", (-1,), "o"), ("STOP_WORDS_DICT", "STRING", (-1,), "o"),
         ("EMBEDDING_BIAS_WORDS", "STRING", (-1,), "o"), ("EMBEDDING_BIAS_WEIGHTS", "FP32", (-1,), "o"),
         ("END_ID", "INT32", (1,), "o"), ("PAD_ID", "INT32", (1,), "o"),
@@ -41,7 +42,7 @@ ANCHOR_IO = {
         ("OUT_END_ID", "INT32", (1,), ""), ("OUT_PAD_ID", "INT32", (1,), ""),
         ("OUT_PROMPT_TABLE_EXTRA_IDS", "UINT64", (-1,), ""), ("PIXEL_VALUES", "FP16", (-1, -1, -1, -1), ""),
         ("ASPECT_RATIO_IDS", "INT64", (-1,), ""), ("ASPECT_RATIO_MASK", "INT64", (-1, -1), ""),
-        ("CROSS_ATTENTION_MASK", "INT64", (-1, -1, -1), ""), ("IMAGE_SIZES", "INT64", (2,), ""),
+        ("CROSS_ATTENTION_MASK", "INT64", (-1, -1, -1), ""), ("IMAGE_SIZES", "INT64", (-1, 2), ""),
         ("IS_VIDEO_INPUT", "BOOL", (1,), ""), ("ATTENTION_MASK", "INT64", (-1,), ""),
         ("IMAGE_GRID_THW", "INT64", (3,), ""), ("VISION_INPUT_ID", "INT32", (-1,), ""),
     ],
@@ -69,9 +70,10 @@ ANCHOR_IO = {
         ("presence_penalty", "FP32", (1,), "or"), ("frequency_penalty", "FP32", (1,), "or"),
         ("seed", "UINT64", (1,), "or"), ("return_log_probs", "BOOL", (1,), "or"),
         ("return_context_logits", "BOOL", (1,), "or"), ("return_generation_logits", "BOOL", (1,), "or"),
-        ("return_perf_metrics", "BOOL", (1,), "or"), ("exclude_input_in_output", "BOOL", (1,), "or"),
+        ("return_perf_metrics", "BOOL", (1,), "or"), ("return_num_input_tokens", "BOOL", (1,), "or"),
+        ("return_num_output_tokens", "BOOL", (1,), "or"), ("exclude_input_in_output", "BOOL", (1,), "or"),
         ("stop", "BOOL", (1,), "or"), ("streaming", "BOOL", (1,), "or"),
-        ("prompt_embedding_table", "FP16", (-1, -1), "og"), ("prompt_table_extra_ids", "UINT64", (-1,), "og"),
+        ("prompt_embedding_table", "PROMPT", (-1, -1), "og"), ("prompt_table_extra_ids", "UINT64", (-1,), "og"),
         ("prompt_vocab_size", "INT32", (1,), "or"), ("cross_attention_mask", "BOOL", (-1, -1), "og"),
         ("mrope_rotary_cos_sin", "FP32", (-1,), "o"), ("mrope_position_deltas", "INT64", (1,), "o"),
         ("lora_task_id", "UINT64", (1,), "or"), ("lora_weights", "FP16", (-1, -1), "og"),
@@ -96,7 +98,8 @@ ANCHOR_IO = {
         ("arrival_time_ns", "INT64", (1,), ""), ("first_scheduled_time_ns", "INT64", (1,), ""),
         ("first_token_time_ns", "INT64", (1,), ""), ("last_token_time_ns", "INT64", (1,), ""),
         ("acceptance_rate", "FP32", (1,), ""), ("total_accepted_draft_tokens", "INT32", (1,), ""),
-        ("total_draft_tokens", "INT32", (1,), ""),
+        ("total_draft_tokens", "INT32", (1,), ""), ("num_input_tokens", "INT32", (1,), ""),
+        ("num_output_tokens", "INT32", (1,), ""),
     ],
     ("ensemble", "input"): [
         ("text_input", "STRING", (1,), ""), ("decoder_text_input", "STRING", (1,), "o"),
@@ -109,8 +112,9 @@ ANCHOR_IO = {
         ("presence_penalty", "FP32", (1,), "o"), ("frequency_penalty", "FP32", (1,), "o"),
         ("seed", "UINT64", (1,), "o"), ("return_log_probs", "BOOL", (1,), "o"),
         ("return_context_logits", "BOOL", (1,), "o"), ("return_generation_logits", "BOOL", (1,), "o"),
-        ("return_perf_metrics", "BOOL", (1,), "o"), ("beam_width", "INT32", (1,), "o"),
-        ("stream", "BOOL", (1,), "o"), ("prompt_embedding_table", "FP16", (-1, -1), "o"),
+        ("return_perf_metrics", "BOOL", (1,), "o"), ("return_num_input_tokens", "BOOL", (1,), "o"),
+        ("return_num_output_tokens", "BOOL", (1,), "o"), ("beam_width", "INT32", (1,), "o"),
+        ("stream", "BOOL", (1,), "o"), ("prompt_embedding_table", "PROMPT", (-1, -1), "o"),
         ("prompt_table_extra_id", "UINT64", (1,), "o"), ("prompt_vocab_size", "INT32", (1,), "o"),
         ("embedding_bias_words", "STRING", (-1,), "o"), ("embedding_bias_weights", "FP32", (-1,), "o"),
         ("lora_task_id", "UINT64", (1,), "o"), ("lora_weights", "FP16", (-1, -1), "og"),
@@ -126,12 +130,14 @@ ANCHOR_IO = {
         ("arrival_time_ns", "INT64", (1,), ""), ("first_scheduled_time_ns", "INT64", (1,), ""),
         ("first_token_time_ns", "INT64", (1,), ""), ("last_token_time_ns", "INT64", (1,), ""),
         ("acceptance_rate", "FP32", (1,), ""), ("total_accepted_draft_tokens", "INT32", (1,), ""),
-        ("total_draft_tokens", "INT32", (1,), ""),
+        ("total_draft_tokens", "INT32", (1,), ""), ("num_input_tokens", "INT32", (1,), ""),
+        ("num_output_tokens", "INT32", (1,), ""),
     ],
     ("tensorrt_llm_bls", "input"): [
         ("text_input", "STRING", (1,), ""), ("decoder_text_input", "STRING", (1,), "o"),
         ("image_input", "FP16", (-1, 3, -1, -1), "o"), ("image_bytes_input", "UINT8", (-1, -1, -1, -1), "o"),
-        ("image_url_input", "STRING", (1,), "o"), ("video_bytes_input", "UINT8", (-1, -1, -1, -1), "o"),
+        ("image_url_input", "STRING", (1,), "o"), ("image_sizes_input", "INT64", (-1, 2), "o"),
+        ("video_bytes_input", "UINT8", (-1, -1, -1, -1), "o"),
         ("max_tokens", "INT32", (1,), ""), ("bad_words", "STRING", (-1,), "o"),
         ("stop_words", "STRING", (-1,), "o"), ("exclude_input_in_output", "BOOL", (1,), "o"),
         ("end_id", "INT32", (1,), "o"), ("pad_id", "INT32", (1,), "o"), ("top_k", "INT32", (1,), "o"),
@@ -141,12 +147,13 @@ ANCHOR_IO = {
         ("seed", "UINT64", (1,), "o"), ("return_log_probs", "BOOL", (1,), "or"),
         ("return_context_logits", "BOOL", (1,), "or"), ("return_generation_logits", "BOOL", (1,), "or"),
         ("num_return_sequences", "INT32", (1,), "or"), ("beam_width", "INT32", (1,), "o"),
-        ("stream", "BOOL", (1,), "o"), ("prompt_embedding_table", "FP16", (-1, -1), "o"),
+        ("stream", "BOOL", (1,), "o"), ("prompt_embedding_table", "PROMPT", (-1, -1), "o"),
         ("prompt_vocab_size", "INT32", (1,), "o"), ("prompt_table_extra_id", "UINT64", (1,), "o"),
         ("embedding_bias_words", "STRING", (-1,), "o"), ("embedding_bias_weights", "FP32", (-1,), "o"),
         ("num_draft_tokens", "INT32", (1,), "o"), ("use_draft_logits", "BOOL", (1,), "or"),
         ("lora_task_id", "UINT64", (1,), "or"), ("lora_weights", "FP16", (-1, -1), "og"),
         ("lora_config", "INT32", (-1, 3), "og"), ("return_perf_metrics", "BOOL", (1,), "or"),
+        ("return_num_input_tokens", "BOOL", (1,), "or"), ("return_num_output_tokens", "BOOL", (1,), "or"),
         ("guided_decoding_guide_type", "STRING", (1,), "o"), ("guided_decoding_guide", "STRING", (1,), "o"),
     ],
     ("tensorrt_llm_bls", "output"): [
@@ -158,11 +165,12 @@ ANCHOR_IO = {
         ("arrival_time_ns", "INT64", (1,), ""), ("first_scheduled_time_ns", "INT64", (1,), ""),
         ("first_token_time_ns", "INT64", (1,), ""), ("last_token_time_ns", "INT64", (1,), ""),
         ("acceptance_rate", "FP32", (1,), ""), ("total_accepted_draft_tokens", "INT32", (1,), ""),
-        ("total_draft_tokens", "INT32", (1,), ""),
+        ("total_draft_tokens", "INT32", (1,), ""), ("num_input_tokens", "INT32", (1,), ""),
+        ("num_output_tokens", "INT32", (1,), ""),
     ],
 }
 
-# tensorrt_llm/config.pbtxt at c2e65b8: every parameters key (enable_trt_overlap is commented out there)
+# tensorrt_llm/config.pbtxt: every parameters key (enable_trt_overlap is commented out there, as at c2e65b8)
 ANCHOR_TRTLLM_PARAMETERS = (
     "max_beam_width", "FORCE_CPU_ONLY_INPUT_TENSORS", "gpt_model_type", "gpt_model_path", "encoder_model_path",
     "max_tokens_in_paged_kv_cache", "max_attention_window_size", "sink_token_length", "batch_scheduler_policy",
@@ -178,7 +186,7 @@ ANCHOR_TRTLLM_PARAMETERS = (
     "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path",
 )
 
-# ensemble/config.pbtxt at c2e65b8: (step model, input_map, output_map)
+# ensemble/config.pbtxt: (step model, input_map, output_map)
 ANCHOR_ENSEMBLE_STEPS = [
     ("preprocessing",
      {'BAD_WORDS_DICT': 'bad_words',
@@ -231,6 +239,8 @@ ANCHOR_ENSEMBLE_STEPS = [
       'return_context_logits': 'return_context_logits',
       'return_generation_logits': 'return_generation_logits',
       'return_log_probs': 'return_log_probs',
+      'return_num_input_tokens': 'return_num_input_tokens',
+      'return_num_output_tokens': 'return_num_output_tokens',
       'return_perf_metrics': 'return_perf_metrics',
       'runtime_top_k': 'top_k',
       'runtime_top_p': 'top_p',
@@ -250,6 +260,8 @@ ANCHOR_ENSEMBLE_STEPS = [
       'kv_cache_alloc_total_blocks': 'kv_cache_alloc_total_blocks',
       'kv_cache_reused_blocks': 'kv_cache_reused_blocks',
       'last_token_time_ns': 'last_token_time_ns',
+      'num_input_tokens': 'num_input_tokens',
+      'num_output_tokens': 'num_output_tokens',
       'output_ids': '_TOKENS_BATCH',
       'output_log_probs': 'output_log_probs',
       'sequence_index': 'sequence_index',
@@ -260,6 +272,18 @@ ANCHOR_ENSEMBLE_STEPS = [
      {'SEQUENCE_LENGTH': '_SEQUENCE_LENGTH', 'TOKENS_BATCH': '_TOKENS_BATCH'},
      {'OUTPUT': 'text_output'}),
 ]
+#: what tensorrtllm_backend c2e65b8 declared differently: (model, kind, name) -> its facts, None where it lacked
+#: the tensor. Every rendered field either equals c2e65b8's or is optional, so c2e65b8 clients work unchanged.
+C2E65B8_CHANGES = {
+    ("preprocessing", "input", "IMAGE_URL"): ("IMAGE_URL", "STRING", (1,), "o"),
+    ("preprocessing", "input", "IMAGE_SIZES"): None,
+    ("preprocessing", "output", "IMAGE_SIZES"): ("IMAGE_SIZES", "INT64", (2,), ""),
+    ("tensorrt_llm_bls", "input", "image_sizes_input"): None,
+    **{(model, "input", name): None for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls")
+       for name in ("return_num_input_tokens", "return_num_output_tokens")},
+    **{(model, "output", name): None for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls")
+       for name in ("num_input_tokens", "num_output_tokens")},
+}
 #: models with dynamic_batching in the anchor
 ANCHOR_DYNAMIC_BATCHING = {"preprocessing", "postprocessing", "tensorrt_llm"}
 
@@ -307,7 +331,8 @@ def load_config(repo: Path, model: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
-def tensor_facts(tensor: object, logits_type: str, encoder_type: str) -> tuple[str, str, tuple[int, ...], str]:
+def tensor_facts(tensor: object, logits_type: str, encoder_type: str,
+                 prompt_type: str = "FP16") -> tuple[str, str, tuple[int, ...], str]:
     """(name, dtype, dims, flags) of a parsed tensor, in the ANCHOR_IO notation."""
     name = tensor.name  # type: ignore[attr-defined]
     dtype = model_config_pb2.DataType.Name(tensor.data_type).removeprefix("TYPE_")  # type: ignore[attr-defined]
@@ -315,6 +340,8 @@ def tensor_facts(tensor: object, logits_type: str, encoder_type: str) -> tuple[s
         dtype = "LOGITS"
     elif name == "encoder_input_features" and dtype == encoder_type:
         dtype = "ENCODER"
+    elif name == "prompt_embedding_table" and dtype == prompt_type:
+        dtype = "PROMPT"
     flags = "".join(flag for flag, on in (("o", getattr(tensor, "optional", False)),
                                           ("r", tensor.HasField("reshape")),  # type: ignore[attr-defined]
                                           ("g", getattr(tensor, "allow_ragged_batch", False))) if on)
@@ -338,6 +365,61 @@ def test_io_matches_anchor(tmp_path: Path, engine_backend: str) -> None:
                 assert "o" in facts[3], f"{model}: extra input {name} must be optional"
 
 
+def test_c2e65b8_clients_still_fit(tmp_path: Path) -> None:
+    """Every input the older tensorrtllm_backend contract declared is still there and takes what it took, and
+    every input added since is optional."""
+    repo = render(tmp_path, logits_dtype="float16")
+    for (model, kind), newest in ANCHOR_IO.items():
+        older = [C2E65B8_CHANGES.get((model, kind, facts[0]), facts) for facts in newest]
+        tensors = load_config(repo, model).input if kind == "input" else load_config(repo, model).output
+        ours = {facts[0]: facts for facts in (tensor_facts(t, "FP16", "FP16") for t in tensors)}
+        for facts in older:
+            if facts is None:
+                continue
+            name, dtype, dims, flags = ours[facts[0]]
+            assert dtype == facts[1], (model, name)
+            if kind == "input":  # (IMAGE_SIZES, the one output that changed shape, is never produced)
+                assert "o" in flags or "o" not in facts[3], (model, name)
+                # a dim of -1 accepts what a fixed dim took
+                assert len(dims) == len(facts[2]), (model, name)
+                assert all(d in (-1, old) for d, old in zip(dims, facts[2], strict=True)), (model, name)
+        for (changed_model, changed_kind, name), facts in C2E65B8_CHANGES.items():
+            if (changed_model, changed_kind) == (model, kind) and facts is None and kind == "input":
+                assert "o" in ours[name][3], f"{model}: {name}, new since c2e65b8, must be optional"
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float16", "TYPE_FP16"), ("bfloat16", "TYPE_BF16"),
+                                                  ("float32", "TYPE_FP32")])
+def test_prompt_embedding_table_follows_engine_dtype(tmp_path: Path, dtype: str, expected: str) -> None:
+    engine = make_engine_dir(tmp_path / "engine", dtype=dtype)
+    repo = render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=make_tokenizer_dir(tmp_path / "tok"),
+                                            output_dir=tmp_path / "repo"))
+    for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls"):
+        inputs = {t.name: t for t in load_config(repo, model).input}
+        assert model_config_pb2.DataType.Name(inputs["prompt_embedding_table"].data_type) == expected, model
+
+
+def test_no_ensemble_output_feeds_a_step(tmp_path: Path) -> None:
+    """Triton drops an ensemble output the client did not request; a step fed by it never runs and the request
+    ends without its text (issue 8: gRPC clients naming `text_output` got nothing). validate reports it."""
+    repo = render(tmp_path)
+    ensemble = load_config(repo, "ensemble")
+    outputs = {tensor.name for tensor in ensemble.output}
+    for step in ensemble.ensemble_scheduling.step:
+        assert not outputs & set(step.input_map.values()), step.model_name
+    # the layout of the old template: postprocessing fed by the ensemble outputs output_ids / sequence_length
+    config_file = repo / "ensemble" / "config.pbtxt"
+    text = config_file.read_text()
+    for internal, public in (("_TOKENS_BATCH", "output_ids"), ("_SEQUENCE_LENGTH", "sequence_length")):
+        text = text.replace(f'value: "{internal}"', f'value: "{public}"')
+    text = text.replace('output_map { key: "OUT_TOKENS_BATCH", value: "output_ids" }', "")
+    text = text.replace('output_map { key: "OUT_SEQUENCE_LENGTH", value: "sequence_length" }', "")
+    config_file.write_text(text)
+    problems = [p for p in validate_repository(repo) if "also an ensemble output" in p.message]
+    assert {p.field for p in problems} == {"ensemble_scheduling.step[2].input_map[TOKENS_BATCH]",
+                                           "ensemble_scheduling.step[2].input_map[SEQUENCE_LENGTH]"}
+
+
 def test_logits_datatype_follows_engine(tmp_path: Path) -> None:
     for logits_dtype, expected in (("float32", "TYPE_FP32"), ("float16", "TYPE_FP16")):
         repo = render(tmp_path, name=f"repo_{logits_dtype}", logits_dtype=logits_dtype)
@@ -351,13 +433,12 @@ def test_ensemble_maps_match_anchor(tmp_path: Path, engine_backend: str) -> None
     repo = render(tmp_path, engine_backend=engine_backend)
     steps = load_config(repo, "ensemble").ensemble_scheduling.step
     ours = [(step.model_name, dict(step.input_map), dict(step.output_map)) for step in steps]
-    # our extras: the pytorch model also takes `seed` under its older name `random_seed`; and the token ids
-    # flow through ensemble tensors named `output_ids` / `sequence_length` (the anchor's `_TOKENS_BATCH` /
-    # `_SEQUENCE_LENGTH`), so the ensemble can also return them to clients
+    # our extras: the pytorch model also takes `seed` under its older name `random_seed`; and postprocessing
+    # hands the token ids back as the ensemble's `output_ids` / `sequence_length` (never the internal
+    # `_TOKENS_BATCH` / `_SEQUENCE_LENGTH` themselves: see test_no_ensemble_output_feeds_a_step)
     assert ours[1][1].pop("random_seed", None) == ("random_seed" if engine_backend == "pytorch" else None)
-    internal = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
-    ours = [(model, {k: internal.get(v, v) for k, v in inputs.items()},
-             {k: internal.get(v, v) for k, v in outputs.items()}) for model, inputs, outputs in ours]
+    assert ours[2][2].pop("OUT_TOKENS_BATCH") == "output_ids"
+    assert ours[2][2].pop("OUT_SEQUENCE_LENGTH") == "sequence_length"
     assert ours == ANCHOR_ENSEMBLE_STEPS
     outputs = {tensor.name for tensor in load_config(repo, "ensemble").output}
     assert {"output_ids", "sequence_length"} <= outputs
@@ -583,7 +664,9 @@ def _generate(server: object, model: str, body: dict[str, object]) -> dict[str, 
 @pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
 def test_served_outputs_and_unsupported_inputs(triton_server: object, model: str) -> None:
     base = {"text_input": "def hello", "max_tokens": 6, "exclude_input_in_output": True}
-    answer = _generate(triton_server, model, base)
+    # the token counts come only when asked for, as from TensorRT-LLM's backend
+    answer = _generate(triton_server, model, {**base, "return_num_input_tokens": True,
+                                              "return_num_output_tokens": True})
     anchor_outputs = {name for name, *_ in ANCHOR_IO[(model, "output")]}
     assert anchor_outputs <= set(answer), anchor_outputs - set(answer)
     assert isinstance(answer["text_output"], str) and answer["text_output"]

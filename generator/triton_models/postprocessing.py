@@ -1,6 +1,8 @@
 """Triton python model `postprocessing`: token ids -> text.
 
-Inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/postprocessing (c2e65b8). Each beam is cut to
+Inputs and outputs as TensorRT-LLM's inflight_batcher_llm/postprocessing, plus OUT_TOKENS_BATCH /
+OUT_SEQUENCE_LENGTH: the inputs handed on unchanged, which the ensemble returns as output_ids / sequence_length
+(an ensemble output must not also feed a step, see templates/ensemble.pbtxt.j2). Each beam is cut to
 its SEQUENCE_LENGTH and decoded without space clean-up (`ChunkDecoder`), so that the chunks of a stream, joined,
 equal the text of the whole sequence (tensorrt_llm never splits a multi-byte character across two chunks).
 """
@@ -33,20 +35,28 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
-            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
-            # TOKENS_BATCH is [batch, beams, len] ([batch, len] from old clients); SEQUENCE_LENGTH [batch, beams]
-            if tokens.ndim == 2:
-                tokens = tokens[:, np.newaxis, :]
-            lengths = lengths.reshape(tokens.shape[0], tokens.shape[1])
-            texts = []
-            for batch_row in range(tokens.shape[0]):
-                for beam in range(tokens.shape[1]):
-                    ids = tokens[batch_row, beam, :int(lengths[batch_row, beam])].tolist()
-                    texts.append(self.decoder.decode(ids).encode("utf-8"))
-            output = np.array(texts, dtype=object).reshape(tokens.shape[0], tokens.shape[1])
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", output)]))
+            try:  # one bad request gets its own error; the others of the batch still get their text
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+            except Exception as error:
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"postprocessing: {error}")))
         return responses
+
+    def _process(self, request):
+        received = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
+        received_lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
+        # TOKENS_BATCH is [batch, beams, len] ([batch, len] from old clients); SEQUENCE_LENGTH [batch, beams]
+        tokens = received[:, np.newaxis, :] if received.ndim == 2 else received
+        lengths = received_lengths.reshape(tokens.shape[0], tokens.shape[1])
+        texts = []
+        for batch_row in range(tokens.shape[0]):
+            for beam in range(tokens.shape[1]):
+                ids = tokens[batch_row, beam, :int(lengths[batch_row, beam])].tolist()
+                texts.append(self.decoder.decode(ids).encode("utf-8"))
+        output = np.array(texts, dtype=object).reshape(tokens.shape[0], tokens.shape[1])
+        return [pb_utils.Tensor("OUTPUT", output),
+                pb_utils.Tensor("OUT_TOKENS_BATCH", received.astype(np.int32)),
+                pb_utils.Tensor("OUT_SEQUENCE_LENGTH", received_lengths.astype(np.int32))]
 
     def finalize(self):
         self.tokenizer = None

@@ -1,9 +1,18 @@
 """Triton python model `tensorrt_llm` for the pytorch engine backend: runs `generator.engine.Executor`.
 
-Inputs and outputs as tensorrtllm_backend's inflight_batcher_llm/tensorrt_llm (c2e65b8), so the anchor's
-ensemble and BLS drive it unchanged. Requests go into the executor's queue and are batched in flight with the
-others; results come back on the executor thread and are sent with the request's response sender (decoupled) or
-returned from `execute` (non-decoupled: no streaming, one batch item per request).
+Inputs and outputs as TensorRT-LLM 1.x's inflight_batcher_llm/tensorrt_llm (a superset of tensorrtllm_backend
+c2e65b8), so the anchor's ensemble and BLS drive it unchanged. `return_num_input_tokens` /
+`return_num_output_tokens` add `num_input_tokens` (the prompt's length) and `num_output_tokens` (the generated
+tokens this response carries: the new ones when streaming, so their sum is the total; all of them otherwise) to
+every response of the request, as TensorRT-LLM's backend does for Triton's OpenAI frontend.
+
+Every request ends with exactly one FINAL response (or an error with FINAL), whatever happens: bad input, an
+exception while parsing, a failed send, client cancellation, or the model being unloaded with requests in
+flight (`finalize` ends them with an error). Requests go into the executor's queue and are batched in flight with the
+others. The executor's callback only hands each result to the responder (`responder.py`), whose thread merges
+what arrived for a request since its last response into one response and sends it (decoupled) or keeps it for
+`execute` to return (non-decoupled: no streaming, one batch item per request): the step loop never waits on
+Triton.
 
 Inputs we cannot honour are answered with an error naming them (beam search, LoRA, prompt tables, logits,
 guided decoding, ...). Multi-rank: rank 0 creates the Executor; ranks > 0 follow rank 0 inside `initialize`
@@ -12,6 +21,7 @@ and never finish loading, as TensorRT-LLM's leader mode does.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +69,13 @@ _NEUTRAL_ONLY = {
     "runtime_top_p_decay": (None, "runtime_top_p_decay"),
     "runtime_top_p_reset_ids": (None, "runtime_top_p_reset_ids"),
 }
+
+
+#: float inputs checked before they reach the sampler: name -> (lower bound or None, bound allowed)
+_FLOAT_RANGES = (
+    ("temperature", 0.0, True), ("runtime_top_p", 0.0, True), ("repetition_penalty", 0.0, False),
+    ("presence_penalty", None, True), ("frequency_penalty", None, True), ("len_penalty", None, True),
+)
 
 
 class RequestError(ValueError):
@@ -114,6 +131,8 @@ class _Item:
     held_log_probs: list[float] = field(default_factory=list)
     first_token_ns: int = 0
     done: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
 
 
 @dataclass
@@ -129,6 +148,7 @@ class _Pending:
     wanted: tuple = OutputBuilder.ALL  # the outputs the request asked for
     finished: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    client_id: str = ""  # the request id the client gave, which a `stop` request names
     # Set, under `lock`, when the FINAL response goes out: Triton then frees the request, and asking
     # it `is_cancelled()` afterwards crashes tritonserver 2.51 (TRITONBACKEND_ResponseFactoryIsCancelled).
     final_sent: bool = False
@@ -180,29 +200,32 @@ class TritonPythonModel:
 
     # requests -> executor ---------------------------------------------------------------------------------
     def execute(self, requests):
-        pendings = []
-        responses = []
+        # non-decoupled: one slot per request, in the requests' order (a pending request or its response)
+        slots = []
         for request in requests:
-            pending = None
             try:
                 pending = self._start(_RequestView(request))
+                slots.append(pending if pending is not None else pb_utils.InferenceResponse(output_tensors=[]))
             except RequestError as error:
-                self._fail(request, str(error), responses)
-            if pending is not None:
-                pendings.append(pending)
+                slots.append(self._fail(request, str(error)))
+            except Exception as error:  # a parsing bug must still end this request, and not the others
+                slots.append(self._fail(request, f"tensorrt_llm: {error!r}"))
         if self.decoupled:
             return None
-        for pending in pendings:
-            pending.finished.wait()
-            responses.append(pending.responses[0])
+        responses = []
+        for slot in slots:
+            if isinstance(slot, _Pending):
+                slot.finished.wait()
+                slot = slot.responses[0]
+            responses.append(slot)
         return responses
 
-    def _fail(self, request, message, responses):
+    def _fail(self, request, message):
+        """The error response of a request that never started (decoupled: sent with FINAL at once)."""
         response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
         if self.decoupled:
             request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        else:
-            responses.append(response)
+        return response
 
     def _start(self, request):
         """Parse a Triton request into executor requests and enqueue them."""
@@ -210,7 +233,8 @@ class TritonPythonModel:
 
         arrival_ns = time.time_ns()
         if bool(_row_scalar(_input(request, "stop"), 0) or False):
-            return self._stop_by_id(request, arrival_ns)
+            self._stop_request(request)
+            return None
         self._reject_unsupported(request)
         input_ids = _input(request, "input_ids")
         if input_ids is None:
@@ -223,6 +247,9 @@ class TritonPythonModel:
         items, samplings = [], []
         for row in range(batch_size):
             length = int(_row_scalar(lengths, row)) if lengths is not None else input_ids.shape[1]
+            if not 1 <= length <= input_ids.shape[1]:
+                raise RequestError(f"input_lengths {length} must be in 1..{input_ids.shape[1]} (the number of "
+                                   f"input_ids sent)")
             prompt = [int(token) for token in input_ids[row, :length]]
             streaming = bool(_row_scalar(_input(request, "streaming"), row) or False)
             if streaming and not self.decoupled:
@@ -232,9 +259,13 @@ class TritonPythonModel:
             holdback = None
             if streaming and self.tokenizer is not None:
                 holdback = Utf8HoldBack(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
-            items.append(_Item(row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback))
+            items.append(_Item(
+                row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback,
+                return_num_input_tokens=bool(_row_scalar(_input(request, "return_num_input_tokens"), row)),
+                return_num_output_tokens=bool(_row_scalar(_input(request, "return_num_output_tokens"), row))))
             samplings.append(self._sampling(request, row))
         pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
+                           client_id=request.request_id() or "",
                            sender=request.get_response_sender() if self.decoupled else None,
                            wanted=self._builder.wanted(request.requested_output_names()))
         for item, sampling in zip(items, samplings, strict=True):
@@ -254,30 +285,24 @@ class TritonPythonModel:
                     self._pending[item.request_id] = pending
         return pending
 
-    def _stop_by_id(self, request, arrival_ns):
-        """stop=true, TensorRT-LLM's contract: cancel the requests in flight that carry this request's id.
-
-        Clients of the ensemble need it: tritonserver 2.51 does not pass an ensemble request's cancellation on to
-        its steps, but the steps' requests carry the ensemble request's id."""
-        triton_id = request.request_id()
-        if not triton_id:
-            raise RequestError("stop=true needs the id of the request to stop (the request id)")
+    def _stop_request(self, request):
+        """`stop` = true (TensorRT-LLM's backend): cancel the requests in flight with this request's id, and
+        answer the stop request itself with an empty FINAL response."""
+        client_id = request.request_id() or ""
+        if not client_id:
+            raise RequestError("a stop request needs the request id of the request to stop")
         with self._lock:
-            found = [request_id for request_id, pending in self._pending.items()
-                     if not pending.final_sent and pending.request.request_id() == triton_id]
-        for request_id in found:
+            to_cancel = [request_id for request_id, pending in self._pending.items()
+                         if pending.client_id == client_id and not pending.final_sent]
+        for request_id in to_cancel:
             self.executor.cancel(request_id)
-        pending = _Pending(request=request, items=[], batch_size=0, arrival_ns=arrival_ns,
-                           sender=request.get_response_sender() if self.decoupled else None)
-        if pending.sender is not None:
-            pending.final_sent = True
-            pending.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        else:
-            pending.responses.append(pb_utils.InferenceResponse(output_tensors=[]))
-            pending.finished.set()
-        return pending
+        if self.decoupled:
+            request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _reject_unsupported(self, request):
+        beam_width = _input(request, "beam_width")
+        if beam_width is not None and beam_width.size > 0 and (beam_width < 1).any():
+            raise RequestError(f"beam_width must be at least 1, got {beam_width.reshape(-1).tolist()}")
         for name in _UNSUPPORTED_INPUTS:
             value = _input(request, name)
             if value is not None and value.size > 0:
@@ -312,6 +337,16 @@ class TritonPythonModel:
         max_new_tokens = int(value("request_output_len", 0))
         if max_new_tokens <= 0:
             raise RequestError(f"request_output_len (max_tokens) must be positive, got {max_new_tokens}")
+        for name, low, low_inclusive in _FLOAT_RANGES:
+            found = _row_scalar(_input(request, name), row)
+            if found is None:
+                continue
+            number = float(found)
+            if not math.isfinite(number) or (low is not None and (number < low if low_inclusive else number <= low)):
+                bound = "" if low is None else f" and {'>=' if low_inclusive else '>'} {low:g}"
+                raise RequestError(f"{name} must be a finite number{bound}, got {found}")
+        if int(value("min_tokens", 0)) < 0:
+            raise RequestError(f"min_tokens must be >= 0, got {int(value('min_tokens', 0))}")
         end_id = _row_scalar(_input(request, "end_id"), row)
         pad_id = _row_scalar(_input(request, "pad_id"), row)
         seed = _row_scalar(_input(request, "seed"), row)
@@ -346,7 +381,10 @@ class TritonPythonModel:
         try:
             self._respond(pending, item, result)
         except Exception as error:  # never let an exception escape into the executor thread
-            self._send(pending, item, None, error=f"tensorrt_llm: {error}", final_item=True)
+            try:
+                self._send(pending, item, None, error=f"tensorrt_llm: {error}", final_item=True)
+            except Exception as send_error:
+                pb_utils.Logger.log_error(f"tensorrt_llm: cannot end a request after {error!r}: {send_error!r}")
 
     def _respond(self, pending, item, result):
         if pending.failed or item.done:
@@ -360,7 +398,7 @@ class TritonPythonModel:
             self._send(pending, item, None, error=result.error or "generation failed", final_item=True)
             return
         if result.finish_reason == "cancelled" and self._was_cancelled_by_client(pending):
-            self._send(pending, item, None, final_item=True)
+            self._end_cancelled(pending)
             return
         tokens = list(result.token_ids)
         log_probs = list(result.log_probs or [])
@@ -373,9 +411,14 @@ class TritonPythonModel:
                 log_probs, item.held_log_probs = item.held_log_probs[:len(tokens)], item.held_log_probs[len(tokens):]
             if not tokens and not result.finished:
                 return
-        elif not item.exclude_input:
+        generated = len(tokens)
+        if not item.streaming and not item.exclude_input:
             tokens = item.prompt + tokens
         outputs = self._outputs(pending, item, tokens, log_probs, result.cum_log_prob, now)
+        if item.return_num_input_tokens:
+            outputs.append(pb_utils.Tensor("num_input_tokens", np.array([[len(item.prompt)]], dtype=np.int32)))
+        if item.return_num_output_tokens:
+            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([[generated]], dtype=np.int32)))
         self._send(pending, item, outputs, final_item=result.finished)
 
     def _outputs(self, pending, item, tokens, log_probs, cum_log_prob, now):
@@ -417,8 +460,12 @@ class TritonPythonModel:
                 pending.finished.set()
             return
         if not last:
-            if response is not None:
-                pending.sender.send(response)
+            if response is not None and not pending.final_sent:  # the watcher may have ended it (cancelled)
+                try:
+                    pending.sender.send(response)
+                except Exception as error:  # e.g. the client went away: stop generating, still end the request
+                    self._send(pending, item, None, error=f"tensorrt_llm: sending a response failed: {error}",
+                               final_item=True)
             return
         with pending.lock:  # never while the cancellation watcher asks this request is_cancelled()
             if pending.final_sent:
@@ -433,6 +480,15 @@ class TritonPythonModel:
     def _was_cancelled_by_client(self, pending):
         with pending.lock:
             return not pending.final_sent and _is_cancelled(pending.request)
+
+    def _end_cancelled(self, pending):
+        """A request the client cancelled: stop its executor requests and send the bare FINAL flag at once."""
+        with self._lock:
+            open_items = [item for item in pending.items if not item.done]
+        for item in open_items:
+            if item.request_id is not None:
+                self.executor.cancel(item.request_id)
+            self._send(pending, item, None, final_item=True)
 
     def _forget(self, item):
         if item.request_id is not None:
@@ -463,15 +519,25 @@ class TritonPythonModel:
                         cancelled = not pending.final_sent and _is_cancelled(pending.request)
                     verdicts[id(pending)] = cancelled
                 if cancelled:
-                    self.executor.cancel(request_id)
+                    self._end_cancelled(pending)
 
     def finalize(self):
-        if hasattr(self, "_stop"):
-            self._stop.set()
-        if getattr(self, "executor", None) is not None:
-            self.executor.shutdown()
-            self.executor = None
-        if getattr(self, "_responder", None) is not None:
-            self._responder.close()  # after the executor: its last results (cancelled) still get answered
-        if getattr(self, "metrics", None) is not None:
+        if getattr(self, "executor", None) is None:  # ranks > 0, or a failed initialize
+            return
+        self._stop.set()
+        # requests still in flight would otherwise never get their FINAL response
+        with self._lock:
+            pendings = list({id(p): p for p in self._pending.values()}.values())
+        for pending in pendings:
+            open_items = [item for item in pending.items if not item.done]
+            if open_items:
+                try:
+                    self._send(pending, open_items[0], None, error="tensorrt_llm: the model is shutting down",
+                               final_item=True)
+                except Exception as error:  # nothing more can be done for this one
+                    pb_utils.Logger.log_error(f"tensorrt_llm: cannot end a request at shutdown: {error!r}")
+        self.executor.shutdown()
+        self.executor = None
+        self._responder.close()  # after the executor: its last results (cancelled) still get answered
+        if self.metrics is not None:
             self.metrics.close()
