@@ -511,13 +511,10 @@ class TritonPythonModel:
             turn = [e for e in in_flight if e[0] > last_checked] + [e for e in in_flight if e[0] <= last_checked]
             turn = turn[:CANCEL_CHECKS_PER_PERIOD]
             last_checked = turn[-1][0]
-            verdicts = {}
-            for request_id, pending in turn:
-                cancelled = verdicts.get(id(pending))
-                if cancelled is None:
-                    with pending.lock:
-                        cancelled = not pending.final_sent and _is_cancelled(pending.request)
-                    verdicts[id(pending)] = cancelled
+            # batch items of one request share its pending: ask each request once
+            for pending in {id(pending): pending for _, pending in turn}.values():
+                with pending.lock:
+                    cancelled = not pending.final_sent and _is_cancelled(pending.request)
                 if cancelled:
                     self._end_cancelled(pending)
 
