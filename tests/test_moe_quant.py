@@ -190,14 +190,22 @@ def test_dbrx_greedy_parity_with_each_moe_kernel(tmp_path: Path, monkeypatch: py
     assert [r.token_ids for r in results] == hf_greedy(hf_dir, PROMPTS, NEW_TOKENS)
 
 
+def _weight_only_engine(hf_dir: Path, work: Path, dtype: str, precision: str | None) -> Path:
+    """Convert (float weights + quant_algo) and build: the engine dir holds the quantized layout the engine loads."""
+    from generator.build import BuildSettings, build_engine
+
+    checkpoint = convert_checkpoint(ConvertSettings(hf_dir, work / "checkpoint", dtype=dtype,
+                                                    weight_only_precision=precision, progress=False))
+    return build_engine(BuildSettings(checkpoint, work / "engine", max_batch_size=4))
+
+
 @pytest.mark.parametrize("model", ["mpt", "dbrx"])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_engine_matches_the_float_reference_and_the_old_path(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch, model: str,
                                                                        precision: str) -> None:
     hf_dir = make_mpt(tmp_path / "hf") if model == "mpt" else make_dbrx(tmp_path / "hf", num_experts=8, top_k=2)
-    checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / "quantized", dtype="float32",
-                                                    weight_only_precision=precision, progress=False))
+    checkpoint = _weight_only_engine(hf_dir, tmp_path, "float32", precision)
     reference = _dequantized_copy(checkpoint, tmp_path / "dequantized", precision)
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, return_log_probs=True)
     quantized = run_prompts(checkpoint, PROMPTS, sampling)
@@ -216,8 +224,7 @@ def test_quantized_engine_reports_its_weight_bytes(tmp_path: Path) -> None:
     hf_dir = make_dbrx(tmp_path / "hf", d_model=128, ffn_hidden_size=128)
     sizes = {}
     for precision in (None, "int8", "int4"):
-        checkpoint = convert_checkpoint(ConvertSettings(hf_dir, tmp_path / f"ckpt-{precision}", dtype="bfloat16",
-                                                        weight_only_precision=precision, progress=False))
+        checkpoint = _weight_only_engine(hf_dir, tmp_path / f"ckpt-{precision}", "bfloat16", precision)
         model = _load_rank(checkpoint, "cpu")[2]
         sizes[precision] = model.weight_bytes()
         if precision:
