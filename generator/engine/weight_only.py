@@ -89,6 +89,8 @@ class WeightOnlyLinear:
             return "dequant"
         n, k = self.out_features, self.in_features
         if self.precision == "int8":
+            if forced == "triton" and triton_available():  # on CPU only under TRITON_INTERPRET=1 (tests)
+                return "int8_triton"
             if device.type == "cuda" and forced != "int8pack" and triton_available():
                 return "int8_triton"
             return "int8pack" if hasattr(torch, "_weight_int8pack_mm") else "dequant"
