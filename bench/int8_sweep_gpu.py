@@ -59,6 +59,8 @@ CANDIDATES: dict[str, Config] = {  # id -> config; gemv ones apply to M == 1 onl
     "g4": Config("gemv", 32, 256, 0, 8, 1),
     "g5": Config("gemv", 32, 256, 1, 4, 2),
     "g6": Config("gemv", 32, 256, 0, 4, 2, "atomic"),
+    "g7": Config("gemv", 4, 1024, 0, 4, 1),
+    "g8": Config("gemv", 8, 512, 0, 4, 2),
     "d1": Config("dot", 64, 128, 0, 4, 3),
     "d2": Config("dot", 64, 256, 0, 4, 3),
     "d3": Config("dot", 128, 128, 0, 4, 3),
@@ -68,7 +70,7 @@ CANDIDATES: dict[str, Config] = {  # id -> config; gemv ones apply to M == 1 onl
     "d7": Config("dot", 64, 128, 0, 4, 3, "atomic"),
     "d8": Config("dot", 128, 64, 0, 4, 4),
 }
-QUICK = ("g1", "g2", "g5", "d1", "d3", "d6")
+QUICK = ("g1", "g2", "g7", "d1", "d3", "d6")
 BAD_ERROR = 2e-2
 
 

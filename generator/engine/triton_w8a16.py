@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 64
-MIN_BLOCK_N = 16  # the smallest BLOCK_N a config may use: the fixup counters are sized by it
+MIN_BLOCK_N = 4  # the smallest BLOCK_N a config may use (dot: 16): the fixup counters are sized by it
 _REDUCE_NONE, _REDUCE_ATOMIC, _REDUCE_FIXUP = 0, 1, 2
 
 
@@ -50,8 +50,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.kernel not in ("gemv", "dot") or self.reduce not in ("fixup", "atomic"):
             raise ValueError(f"bad W8A16 config {self}")
-        if self.block_n < MIN_BLOCK_N or self.block_k < 16 or self.split_k < 0:
-            raise ValueError(f"bad W8A16 config {self}: block_n >= {MIN_BLOCK_N}, block_k >= 16, split_k >= 0")
+        smallest_n = MIN_BLOCK_N if self.kernel == "gemv" else 16  # tl.dot: every side >= 16
+        if self.block_n < smallest_n or self.block_k < 16 or self.split_k < 0:
+            raise ValueError(f"bad W8A16 config {self}: block_n >= {smallest_n}, block_k >= 16, split_k >= 0")
 
     @property
     def label(self) -> str:
