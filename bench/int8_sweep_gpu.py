@@ -240,25 +240,28 @@ def report(results: list[dict[str, object]], ids: list[str], device: torch.devic
     failures = [(row["K"], row["N"], row["M"], k, v) for row in results for k, v in row.items() if isinstance(v, str)]
     for failure in failures:
         print("  FAILED", *failure)
-    # the best config per (M bucket, N, K): least total time over the M values of the bucket
+    # the best config per (M bucket, N, K), and per M bucket over all shapes ((bucket, 0, 0): split_k stays
+    # auto): least total time relative to bf16 over the rows it covers, among configs good on all of them
     buckets: dict[tuple[int, int, int], dict[str, float]] = {}
     for row in results:
         rows, outputs, depth = int(row["M"]), int(row["N"]), int(row["K"])  # type: ignore[call-overload]
-        key = (m_bucket(rows), outputs, depth)
         good = int8_entries(row)
-        totals = buckets.setdefault(key, {name: 0.0 for name in good})
-        for name in list(totals):
-            if name in good:
-                totals[name] += good[name][0]
-            else:
-                del totals[name]
+        bf16 = row.get("bf16")
+        base = bf16[0] if isinstance(bf16, tuple) else 1.0
+        for key in ((m_bucket(rows), outputs, depth), (m_bucket(rows), 0, 0)):
+            totals = buckets.setdefault(key, {name: 0.0 for name in good})
+            for name in list(totals):
+                if name in good:
+                    totals[name] += good[name][0] / base
+                else:
+                    del totals[name]
     print("\n# paste into generator/engine/triton_w8a16.py (split_k resolved to what auto chose here)")
     print("CONFIGS: dict[tuple[int, int, int], Config] = {")
     for key, totals in sorted(buckets.items()):
         if not totals:
             continue
         config = CANDIDATES[min(totals, key=lambda k: totals[k])]
-        if not config.split_k:  # pin the split the timing used, so another GPU's SM count doesn't change it
+        if not config.split_k and key[1]:  # pin the split the timing used, so another GPU's SM count doesn't change it
             n_tiles, k_tiles = -(-key[1] // config.block_n), -(-key[2] // config.block_k)
             split = min(auto_split(n_tiles, k_tiles, device, config.kernel), k_tiles)
             per_split = -(-k_tiles // split)

@@ -95,6 +95,15 @@ for rows, outputs, depth in [(1, 64, 128), (1, 100, 520), (3, 100, 520), (16, 48
             assert err < tol, (rows, outputs, depth, cfg, err)
             checked += 1
     assert int(counters.abs().sum()) == 0
+# the config table: by shape, then by M bucket; a gemv entry never serves M > 1
+import generator.engine.triton_w8a16 as k
+gemv, dot = Config("gemv", 8, 64, 2), Config("dot", 32, 64, 3)
+k.CONFIGS.update({(1, 0, 0): gemv, (16, 48, 256): dot, (16, 0, 0): gemv})
+assert k.pick_config(1, 5, 7, x.device) == gemv and k.pick_config(9, 48, 256, x.device) == dot
+assert k.pick_config(9, 5, 7, x.device).kernel == "dot" and k.pick_config(40, 48, 256, x.device).kernel == "dot"
+out = w8a16_mm(x[:1], w, s)  # the table's gemv, on the last shape above
+assert ((out.double() - ref[:1]).abs().max() / ref[:1].abs().max()).item() < tol
+k.CONFIGS.clear()
 # the engine's linear, forced onto the Triton kernel (on CPU: interpreted), 3-D input; past 64 rows the fallback
 os.environ[KERNEL_ENV] = "triton"
 g = torch.Generator().manual_seed(5)

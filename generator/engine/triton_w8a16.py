@@ -67,7 +67,8 @@ def m_bucket(rows: int) -> int:
 
 
 # (M bucket, N, K) -> config, measured by bench/int8_sweep_gpu.py (it prints this table for the shapes it runs);
-# shapes not listed use default_config
+# (M bucket, 0, 0) is that bucket's config for any other shape (split_k 0 there: chosen per shape); shapes
+# matched by neither use default_config
 CONFIGS: dict[tuple[int, int, int], Config] = {}
 
 
@@ -84,7 +85,12 @@ def default_config(rows: int, outputs: int, depth: int, device: torch.device) ->
 
 
 def pick_config(rows: int, outputs: int, depth: int, device: torch.device) -> Config:
-    return CONFIGS.get((m_bucket(rows), outputs, depth)) or default_config(rows, outputs, depth, device)
+    """The launch configuration for this shape: `CONFIGS` by shape, by M bucket, else `default_config`."""
+    bucket = m_bucket(rows)
+    config = CONFIGS.get((bucket, outputs, depth)) or CONFIGS.get((bucket, 0, 0))
+    if config is None or (config.kernel == "gemv" and rows != 1):
+        return default_config(rows, outputs, depth, device)
+    return config
 
 
 def auto_split(n_tiles: int, k_tiles: int, device: torch.device, kernel: str) -> int:
@@ -213,7 +219,7 @@ def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, config
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or pick_config(rows, outputs, depth, x.device)
-    if cfg.kernel == "gemv" and rows != 1:
+    if cfg.kernel == "gemv" and rows != 1:  # a gemv config given for M > 1
         cfg = default_config(rows, outputs, depth, x.device)
     k_tiles = triton.cdiv(depth, cfg.block_k)
     n_tiles = triton.cdiv(outputs, cfg.block_n)
