@@ -3,6 +3,7 @@
 
     python bench/int8_sweep_gpu.py             # ~1-3 minutes on one H100 (most of it Triton compiling)
     python bench/int8_sweep_gpu.py --quick     # two shapes, M 1 and 16, fewer configs
+    python bench/int8_sweep_gpu.py --eager     # eager calls instead of graph replays (host launch cost in)
 
 For (K, N) in (4096, 4096), (4096, 12288), (4096, 16384), (16384, 4096) and M in 1, 4, 16, 64 (bf16 activations)
 it prints microseconds per linear for each variant, then the best int8 config per row and a `CONFIGS` table to
@@ -75,7 +76,7 @@ BAD_ERROR = 2e-2
 
 
 def measure(calls: list[Callable[[], torch.Tensor]], device: torch.device, min_calls: int,
-            replays: int) -> tuple[float, torch.Tensor, bool]:
+            replays: int, eager: bool = False) -> tuple[float, torch.Tensor, bool]:
     """Median microseconds per call, the last call's output, and whether that output was bitwise the same after
     every replay (a race in the split-K fixup would show here). On CUDA: a graph of >= min_calls calls cycling
     over `calls` (one per weight copy); on CPU: eager wall time (smoke test only)."""
@@ -92,6 +93,17 @@ def measure(calls: list[Callable[[], torch.Tensor]], device: torch.device, min_c
         for call in calls[:2]:
             call()
     torch.cuda.current_stream(device).wait_stream(stream)
+    if eager:  # the same calls launched from Python one by one: host launch cost included
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for index in range(per_graph):
+                out = calls[index % len(calls)]()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000 / per_graph)
+        return statistics.median(times), out, True
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for index in range(per_graph):
@@ -168,7 +180,7 @@ def sweep_shape(depth: int, outputs: int, rows_list: tuple[int, ...], ids: list[
                                     for w in int8_weights], ref8))
         for name, calls, reference in variants:
             try:
-                us, out, stable = measure(calls, device, args.min_calls, args.replays)
+                us, out, stable = measure(calls, device, args.min_calls, args.replays, args.eager)
             except Exception as failure:  # a config Triton cannot build here (e.g. shared memory): report it
                 row[name] = f"failed: {type(failure).__name__}: {str(failure).splitlines()[0][:80]}"
                 if device.type == "cuda":
@@ -215,8 +227,9 @@ def table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join([out[0], "  ".join("-" * w for w in widths), *out[1:]])
 
 
-def report(results: list[dict[str, object]], ids: list[str], device: torch.device) -> None:
-    print("\nus per linear (CUDA-graph replay, weights rotated past L2); '!' = error > "
+def report(results: list[dict[str, object]], ids: list[str], device: torch.device, eager: bool) -> None:
+    print("\nus per linear (" + ("eager calls" if eager else "CUDA-graph replay") + ", weights rotated past L2); "
+          "'!' = error > "
           f"{BAD_ERROR:g}, '~' = output changed between replays (a split-K race); ids: see the legend")
     header = ["K", "N", "M", "bf16", "int4", "int8 def", *ids, "best", "best/bf16", "def/bf16", "max err"]
     lines = []
@@ -281,6 +294,8 @@ def main() -> None:
     parser.add_argument("--rotate-mib", type=int, default=256, help="weight copies per variant, in MiB (> L2)")
     parser.add_argument("--min-calls", type=int, default=48, help="calls per graph replay")
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--eager", action="store_true", help="time eager back-to-back calls instead of a CUDA "
+                        "graph (adds each call's host launch cost; no replay stability check)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (with TRITON_INTERPRET=1)")
     args = parser.parse_args()
     ids = args.configs.split(",") if args.configs else list(QUICK if args.quick else CANDIDATES)
@@ -306,7 +321,7 @@ def main() -> None:
         results += sweep_shape(depth, outputs, rows, ids, args, device, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    report(results, ids, device)
+    report(results, ids, device, args.eager)
     print(f"\n{time.time() - started:.0f} s")
 
 
