@@ -122,7 +122,8 @@ def measure(calls: list[Callable[[], torch.Tensor]], device: torch.device, min_c
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000 / per_graph)
-    stable = stable and bool(torch.equal(out, first))
+        stable = stable and bool(torch.equal(out, first))
+    out = out.clone()  # off the graph's memory pool before the graph goes
     del graph
     return statistics.median(times), out, stable
 
