@@ -66,19 +66,57 @@ def test_weight_bytes_shrink_with_the_precision(precision: str, ratio: float) ->
 
 
 _TRITON_CHECK = """
+import os
 import torch
-from generator.engine.triton_w8a16 import w8a16_mm
+from generator.engine.triton_w8a16 import Config, new_counters, w8a16_gather_mm, w8a16_mm
+from generator.engine.weight_only import KERNEL_ENV, WeightOnlyLinear
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter's numpy has no bf16
-for rows, outputs, depth in [(1, 64, 128), (3, 100, 520), (16, 192, 1024), (20, 70, 64)]:
-    g = torch.Generator().manual_seed(rows)
+tol = 2e-2 if device == "cuda" else 1e-5
+configs = [None,  # the table / default_config
+           Config("gemv", 16, 32, 1, num_stages=1), Config("gemv", 16, 32, 3), Config("gemv", 32, 64, 0, reduce="atomic"),
+           Config("gemv", 16, 16, 0), Config("gemv", 4, 64, 2), Config("dot", 16, 32, 1), Config("dot", 32, 16, 4),
+           Config("dot", 16, 64, 2, reduce="atomic"), Config("dot", 64, 32, 0), Config("dot", 16, 16, 7)]
+checked = 0
+# N and K multiples of the blocks or not, M from 1 to the 64-row limit
+for rows, outputs, depth in [(1, 64, 128), (1, 100, 520), (3, 100, 520), (16, 48, 256), (20, 70, 64),
+                             (64, 40, 96), (1, 17, 33), (33, 17, 200)]:
+    g = torch.Generator().manual_seed(rows * 7 + outputs)
     x = torch.randn(rows, depth, generator=g).to(device, dtype)
     w = torch.randint(-128, 128, (outputs, depth), generator=g, dtype=torch.int8).to(device)
-    s = (torch.rand(outputs, generator=g) * 1e-3).to(device, dtype)
-    ref = (x.float() @ w.float().t()) * s.float()
-    out = w8a16_mm(x, w, s).float()
-    assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (rows, outputs, depth)
-from generator.engine.triton_w8a16 import w8a16_gather_mm
+    s = (torch.rand(outputs, generator=g) * 1e-3 + 1e-5).to(device, dtype)
+    ref = (x.double() @ w.double().t()) * s.double()
+    counters = new_counters(outputs, x.device)
+    for cfg in configs:
+        for repeat in range(2):  # the split-K counters re-arm: a second call is as right as the first
+            out = w8a16_mm(x, w, s, cfg, counters=counters if repeat else None)
+            assert out.shape == (rows, outputs) and out.dtype == dtype
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < tol, (rows, outputs, depth, cfg, err)
+            checked += 1
+    assert int(counters.abs().sum()) == 0
+# the config table: by shape, then by M bucket; a gemv entry never serves M > 1
+import generator.engine.triton_w8a16 as k
+gemv, dot = Config("gemv", 8, 64, 2), Config("dot", 32, 64, 3)
+k.CONFIGS.update({(1, 0, 0): gemv, (16, 48, 256): dot, (16, 0, 0): gemv})
+assert k.pick_config(1, 5, 7, x.device) == gemv and k.pick_config(9, 48, 256, x.device) == dot
+assert k.pick_config(9, 5, 7, x.device).kernel == "dot" and k.pick_config(40, 48, 256, x.device).kernel == "dot"
+out = w8a16_mm(x[:1], w, s)  # the table's gemv, on the last shape above
+assert ((out.double() - ref[:1]).abs().max() / ref[:1].abs().max()).item() < tol
+k.CONFIGS.clear()
+# the engine's linear, forced onto the Triton kernel (on CPU: interpreted), 3-D input; past 64 rows the fallback
+os.environ[KERNEL_ENV] = "triton"
+g = torch.Generator().manual_seed(5)
+values = torch.randint(-128, 128, (300, 136), generator=g, dtype=torch.int8)  # [in, out]
+scale = torch.rand(136, generator=g) * 1e-3
+linear = WeightOnlyLinear(values, scale, "int8", dtype, torch.device(device))
+assert linear.kernel == "int8_triton" and linear.counters is not None
+for batch in (1, 5, 70):
+    x = torch.randn(batch, 1, 300, generator=g).to(device, dtype)
+    ref = x.double() @ (values.double() * scale.double()).to(device)
+    out = linear(x)
+    assert out.shape == (batch, 1, 136)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol, batch
 g = torch.Generator().manual_seed(0)
 experts, outputs, depth = 4, 70, 300
 a = torch.randn(6, depth, generator=g).to(device, dtype)
@@ -90,17 +128,36 @@ for p in range(6):
     e = int(ids[p])
     ref = (a[p].float() @ w[e].float().t()) * s[e].float() if e < experts else torch.zeros(outputs, device=device)
     assert torch.allclose(out[p], ref, rtol=2e-2, atol=2e-2 * max(ref.abs().max().item(), 1e-6)), p
-print("ok")
+print("ok", checked)
 """
+
+
+def _triton_env() -> dict[str, str]:
+    return {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_w8a16_kernel_matches_the_reference() -> None:
-    """On CUDA directly; without a GPU through Triton's interpreter (TRITON_INTERPRET=1)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    """Every kernel (gemv, dot) and K-split reduction (none, fixup, atomic), odd N and K, M 1..64, the counters
+    re-armed after each call, and the engine's linear on it. On CUDA directly; without a GPU through Triton's
+    interpreter (TRITON_INTERPRET=1)."""
     completed = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
-                               env=env, cwd=Path(__file__).parent.parent)
+                               env=_triton_env(), cwd=Path(__file__).parent.parent)
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_int8_sweep_script_runs() -> None:
+    """bench/int8_sweep_gpu.py end to end on CPU (tiny shapes, interpreted kernels): every config's error is
+    checked and a CONFIGS table comes out."""
+    script = Path(__file__).parent.parent / "bench" / "int8_sweep_gpu.py"
+    completed = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--configs", "g1,g5,g6,g7,d1,d6,d7"],
+                               capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=script.parent.parent)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "CONFIGS: dict" in completed.stdout and "FAILED" not in completed.stdout, completed.stdout[-2000:]
+    results = completed.stdout.split("\nlegend (")[0].split("max err")[1]  # the table's rows
+    assert "!" not in results and "~" not in results, completed.stdout[-2000:]
 
 
 # --- the MoE kernels -------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ along `out`, plus a per-output-channel scale). At load each weight is converted 
 wants, and the float weight is never materialized:
 
 - int8 on CPU: `torch._weight_int8pack_mm` (int8 `[out, in]` + scale `[out]`).
-- int8 on CUDA: up to 64 rows our Triton kernel (`triton_w8a16`: torch's CUDA `_weight_int8pack_mm` is one
-  naive thread per output), more rows (prefill, compute-bound) convert the weight inside the call and use cuBLAS.
+- int8 on CUDA: up to 64 rows (decode) our Triton kernels (`triton_w8a16`: split-K GEMV / swap-AB tensor-core
+  tiles that stream the `[out, in]` int8 weight once; torch's CUDA `_weight_int8pack_mm` is one naive thread per
+  output), more rows (prefill, compute-bound) convert the weight inside the call and use cuBLAS.
 - int4 on CUDA, bf16: tinygemm, `torch._convert_weight_to_int4pack` + `torch._weight_int4pack_mm`
   (unsigned nibbles `q + 8`, the even column in the high nibble; scale-and-zero `[in / group, out, 2]`, the
   per-channel scale repeated over the groups, zero 0).
@@ -54,11 +55,16 @@ class WeightOnlyLinear:
         self.dtype = dtype
         self.group_size = 0
         self.inner_k_tiles = 0
+        self.counters: torch.Tensor | None = None  # the Triton kernel's split-K counters (allocated at load)
         q = values.t().contiguous()  # [out, in] int8
         self.kernel = self._pick_kernel(device)
         if self.kernel in ("int8pack", "int8_triton"):
             self.weight = q.to(device)
             self.scales = scale.to(device=device, dtype=dtype).contiguous()
+            if self.kernel == "int8_triton":
+                from generator.engine.triton_w8a16 import new_counters
+
+                self.counters = new_counters(self.out_features, device)
         elif self.kernel in ("int4_tinygemm", "int4_cpu"):
             group = _group_size(self.in_features)
             assert group is not None
@@ -83,6 +89,8 @@ class WeightOnlyLinear:
             return "dequant"
         n, k = self.out_features, self.in_features
         if self.precision == "int8":
+            if forced == "triton" and triton_available():  # on CPU only under TRITON_INTERPRET=1 (tests)
+                return "int8_triton"
             if device.type == "cuda" and forced != "int8pack" and triton_available():
                 return "int8_triton"
             return "int8pack" if hasattr(torch, "_weight_int8pack_mm") else "dequant"
@@ -101,7 +109,9 @@ class WeightOnlyLinear:
     @property
     def nbytes(self) -> int:
         """Bytes this linear holds on its device (weight + scales); the dequant fallback keeps int4 as int8."""
-        return self.weight.numel() * self.weight.element_size() + self.scales.numel() * self.scales.element_size()
+        counters = 0 if self.counters is None else self.counters.numel() * 4
+        return (self.weight.numel() * self.weight.element_size() + self.scales.numel() * self.scales.element_size()
+                + counters)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight `[out, in]` (for tests and the dequant fallback)."""
@@ -118,7 +128,7 @@ class WeightOnlyLinear:
         elif self.kernel == "int8_triton" and flat.shape[0] <= _TRITON_MAX_ROWS:
             from generator.engine.triton_w8a16 import w8a16_mm
 
-            out = w8a16_mm(flat.contiguous(), self.weight, self.scales)
+            out = w8a16_mm(flat.contiguous(), self.weight, self.scales, counters=self.counters)
         elif self.kernel == "int4_tinygemm":
             out = torch._weight_int4pack_mm(flat.contiguous(), self.weight, self.group_size, self.scales)
         elif self.kernel == "int4_cpu":
