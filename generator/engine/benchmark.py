@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--weight-only", choices=["int8", "int4"], default=None,
+                        help="weight-only quantized GEMMs (the build step quantizes the random float weights)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages; tp = world size / pp")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--input-len", type=int, default=32)
@@ -152,7 +154,9 @@ def checkpoint_config(args: argparse.Namespace, mapping: Mapping) -> dict[str, o
         "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
         "position_embedding_type": "alibi", "hidden_act": "gelu", "norm_epsilon": 1e-5,
         "max_position_embeddings": None, "bias": False, "clip_qkv": None, "alibi_bias_max": 8,
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None}, "mapping": mapping.to_json(),
+        "quantization": {"quant_algo": {"int8": "W8A16", "int4": "W4A16"}.get(args.weight_only or ""),
+                         "kv_cache_quant_algo": None},
+        "mapping": mapping.to_json(),
     }
 
 
@@ -294,7 +298,8 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
               f"device {device}, world size {info.world_size} (tp {mapping.tensor_parallel_size}, "
               f"pp {mapping.pipeline_parallel_size}), dtype {args.dtype}", flush=True)
         print(f"KV cache: {kv['blocks']} blocks x {kv['tokens_per_block']} tokens = {kv['tokens']} tokens, "
-              f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}", flush=True)
+              f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}; weights on rank 0: "
+              f"{executor.weight_bytes / 2**30:.2f} GiB ({args.weight_only or args.dtype})", flush=True)
         run_batch(executor, 1, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
         if args.profile:
             profile_forwards(executor, args)

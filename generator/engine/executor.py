@@ -206,6 +206,11 @@ class Executor:
                 "preemptions": self._scheduler.num_preemptions, "reused_blocks": self._blocks.num_reused}
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights on its device (weight-only GEMMs at their packed size)."""
+        return self._model.weight_bytes()
+
+    @property
     def load(self) -> tuple[int, int, float]:
         """(running requests, waiting requests, fraction of the KV pool's blocks in use), read without a lock."""
         scheduler, blocks = self._scheduler, self._blocks
