@@ -24,5 +24,12 @@ SERVE=$!
 trap 'kill -TERM $SERVE; wait $SERVE || true' EXIT
 for _ in $(seq 600); do grep -q "OpenAI-compatible API" "$W/serve.log" && break; sleep 1; done
 COMMON=(--concurrency 1,32,128 --input-len 128 --output-len 128 --tokenizer-dir "$W/job/tokenizer")
-$GEN bench --url localhost:8001 "${COMMON[@]}" --hf "$W/hf" --hf-dtype bfloat16 --json "$W/ensemble.json"
+# HF_PYTHON: run transformers' baseline with that interpreter instead (the GPU image's own python3, whose numpy
+# transformers imports with; the serving venv puts numpy<2 first)
+if [ -n "${HF_PYTHON:-}" ]; then
+  $GEN bench --url localhost:8001 "${COMMON[@]}" --json "$W/ensemble.json"
+  "$HF_PYTHON" bench/hf_generate.py --hf "$W/hf" --batch-sizes 1,32,128 --dtype bfloat16 | tee "$W/hf.jsonl"
+else
+  $GEN bench --url localhost:8001 "${COMMON[@]}" --hf "$W/hf" --hf-dtype bfloat16 --json "$W/ensemble.json"
+fi
 $GEN bench --url http://localhost:9000 --openai "${COMMON[@]}" --json "$W/openai.json"

@@ -39,6 +39,7 @@ from generator import supervise
 from generator.errors import GenRepoError
 
 TRITON_BIN_ENV = "TRITON_BIN"
+TRITON_BACKENDS_ENV = "TRITON_BACKENDS"
 STUB_NAME = "triton_python_backend_stub"
 # Parameter keys under which the tensorrt_llm model's config.pbtxt names its engine dir
 # (our python model, then the C++ tensorrtllm backend).
@@ -102,7 +103,9 @@ def find_tritonserver(triton_bin: str | None = None) -> TritonInstall:
         binary = Path(explicit).expanduser()
         if not binary.is_file():
             raise GenRepoError(f"tritonserver binary {binary} does not exist (from --triton-bin / ${TRITON_BIN_ENV})")
-        return TritonInstall(binary=binary, backend_directory=None)
+        # a binary unpacked outside /opt/tritonserver names its backends in $TRITON_BACKENDS (the device recipe)
+        named = os.environ.get(TRITON_BACKENDS_ENV)
+        return TritonInstall(binary=binary, backend_directory=Path(named) if named else None)
     on_path = shutil.which("tritonserver")
     if on_path:
         return TritonInstall(binary=Path(on_path), backend_directory=None)
