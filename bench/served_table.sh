@@ -19,6 +19,10 @@ write_random_mpt(Path(sys.argv[1]) / "hf", argparse.Namespace(hidden=4096, layer
 PYEOF
 [ -d "$W/job/triton_repo" ] || $GEN --model "$W/hf" --dtype bfloat16 --max-batch-size 256 --max-input-len 256 \
     --max-seq-len 512 --output "$W/job"
+# transformers' baseline first, when another interpreter runs it: the server's KV pool then takes the GPU
+if [ -n "${HF_PYTHON:-}" ]; then
+  "$HF_PYTHON" bench/hf_generate.py --hf "$W/hf" --batch-sizes 1,32,128 --dtype bfloat16 | tee "$W/hf.jsonl"
+fi
 $GEN serve --model-repository "$W/job/triton_repo" --openai-port 9000 > "$W/serve.log" 2>&1 &
 SERVE=$!
 trap 'kill -TERM $SERVE; wait $SERVE || true' EXIT
@@ -28,7 +32,6 @@ COMMON=(--concurrency 1,32,128 --input-len 128 --output-len 128 --tokenizer-dir 
 # transformers imports with; the serving venv puts numpy<2 first)
 if [ -n "${HF_PYTHON:-}" ]; then
   $GEN bench --url localhost:8001 "${COMMON[@]}" --json "$W/ensemble.json"
-  "$HF_PYTHON" bench/hf_generate.py --hf "$W/hf" --batch-sizes 1,32,128 --dtype bfloat16 | tee "$W/hf.jsonl"
 else
   $GEN bench --url localhost:8001 "${COMMON[@]}" --hf "$W/hf" --hf-dtype bfloat16 --json "$W/ensemble.json"
 fi
