@@ -7,9 +7,9 @@ Shapes are made static by padding: the batch to the next captured size (1, 2, 4,
 max_batch_size; padding rows write their K/V into the padding block 0 and read one key from it), the block
 tables to the longest a sequence can have. All graphs share their input buffers (views of the largest) and one
 logits buffer, and one memory pool, captured largest first so the smaller ones reuse its memory. The paged
-decode kernel reads each row's length from memory, so one graph serves every sequence length. Dense
-(non-MoE) models are captured: routing needs host syncs; tensor parallelism only on request (see
-`graphs_enabled`).
+decode kernel reads each row's length from memory, so one graph serves every sequence length. MoE models are
+captured when their routing runs without host syncs, and tensor-parallel engines with their NCCL all-reduces
+inside the graphs (see `graphs_enabled`).
 """
 
 from __future__ import annotations
