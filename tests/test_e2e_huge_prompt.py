@@ -19,11 +19,13 @@ import pytest
 
 from generator.openai_server import OpenAISettings
 from generator.pipeline import PipelineResult
+from generator.render import LONG_INPUT_LEN, RenderSettings, render_repository
 from generator.serve import free_port
 from generator.tokenizer import load_tokenizer, longest_token_bytes
 from generator.triton_models.common import repository_max_input_len
 from tests.conftest import RunningServer
 from tests.test_openai import _start_front
+from tests.test_render import load_config, make_engine_dir, make_tokenizer_dir
 
 HUGE_PROMPT = "the cat sat on the mat. " * (8 * 1024 * 1024 // 24)  # 8 MB
 QUICK_S = 2.0
@@ -53,6 +55,20 @@ def test_the_byte_bound_never_refuses_a_prompt_that_fits(tiny_mpt_job: PipelineR
         assert len(ids) * longest >= len(text.encode()), text[:40]
     repo = tiny_mpt_job.triton_repo
     assert repository_max_input_len(repo / "preprocessing", None) == _engine_max_input_len(tiny_mpt_job.engine_dir)
+
+
+@pytest.mark.parametrize(("max_input_len", "setting", "count"),
+                         [(64, None, 1), (LONG_INPUT_LEN, None, 2), (LONG_INPUT_LEN, 1, 1), (64, 3, 3)])
+def test_long_input_engines_get_a_second_preprocessing_instance(tmp_path: Path, max_input_len: int,
+                                                                setting: int | None, count: int) -> None:
+    engine = make_engine_dir(tmp_path / "engine")
+    config = json.loads((engine / "config.json").read_text())
+    config["build_config"]["max_input_len"] = max_input_len
+    (engine / "config.json").write_text(json.dumps(config))
+    repo = render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=make_tokenizer_dir(tmp_path / "tok"),
+                                            output_dir=tmp_path / "repo", preprocessing_instance_count=setting))
+    assert [group.count for group in load_config(repo, "preprocessing").instance_group] == [count]
+    assert repository_max_input_len(repo / "preprocessing", None) == max_input_len
 
 
 @pytest.mark.server
