@@ -402,7 +402,8 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
               help="Triton max_batch_size (default: the engine's).")
 @click.option("--decoupled/--no-decoupled", default=True, show_default=True,
               help="Decoupled tensorrt_llm / BLS (needed for streaming).")
-@click.option("--preprocessing-instances", "preprocessing_instance_count", type=int, default=1, show_default=True)
+@click.option("--preprocessing-instances", "preprocessing_instance_count", type=int, default=None,
+              help="Default: 2 for engines of max_input_len >= 8192 (render.LONG_INPUT_LEN), else 1.")
 @click.option("--postprocessing-instances", "postprocessing_instance_count", type=int, default=1, show_default=True)
 @click.option("--bls-instances", "bls_instance_count", type=int, default=1, show_default=True)
 @click.option("--max-queue-delay-us", "max_queue_delay_microseconds", type=int, default=0, show_default=True)

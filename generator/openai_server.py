@@ -662,6 +662,7 @@ class Front:
         self._template: ChatTemplate | None = None
         self._template_loaded = False
         self._token_texts: dict[int, str] = {}
+        self._longest_token_bytes = 0
 
     async def tokenizer(self) -> Any:
         """The tokenizer (loaded on first use; from Triton's preprocessing config without --tokenizer-dir)."""
@@ -673,8 +674,11 @@ class Front:
                 if self._tokenizer_dir is None:
                     raise ApiError(500, "no tokenizer: pass --tokenizer-dir (the served preprocessing model names "
                                         "none)")
-            self._tokenizer = await asyncio.to_thread(load_tokenizer, self._tokenizer_dir,
-                                                      self.settings.trust_remote_code)
+            from generator.tokenizer import longest_token_bytes
+
+            tokenizer = await asyncio.to_thread(load_tokenizer, self._tokenizer_dir, self.settings.trust_remote_code)
+            self._longest_token_bytes = await asyncio.to_thread(longest_token_bytes, tokenizer)
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     async def chat_template(self) -> ChatTemplate:
@@ -704,6 +708,14 @@ class Front:
         """Generate: yield the answer's deltas (stop strings cut out), fill `outcome` at the end."""
         info = await self.gateway.model_info(params.model)
         tokenizer = await self.tokenizer()
+        if info.max_input_len is not None and self._longest_token_bytes:
+            # more bytes than max_input_len of the longest tokens can hold: refuse it without tokenizing it
+            size = len(params.prompt.encode("utf-8", errors="replace"))
+            limit = info.max_input_len * self._longest_token_bytes
+            if size > limit:
+                raise _bad("messages" if params.chat else "prompt",
+                           f"the prompt is {size} bytes, more than the engine's max_input_len "
+                           f"{info.max_input_len} tokens can hold (at most {limit} bytes with this tokenizer)")
         prompt_ids = await asyncio.to_thread(tokenizer.encode, params.prompt, info.add_special_tokens)
         if info.max_input_len is not None and len(prompt_ids) > info.max_input_len:
             raise _bad("messages" if params.chat else "prompt",

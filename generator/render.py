@@ -63,6 +63,10 @@ PASSTHROUGH_OUTPUTS = (
     "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
     "total_accepted_draft_tokens", "total_draft_tokens", "num_input_tokens", "num_output_tokens",
 )
+#: From this max_input_len on, preprocessing gets a second instance: the longest prompt it still accepts may take
+#: seconds to tokenize (max_input_len times the longest token's bytes, ~1 MB/s), and an instance serves one
+#: batch at a time, so a second one keeps other requests from waiting behind it.
+LONG_INPUT_LEN = 8192
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: characters a model name prefix may use (Triton model names are directory names and URL path segments)
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.-]*")
@@ -78,7 +82,7 @@ class RenderSettings:
     engine_backend: str | None = None
     triton_max_batch_size: int | None = None
     decoupled: bool = True
-    preprocessing_instance_count: int = 1
+    preprocessing_instance_count: int | None = None   # None: from the engine's max_input_len (see below)
     postprocessing_instance_count: int = 1
     bls_instance_count: int = 1
     max_queue_delay_microseconds: int = 0
@@ -196,6 +200,13 @@ def _optional(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def preprocessing_instances(settings: RenderSettings, info: EngineInfo) -> int:
+    """The preprocessing instance count: the setting, else 2 for engines of long inputs (`LONG_INPUT_LEN`)."""
+    if settings.preprocessing_instance_count is not None:
+        return settings.preprocessing_instance_count
+    return 2 if info.max_input_len >= LONG_INPUT_LEN else 1
+
+
 def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, Any]:
     """Every template variable, from the engine's facts and the settings."""
     backend = settings.engine_backend or info.engine_backend
@@ -224,7 +235,7 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
         "skip_special_tokens": _flag(settings.skip_special_tokens),
         "trust_remote_code": _flag(settings.trust_remote_code),
         "accumulate_tokens": _flag(settings.accumulate_tokens),
-        "preprocessing_instance_count": settings.preprocessing_instance_count,
+        "preprocessing_instance_count": preprocessing_instances(settings, info),
         "postprocessing_instance_count": settings.postprocessing_instance_count,
         "bls_instance_count": settings.bls_instance_count,
         "logits_datatype": logits_datatype,
@@ -307,7 +318,7 @@ def check_settings(settings: RenderSettings, info: EngineInfo) -> None:
             raise ConfigError(f"gpu_device_ids '{settings.gpu_device_ids}' names {count} GPUs per instance but the "
                               f"engine has world size {info.world_size}")
     for name in ("preprocessing_instance_count", "postprocessing_instance_count", "bls_instance_count"):
-        if getattr(settings, name) < 1:
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
     if not Path(settings.tokenizer_dir).is_dir():
         raise ConfigError(f"tokenizer dir {settings.tokenizer_dir} does not exist")

@@ -140,6 +140,23 @@ class TiktokenTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
+    """The most UTF-8 bytes of prompt text one token can stand for: the longest token decoded alone, plus one
+    for the leading space a SentencePiece decoder strips from a first token. A prompt of more than
+    max_input_len times this many bytes cannot fit in max_input_len tokens, so it can be refused without
+    tokenizing it (normalizers that delete or compose characters are assumed away)."""
+    ids = [[token_id] for token_id in range(tokenizer.vocab_size)]
+    # one batch call into the Rust decoder where there is one (150k tokens in well under a second); no space
+    # clean-up, which would shorten " ." and so make the bound too small
+    if isinstance(tokenizer, HFTokenizer):
+        texts = tokenizer._tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    elif isinstance(tokenizer, JsonTokenizer):
+        texts = tokenizer._tokenizer.decode_batch(ids, skip_special_tokens=False)
+    else:
+        texts = [tokenizer.decode(one, skip_special_tokens=False) for one in ids]
+    return max((len(text.encode("utf-8", errors="replace")) for text in texts), default=1) + 1
+
+
 def read_tokenizer_config(path: Path) -> dict[str, Any]:
     """`tokenizer_config.json` of a tokenizer dir, or {} when it has none."""
     config_file = Path(path) / "tokenizer_config.json"

@@ -6,6 +6,8 @@ without a server.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +50,28 @@ def configured_tokenizer(model_config: dict[str, Any]) -> Any:
         return None
     return load_tokenizer(tokenizer_dir, trust_remote_code=parse_bool(parameter(model_config, "trust_remote_code"),
                                                                       False))
+
+
+_GPT_MODEL_PATH = re.compile(r'key: "gpt_model_path", value: \{ string_value: "([^"]*)" \}')
+
+
+def repository_max_input_len(model_dir: str | Path, engine_dir: str | None) -> int | None:
+    """The largest `max_input_len` of the engines this repository serves: `engine_dir` and every sibling model's
+    `gpt_model_path` (a shared preprocessing serves several engines). None when no engine config is readable."""
+    engine_dirs = [engine_dir] if engine_dir else []
+    for config_file in Path(model_dir).resolve().parent.glob("*/config.pbtxt"):
+        try:
+            engine_dirs += _GPT_MODEL_PATH.findall(config_file.read_text())
+        except OSError:
+            continue
+    limits = []
+    for directory in engine_dirs:
+        try:
+            build = json.loads((Path(directory) / "config.json").read_text()).get("build_config", {})
+            limits.append(int(build["max_input_len"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # an unreadable or foreign engine dir; the engine itself still checks its limit
+    return max(limits, default=None)
 
 
 def to_word_list_format(word_lists: list[list[str]], encode: Any) -> np.ndarray:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from generator.tokenizer import longest_token_bytes
 from generator.triton_models.common import (
     configured_tokenizer,
     decode_strings,
     load_model_config,
     parameter,
     parse_bool,
+    repository_max_input_len,
     to_word_list_format,
 )
 
@@ -41,6 +43,12 @@ class TritonPythonModel:
         self.add_special_tokens = parse_bool(parameter(config, "add_special_tokens"), True)
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        # A prompt longer than this many bytes cannot fit in max_input_len tokens: it is refused before
+        # tokenizing, which for megabytes takes seconds and holds up every request queued behind it.
+        self.max_input_len = repository_max_input_len(args.get("model_repository", "."),
+                                                      parameter(config, "gpt_model_path"))
+        self.max_prompt_bytes = (None if self.max_input_len is None
+                                 else self.max_input_len * longest_token_bytes(self.tokenizer))
 
     def execute(self, requests):
         responses = []
@@ -55,7 +63,15 @@ class TritonPythonModel:
         for name in _MULTIMODAL_INPUTS:
             if _optional_input(request, name) is not None:
                 raise RequestError(f"input {name}: multimodal inputs are not supported by this model")
-        queries = [decode_strings(row)[0] for row in _optional_input(request, "QUERY")]
+        rows = _optional_input(request, "QUERY")
+        if self.max_prompt_bytes is not None:
+            for item in rows.reshape(-1):
+                size = len(item) if isinstance(item, bytes) else len(str(item).encode("utf-8"))
+                if size > self.max_prompt_bytes:
+                    raise RequestError(f"text_input is {size} bytes, more than {self.max_input_len} tokens "
+                                       f"(the engine's max_input_len) can hold: at most {self.max_prompt_bytes} "
+                                       f"bytes with this tokenizer")
+        queries = [decode_strings(row)[0] for row in rows]
         batch_size = len(queries)
         output_len = _optional_input(request, "REQUEST_OUTPUT_LEN").astype(np.int32).reshape(batch_size, -1)
         if (output_len <= 0).any():
