@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite (lint, types, pytest); sets up .venv first if it is missing or incomplete.
-#   bash scripts/test.sh                 everything (about 6 minutes on 2 cores, up to ~10 when busy)
+#   bash scripts/test.sh                 everything (about 7 minutes on 2 cores once .venv exists)
 #   bash scripts/test.sh -m faults       the fault-injection tests only (kills, stuck requests, held ports)
 #   bash scripts/test.sh -m "not server" skip the tests that start tritonserver
 set -euo pipefail
