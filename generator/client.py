@@ -141,6 +141,14 @@ def model_inputs(url: str, model: str) -> dict[str, str]:
             for item in config.get("input", [])}
 
 
+def input_array(datatype: str, value: Any) -> np.ndarray:
+    """A batch-1 array of `value` (a scalar or a list) as Triton datatype `datatype` wants it."""
+    items = value if isinstance(value, list) else [value]
+    if datatype == "BYTES":
+        return np.array([[str(item).encode() for item in items]], dtype=np.object_)
+    return np.array([items], dtype=_NUMPY_TYPES[datatype])
+
+
 def build_grpc_inputs(values: dict[str, Any], input_types: dict[str, str], model: str) -> list[Any]:
     """One `InferInput` per value, batch size 1, typed as the model declares."""
     import tritonclient.grpc as grpcclient
@@ -152,11 +160,7 @@ def build_grpc_inputs(values: dict[str, Any], input_types: dict[str, str], model
         if name not in input_types:
             raise GenRepoError(f"model {model} has no input {name!r} (it has: {', '.join(sorted(input_types))})")
         datatype = input_types[name]
-        items = value if isinstance(value, list) else [value]
-        if datatype == "BYTES":
-            array = np.array([[str(item).encode() for item in items]], dtype=np.object_)
-        else:
-            array = np.array([items], dtype=_NUMPY_TYPES[datatype])
+        array = input_array(datatype, value)
         infer_input = grpcclient.InferInput(name, list(array.shape), datatype)
         infer_input.set_data_from_numpy(array)
         inputs.append(infer_input)

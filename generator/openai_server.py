@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request, Response
 
+from generator.client import input_array
 from generator.errors import GenRepoError
 
 DEFAULT_PORT = 9000
@@ -382,8 +383,6 @@ class ModelInfo:
     max_seq_len: int | None = None
 
 
-_NUMPY = {"INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_,
-          "BYTES": np.object_}
 
 
 def _triton_error(error: Exception) -> ApiError:
@@ -478,11 +477,7 @@ class TritonGateway:
             datatype = info.inputs.get(name)
             if datatype is None:
                 continue
-            items = value if isinstance(value, list) else [value]
-            if datatype == "BYTES":
-                array = np.array([[str(item).encode() for item in items]], dtype=np.object_)
-            else:
-                array = np.array([items], dtype=_NUMPY[datatype])
+            array = input_array(datatype, value)
             infer_input = aio.InferInput(name, list(array.shape), datatype)
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
