@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from generator.errors import ConfigError, GenRepoError
+from generator.errors import GenRepoError
 
 #: summarize.py's default `summarize` task appends this to each article.
 DEFAULT_PROMPT_TEMPLATE = "{article} TL;DR: "
@@ -584,20 +584,10 @@ def evaluate(settings: EvalSettings) -> EvalReport | None:
     _check_settings(settings)
     engine_max_input = None
     if settings.engine_dir is not None:
-        from generator.engine import follow
-        from generator.engine.config import load_engine_config
-        from generator.engine.distributed import process_info
-        from generator.run import ensure_rendezvous
+        from generator.run import join_engine_ranks
 
-        config = load_engine_config(settings.engine_dir)
-        info = process_info()
-        if info.world_size != config.world_size:
-            raise ConfigError(f"the engine has {config.world_size} ranks (tp {config.mapping.tensor_parallel_size}"
-                              f" x pp {config.mapping.pipeline_parallel_size}); run it with `mpirun -n "
-                              f"{config.world_size} gen-repo eval ...` (this launch has {info.world_size})")
-        ensure_rendezvous(info.world_size)
-        if info.rank != 0:
-            follow(settings.engine_dir, device=settings.device)
+        config = join_engine_ranks(settings.engine_dir, settings.device, "eval")
+        if config is None:
             return None
         engine_max_input = config.max_input_len
     else:

@@ -13,9 +13,12 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from generator.errors import ConfigError, GenRepoError
+
+if TYPE_CHECKING:
+    from generator.engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -68,22 +71,32 @@ def _load_tokenizer(path: Path) -> Any:
     return load_tokenizer(path)
 
 
-def run(settings: RunSettings) -> list[dict[str, Any]] | None:
-    """Generate on rank 0 (returns one dict per prompt: output_ids, text, finish_reason); ranks > 0 follow
-    rank 0 and return None."""
-    from generator.engine import Executor, GenerationRequest, SamplingConfig, follow
+def join_engine_ranks(engine_dir: Path, device: str | None, command: str) -> EngineConfig | None:
+    """Check this launch has the engine's world size and set up the rendezvous. Rank 0 gets the engine's config
+    back; ranks > 0 follow rank 0's engine until it shuts down, then get None."""
+    from generator.engine import follow
     from generator.engine.config import load_engine_config
     from generator.engine.distributed import process_info
 
     info = process_info()
-    config = load_engine_config(settings.engine_dir)
+    config = load_engine_config(engine_dir)
     if info.world_size != config.world_size:
         raise ConfigError(f"the engine has {config.world_size} ranks (tp {config.mapping.tensor_parallel_size} x "
                           f"pp {config.mapping.pipeline_parallel_size}); run it with `mpirun -n "
-                          f"{config.world_size} gen-repo run ...` (this launch has {info.world_size})")
+                          f"{config.world_size} gen-repo {command} ...` (this launch has {info.world_size})")
     ensure_rendezvous(info.world_size)
     if info.rank != 0:
-        follow(settings.engine_dir, device=settings.device)
+        follow(engine_dir, device=device)
+        return None
+    return config
+
+
+def run(settings: RunSettings) -> list[dict[str, Any]] | None:
+    """Generate on rank 0 (returns one dict per prompt: output_ids, text, finish_reason); ranks > 0 follow
+    rank 0 and return None."""
+    from generator.engine import Executor, GenerationRequest, SamplingConfig
+
+    if join_engine_ranks(settings.engine_dir, settings.device, "run") is None:
         return None
     tokenizer = _load_tokenizer(settings.tokenizer_dir) if settings.tokenizer_dir else None
     requests = [list(ids) for ids in settings.input_ids]
