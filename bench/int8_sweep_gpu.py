@@ -24,22 +24,10 @@ import copy
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
-from pathlib import Path
 
+import engine_kernels_only  # noqa: E402, F401  (before the kernel modules: see its docstring)
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-# import the kernel modules without generator/engine/__init__ (it pulls in the executor and its dependencies)
-if "generator.engine" not in sys.modules:
-    sys.path.insert(0, str(ROOT))
-    import generator  # noqa: E402  (empty package __init__)
-
-    _engine = types.ModuleType("generator.engine")
-    _engine.__path__ = [str(ROOT / "generator" / "engine")]
-    sys.modules["generator.engine"] = _engine
-    generator.engine = _engine  # type: ignore[attr-defined]
 
 from generator.engine.triton_w8a16 import (  # noqa: E402
     Config,
