@@ -105,7 +105,8 @@ def assert_anchor_client_texts(server: RunningServer, model: str, prompt: str, n
 
 
 def grpc_responses(url: str, model: str, values: dict[str, np.ndarray], outputs: list[str] | None = None,
-                   cancel_after: int | None = None) -> tuple[list[dict[str, np.ndarray]], str | None, bool]:
+                   cancel_after: int | None = None,
+                   request_id: str = "") -> tuple[list[dict[str, np.ndarray]], str | None, bool]:
     """(the outputs of each non-empty response, the error if any, whether the FINAL flag arrived). Empty final
     responses are asked for, so an ended request is always seen as ended."""
     import tritonclient.grpc as grpcclient
@@ -120,7 +121,8 @@ def grpc_responses(url: str, model: str, values: dict[str, np.ndarray], outputs:
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     requested = None if outputs is None else [grpcclient.InferRequestedOutput(name) for name in outputs]
-    client.async_stream_infer(model, tensors, outputs=requested, enable_empty_final_response=True)
+    client.async_stream_infer(model, tensors, outputs=requested, request_id=request_id,
+                              enable_empty_final_response=True)
     responses: list[dict[str, np.ndarray]] = []
     error, final = None, False
     deadline = time.monotonic() + END_TIMEOUT_S
@@ -334,7 +336,8 @@ def test_stop_request_ends_the_request_it_names(triton_server: RunningServer) ->
         assert error is None
         stop = core_values(triton_server, PROMPTS[0], True)
         stop["stop"] = np.array([[True]], dtype=bool)
-        _, stop_error, stop_final = grpc_responses_with_id(triton_server.grpc_url, "tensorrt_llm", stop, "to-stop")
+        _, stop_error, stop_final = grpc_responses(triton_server.grpc_url, "tensorrt_llm", stop,
+                                                         request_id="to-stop")
         assert stop_error is None and stop_final
         tokens = 1
         while True:
@@ -348,32 +351,3 @@ def test_stop_request_ends_the_request_it_names(triton_server: RunningServer) ->
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
-
-
-def grpc_responses_with_id(url: str, model: str, values: dict[str, np.ndarray],
-                           request_id: str) -> tuple[int, str | None, bool]:
-    """Send one request with `request_id` on its own stream: (responses with outputs, error, ended)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client = grpcclient.InferenceServerClient(url=url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    tensors = []
-    for name, value in values.items():
-        tensor = grpcclient.InferInput(name, value.shape, np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        tensors.append(tensor)
-    client.async_stream_infer(model, tensors, request_id=request_id, enable_empty_final_response=True)
-    count, error, final = 0, None, False
-    try:
-        while not final:
-            result, failure = results.get(timeout=END_TIMEOUT_S)
-            if failure is not None:
-                return count, str(failure), True
-            count += bool(result.get_response().outputs)
-            final = result.get_response().parameters["triton_final_response"].bool_param
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
-    return count, error, final
