@@ -154,8 +154,7 @@ class LLMMetrics:
 
     def engine_load(self) -> tuple[int, int, float]:
         """(running requests, waiting requests, KV-cache block usage) from the executor."""
-        running, waiting, usage = self.executor.load
-        return running, waiting, usage
+        return self.executor.load
 
     def close(self) -> None:
         """Stop the export thread after a last export."""
