@@ -197,7 +197,7 @@ def _enable(flag: bool) -> str:
 def trtllm_build_command(settings: BuildSettings, config: dict[str, Any]) -> list[str]:
     """The `trtllm-build` argv for one checkpoint config (see the module docstring for each flag).
 
-    Limits and plugins come from `generator.build`'s `build_config` section, the same one the pytorch
+    Limits and plugins come from `generator.build.settings`' `build_config` section, the same one the pytorch
     backend writes, so both engine backends get the same max_seq_len / max_num_tokens defaults and the same
     resolution of `auto` plugins to the checkpoint dtype.
     """

@@ -3,7 +3,7 @@
 Weight-only (quant_algo "W8A16" / "W4A16"): a checkpoint holds the GEMM weights in float and only records
 `quant_algo`, which is what TensorRT-LLM's loader expects (`preprocess_weights` -> `weight_only_quantize_dict`
 quantizes float weights into its GPU-specific interleaved layout and takes int8 ones as already interleaved).
-`gen-repo build --engine pytorch` then quantizes them into the engine dir (`generator.build.quantize_rank_file`):
+`gen-repo build --engine pytorch` then quantizes them into the engine dir (`generator.build.pytorch.quantize_rank_file`):
 the GEMM weights (attention.qkv, attention.dense, mlp.fc, mlp.proj; never lm_head, the MoE router or the
 embeddings), per rank, i.e. after the tensor-parallel split, symmetrically per output channel, as TensorRT-LLM's
 `symmetric_quantize` does:
