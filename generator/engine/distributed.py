@@ -7,7 +7,6 @@ this also works inside tritonserver's python-backend stubs.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,7 +25,6 @@ _LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "LOCAL
 QUIET = -1  # kind of the step message that moves the next one to gloo (see Communicator.broadcast_step)
 # followers block in a broadcast while rank 0 is idle (a server can sit idle for days): never time out there
 _IDLE_TIMEOUT = timedelta(days=365)
-log = logging.getLogger(__name__)
 
 
 def _first_int(names: tuple[str, ...], default: int) -> int:
@@ -74,7 +72,6 @@ class Communicator:
         self.world_size = mapping.world_size
         self._tp_group: Any = None
         self._control_group: Any = None
-        self._peer_all_reduce: PeerAllReduce | None = None
         self._quiet = True  # followers start by waiting on gloo (rank 0 may take long to get its first request)
         if self.world_size == 1:
             return
@@ -106,24 +103,9 @@ class Communicator:
     # tensor parallelism -------------------------------------------------------------------------------
     def tp_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over this rank's TP group (in place)."""
-        if self._tp_group is None:
-            return tensor
-        peer = self._peer_all_reduce
-        if peer is not None and peer.fits(tensor):
-            return peer(tensor)
-        dist.all_reduce(tensor, group=self._tp_group)
+        if self._tp_group is not None:
+            dist.all_reduce(tensor, group=self._tp_group)
         return tensor
-
-    def enable_peer_all_reduce(self, dtype: torch.dtype, max_bytes: int = 4 << 20) -> None:
-        """Small all-reduces (decode steps) of `dtype` through symmetric memory, if `GEN_REPO_TP_ALLREDUCE` is
-        `symm`. Every TP rank must call this at the same point; any failure leaves NCCL in charge."""
-        if (self._tp_group is None or self.device.type != "cuda"
-                or os.environ.get("GEN_REPO_TP_ALLREDUCE", "nccl") != "symm"):
-            return
-        try:
-            self._peer_all_reduce = PeerAllReduce(self._tp_group, self.device, dtype, max_bytes)
-        except Exception as error:  # noqa: BLE001 - an old torch or a host without P2P: NCCL still works
-            log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", error)
 
     def tp_all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every TP rank's `tensor` along `dim`, in TP-rank order."""
@@ -222,35 +204,6 @@ class Communicator:
         return int(box.item())
 
     def close(self) -> None:
-        self._peer_all_reduce = None
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
-
-class PeerAllReduce:
-    """In-place sum of a small tensor over a TP group through torch's symmetric memory: each rank's buffer is
-    mapped into its peers (NVLink P2P), and torch's two-shot kernel reduces and writes back a slice per rank,
-    ending with a barrier, so the one buffer is safe to reuse at once. For decode-sized messages this skips
-    NCCL's protocol work; it captures into CUDA graphs like NCCL does. Multicast (NVLS) is not used."""
-
-    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        self.group_name = group.group_name
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed before torch 2.8, a no-op after
-            enable(self.group_name)
-        self.dtype = dtype
-        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
-        self.two_shot = torch.ops.symm_mem.two_shot_all_reduce_
-
-    def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.dtype == self.dtype and tensor.numel() <= self.buffer.numel() and tensor.is_contiguous()
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        staged = self.buffer[: tensor.numel()]
-        staged.copy_(tensor.view(-1))
-        self.two_shot(staged, "sum", self.group_name)
-        tensor.copy_(staged.view_as(tensor))
-        return tensor

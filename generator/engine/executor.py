@@ -117,7 +117,6 @@ def _load_rank(engine_dir: Path, device: str | None) -> tuple[EngineConfig, Comm
     _set_cpu_threads(config.world_size, torch_device)
     comm = Communicator(mapping, torch_device)
     model = DecoderModel(config, Path(engine_dir), comm, torch_device)
-    comm.enable_peer_all_reduce(model.dtype)
     return config, comm, model
 
 
