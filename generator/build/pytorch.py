@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from generator import __version__
-from generator.build.settings import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
-from generator.engine.config import parse_pretrained_config, read_config_json
+from generator.build.settings import BuildSettings, build_config_section, resolve_limits
+from generator.engine.config import parse_pretrained_config
 from generator.errors import ConfigError, GenRepoError
-from generator.formats.hf_checkpoint import read_safetensors_header
+from generator.formats.safetensors import SafetensorsWriter, header_budget, read_safetensors_header
+from generator.formats.trtllm_checkpoint import missing_rank_files, rank_files, read_checkpoint_config
 
 WEIGHT_ONLY_PRECISIONS = {"W8A16": "int8", "W4A16": "int4"}
 
@@ -45,7 +46,6 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
     """
     from safetensors import safe_open
 
-    from generator.convert.job import SafetensorsWriter, header_budget
     from generator.convert.calibrate import is_weight_only_target, per_channel_scale_name, quantize_weight
 
     partial = target.with_name(target.name + ".partial")
@@ -75,17 +75,14 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
 def build_pytorch_engine(settings: BuildSettings) -> Path:
     """Write the pytorch engine dir; returns it."""
     checkpoint_dir, output_dir = Path(settings.checkpoint_dir), Path(settings.output_dir)
-    check_checkpoint_dir(checkpoint_dir)
-    pretrained = read_config_json(checkpoint_dir)
-    if "pretrained_config" in pretrained:
-        raise ConfigError(f"{checkpoint_dir} is already an engine dir; pass the TensorRT-LLM checkpoint dir")
+    pretrained = read_checkpoint_config(checkpoint_dir)
     config = parse_pretrained_config(pretrained)  # raises ConfigError for what the engine cannot run
     if settings.max_beam_width != 1:
         raise ConfigError("the pytorch engine supports max_beam_width 1 only")
     limits = resolve_limits(settings, pretrained)
     world_size = config.world_size
-    sources = [checkpoint_dir / f"rank{r}.safetensors" for r in range(world_size)]
-    missing = [p.name for p in sources if not p.is_file()]
+    sources = rank_files(checkpoint_dir, world_size)
+    missing = missing_rank_files(checkpoint_dir, world_size)
     if missing:
         raise GenRepoError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)} (world size {world_size})")
     for source in sources:  # a truncated or corrupt rank file fails here, not when the server loads it

@@ -99,16 +99,6 @@ def _positive_int_or_none(value: Any, name: str) -> int | None:
     return number
 
 
-def check_checkpoint_dir(checkpoint_dir: Path) -> None:
-    """Refuse a convert run's hidden staging dir: it may be half written (a killed run leaves it behind)."""
-    from generator.convert.job import is_staging_dir  # convert imports torch-heavy code only when it is used
-
-    if is_staging_dir(checkpoint_dir):
-        raise ConfigError(f"{checkpoint_dir} is the staging dir of an unfinished `gen-repo convert` (interrupted "
-                          "or still running); pass the finished checkpoint dir. The next convert into the same "
-                          "output removes it.")
-
-
 def _plugin(value: str, dtype: str) -> str:
     return dtype if value == "auto" else value
 

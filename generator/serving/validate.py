@@ -343,11 +343,15 @@ class _Checker:
 
     def check_rank_file(self, rank_file: Path, config: dict[str, Any], rank: int) -> None:
         """A pytorch engine rank file is whole (safetensors header and data) and its tensors fit the config."""
+        from generator.errors import GenRepoError
+        from generator.formats.safetensors import read_safetensors_header
+
         try:
-            shapes = _safetensors_shapes(rank_file)
-        except ValueError as error:
+            header = read_safetensors_header(rank_file, exact=True)
+        except GenRepoError as error:
             self.add(rank_file, "(file)", f"truncated or corrupt: {error}")
             return
+        shapes = {name: list(entry["shape"]) for name, entry in header.items()}
         pretrained = config.get("pretrained_config", {})
         mapping = pretrained.get("mapping", {})
         tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
@@ -450,26 +454,6 @@ class _Checker:
             if named != self.names[role]:
                 self.add(bls.config_file, f"parameters[{key}]", f"names '{named}' but the {role} model of this "
                          f"repository group is '{self.names[role]}'")
-
-
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header; `ValueError` when the file is cut short or malformed."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{size} bytes, shorter than a safetensors header")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > size - 8:
-            raise ValueError(f"the header needs {header_size} bytes, the file has {size - 8} after its length")
-        try:
-            header = json.loads(file.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"the header is not JSON ({error})") from None
-    end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
-    if 8 + header_size + end != size:
-        raise ValueError(f"the header describes {8 + header_size + end} bytes, the file has {size}")
-    return {name: list(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
 def _family(architecture: str) -> str:
