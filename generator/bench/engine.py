@@ -36,6 +36,7 @@ from generator.engine.distributed import ProcessInfo, pick_device, process_info
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
 from generator.engine.sampling import SamplingConfig
 from generator.formats.mapping import Mapping
+from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,7 +155,7 @@ def checkpoint_config(args: argparse.Namespace, mapping: Mapping) -> dict[str, o
         "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
         "position_embedding_type": "alibi", "hidden_act": "gelu", "norm_epsilon": 1e-5,
         "max_position_embeddings": None, "bias": False, "clip_qkv": None, "alibi_bias_max": 8,
-        "quantization": {"quant_algo": {"int8": "W8A16", "int4": "W4A16"}.get(args.weight_only or ""),
+        "quantization": {"quant_algo": WEIGHT_ONLY_ALGOS.get(args.weight_only or ""),
                          "kv_cache_quant_algo": None},
         "mapping": mapping.to_json(),
     }

@@ -2,7 +2,7 @@
 config verbatim as `pretrained_config`, `build_config` with the limits) and `rank{r}.safetensors`: hard links to
 the checkpoint's files (copied when a link is impossible, e.g. across file systems), or, for a weight-only
 checkpoint (float weights + quant_algo W8A16/W4A16), the weights quantized into the engine's own plain layout
-(`generator.convert.calibrate`: int8 / packed int4 `[in, out]` + `per_channel_scale`), as trtllm-build quantizes
+(`generator.formats.weight_only`: int8 / packed int4 `[in, out]` + `per_channel_scale`), as trtllm-build quantizes
 into its GPU's layout.
 """
 
@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from generator import __version__
 from generator.build.settings import BuildSettings, build_config_section, resolve_limits
@@ -20,8 +19,12 @@ from generator.engine.config import parse_pretrained_config
 from generator.errors import ConfigError, GenRepoError
 from generator.formats.safetensors import SafetensorsWriter, header_budget, read_safetensors_header
 from generator.formats.trtllm_checkpoint import missing_rank_files, rank_files, read_checkpoint_config
-
-WEIGHT_ONLY_PRECISIONS = {"W8A16": "int8", "W4A16": "int4"}
+from generator.formats.weight_only import (
+    is_weight_only_target,
+    per_channel_scale_name,
+    quantize_weight,
+    weight_only_precision,
+)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -33,11 +36,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _weight_only_precision(pretrained: dict[str, Any]) -> str | None:
-    quant_algo = (pretrained.get("quantization") or {}).get("quant_algo")
-    return WEIGHT_ONLY_PRECISIONS.get(str(quant_algo)) if quant_algo else None
-
-
 def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
     """Write `source`'s tensors to `target` with every float weight-only GEMM weight quantized.
 
@@ -45,8 +43,6 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
     checkpoint in the older pre-quantized layout) are copied as they are. The file appears only when complete.
     """
     from safetensors import safe_open
-
-    from generator.convert.calibrate import is_weight_only_target, per_channel_scale_name, quantize_weight
 
     partial = target.with_name(target.name + ".partial")
     try:
@@ -87,7 +83,7 @@ def build_pytorch_engine(settings: BuildSettings) -> Path:
         raise GenRepoError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)} (world size {world_size})")
     for source in sources:  # a truncated or corrupt rank file fails here, not when the server loads it
         read_safetensors_header(source)
-    precision = _weight_only_precision(pretrained)
+    precision = weight_only_precision(config.quant_algo)
     engine_config = {
         "version": f"gen-repo {__version__}",
         "engine_backend": "pytorch",

@@ -46,6 +46,7 @@ from generator.formats.trtllm_checkpoint import (
     read_checkpoint_config,
     read_mapping,
 )
+from generator.formats.weight_only import is_weight_only_target, weight_only_precision
 
 TRTLLM_VERSION = "1.2.1"
 TRITON_CONTAINER_TAG = "26.07"
@@ -175,10 +176,8 @@ def _check_mpt(config: dict[str, Any], facts: CheckpointFacts) -> None:
 def check_float_weight_only(checkpoint_dir: Path, facts: CheckpointFacts) -> None:
     """Refuse a W8A16/W4A16 checkpoint whose GEMM weights are already int8: TensorRT-LLM would take them as
     its interleaved layout unchanged and build an engine that outputs garbage. Reads only the file headers."""
-    if facts.quant_algo not in ("W8A16", "W4A16"):
+    if weight_only_precision(facts.quant_algo) is None:
         return
-    from generator.convert.calibrate import is_weight_only_target
-
     for path in rank_files(checkpoint_dir, facts.world_size):
         if not path.is_file():
             continue  # reported as missing by the caller

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from generator.convert.calibrate import WEIGHT_ONLY_ALGOS, calibrate_kv_cache_scales, default_calibration_text
+from generator.convert.calibrate import calibrate_kv_cache_scales, default_calibration_text
 from generator.convert.models import ModelSpec, spec_for
 from generator.convert.models.base import shard_tensor
 from generator.errors import ConfigError, GenRepoError
@@ -32,6 +32,7 @@ from generator.formats.hf_checkpoint import HFCheckpoint, read_hf_config
 from generator.formats.mapping import Mapping
 from generator.formats.safetensors import SafetensorsWriter, header_budget
 from generator.formats.staging import StagingLock, check_output_dir, new_staging_dir, replace_dir
+from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
