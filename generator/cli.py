@@ -13,6 +13,8 @@ from typing import Any
 import click
 
 from generator.errors import GenRepoError
+from generator.formats.dtypes import DTYPE_CHOICES
+from generator.formats.engine_dir import ENGINE_BACKENDS
 
 
 class _Group(click.Group):
@@ -33,7 +35,7 @@ class _Group(click.Group):
               help="Directory for the whole job's output (checkpoint/, engine/, tokenizer/, triton_repo/).")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local Hugging Face checkpoint for a real preset (e.g. --model mpt-7b --model-dir ./mpt-7b).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Checkpoint dtype (default: the preset's; auto = the HF checkpoint's).")
 @click.option("--tp-size", "tensor_parallel_size", type=int, default=None,
               help="Tensor-parallel size (default: the preset's, else 1).")
@@ -43,7 +45,7 @@ class _Group(click.Group):
               help="MoE only: tensor-parallel size inside each expert.")
 @click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
               help="MoE only: expert-parallel size.")
-@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default="pytorch",
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default="pytorch",
               show_default=True, help="Engine backend: our PyTorch engine, or real trtllm-build (NVIDIA container).")
 @click.option("--max-batch-size", type=int, default=None, help="Engine limit (default: the preset's).")
 @click.option("--max-input-len", type=int, default=None, help="Engine limit (default: the preset's).")
@@ -88,7 +90,7 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="TensorRT-LLM checkpoint directory to write (config.json + rank{r}.safetensors); replaced "
               "if it already holds a checkpoint.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
               show_default=True, help="Weight dtype of the checkpoint; auto keeps the HF checkpoint's dtype.")
 @click.option("--tp-size", "tensor_parallel_size", type=int, default=1, show_default=True,
               help="Tensor-parallel size T: attention heads, MLP and lm_head are split over T ranks.")
@@ -157,7 +159,7 @@ def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: boo
               help="TensorRT-LLM checkpoint directory (config.json + rank{r}.safetensors), e.g. from `convert`.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Engine directory to write.")
-@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default="pytorch",
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default="pytorch",
               show_default=True, help="pytorch: gen-repo's PyTorch engine (links the weights; quantizes "
               "weight-only ones); tensorrtllm: the real trtllm-build (needs TensorRT-LLM, i.e. NVIDIA's container).")
 @click.option("--max-batch-size", type=int, default=8, show_default=True, help="Requests running at once.")
@@ -396,7 +398,7 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
               help="Tokenizer dir that preprocessing / postprocessing load.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Triton model repository to write.")
-@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default=None,
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default=None,
               help="Engine backend (default: the engine dir's).")
 @click.option("--max-batch-size", "triton_max_batch_size", type=int, default=None,
               help="Triton max_batch_size (default: the engine's).")
@@ -493,7 +495,7 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
 @click.option("--rouge-threshold", type=float, default=15.0, show_default=True,
               help="ROUGE-1 (x100) the engine paths must exceed with --check-accuracy.")
 @click.option("--device", default=None, help="Device for the engine and transformers (default: cuda if present).")
-@click.option("--hf-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+@click.option("--hf-dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
               show_default=True, help="transformers dtype (auto: the engine's, else the checkpoint's).")
 @click.option("--hf-device-map-auto", is_flag=True, help="Spread the transformers model over all GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's / tokenizer's own Python code.")

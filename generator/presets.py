@@ -13,13 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from generator.errors import GenRepoError
+from generator.formats.dtypes import MODEL_DTYPES, dtype_named
 
 GIB = 1024**3
 
 # Bytes per weight for each storage format. Weight-only formats keep norms and embeddings in 16 bits; the
 # estimate below ignores that (it is a few percent for these models).
 BYTES_PER_WEIGHT: dict[str, float] = {
-    "float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8_wo": 1.0, "int4_wo": 0.5,
+    **{name: float(dtype_named(name).itemsize) for name in MODEL_DTYPES}, "int8_wo": 1.0, "int4_wo": 0.5,
 }
 
 

@@ -35,6 +35,7 @@ from generator.build import BuildSettings, build_engine
 from generator.engine.distributed import ProcessInfo, pick_device, process_info
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
 from generator.engine.sampling import SamplingConfig
+from generator.formats.dtypes import MODEL_DTYPES
 from generator.formats.mapping import Mapping
 from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
 
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA, as MPT-7B)")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--weight-only", choices=["int8", "int4"], default=None,
                         help="weight-only quantized GEMMs (the build step quantizes the random float weights)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages; tp = world size / pp")

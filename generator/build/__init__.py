@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from generator.build.pytorch import build_pytorch_engine
-from generator.build.settings import ENGINE_BACKENDS, BuildSettings, EngineLimits, resolve_limits
+from generator.build.settings import BuildSettings, resolve_limits
 from generator.errors import ConfigError
+from generator.formats.engine_dir import ENGINE_BACKENDS, EngineLimits
 
 __all__ = ["ENGINE_BACKENDS", "BuildSettings", "EngineLimits", "build_engine", "build_pytorch_engine",
            "resolve_limits"]

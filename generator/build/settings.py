@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from generator.errors import ConfigError
+from generator.formats.engine_dir import EngineLimits
 
-ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
 DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default
 DEFAULT_MAX_INPUT_LEN = 1024  # trtllm-build's default
 
@@ -40,17 +40,6 @@ class BuildSettings:
     paged_kv_cache: bool = True
     remove_input_padding: bool = True
     dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """The resolved limits written to `build_config`."""
-
-    max_batch_size: int
-    max_input_len: int
-    max_seq_len: int
-    max_num_tokens: int
-    max_beam_width: int
 
 
 def default_max_input_len(max_seq_len: int) -> int:

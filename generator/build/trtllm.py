@@ -37,6 +37,7 @@ from typing import Any
 
 from generator.build.settings import BuildSettings, build_config_section, resolve_limits
 from generator.errors import ConfigError, GenRepoError
+from generator.formats.dtypes import MODEL_DTYPES
 from generator.formats.engine_dir import read_engine_dir
 from generator.formats.mapping import Mapping
 from generator.formats.safetensors import read_safetensors_header
@@ -53,7 +54,8 @@ TRITON_CONTAINER_TAG = "26.07"
 TRTLLM_CONTAINER = f"nvcr.io/nvidia/tritonserver:{TRITON_CONTAINER_TAG}-trtllm-python-py3"
 
 SUPPORTED_ARCHITECTURES = ("MPTForCausalLM", "DbrxForCausalLM")
-PLUGIN_DTYPES = ("float16", "bfloat16", "float32")
+#: trtllm-build's plugins take a model dtype
+PLUGIN_DTYPES = MODEL_DTYPES
 # TensorRT-LLM 1.2's QuantAlgo names (tensorrt_llm/quantization/mode.py) and its KV_CACHE_QUANT_ALGO_LIST
 TRTLLM_QUANT_ALGOS = (
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",

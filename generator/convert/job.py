@@ -28,13 +28,12 @@ from generator.convert.calibrate import calibrate_kv_cache_scales, default_calib
 from generator.convert.models import ModelSpec, spec_for
 from generator.convert.models.base import shard_tensor
 from generator.errors import ConfigError, GenRepoError
+from generator.formats.dtypes import MODEL_DTYPES, is_model_dtype, model_dtype, stored_dtype
 from generator.formats.hf_checkpoint import HFCheckpoint, read_hf_config
 from generator.formats.mapping import Mapping
 from generator.formats.safetensors import SafetensorsWriter, header_budget
 from generator.formats.staging import StagingLock, check_output_dir, new_staging_dir, replace_dir
 from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
                 if calib_text is not None:
                     kv_scales = calibrate_kv_cache_scales(model_dir, spec, calib_text, settings.trust_remote_code)
                 (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-                job = _RankJob(spec, checkpoint, DTYPES[dtype], kv_scales, settings.progress)
+                job = _RankJob(spec, checkpoint, model_dtype(dtype).torch, kv_scales, settings.progress)
                 _convert_ranks(job, mapping, staging, settings.workers)
                 replace_dir(staging, output_dir)
             except BaseException:
@@ -134,10 +133,10 @@ def resolve_dtype(dtype: str, hf_config: dict[str, Any]) -> str:
     """The output dtype name; "auto" takes the HF config's `torch_dtype`/`dtype` (float32 if unset)."""
     if dtype == "auto":
         declared = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-        return declared if declared in DTYPES else "float32"
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
-    return dtype
+        return declared if declared in MODEL_DTYPES else "float32"
+    if not is_model_dtype(dtype):
+        raise ConfigError(f"--dtype must be one of {', '.join(MODEL_DTYPES)} or auto, got {dtype!r}")
+    return model_dtype(dtype).name
 
 
 def _calibration_text(path: Path | None) -> str:
@@ -170,13 +169,13 @@ class _RankJob:
                      leave=False, disable=not show_progress(self.progress), file=sys.stderr) as bar:
             for name, tensor in tensors:
                 shard = shard_tensor(tensor.source(self.checkpoint), tensor.rule, layout, mapping)
-                writer.add(name, shard.to(torch.float32 if tensor.keep_float32 else self.dtype))
+                writer.add(name, shard.to(stored_dtype(name, self.dtype)))
                 del shard
                 bar.update()
             if self.kv_scales is not None:
                 for local, layer in enumerate(layers):
-                    writer.add(f"transformer.layers.{local}.attention.kv_cache_scaling_factor",
-                               torch.tensor([self.kv_scales[layer]], dtype=torch.float32))
+                    name = f"transformer.layers.{local}.attention.kv_cache_scaling_factor"
+                    writer.add(name, torch.tensor([self.kv_scales[layer]], dtype=stored_dtype(name, self.dtype)))
 
 
 def show_progress(wanted: bool) -> bool:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from generator.errors import ConfigError
+from generator.formats.dtypes import model_dtype
 from generator.formats.mapping import Mapping
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_POSITION_EMBEDDINGS = ("alibi", "rope_gpt_neox", "learned_absolute")
 SUPPORTED_ACTIVATIONS = ("gelu", "swiglu")
 
@@ -111,9 +111,7 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
     """Turn a TensorRT-LLM `pretrained_config` (+ optional `build_config`) into an `EngineConfig`."""
     build = build or {}
     try:
-        dtype_name = str(pretrained.get("dtype", "float32"))
-        if dtype_name not in DTYPES:
-            raise ConfigError(f"dtype {dtype_name!r} is not supported (use one of {sorted(DTYPES)})")
+        dtype = model_dtype(str(pretrained.get("dtype", "float32")))  # ConfigError for any other
         hidden = int(pretrained["hidden_size"])
         heads = int(pretrained["num_attention_heads"])
         kv_heads = int(pretrained.get("num_key_value_heads") or heads)
@@ -143,7 +141,7 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
         clip = pretrained.get("clip_qkv")
         return EngineConfig(
             architecture=str(pretrained.get("architecture", "")),
-            dtype=DTYPES[dtype_name],
+            dtype=dtype.torch,
             vocab_size=int(pretrained["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(pretrained.get("intermediate_size") or 4 * hidden),

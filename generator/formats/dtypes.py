@@ -3,43 +3,58 @@
 Checkpoint and engine `config.json` files name a model's dtype as TensorRT-LLM does (`float16`, `bfloat16`,
 `float32`); safetensors headers use codes (`F16`, `BF16`, ...); Triton model configs use `TYPE_FP16`, ... .
 Every translation between them reads this table, and the CLI's `--dtype` choices come from `MODEL_DTYPES`.
+torch and numpy are imported only when a row's `torch` / `numpy` is asked for, so the CLI can read the table
+without loading them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from generator.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class DType:
     """One dtype under all the names the on-disk formats give it."""
 
-    name: str                 # TensorRT-LLM's / torch's name: "bfloat16"
-    torch: torch.dtype
+    name: str                 # TensorRT-LLM's, torch's and numpy's name: "bfloat16"
     safetensors: str          # the safetensors header code: "BF16"
     triton: str               # the Triton model config type: "TYPE_BF16"
-    numpy: Any                # the numpy scalar type; None where numpy has none (bfloat16)
     itemsize: int             # bytes per element
     aliases: tuple[str, ...] = ()
+    in_numpy: bool = True     # numpy has no bfloat16
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.name)
+        return dtype
+
+    @property
+    def numpy(self) -> Any:
+        """The numpy scalar type; None where numpy has none (bfloat16)."""
+        import numpy as np
+
+        return np.dtype(self.name).type if self.in_numpy else None
 
 
 DTYPES: tuple[DType, ...] = (
-    DType("float64", torch.float64, "F64", "TYPE_FP64", np.float64, 8, ("fp64", "double")),
-    DType("float32", torch.float32, "F32", "TYPE_FP32", np.float32, 4, ("fp32", "float")),
-    DType("float16", torch.float16, "F16", "TYPE_FP16", np.float16, 2, ("fp16", "half")),
-    DType("bfloat16", torch.bfloat16, "BF16", "TYPE_BF16", None, 2, ("bf16",)),
-    DType("int64", torch.int64, "I64", "TYPE_INT64", np.int64, 8),
-    DType("int32", torch.int32, "I32", "TYPE_INT32", np.int32, 4),
-    DType("int16", torch.int16, "I16", "TYPE_INT16", np.int16, 2),
-    DType("int8", torch.int8, "I8", "TYPE_INT8", np.int8, 1),
-    DType("uint8", torch.uint8, "U8", "TYPE_UINT8", np.uint8, 1),
-    DType("bool", torch.bool, "BOOL", "TYPE_BOOL", np.bool_, 1),
+    DType("float64", "F64", "TYPE_FP64", 8, ("fp64", "double")),
+    DType("float32", "F32", "TYPE_FP32", 4, ("fp32", "float")),
+    DType("float16", "F16", "TYPE_FP16", 2, ("fp16", "half")),
+    DType("bfloat16", "BF16", "TYPE_BF16", 2, ("bf16",), in_numpy=False),
+    DType("int64", "I64", "TYPE_INT64", 8),
+    DType("int32", "I32", "TYPE_INT32", 4),
+    DType("int16", "I16", "TYPE_INT16", 2),
+    DType("int8", "I8", "TYPE_INT8", 1),
+    DType("uint8", "U8", "TYPE_UINT8", 1),
+    DType("bool", "BOOL", "TYPE_BOOL", 1),
 )
 
 #: The dtypes a model (checkpoint, engine) can be in: what `--dtype` takes besides `auto`, and what
@@ -50,7 +65,6 @@ DTYPE_CHOICES: tuple[str, ...] = ("auto", *MODEL_DTYPES)
 
 _BY_NAME = {name: dtype for dtype in DTYPES for name in (dtype.name, *dtype.aliases)}
 _BY_SAFETENSORS = {dtype.safetensors: dtype for dtype in DTYPES}
-_BY_TORCH = {dtype.torch: dtype for dtype in DTYPES}
 
 
 def dtype_named(name: str) -> DType:
@@ -84,7 +98,7 @@ def from_safetensors(code: str) -> DType | None:
 
 def from_torch(dtype: torch.dtype) -> DType | None:
     """The table's row of a torch dtype, None when safetensors (and so gen-repo's files) cannot hold it."""
-    return _BY_TORCH.get(dtype)
+    return _BY_NAME.get(str(dtype).removeprefix("torch."))
 
 
 def triton_type(name: str, default: str | None = None) -> str:
@@ -110,4 +124,6 @@ def keeps_float32(name: str) -> bool:
 
 def stored_dtype(name: str, model: torch.dtype) -> torch.dtype:
     """The dtype tensor `name` is written and loaded in for a model in `model` dtype."""
+    import torch
+
     return torch.float32 if keeps_float32(name) else model

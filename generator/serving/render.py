@@ -34,6 +34,8 @@ from typing import Any
 
 from generator import __version__
 from generator.errors import ConfigError, GenRepoError
+from generator.formats.dtypes import MODEL_DTYPES, is_model_dtype, triton_type
+from generator.formats.engine_dir import ENGINE_BACKENDS
 
 ANCHOR_COMMIT = "c2e65b8"  # tensorrtllm_backend: the older contract every rendered repository still accepts
 #: TensorRT-LLM commit of each config.pbtxt the templates were compared with, field by field
@@ -46,7 +48,6 @@ ANCHOR_FILES = {
     "tensorrt_llm_bls": "bff88ea886779f832686acb3f165e2b919c95b77",
 }
 MODEL_NAMES = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
-ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
 BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1")
 BATCH_SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 #: python-backend models and the file of generator/serving/triton_models/ each one runs
@@ -67,7 +68,6 @@ PASSTHROUGH_OUTPUTS = (
 #: seconds to tokenize (max_input_len times the longest token's bytes, ~1 MB/s), and an instance serves one
 #: batch at a time, so a second one keeps other requests from waiting behind it.
 LONG_INPUT_LEN = 8192
-_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: characters a model name prefix may use (Triton model names are directory names and URL path segments)
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.-]*")
 
@@ -211,10 +211,10 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
     """Every template variable, from the engine's facts and the settings."""
     backend = settings.engine_backend or info.engine_backend
     max_batch_size = settings.triton_max_batch_size or info.max_batch_size
-    logits_datatype = _TRITON_DTYPES.get(info.logits_dtype)
-    if logits_datatype is None:
+    if not is_model_dtype(info.logits_dtype):
         raise ConfigError(f"engine logits_dtype '{info.logits_dtype}' has no Triton type "
-                          f"(expected one of {sorted(_TRITON_DTYPES)})")
+                          f"(expected one of {sorted(MODEL_DTYPES)})")
+    logits_datatype = triton_type(info.logits_dtype)
     gpu_device_ids = settings.gpu_device_ids or ",".join(str(rank) for rank in range(info.world_size))
     return {
         "gen_repo_version": __version__,
@@ -239,9 +239,9 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
         "postprocessing_instance_count": settings.postprocessing_instance_count,
         "bls_instance_count": settings.bls_instance_count,
         "logits_datatype": logits_datatype,
-        "encoder_input_features_data_type": _TRITON_DTYPES.get(info.dtype, "TYPE_FP16"),
+        "encoder_input_features_data_type": triton_type(info.dtype, "TYPE_FP16"),
         # the engine's activation dtype, as TensorRT-LLM's runtime expects prompt tables in it
-        "prompt_embedding_table_data_type": _TRITON_DTYPES.get(info.dtype, "TYPE_FP16"),
+        "prompt_embedding_table_data_type": triton_type(info.dtype, "TYPE_FP16"),
         "passthrough_outputs": PASSTHROUGH_OUTPUTS,
         "exclude_input_in_output": _flag(settings.exclude_input_in_output),
         "cancellation_check_period_ms": settings.cancellation_check_period_ms,
