@@ -74,6 +74,15 @@ def engine_limits(pretrained: dict[str, Any], build: dict[str, Any]) -> EngineLi
         raise ConfigError(f"build_config has a malformed limit: {error}") from None
 
 
+def tokens_per_block(build: dict[str, Any]) -> int:
+    """The KV cache block size `build_config` declares (trtllm-build puts it under plugin_config), else 32."""
+    plugins = build.get("plugin_config") or {}
+    try:
+        return int(build.get("tokens_per_block") or plugins.get("tokens_per_block") or DEFAULT_TOKENS_PER_BLOCK)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"build_config has a malformed tokens_per_block: {error}") from None
+
+
 @dataclass(frozen=True)
 class EngineDir:
     """An engine dir (or a bare checkpoint dir) as read from its `config.json`."""
@@ -157,14 +166,12 @@ def parse_engine_config(path: Path | str, config: dict[str, Any]) -> EngineDir:
     plugins = build.get("plugin_config") or {}
     vocab = pretrained.get("vocab_size")
     try:
-        tokens_per_block = int(build.get("tokens_per_block") or plugins.get("tokens_per_block")
-                               or DEFAULT_TOKENS_PER_BLOCK)
         vocab_size = int(vocab) if vocab is not None else None
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{Path(path) / 'config.json'} has a malformed value: {error}") from None
     return EngineDir(
         path=Path(path), config=config, pretrained=pretrained, build=build, built=built, engine_backend=backend,
-        mapping=read_mapping(pretrained), limits=engine_limits(pretrained, build), tokens_per_block=tokens_per_block,
+        mapping=read_mapping(pretrained), limits=engine_limits(pretrained, build), tokens_per_block=tokens_per_block(build),
         dtype=str(pretrained.get("dtype") or "float32"), logits_dtype=str(pretrained.get("logits_dtype") or "float32"),
         quant_algo=quant.get("quant_algo"), kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
         vocab_size=vocab_size, paged_context_fmha=bool(plugins.get("use_paged_context_fmha", False)),

@@ -64,12 +64,14 @@ def repository_max_input_len(model_dir: str | Path, engine_dir: str | None) -> i
             engine_dirs += _GPT_MODEL_PATH.findall(config_file.read_text())
         except OSError:
             continue
+    from generator.errors import GenRepoError
+    from generator.formats.engine_dir import read_engine_dir
+
     limits = []
     for directory in engine_dirs:
         try:
-            build = json.loads((Path(directory) / "config.json").read_text()).get("build_config", {})
-            limits.append(int(build["max_input_len"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            limits.append(read_engine_dir(directory).max_input_len)
+        except GenRepoError:
             continue  # an unreadable or foreign engine dir; the engine itself still checks its limit
     return max(limits, default=None)
 
