@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.triton_models.common import load_model_config, parameter, parse_bool
+from generator.triton_models.common import (
+    RequestError,
+    RequestInputs,
+    is_cancelled,
+    load_model_config,
+    parameter,
+    parse_bool,
+)
 
 #: BLS input -> preprocessing input
 _PREPROCESSING_INPUTS = {
@@ -58,31 +67,23 @@ _PASSTHROUGH_OUTPUTS = (
 _UNSUPPORTED = ("image_input", "image_bytes_input", "image_url_input", "image_sizes_input", "video_bytes_input")
 
 
-class RequestError(ValueError):
-    """A request answered with an error response."""
-
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _is_cancelled(request):
-    try:
-        return bool(request.is_cancelled())
-    except Exception:  # a request Triton no longer knows counts as not cancelled
-        return False
-
-
-def _as_batch(array):
+def _as_batch(array: np.ndarray) -> np.ndarray:
     """A BLS input (batch 1; scalars may arrive reshaped to [1]) as the [1, ...] array the next model expects."""
     return array.reshape(1, *array.shape[1:]) if array.ndim >= 2 else array.reshape(1, -1)
+
+
+def _output(response: pb_utils.InferenceResponse, name: str) -> np.ndarray:
+    """An output the called model always returns."""
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    if tensor is None:
+        raise RequestError(f"tensorrt_llm_bls: the response has no output {name}")
+    return tensor.as_numpy()
 
 
 class TritonPythonModel:
     """The `tensorrt_llm_bls` model: one thread per request, chaining the three models by BLS."""
 
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         config = load_model_config(args)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.accumulate_tokens = parse_bool(parameter(config, "accumulate_tokens"), False)
@@ -97,10 +98,10 @@ class TritonPythonModel:
         # cancelled streams under 4 concurrent clients wait 30 s for their first piece on tritonserver 2.51
         # (cause not found yet); without it a cancelled request's generation runs to its end, as before.
         self.stop_core_on_cancel = parse_bool(parameter(config, "stop_core_on_cancel"), False)
-        self._threads = set()
+        self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
 
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse] | None:
         if not self.decoupled:
             return [self._run_collect(request) for request in requests]
         for request in requests:
@@ -111,12 +112,12 @@ class TritonPythonModel:
         return None
 
     # one request ----------------------------------------------------------------------------------------
-    def _run_streaming(self, request):
+    def _run_streaming(self, request: pb_utils.InferenceRequest) -> None:
         sender = request.get_response_sender()
         message = None
         core_id = f"bls-{uuid.uuid4().hex}"
         try:
-            for response in self._generate(request, core_id, watch_cancellation=self.stop_core_on_cancel):
+            for response in self._generate(RequestInputs(request), core_id, watch_cancellation=self.stop_core_on_cancel):
                 sender.send(response)
         except RequestError as error:
             message = str(error)
@@ -135,9 +136,9 @@ class TritonPythonModel:
             with self._threads_lock:
                 self._threads.discard(threading.current_thread())
 
-    def _run_collect(self, request):
+    def _run_collect(self, request: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
         try:
-            responses = list(self._generate(request, f"bls-{uuid.uuid4().hex}"))
+            responses = list(self._generate(RequestInputs(request), f"bls-{uuid.uuid4().hex}"))
         except RequestError as error:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error)))
         except Exception as error:  # one failing request must not take the others of the batch with it
@@ -148,7 +149,7 @@ class TritonPythonModel:
                 "tensorrt_llm_bls: expected one response from tensorrt_llm without streaming"))
         return responses[0]
 
-    def _stop_core(self, core_id):
+    def _stop_core(self, core_id: str) -> None:
         """Ask tensorrt_llm to stop the request `core_id` (best effort: it may have finished already)."""
         inputs = [pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
                   pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
@@ -162,22 +163,23 @@ class TritonPythonModel:
         except Exception as error:
             pb_utils.Logger.log_warn(f"tensorrt_llm_bls: could not stop {core_id}: {error!r}")
 
-    def _generate(self, request, core_id, watch_cancellation=False):
+    def _generate(self, request: RequestInputs, core_id: str,
+                  watch_cancellation: bool = False) -> Iterator[pb_utils.InferenceResponse]:
         """Yield the client responses for one request; its tensorrt_llm request has the id `core_id`.
 
         With `watch_cancellation`, a request the client cancelled yields nothing more (and stops its
         tensorrt_llm request with `stop_core_on_cancel`); the rest of tensorrt_llm's responses are still read to its FINAL one (an iterator left
         unread keeps them in the stub: ~0.2 MB per cancelled request)."""
         for name in _UNSUPPORTED:
-            if _input(request, name) is not None:
+            if request.get(name) is not None:
                 raise RequestError(f"input {name}: multimodal inputs are not supported by this model")
-        draft = _input(request, "num_draft_tokens")
+        draft = request.get("num_draft_tokens")
         if draft is not None and int(draft.reshape(-1)[0]) > 0:
             raise RequestError("num_draft_tokens: speculative decoding is not supported by this model")
-        text = _input(request, "text_input")
+        text = request.require("text_input")
         if text.shape[0] != 1:
             raise RequestError(f"tensorrt_llm_bls takes one prompt per request, got a batch of {text.shape[0]}")
-        stream = _input(request, "stream")
+        stream = request.get("stream")
         streaming = bool(stream is not None and stream.reshape(-1)[0])
         if streaming and not self.decoupled:
             raise RequestError("streaming needs the decoupled transaction policy (render with decoupled=True)")
@@ -186,21 +188,21 @@ class TritonPythonModel:
         core_inputs = [pb_utils.Tensor(core_name, preprocessed[name]) for name, core_name in _PREPROCESSED.items()
                        if not (name in _SKIP_WHEN_EMPTY and preprocessed[name].size == 0)]
         for name, core_name in _CORE_INPUTS.items():
-            value = _input(request, name)
+            value = request.get(name)
             if value is None and name == "seed":  # the older name of seed
-                value = _input(request, "random_seed")
+                value = request.get("random_seed")
             if value is not None:
                 core_inputs.append(pb_utils.Tensor(core_name, _as_batch(value)))
         core_request = pb_utils.InferenceRequest(
             model_name=self.core_model, inputs=core_inputs, request_id=core_id,
             requested_output_names=["output_ids", "sequence_length", *_PASSTHROUGH_OUTPUTS])
         core_responses = core_request.exec(decoupled=True) if self.decoupled else [core_request.exec()]
-        accumulated = None
+        accumulated: np.ndarray | None = None
         stopped = False
         for core_response in core_responses:
             if stopped:
                 continue
-            if watch_cancellation and _is_cancelled(request):
+            if watch_cancellation and is_cancelled(request.request):
                 if self.stop_core_on_cancel:
                     self._stop_core(core_id)
                 stopped = True
@@ -211,7 +213,7 @@ class TritonPythonModel:
             if output_ids is None:  # the empty final response of a decoupled stream
                 continue
             tokens = output_ids.as_numpy()
-            lengths = pb_utils.get_output_tensor_by_name(core_response, "sequence_length").as_numpy()
+            lengths = _output(core_response, "sequence_length")
             if streaming and self.accumulate_tokens:
                 accumulated = tokens if accumulated is None else np.concatenate([accumulated, tokens], axis=-1)
                 tokens = accumulated
@@ -223,10 +225,10 @@ class TritonPythonModel:
                     outputs.append(pb_utils.Tensor(name, tensor.as_numpy()))
             yield pb_utils.InferenceResponse(output_tensors=outputs)
 
-    def _preprocess(self, request):
+    def _preprocess(self, request: RequestInputs) -> dict[str, np.ndarray]:
         inputs = []
         for name, pre_name in _PREPROCESSING_INPUTS.items():
-            value = _input(request, name)
+            value = request.get(name)
             if value is not None:
                 inputs.append(pb_utils.Tensor(pre_name, _as_batch(value)))
         response = pb_utils.InferenceRequest(
@@ -234,18 +236,18 @@ class TritonPythonModel:
             requested_output_names=list(_PREPROCESSED)).exec()
         if response.has_error():
             raise RequestError(response.error().message())
-        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in _PREPROCESSED}
+        return {name: _output(response, name) for name in _PREPROCESSED}
 
-    def _postprocess(self, tokens, lengths):
+    def _postprocess(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         response = pb_utils.InferenceRequest(
             model_name=self.postprocessing_model, requested_output_names=["OUTPUT"],
             inputs=[pb_utils.Tensor("TOKENS_BATCH", tokens.astype(np.int32)),
                     pb_utils.Tensor("SEQUENCE_LENGTH", lengths.astype(np.int32))]).exec()
         if response.has_error():
             raise RequestError(response.error().message())
-        return pb_utils.get_output_tensor_by_name(response, "OUTPUT").as_numpy()
+        return _output(response, "OUTPUT")
 
-    def finalize(self):
+    def finalize(self) -> None:
         with self._threads_lock:
             threads = list(self._threads)
         for thread in threads:
