@@ -34,6 +34,7 @@ from typing import Any
 
 from generator import __version__
 from generator.errors import ConfigError, GenRepoError
+from generator.serving import pbtxt
 
 ANCHOR_COMMIT = "c2e65b8"  # tensorrtllm_backend: the older contract every rendered repository still accepts
 #: TensorRT-LLM commit of each config.pbtxt the templates were compared with, field by field
@@ -340,10 +341,10 @@ def check_shared_pre_post(settings: RenderSettings) -> None:
             raise ConfigError(f"shared_pre_post_prefix '{settings.shared_pre_post_prefix}': {config_file} does "
                               f"not exist (render a model with model_name_prefix "
                               f"'{settings.shared_pre_post_prefix}' into {output} first)")
-        match = re.search(r'key: "tokenizer_dir", value: \{ string_value: "([^"]*)" \}', config_file.read_text())
-        if match is None or not same_tokenizer(Path(match.group(1)), Path(settings.tokenizer_dir)):
+        tokenizer_dir = pbtxt.model_parameter(config_file, "tokenizer_dir")
+        if tokenizer_dir is None or not same_tokenizer(Path(tokenizer_dir), Path(settings.tokenizer_dir)):
             raise ConfigError(f"shared_pre_post_prefix '{settings.shared_pre_post_prefix}': {names[name]} loads "
-                              f"the tokenizer {match.group(1) if match else '(none)'}, whose files differ from "
+                              f"the tokenizer {tokenizer_dir or '(none)'}, whose files differ from "
                               f"{settings.tokenizer_dir}")
 
 

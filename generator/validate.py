@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from generator.serving import pbtxt
+
 CORE_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
 ROLES = (*CORE_MODELS, "tensorrt_llm_bls")
 #: BLS parameters naming the models it calls, and the role of each
@@ -67,9 +69,7 @@ class _Model:
         return {tensor.name: tensor for tensor in self.config.output}
 
     def parameter(self, key: str) -> str | None:
-        if key not in self.config.parameters:
-            return None
-        return str(self.config.parameters[key].string_value)
+        return pbtxt.parameter(self.config, key)
 
 
 class _Checker:
@@ -110,9 +110,6 @@ class _Checker:
     # parsing ----------------------------------------------------------------------------------------------
     def load_models(self) -> None:
         """Parse every */config.pbtxt; report placeholders and syntax errors."""
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-
         for config_file in sorted(self.root.glob("*/config.pbtxt")):
             text = config_file.read_text()
             for line_number, line in enumerate(text.splitlines(), 1):
@@ -122,9 +119,9 @@ class _Checker:
                     self.add(config_file, _field_of_line(line, line_number),
                              f"unfilled placeholder {match.group(0)}")
             try:
-                config = text_format.Parse(text, model_config_pb2.ModelConfig())
-            except text_format.ParseError as error:
-                self.add(config_file, "(syntax)", f"does not parse as a Triton ModelConfig: {error}")
+                config = pbtxt.parse_model_config(text, config_file)
+            except pbtxt.PbtxtError as error:
+                self.add(config_file, "(syntax)", f"does not parse as a Triton ModelConfig: {error.detail}")
                 continue
             name = config_file.parent.name
             if config.name and config.name != name:
@@ -151,7 +148,7 @@ class _Checker:
                 self.add(model.config_file, "max_batch_size",
                          f"is {model.config.max_batch_size}; the inflight_batcher_llm contract needs > 0")
             self.check_backend(model)
-            for index, count in _instance_counts(model.config_file.read_text()):
+            for index, count in pbtxt.instance_counts(model.config_file.read_text()):
                 if count <= 0:
                     self.add(model.config_file, f"instance_group[{index}].count",
                              f"is {count}: the model would have no instance to run requests")
@@ -490,32 +487,6 @@ def _tokenizer_size(tokenizer: Any) -> int | None:
         ids = [len(vocab) - 1] if vocab else []
     ids += [token["id"] for token in tokenizer.get("added_tokens") or [] if isinstance(token.get("id"), int)]
     return max(ids) + 1 if ids else None
-
-
-def _instance_counts(text: str) -> list[tuple[int, int]]:
-    """(group index, count) for each `count:` written in the instance_group list (proto3 cannot tell an explicit
-    0 from an absent count, which means 1)."""
-    text = re.sub(r"#[^\n]*", "", text)
-    match = re.search(r"\binstance_group\s*:?\s*\[", text)
-    if not match:
-        return []
-    counts, depth, group, index = [], 1, -1, match.end()
-    while index < len(text) and depth:
-        char = text[index]
-        if char in "[{":
-            depth += 1
-            if depth == 2 and char == "{":
-                group += 1
-        elif char in "]}":
-            depth -= 1
-        elif depth == 2:
-            found = re.match(r"count\s*:\s*(-?\d+)", text[index:])
-            if found and (index == 0 or not (text[index - 1].isalnum() or text[index - 1] == "_")):
-                counts.append((group, int(found.group(1))))
-                index += found.end()
-                continue
-        index += 1
-    return counts
 
 
 def _dtype(value: int) -> str:

@@ -6,7 +6,6 @@ without a server.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -97,18 +96,16 @@ def configured_tokenizer(model_config: dict[str, Any]) -> Any:
                                                                       False))
 
 
-_GPT_MODEL_PATH = re.compile(r'key: "gpt_model_path", value: \{ string_value: "([^"]*)" \}')
-
-
 def repository_max_input_len(model_dir: str | Path, engine_dir: str | None) -> int | None:
     """The largest `max_input_len` of the engines this repository serves: `engine_dir` and every sibling model's
     `gpt_model_path` (a shared preprocessing serves several engines). None when no engine config is readable."""
+    from generator.serving.pbtxt import model_parameter
+
     engine_dirs = [engine_dir] if engine_dir else []
     for config_file in Path(model_dir).resolve().parent.glob("*/config.pbtxt"):
-        try:
-            engine_dirs += _GPT_MODEL_PATH.findall(config_file.read_text())
-        except OSError:
-            continue
+        sibling_engine = model_parameter(config_file, "gpt_model_path")
+        if sibling_engine is not None:
+            engine_dirs.append(sibling_engine)
     limits = []
     for directory in engine_dirs:
         try:
