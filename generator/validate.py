@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generator.serving import pbtxt
+from generator.serving import contract, pbtxt
 
 CORE_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
 ROLES = (*CORE_MODELS, "tensorrt_llm_bls")
@@ -192,6 +192,26 @@ class _Checker:
                                                      and not core.config.model_transaction_policy.decoupled):
             self.add(bls.config_file, "model_transaction_policy.decoupled",
                      "is true but tensorrt_llm is not decoupled; the BLS streams from tensorrt_llm")
+
+    def check_contract(self) -> None:
+        """Each model declares the required inputs of the I/O contract, and the contract's tensors it declares
+        have the contract's dtype (those the engine decides, such as logits, are checked elsewhere)."""
+        for role, expected in contract.MODELS.items():
+            model = self.model(role)
+            if model is None:
+                continue
+            for kind, declared, tensors in (("input", model.inputs(), expected.inputs),
+                                            ("output", model.outputs(), expected.outputs)):
+                for tensor in tensors:
+                    found = declared.get(tensor.name)
+                    if found is None:
+                        if kind == "input" and not tensor.optional:
+                            self.add(model.config_file, f"input[{tensor.name}]", f"required input of the "
+                                     f"{role} contract is missing")
+                    elif tensor.data_type not in (contract.LOGITS, contract.PROMPT, contract.ENCODER) and \
+                            _dtype(found.data_type) != tensor.triton_type:
+                        self.add(model.config_file, f"{kind}[{tensor.name}]", f"is {_dtype(found.data_type)}; the "
+                                 f"{role} contract says {tensor.triton_type}")
 
     def check_ensemble(self) -> None:
         """Ensemble steps exist and every map names real tensors of matching dtype."""
@@ -528,6 +548,7 @@ def validate_repository(path: str | Path, streaming: bool = True, deep: bool = F
         checker.names = names
         checker.check_present()
         checker.check_streaming()
+        checker.check_contract()
         checker.check_ensemble()
         checker.check_tokenizers()
         checker.check_engine()

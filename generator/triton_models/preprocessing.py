@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from generator.serving import contract
 from generator.tokenizer import longest_token_bytes
 from generator.triton_models.common import (
     RequestError,
@@ -24,7 +25,7 @@ from generator.triton_models.common import (
     to_word_list_format,
 )
 
-_MULTIMODAL_INPUTS = ("IMAGE_BYTES", "IMAGE_URL", "VIDEO_BYTES")
+_MULTIMODAL_INPUTS = contract.PREPROCESSING.unsupported_inputs()
 
 
 class TritonPythonModel:

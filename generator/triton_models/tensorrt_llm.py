@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from generator.serving import contract
 from generator.triton_models.common import (
     RequestError,
     RequestInputs,
@@ -58,15 +59,7 @@ RESPONDER_THREADS = 1
 #: is a round trip to tritonserver, and asking all of them every period under load starved the response path
 CANCEL_CHECKS_PER_PERIOD = 16
 #: inputs answered with an error whenever they are sent
-_UNSUPPORTED_INPUTS = (
-    "encoder_input_features", "encoder_output_lengths", "draft_input_ids", "draft_logits",
-    "draft_acceptance_threshold", "prompt_embedding_table", "prompt_vocab_size", "cross_attention_mask",
-    "mrope_rotary_cos_sin", "mrope_position_deltas", "lora_task_id", "lora_weights", "lora_config",
-    "context_phase_params", "skip_cross_attn_blocks", "retention_token_range_starts",
-    "retention_token_range_ends", "retention_token_range_priorities", "retention_token_range_durations_ms",
-    "retention_decode_priority", "retention_decode_duration_ms", "lookahead_window_size", "lookahead_ngram_size",
-    "lookahead_verification_set_size",
-)
+_UNSUPPORTED_INPUTS = contract.TENSORRT_LLM.unsupported_inputs()
 #: scalar inputs accepted at their neutral value only: name -> (neutral value, what it needs)
 _NEUTRAL_ONLY: dict[str, tuple[int | bool | None, str]] = {
     "beam_width": (1, "beam search (beam_width > 1)"),
