@@ -32,7 +32,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from generator.serving import contract
-from generator.triton_models.common import (
+from generator.serving.triton_models.common import (
     RequestError,
     RequestInputs,
     Utf8HoldBack,
@@ -43,8 +43,8 @@ from generator.triton_models.common import (
     parameter,
     parse_bool,
 )
-from generator.triton_models.metrics import new_metrics
-from generator.triton_models.responder import OutputBuilder, Responder, hold_back_each
+from generator.serving.triton_models.metrics import new_metrics
+from generator.serving.triton_models.responder import OutputBuilder, Responder, hold_back_each
 
 if TYPE_CHECKING:
     from generator.engine import Executor, GenerationResult, SamplingConfig
@@ -137,7 +137,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("tensorrt_llm: parameter gpt_model_path is not set")
         from generator.engine.distributed import process_info
 
-        # the launcher's variables (mpirun, MPICH or generator.local_launch), read the way the engine reads them
+        # the launcher's variables (mpirun, MPICH or generator.serving.local_launch), read the way the engine reads them
         rank = process_info().rank
         if rank > 0:
             from generator.engine import follow

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from generator.formats.tokenizer import longest_token_bytes
 from generator.serving import contract
-from generator.tokenizer import longest_token_bytes
-from generator.triton_models.common import (
+from generator.serving.triton_models.common import (
     RequestError,
     RequestInputs,
     configured_tokenizer,

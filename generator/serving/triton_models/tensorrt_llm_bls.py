@@ -20,7 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from generator.serving import contract
-from generator.triton_models.common import (
+from generator.serving.triton_models.common import (
     RequestError,
     RequestInputs,
     is_cancelled,

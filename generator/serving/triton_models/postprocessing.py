@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.triton_models.common import (
+from generator.serving.triton_models.common import (
     ChunkDecoder,
     RequestInputs,
     configured_tokenizer,
