@@ -46,7 +46,7 @@ ANCHOR_FILES = {
     "ensemble": "2a9abd9536aa62ad3e4b9314be9286b1b1be523b",
     "tensorrt_llm_bls": "bff88ea886779f832686acb3f165e2b919c95b77",
 }
-MODEL_NAMES = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
+MODEL_NAMES = tuple(contract.MODELS)  # preprocessing, tensorrt_llm, postprocessing, ensemble, tensorrt_llm_bls
 ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
 BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1")
 BATCH_SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")

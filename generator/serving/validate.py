@@ -20,8 +20,8 @@ from typing import Any
 
 from generator.serving import contract, pbtxt
 
-CORE_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
-ROLES = (*CORE_MODELS, "tensorrt_llm_bls")
+ROLES = tuple(contract.MODELS)  # preprocessing, tensorrt_llm, postprocessing, ensemble, tensorrt_llm_bls
+CORE_MODELS = tuple(role for role in ROLES if role != "tensorrt_llm_bls")
 #: BLS parameters naming the models it calls, and the role of each
 _BLS_MODEL_PARAMETERS = {"tensorrt_llm_model_name": "tensorrt_llm", "preprocessing_model_name": "preprocessing",
                          "postprocessing_model_name": "postprocessing"}
