@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from generator.tokenizer import longest_token_bytes
 from generator.triton_models.common import (
+    InvalidText,
     configured_tokenizer,
     decode_strings,
     load_model_config,
@@ -55,7 +56,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
-            except RequestError as error:
+            except (RequestError, InvalidText) as error:  # the request's fault: one line, no traceback
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))))
         return responses
 
@@ -71,7 +72,7 @@ class TritonPythonModel:
                     raise RequestError(f"text_input is {size} bytes, more than {self.max_input_len} tokens "
                                        f"(the engine's max_input_len) can hold: at most {self.max_prompt_bytes} "
                                        f"bytes with this tokenizer")
-        queries = [decode_strings(row)[0] for row in rows]
+        queries = [decode_strings(row, "text_input")[0] for row in rows]
         batch_size = len(queries)
         output_len = _optional_input(request, "REQUEST_OUTPUT_LEN").astype(np.int32).reshape(batch_size, -1)
         if (output_len <= 0).any():
@@ -127,7 +128,8 @@ class TritonPythonModel:
         value = _optional_input(request, name)
         if value is None:
             return np.zeros((batch_size, 2, 0), dtype=np.int32)
-        words = [[word for word in decode_strings(row) if word] for row in value.reshape(batch_size, -1)]
+        label = {"STOP_WORDS_DICT": "stop_words", "BAD_WORDS_DICT": "bad_words"}.get(name, name)
+        words = [[word for word in decode_strings(row, label) if word] for row in value.reshape(batch_size, -1)]
         return to_word_list_format(words, lambda word: self.tokenizer.encode(word, add_special_tokens=False))
 
     def _embedding_bias(self, request, batch_size):
@@ -139,7 +141,7 @@ class TritonPythonModel:
         weights = weights.reshape(batch_size, -1)
         bias = np.zeros((batch_size, self.tokenizer.vocab_size), dtype=np.float32)
         for row in range(batch_size):
-            row_words = decode_strings(words[row])
+            row_words = decode_strings(words[row], "embedding_bias_words")
             if len(row_words) != len(weights[row]):
                 raise RequestError("embedding_bias_words and embedding_bias_weights must have the same length")
             for word, weight in zip(row_words, weights[row], strict=True):
