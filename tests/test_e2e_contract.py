@@ -391,7 +391,7 @@ def test_infer_include_input_streams_the_prompt_first(triton_server: RunningServ
                                                       protocol: str) -> None:
     """`gen-repo infer --stream --include-input-in-output` (issue 10 item 9): the prompt is the first piece and
     the pieces join exactly to the non-streamed answer, which repeats the prompt."""
-    from generator.client import InferSettings, generate
+    from generator.serving.client import InferSettings, generate
 
     prompt = PROMPTS[2]
     url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url

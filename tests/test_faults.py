@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from generator.pipeline import PipelineResult
-from generator.serve import free_port
+from generator.serving.serve import free_port
 from tests.conftest import RunningServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
 
-GEN_REPO = [sys.executable, "-m", "generator.cli"]
+GEN_REPO = [sys.executable, "-m", "generator"]
 
 # A decoupled python model that streams a response every 0.1 s and never ends its request (it never looks at
 # cancellation either): a request stuck in a model, as a hung engine leaves it.
@@ -382,7 +382,7 @@ def test_a_truncated_engine_is_reported_in_one_line(tiny_mpt_job: PipelineResult
 
 def test_cpu_server_log_has_no_cuda_errors(triton_server: RunningServer) -> None:
     """Issue 10 item 9: on a CPU-only host the server log of a healthy start shows no CUDA error lines."""
-    from generator.serve import detect_cpu_only
+    from generator.serving.serve import detect_cpu_only
 
     if not detect_cpu_only():
         pytest.skip("the CUDA messages filtered are those of a host without a GPU driver")
@@ -423,7 +423,7 @@ def test_cancelled_ensemble_streams_are_released(tiny_mpt_job: PipelineResult, t
     answered the postprocessing step of a cancelled ensemble from its batcher queue with CANCELLED and then
     stopped counting the ensemble's other steps: all but a few of these streams stayed in flight for good
     (~0.2 MB each), which shutdown reports as `Model 'ensemble' ... has N in-flight inferences`."""
-    from generator.serve import stop_server
+    from generator.serving.serve import stop_server
     from tests.conftest import start_test_server
 
     server, process = start_test_server(tiny_mpt_job, tmp_path / "tritonserver.log")
@@ -481,6 +481,6 @@ def test_text_that_is_not_utf8_is_one_clear_error(triton_server: RunningServer, 
         assert caught.value.code == 400
         message = json.loads(caught.value.read())["error"]
         assert says in message and "\n" not in message and "/" not in message, message
-    from generator.client import InferSettings, generate
+    from generator.serving.client import InferSettings, generate
 
     assert generate(InferSettings(prompt="Hello", url=triton_server.grpc_url, model=model, max_tokens=4)).text
