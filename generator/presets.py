@@ -29,7 +29,7 @@ class Preset:
 
     name: str
     hf_id: str | None                # None for the offline tiny models
-    architecture: str                # a registered architecture (generator.models), by its TensorRT-LLM name
+    architecture: str                # a registered architecture (generator.convert.models), by its TensorRT-LLM name
     description: str
     hidden_size: int
     num_attention_heads: int
@@ -62,14 +62,14 @@ class Preset:
     @property
     def family(self) -> str:
         """The registered architecture's short name ("mpt"), for messages and `gen-repo models`."""
-        from generator.models import spec_class  # imports torch: only when asked
+        from generator.convert.models import spec_class  # imports torch: only when asked
 
         return spec_class(self.architecture).name
 
     @property
     def hf_model_types(self) -> tuple[str, ...]:
         """HF `model_type` values of the registered architecture."""
-        from generator.models import spec_class
+        from generator.convert.models import spec_class
 
         return spec_class(self.architecture).hf_model_types
 

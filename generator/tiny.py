@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from generator.convert.models import TinyShape, spec_class, write_tiny_checkpoint
 from generator.errors import GenRepoError
-from generator.models import TinyShape, spec_class, write_tiny_checkpoint
 from generator.presets import PRESETS, Preset, get_preset
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
@@ -111,8 +111,8 @@ def _save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 
 
 def _save_tiktoken_tokenizer(tokenizer: Any, out_dir: Path) -> None:
-    """The BPE in the tiktoken layout DBRX ships (generator.tokenizer owns it): the same ranks."""
-    from generator.tokenizer import save_tiktoken_tokenizer
+    """The BPE in the tiktoken layout DBRX ships (generator.formats.tokenizer owns it): the same ranks."""
+    from generator.formats.tokenizer import save_tiktoken_tokenizer
 
     save_tiktoken_tokenizer(bpe_ranks(tokenizer), {EOS_TOKEN: 0, PAD_TOKEN: 1}, out_dir, eos_token=EOS_TOKEN,
                             pad_token=PAD_TOKEN, pat_str=GPT2_PAT_STR, encoding_name="tiny_bpe")

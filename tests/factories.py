@@ -1,5 +1,5 @@
 """Tiny random Hugging Face checkpoints for tests: each registered architecture's own tiny factory
-(`ModelSpec.tiny_hf_model`, via `generator.models.write_tiny_checkpoint`), here with the argument names the
+(`ModelSpec.tiny_hf_model`, via `generator.convert.models.write_tiny_checkpoint`), here with the argument names the
 tests have always used.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from generator.models import TinyShape, spec_class, write_tiny_checkpoint
+from generator.convert.models import TinyShape, spec_class, write_tiny_checkpoint
 
 
 def make_tiny(architecture: str, out_dir: Path, shape: TinyShape | None = None, *, seed: int = 0,

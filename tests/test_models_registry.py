@@ -11,9 +11,8 @@ from typing import Any, ClassVar
 import pytest
 
 import generator.engine
-from generator.engine import SamplingConfig, run_prompts
-from generator.errors import ConfigError
-from generator.models import (
+from generator.build.trtllm import check_trtllm_compatible
+from generator.convert.models import (
     ModelSpec,
     TinyShape,
     register,
@@ -22,8 +21,9 @@ from generator.models import (
     spec_class_for_checkpoint,
     spec_for,
 )
+from generator.engine import SamplingConfig, run_prompts
+from generator.errors import ConfigError
 from generator.presets import PRESETS
-from generator.trtllm_build import check_trtllm_compatible
 from tests.factories import hf_greedy, make_tiny
 from tests.test_engine import engine_for
 
@@ -91,6 +91,6 @@ def test_engine_has_no_architecture_names() -> None:
     for cls in registered_specs().values():
         names |= {cls.architecture, cls.name, *cls.hf_model_types, *cls.hf_architectures}
     engine_dir = Path(generator.engine.__file__).parent
-    found = {f"{path.name}: {value!r}" for path in sorted(engine_dir.glob("*.py")) if path.name != "benchmark.py"
+    found = {f"{path.name}: {value!r}" for path in sorted(engine_dir.glob("*.py"))
              for value in _string_constants(path) if value in names}
     assert not found

@@ -20,8 +20,8 @@ from tritonclient.grpc import model_config_pb2
 
 from generator.cli import main
 from generator.errors import ConfigError, GenRepoError
-from generator.render import MODEL_NAMES, RenderSettings, render_repository
-from generator.validate import validate_repository
+from generator.serving.render import MODEL_NAMES, RenderSettings, render_repository
+from generator.serving.validate import validate_repository
 
 # (name, data type without TYPE_, dims, flags: o = optional, r = reshape to scalar, g = allow_ragged_batch)
 ANCHOR_IO = {

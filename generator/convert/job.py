@@ -29,12 +29,12 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
+from generator.convert.calibrate import WEIGHT_ONLY_ALGOS, calibrate_kv_cache_scales, default_calibration_text
+from generator.convert.models import ModelSpec, spec_for
+from generator.convert.models.base import shard_tensor
 from generator.errors import ConfigError, GenRepoError
-from generator.hf_checkpoint import HFCheckpoint, read_hf_config
-from generator.mapping import Mapping
-from generator.models import ModelSpec, spec_for
-from generator.models.base import shard_tensor
-from generator.quantize import WEIGHT_ONLY_ALGOS, calibrate_kv_cache_scales, default_calibration_text
+from generator.formats.hf_checkpoint import HFCheckpoint, read_hf_config
+from generator.formats.mapping import Mapping
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

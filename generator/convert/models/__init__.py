@@ -8,8 +8,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from generator.errors import ConfigError
-from generator.models.base import (
+from generator.convert.models.base import (
     ModelSpec,
     ShardLayout,
     ShardRule,
@@ -18,6 +17,7 @@ from generator.models.base import (
     registered_specs,
     write_tiny_checkpoint,
 )
+from generator.errors import ConfigError
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":

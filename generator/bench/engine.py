@@ -8,9 +8,9 @@ random tokens at once for every batch size and reports generated tokens per seco
     gen-repo bench --hidden 4096 --layers 32 --heads 32 --vocab 50432 \
         --dtype bfloat16 --batch-sizes 1,8,32 --input-len 128 --output-len 128           # MPT-7B shapes, 1 GPU
     gen-repo bench ... --nproc 2                                                         # TP2: spawns 2 ranks
-    mpirun -n 2 python -m generator.engine.benchmark ...                                 # or under mpirun
+    mpirun -n 2 python -m generator bench ...                                         # or under mpirun
 
-(`python bench/bench_engine.py` and `python -m generator.engine.benchmark` take the same flags.)
+(`python bench/bench_engine.py` and `python -m generator bench` take the same flags.)
 
 The world size (from mpirun, torchrun or --nproc) is the tensor-parallel size unless --pp is given.
 """
@@ -35,7 +35,7 @@ from generator.build import BuildSettings, build_engine
 from generator.engine.distributed import ProcessInfo, pick_device, process_info
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
 from generator.engine.sampling import SamplingConfig
-from generator.mapping import Mapping
+from generator.formats.mapping import Mapping
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +93,7 @@ def spawn(nproc: int, argv: list[str]) -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
                "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        processes.append(subprocess.Popen([sys.executable, "-m", "generator.engine.benchmark", *forwarded], env=env))
+        processes.append(subprocess.Popen([sys.executable, "-m", "generator.bench.engine", *forwarded], env=env))
     codes = [p.wait() for p in processes]
     shutil.rmtree(work, ignore_errors=True)
     return max(codes)
@@ -312,12 +312,15 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
                   f"decode step {best['decode_step_ms']:.2f} ms, ITL p50 {best['itl_p50_ms']:.2f} / p99 "
                   f"{best['itl_p99_ms']:.2f} ms)", flush=True)
         kv = executor.kv_cache_info  # with the preemptions of the timed runs
-    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "world_size": info.world_size, "kv_cache": kv, "results": results}
-    print(json.dumps(summary))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        # written before the executor shuts down, so a slow multi-rank teardown cannot lose the results
+        summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "world_size": info.world_size, "kv_cache": kv, "results": results}
+        print(json.dumps(summary), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2))
+        shutdown_started = time.perf_counter()
+    print(f"executor shut down in {time.perf_counter() - shutdown_started:.1f} s", flush=True)
     return 0
 
 
