@@ -12,6 +12,7 @@ import pytest
 
 import generator.engine
 from generator.build.trtllm import check_trtllm_compatible
+from generator.convert.calibrate import calibrate_kv_cache_scales
 from generator.convert.models import (
     ModelSpec,
     TinyShape,
@@ -51,9 +52,18 @@ def test_tiny_factory_greedy_parity(architecture: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_int8_kv_calibration_runs(architecture: str, tmp_path: Path) -> None:
+    """The spec's calibration knowledge (module pattern, loader, transformers fixes) fits its own tiny model."""
+    hf_dir = make_tiny(architecture, tmp_path / "hf", TinyShape(num_hidden_layers=3))
+    spec = spec_for(json.loads((hf_dir / "config.json").read_text()))
+    scales = calibrate_kv_cache_scales(hf_dir, spec, "The quick brown fox jumps over the lazy dog. " * 4)
+    assert len(scales) == 3 and all(scale > 0 for scale in scales) and len(set(scales)) == 3
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_spec_declares_its_names(architecture: str) -> None:
     cls = registered_specs()[architecture]
-    assert cls.name and cls.hf_model_types and cls.calibration_module_suffix
+    assert cls.name and cls.hf_model_types and cls.calibration_qkv_modules
     assert spec_class(architecture) is cls and spec_class(architecture.upper()) is cls
 
 

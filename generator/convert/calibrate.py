@@ -113,25 +113,29 @@ def calibrate_kv_cache_scales(model_dir: Path, spec: ModelSpec, text: str,
     """Per-layer INT8 KV-cache scales (max |fused QKV output| / 127), running the HF model in float32 on CPU."""
     model = _load_hf_model(model_dir, spec, trust_remote_code)
     input_ids = _tokenize(model_dir, text, spec, trust_remote_code)
-    suffix = spec.calibration_module_suffix
-    pattern = re.compile(r"(?:^|\.)blocks\.(\d+)\." + re.escape(suffix) + "$")
+    pattern = re.compile(spec.calibration_qkv_modules)
     amax = [0.0] * spec.num_layers
     hooks = []
     for name, module in model.named_modules():
         match = pattern.search(name)
-        if match:
+        if match and int(match.group(1)) < spec.num_layers:
             layer = int(match.group(1))
 
+            # several modules of one layer (separate q, k, v projections) share its maximum
             def record(_module: torch.nn.Module, _inputs: object, output: torch.Tensor, layer: int = layer) -> None:
                 amax[layer] = max(amax[layer], float(output.detach().abs().max()))
-            hooks.append(module.register_forward_hook(record))
-    if len(hooks) != spec.num_layers:
-        raise GenRepoError(f"INT8 KV calibration found {len(hooks)} '{suffix}' modules, expected {spec.num_layers}")
+            hooks.append((layer, module.register_forward_hook(record)))
+    hooked = {layer for layer, _ in hooks}
+    if hooked != set(range(spec.num_layers)):
+        for _, hook in hooks:
+            hook.remove()
+        raise GenRepoError(f"INT8 KV calibration found modules matching '{spec.calibration_qkv_modules}' in "
+                           f"{len(hooked)} of {spec.num_layers} layers")
     try:
         with torch.no_grad():
             model(input_ids=input_ids)
     finally:
-        for hook in hooks:
+        for _, hook in hooks:
             hook.remove()
     return [value / 127.0 if value > 0 else 1.0 for value in amax]
 
@@ -156,7 +160,7 @@ def _load_hf_model(model_dir: Path, spec: ModelSpec, trust_remote_code: bool) ->
 
 def _tokenize(model_dir: Path, text: str, spec: ModelSpec, trust_remote_code: bool) -> torch.Tensor:
     """Token ids of the calibration text; byte values modulo the vocabulary when the dir has no tokenizer."""
-    limit = min(CALIBRATION_MAX_TOKENS, int(spec.hf_config.get("max_seq_len") or CALIBRATION_MAX_TOKENS))
+    limit = min(CALIBRATION_MAX_TOKENS, spec.max_seq_len)
     ids: list[int] = []
     # transformers 5 hands out an empty tokenizer for a dir without tokenizer files, so look for them first
     if any((Path(model_dir) / name).exists() for name in _TOKENIZER_FILES):

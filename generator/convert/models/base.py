@@ -195,7 +195,9 @@ class ModelSpec(ABC):
     architecture: ClassVar[str]  # the TensorRT-LLM `architecture` string
     hf_model_types: ClassVar[tuple[str, ...]]  # HF config `model_type` values this spec reads
     hf_architectures: ClassVar[tuple[str, ...]] = ()  # HF `architectures` entries besides `architecture`
-    calibration_module_suffix: ClassVar[str]  # HF module whose output is the fused QKV (for INT8 KV)
+    # INT8 KV calibration: a regex over the HF model's module names matching the module whose output is the
+    # fused QKV, group 1 the layer index
+    calibration_qkv_modules: ClassVar[str]
     tiny_tokenizer: ClassVar[Literal["hf", "tiktoken"]] = "hf"  # the layout the real checkpoints ship
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
@@ -208,6 +210,7 @@ class ModelSpec(ABC):
     num_key_value_heads: int
     vocab_size: int
     intermediate_size: int
+    max_seq_len: int  # the longest sequence the model was trained for (HF max_seq_len / max_position_embeddings)
 
     @property
     def head_size(self) -> int:

@@ -60,7 +60,7 @@ class DbrxSpec(ModelSpec):
     name: ClassVar[str] = "dbrx"
     architecture: ClassVar[str] = "DbrxForCausalLM"
     hf_model_types: ClassVar[tuple[str, ...]] = ("dbrx",)
-    calibration_module_suffix: ClassVar[str] = "norm_attn_norm.attn.Wqkv"
+    calibration_qkv_modules: ClassVar[str] = r"(?:^|\.)blocks\.(\d+)\.norm_attn_norm\.attn\.Wqkv$"
     tiny_tokenizer: ClassVar[Literal["hf", "tiktoken"]] = "tiktoken"
 
     def __init__(self, hf_config: dict[str, Any]) -> None:

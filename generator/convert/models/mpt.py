@@ -85,7 +85,7 @@ class MptSpec(ModelSpec):
     name: ClassVar[str] = "mpt"
     architecture: ClassVar[str] = "MPTForCausalLM"
     hf_model_types: ClassVar[tuple[str, ...]] = ("mpt",)
-    calibration_module_suffix: ClassVar[str] = "attn.Wqkv"
+    calibration_qkv_modules: ClassVar[str] = r"(?:^|\.)blocks\.(\d+)\.attn\.Wqkv$"
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__(hf_config)
