@@ -45,8 +45,8 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
     """
     from safetensors import safe_open
 
-    from generator.convert.job import SafetensorsWriter, header_budget
     from generator.convert.calibrate import is_weight_only_target, per_channel_scale_name, quantize_weight
+    from generator.convert.job import SafetensorsWriter, header_budget
 
     partial = target.with_name(target.name + ".partial")
     try:

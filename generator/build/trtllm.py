@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from generator.build.settings import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
+from generator.convert.models import registered_specs
 from generator.engine.config import read_config_json
 from generator.errors import ConfigError, GenRepoError
 from generator.formats.hf_checkpoint import read_safetensors_header
 from generator.formats.mapping import Mapping
-from generator.convert.models import registered_specs
 
 TRTLLM_VERSION = "1.2.1"
 TRITON_CONTAINER_TAG = "26.07"
