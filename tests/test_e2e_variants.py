@@ -5,7 +5,7 @@ use the same tokenizer), and each `<prefix>ensemble` answers with transformers' 
 Where transformers cannot run a variant, the reference is an equivalent model it can run (GQA/MQA: the MHA
 checkpoint with repeated K/V heads; logit_scale: transformers' logits times the scale), transformers with the
 variant's ALiBi slopes patched in (alibi_bias_max != 8, whose slopes are checked against llm-foundry's formula
-below), or the direct llm-foundry transcription of tests/test_engine_variants.py (biases, qk LayerNorm,
+below), or the direct llm-foundry transcription of tests/engine/test_engine_variants.py (biases, qk LayerNorm,
 learned positions).
 """
 
@@ -36,10 +36,10 @@ from generator.serving.render import RenderSettings, render_repository
 from generator.serving.serve import stop_server
 from generator.tiny import make_tiny_model, quiet_token_ids
 from tests.conftest import RunningServer, start_test_server
+from tests.convert.test_convert import make_gqa_mpt, write_variant
+from tests.engine.test_engine_variants import foundry_variant, reference_greedy
 from tests.factories import hf_greedy, make_dbrx, make_mpt
-from tests.test_convert import make_gqa_mpt, write_variant
-from tests.test_e2e_contract import assert_anchor_client_texts
-from tests.test_engine_variants import foundry_variant, reference_greedy
+from tests.serving.test_e2e_contract import assert_anchor_client_texts
 
 PROMPTS = ["What is machine learning?", "def generate(model"]
 NEW_TOKENS = 8

@@ -5,7 +5,7 @@ ensemble's routes between the models.
 checks a repository against it, and the python models take their input lists from it (the BLS its routes, the
 pytorch `tensorrt_llm` the inputs it answers with an error, `OutputBuilder` its outputs). It is TensorRT-LLM's
 inflight_batcher_llm contract at the commits of `render.ANCHOR_FILES` plus gen-repo's optional extras;
-tests/test_render.py keeps its own copy of the anchor's table as the oracle.
+tests/serving/test_render.py keeps its own copy of the anchor's table as the oracle.
 
 Notation of `_t`: flags "r" reshape to a scalar, "g" allow_ragged_batch, "o" optional, "x" declared for anchor
 clients but answered with an error by our python model; `note` lines are written above the tensor as comments;

@@ -20,7 +20,7 @@ from generator.convert.models import spec_for
 from generator.convert.models.base import shard_tensor
 from generator.formats.dtypes import stored_dtype
 from generator.formats.mapping import Mapping
-from tests.test_convert import convert, rank_tensors, read_config
+from tests.convert.test_convert import convert, rank_tensors, read_config
 
 MPT_7B: dict[str, Any] = {
     "architectures": ["MPTForCausalLM"], "model_type": "mpt", "d_model": 4096, "n_heads": 32, "n_layers": 32,

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from generator.cli import main
 from generator.convert.inspect import describe_checkpoint, unshard_checkpoint
 from generator.errors import ConfigError
+from tests.convert.test_convert import convert, make_gqa_mpt, rank_tensors, read_config
 from tests.factories import make_dbrx, make_mpt
-from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def mpirun_generate(engine: Path, world_size: int) -> list[list[int]]:
         command += ["--input-ids", ",".join(map(str, prompt))]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "MASTER_"))}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env,
-                               cwd=Path(__file__).parent.parent)
+                               cwd=Path(__file__).resolve().parents[2])
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
     return [line["output_ids"] for line in lines]

@@ -1,6 +1,6 @@
 """serving/contract.py: the I/O contract's routes and lists name tensors the models really declare.
 
-The rendered config.pbtxt files are compared with the anchor in tests/test_render.py; here the tables the python
+The rendered config.pbtxt files are compared with the anchor in tests/serving/test_render.py; here the tables the python
 models take from the contract (BLS routes, refused inputs, OutputBuilder's outputs) are checked against it.
 """
 

@@ -24,8 +24,8 @@ from generator.serving.render import LONG_INPUT_LEN, RenderSettings, render_repo
 from generator.serving.serve import free_port
 from generator.serving.triton_models.common import repository_max_input_len
 from tests.conftest import RunningServer
-from tests.test_openai import _start_front
-from tests.test_render import load_config, make_engine_dir, make_tokenizer_dir
+from tests.serving.test_openai import _start_front
+from tests.serving.test_render import load_config, make_engine_dir, make_tokenizer_dir
 
 HUGE_PROMPT = "the cat sat on the mat. " * (8 * 1024 * 1024 // 24)  # 8 MB
 QUICK_S = 2.0
@@ -49,7 +49,7 @@ def _post(url: str, body: dict[str, object], answers: dict[str, tuple[int, str, 
 def test_the_byte_bound_never_refuses_a_prompt_that_fits(tiny_mpt_job: PipelineResult) -> None:
     tokenizer = load_tokenizer(tiny_mpt_job.tokenizer_dir)
     longest = longest_token_bytes(tokenizer)
-    corpus = (Path(__file__).resolve().parent.parent / "generator" / "data" / "tiny_corpus.txt").read_text()
+    corpus = (Path(__file__).resolve().parents[2] / "generator" / "data" / "tiny_corpus.txt").read_text()
     for text in (corpus, corpus[:500], " " * 300, "\n\n\t" * 50, "é€😀" * 40, "<|endoftext|>" * 10):
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert len(ids) * longest >= len(text.encode()), text[:40]

@@ -36,7 +36,7 @@ from generator.formats.weight_only import (
     weight_only_precision,
 )
 
-FORMATS = Path(__file__).resolve().parent.parent / "generator" / "formats"
+FORMATS = Path(__file__).resolve().parents[2] / "generator" / "formats"
 
 
 def test_formats_import_only_errors_and_formats() -> None:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from generator.convert.inspect import unshard_checkpoint
 from generator.convert.models import spec_for
 from generator.errors import ConfigError
+from tests.convert.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
 from tests.factories import make_mpt
-from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
 
 
 def _random(*shape: int, seed: int) -> torch.Tensor:

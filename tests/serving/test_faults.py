@@ -463,7 +463,7 @@ def test_text_that_is_not_utf8_is_one_clear_error(triton_server: RunningServer, 
     the server serves on."""
     import numpy as np
 
-    from tests.test_e2e_contract import grpc_responses
+    from tests.serving.test_e2e_contract import grpc_responses
 
     for label, fields, says in BAD_TEXT:
         for stream in (False, True):

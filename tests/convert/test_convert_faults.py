@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from generator.cli import main
-from tests.test_convert import write_variant
+from tests.convert.test_convert import write_variant
 
 GEN_REPO = str(Path(sys.executable).with_name("gen-repo"))
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from generator.cli import main
 from generator.pipeline import PipelineResult
 from generator.serving.validate import Problem, validate_repository
-from tests.test_render import make_engine_dir, make_tokenizer_dir, render
+from tests.serving.test_render import make_engine_dir, make_tokenizer_dir, render
 
 
 def edit(repo: Path, model: str, old: str, new: str) -> None:

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import SamplingConfig, run_prompts
 from generator.engine.config import alibi_slopes
+from tests.convert.test_convert import make_gqa_mpt, write_variant
+from tests.engine.test_engine_mpi import MPIRUN, mpirun_generate, sharded_engine
 from tests.factories import hf_greedy, make_mpt
-from tests.test_convert import make_gqa_mpt, write_variant
-from tests.test_engine_mpi import MPIRUN, mpirun_generate, sharded_engine
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200, 3]]
 NEW_TOKENS = 8

@@ -25,8 +25,8 @@ from generator.convert.models import (
 from generator.engine import SamplingConfig, run_prompts
 from generator.errors import ConfigError
 from generator.presets import PRESETS
+from tests.engine.test_engine import engine_for
 from tests.factories import hf_greedy, make_tiny
-from tests.test_engine import engine_for
 
 ARCHITECTURES = sorted(registered_specs())
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11]

@@ -293,7 +293,7 @@ def test_paged_decode_kernel_matches_the_gather_reference() -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     completed = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env,
-                               timeout=300, cwd=Path(__file__).parent.parent)
+                               timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stdout + completed.stderr
 
 
@@ -327,7 +327,7 @@ def test_engine_through_the_kernel_matches_transformers(mpt: tuple[Path, Path, l
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     completed = subprocess.run([sys.executable, "-c", _ENGINE_CHECK, str(mpt[1]), json.dumps(PROMPTS),
                                 str(NEW_TOKENS)], capture_output=True, text=True, env=env, timeout=300,
-                               cwd=Path(__file__).parent.parent)
+                               cwd=Path(__file__).resolve().parents[2])
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout.splitlines()[-1]) == [mpt[2], mpt[2]]
 

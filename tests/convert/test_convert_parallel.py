@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from generator.cli import main
 from generator.errors import ConfigError
+from tests.convert.test_convert import convert, make_gqa_mpt, rank_tensors, read_config
 from tests.factories import make_dbrx, make_mpt
-from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config
 
 HEAD = 16  # head size of the factories' tiny models (d_model 64, 4 heads)
 

@@ -112,7 +112,7 @@ def test_concurrent_streams_merge_tokens_and_each_ends_with_one_final(triton_ser
         tokens += len(ids)
     assert tokens == STREAMS * TOKENS
     # never more responses than tokens (empty pieces are held back); how many fewer depends on how far the
-    # responder falls behind the engine on this machine (tests/test_responder.py forces it)
+    # responder falls behind the engine on this machine (tests/serving/test_responder.py forces it)
     assert len(state) <= responses <= tokens
 
 

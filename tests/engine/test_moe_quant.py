@@ -17,9 +17,9 @@ from generator.engine import SamplingConfig, run_prompts
 from generator.engine.moe import METHOD_ENV, Experts, moe_forward, route
 from generator.engine.weight_only import KERNEL_ENV, expert_linears, weight_only_linear
 from generator.formats.weight_only import dequantize_weight, quantize_weight
+from tests.engine.test_engine import _dequantized_copy
+from tests.engine.test_engine_mpi import MPIRUN, mpirun_generate
 from tests.factories import hf_greedy, make_dbrx, make_mpt
-from tests.test_engine import _dequantized_copy
-from tests.test_engine_mpi import MPIRUN, mpirun_generate
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11]
 NEW_TOKENS = 8
@@ -142,7 +142,7 @@ def test_triton_w8a16_kernel_matches_the_reference() -> None:
     re-armed after each call, and the engine's linear on it. On CUDA directly; without a GPU through Triton's
     interpreter (TRITON_INTERPRET=1)."""
     completed = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
-                               env=_triton_env(), cwd=Path(__file__).parent.parent)
+                               env=_triton_env(), cwd=Path(__file__).resolve().parents[2])
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stderr[-2000:]
 
 
@@ -150,7 +150,7 @@ def test_triton_w8a16_kernel_matches_the_reference() -> None:
 def test_int8_sweep_script_runs() -> None:
     """bench/int8_sweep_gpu.py end to end on CPU (tiny shapes, interpreted kernels): every config's error is
     checked and a CONFIGS table comes out."""
-    script = Path(__file__).parent.parent / "bench" / "int8_sweep_gpu.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "int8_sweep_gpu.py"
     completed = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--configs", "g1,g5,g6,g7,d1,d6,d7"],
                                capture_output=True, text=True, timeout=600,
                                env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=script.parent.parent)
@@ -319,9 +319,9 @@ def test_quantized_moe_on_two_ranks_matches_the_old_path(tmp_path: Path, monkeyp
 def test_each_moe_kernel_on_two_ranks_matches_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            method: str) -> None:
     """MoE tensor parallelism (TP2 x moe_tp 2) and expert parallelism (TP2 x moe_ep 2) with each kernel."""
-    from tests.test_engine_mpi import NEW_TOKENS as MPI_NEW_TOKENS
-    from tests.test_engine_mpi import PROMPTS as MPI_PROMPTS
-    from tests.test_engine_mpi import sharded_engine
+    from tests.engine.test_engine_mpi import NEW_TOKENS as MPI_NEW_TOKENS
+    from tests.engine.test_engine_mpi import PROMPTS as MPI_PROMPTS
+    from tests.engine.test_engine_mpi import sharded_engine
 
     monkeypatch.setenv(METHOD_ENV, method)
     hf_dir = make_dbrx(tmp_path / "hf", kv_n_heads=2, num_experts=8, top_k=3)
