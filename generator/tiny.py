@@ -104,10 +104,11 @@ def _save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
                                    bos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
     fast.save_pretrained(out_dir)
     # transformers 5 writes "TokenizersBackend", which 4.x (and Triton containers pinned to it) cannot load.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
+    from generator.formats.tokenizer import read_tokenizer_config
+
+    config = read_tokenizer_config(out_dir)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _save_tiktoken_tokenizer(tokenizer: Any, out_dir: Path) -> None:

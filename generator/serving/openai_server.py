@@ -329,9 +329,11 @@ def find_chat_template(tokenizer_dir: Path | None, override: Path | None) -> str
         return override.read_text()
     if tokenizer_dir is None:
         return None
-    config_path = tokenizer_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        template = json.loads(config_path.read_text()).get("chat_template")
+    from generator.formats.tokenizer import read_tokenizer_config
+
+    config = read_tokenizer_config(tokenizer_dir)
+    if config:
+        template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
             named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
             template = named.get("default")
