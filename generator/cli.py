@@ -432,8 +432,7 @@ def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **op
     """Write the Triton model repository for an engine dir, then validate it."""
     from generator.render import RenderSettings, render_repository
 
-    repository = render_repository(RenderSettings(engine_dir=engine_dir, tokenizer_dir=tokenizer_dir,
-                                                  output_dir=output_dir, **options))
+    repository = render_repository(RenderSettings.from_options(engine_dir, tokenizer_dir, output_dir, **options))
     click.echo(f"wrote {repository}")
 
 
