@@ -13,6 +13,21 @@ from typing import Any
 import click
 
 from generator.errors import GenRepoError
+from generator.eval import DEFAULT_MAX_INPUT_LEN as EVAL_MAX_INPUT_LEN
+from generator.eval import EvalSettings
+from generator.presets import DEFAULT_GPU_MEMORY_GIB
+from generator.render import (
+    BATCH_SCHEDULER_POLICIES,
+    BATCHING_STRATEGIES,
+    LONG_INPUT_LEN,
+    Batching,
+    RenderSettings,
+    RepositoryLayout,
+    TensorrtllmOptions,
+    TextOptions,
+)
+from generator.run import RunSettings
+from generator.serve import LAUNCHERS, ServeSettings
 
 
 class _Group(click.Group):
@@ -189,12 +204,12 @@ def build_command(checkpoint_dir: Path, output_dir: Path, engine_backend: str, m
               help="Tokenizer for text prompts and decoding the output (default: none, ids only).")
 @click.option("--input-ids", "input_ids", multiple=True,
               help="A prompt as token ids, comma or space separated; repeat for several prompts.")
-@click.option("--max-tokens", "max_new_tokens", type=int, default=32, show_default=True,
+@click.option("--max-tokens", "max_new_tokens", type=int, default=RunSettings.max_new_tokens, show_default=True,
               help="New tokens per prompt.")
 @click.option("--end-id", type=int, default=None, help="Stop token (default: the tokenizer's eos).")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 with --top-p 0: greedy.")
-@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--temperature", type=float, default=RunSettings.temperature, show_default=True)
+@click.option("--top-k", type=int, default=RunSettings.top_k, show_default=True, help="0 with --top-p 0: greedy.")
+@click.option("--top-p", type=float, default=RunSettings.top_p, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="torch device (default cuda:<local rank> if available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per prompt (ids, text, finish reason).")
@@ -202,7 +217,7 @@ def run_command(prompts: tuple[str, ...], engine_dir: Path, tokenizer_dir: Path 
                 max_new_tokens: int, end_id: int | None, temperature: float, top_k: int, top_p: float,
                 seed: int | None, device: str | None, as_json: bool) -> None:
     """Generate with the pytorch engine (no Triton). Several ranks: `mpirun -n N gen-repo run ...`."""
-    from generator.run import RunSettings, print_outputs, run
+    from generator.run import print_outputs, run
 
     try:
         ids = [[int(t) for t in text.replace(",", " ").split()] for text in input_ids]
@@ -236,7 +251,7 @@ def bench_command(bench_args: tuple[str, ...]) -> None:
 
 
 @main.command("models")
-@click.option("--gpu-memory", "gpu_memory_gib", type=float, default=80.0, show_default=True,
+@click.option("--gpu-memory", "gpu_memory_gib", type=float, default=DEFAULT_GPU_MEMORY_GIB, show_default=True,
               help="GPU memory in GiB for the 'which layouts fit' column.")
 def models_command(gpu_memory_gib: float) -> None:
     """List the presets: parameters, weight bytes per dtype and the parallel layouts that fit."""
@@ -248,16 +263,19 @@ def models_command(gpu_memory_gib: float) -> None:
 @main.command("serve")
 @click.option("--model-repository", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The Triton repository (`<output>/triton_repo` of the whole job).")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=ServeSettings.host, show_default=True,
               help="Address all endpoints bind to (0.0.0.0 to accept remote clients).")
-@click.option("--http-port", type=int, default=8000, show_default=True, help="HTTP/REST port (generate, health).")
-@click.option("--grpc-port", type=int, default=8001, show_default=True, help="gRPC port (streaming).")
-@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus /metrics port.")
+@click.option("--http-port", type=int, default=ServeSettings.http_port, show_default=True,
+              help="HTTP/REST port (generate, health).")
+@click.option("--grpc-port", type=int, default=ServeSettings.grpc_port, show_default=True,
+              help="gRPC port (streaming).")
+@click.option("--metrics-port", type=int, default=ServeSettings.metrics_port, show_default=True,
+              help="Prometheus /metrics port.")
 @click.option("--triton-bin", default=None, help="tritonserver binary (default: $TRITON_BIN, PATH, then the "
               "nvidia-pytriton wheel).")
 @click.option("--world-size", type=int, default=None,
               help="Ranks (default: the engine's tp x pp); > 1 launches one tritonserver per rank under mpirun.")
-@click.option("--launcher", type=click.Choice(["mpirun", "local"]), default="mpirun", show_default=True,
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default=ServeSettings.launcher, show_default=True,
               help="How ranks start when the world size is > 1: mpirun (leader mode, as TensorRT-LLM's "
               "launch_triton_server.py), or local (one host without MPI: generator.local_launch).")
 @click.option("--multi-model", is_flag=True,
@@ -266,7 +284,7 @@ def models_command(gpu_memory_gib: float) -> None:
 @click.option("--disable-spawn-processes", is_flag=True,
               help="With --multi-model: start the ranks with mpirun (TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=0) "
               "instead of letting the backend spawn them, as launch_triton_server.py's flag of that name.")
-@click.option("--tensorrt-llm-model-name", default="tensorrt_llm", show_default=True,
+@click.option("--tensorrt-llm-model-name", default=ServeSettings.tensorrt_llm_model_name, show_default=True,
               help="The engine model(s), comma-separated: ranks > 0 load only these (leader mode).")
 @click.option("--openai-port", type=int, default=None,
               help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions) on this port.")
@@ -274,10 +292,13 @@ def models_command(gpu_memory_gib: float) -> None:
               help="With --openai-port: a Jinja chat template instead of the tokenizer's own.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None,
               help="Server output (default: tritonserver.log next to the repository).")
-@click.option("--log-verbose", type=int, default=0, show_default=True, help="tritonserver --log-verbose level.")
-@click.option("--ready-timeout", "ready_timeout_s", type=float, default=600.0, show_default=True,
+@click.option("--log-verbose", type=int, default=ServeSettings.log_verbose, show_default=True,
+              help="tritonserver --log-verbose level.")
+@click.option("--ready-timeout", "ready_timeout_s", type=float, default=ServeSettings.ready_timeout_s,
+              show_default=True,
               help="Seconds to wait for /v2/health/ready.")
-@click.option("--exit-timeout", "exit_timeout_s", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--exit-timeout", "exit_timeout_s", type=click.IntRange(min=0), default=ServeSettings.exit_timeout_s,
+              show_default=True,
               help="Seconds a stop (Ctrl-C, SIGTERM) waits for requests in flight before tritonserver exits "
               "(its --exit-timeout-secs); a second Ctrl-C kills it at once.")
 @click.option("--dry-run", is_flag=True, help="Print the exact command (and PATH/LD_LIBRARY_PATH) and exit.")
@@ -289,7 +310,7 @@ def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: 
                   log_verbose: int, ready_timeout_s: float, exit_timeout_s: int, dry_run: bool,
                   extra_args: tuple[str, ...]) -> None:
     """Run tritonserver on a repository until Ctrl-C; extra args after `--` go to tritonserver."""
-    from generator.serve import ServeSettings, serve
+    from generator.serve import serve
 
     sys.exit(serve(ServeSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
@@ -400,37 +421,45 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
               help="Engine backend (default: the engine dir's).")
 @click.option("--max-batch-size", "triton_max_batch_size", type=int, default=None,
               help="Triton max_batch_size (default: the engine's).")
-@click.option("--decoupled/--no-decoupled", default=True, show_default=True,
+@click.option("--decoupled/--no-decoupled", default=Batching.decoupled, show_default=True,
               help="Decoupled tensorrt_llm / BLS (needed for streaming).")
-@click.option("--preprocessing-instances", "preprocessing_instance_count", type=int, default=None,
-              help="Default: 2 for engines of max_input_len >= 8192 (render.LONG_INPUT_LEN), else 1.")
-@click.option("--postprocessing-instances", "postprocessing_instance_count", type=int, default=1, show_default=True)
-@click.option("--bls-instances", "bls_instance_count", type=int, default=1, show_default=True)
-@click.option("--max-queue-delay-us", "max_queue_delay_microseconds", type=int, default=0, show_default=True)
-@click.option("--max-queue-size", type=int, default=0, show_default=True, help="0: unlimited.")
-@click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True)
-@click.option("--max-tokens-in-paged-kv-cache", type=int, default=None)
+@click.option("--preprocessing-instances", "preprocessing_instance_count", type=int,
+              default=Batching.preprocessing_instance_count,
+              help=f"Default: 2 for engines of max_input_len >= {LONG_INPUT_LEN} (render.LONG_INPUT_LEN), else 1.")
+@click.option("--postprocessing-instances", "postprocessing_instance_count", type=int,
+              default=Batching.postprocessing_instance_count, show_default=True)
+@click.option("--bls-instances", "bls_instance_count", type=int, default=Batching.bls_instance_count,
+              show_default=True)
+@click.option("--max-queue-delay-us", "max_queue_delay_microseconds", type=int,
+              default=Batching.max_queue_delay_microseconds, show_default=True)
+@click.option("--max-queue-size", type=int, default=Batching.max_queue_size, show_default=True, help="0: unlimited.")
+@click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=TensorrtllmOptions.kv_cache_free_gpu_mem_fraction,
+              show_default=True)
+@click.option("--max-tokens-in-paged-kv-cache", type=int, default=TensorrtllmOptions.max_tokens_in_paged_kv_cache)
 @click.option("--enable-kv-cache-reuse", is_flag=True)
 @click.option("--enable-chunked-context", is_flag=True)
-@click.option("--batching-strategy", type=click.Choice(["inflight_fused_batching", "inflight_batching", "V1"]),
-              default="inflight_fused_batching", show_default=True)
-@click.option("--batch-scheduler-policy", type=click.Choice(["guaranteed_no_evict", "max_utilization"]),
-              default="guaranteed_no_evict", show_default=True)
-@click.option("--gpu-device-ids", default=None, help="tensorrtllm: e.g. 0,1 (default: 0..world size-1).")
+@click.option("--batching-strategy", type=click.Choice(BATCHING_STRATEGIES),
+              default=TensorrtllmOptions.batching_strategy, show_default=True)
+@click.option("--batch-scheduler-policy", type=click.Choice(BATCH_SCHEDULER_POLICIES),
+              default=TensorrtllmOptions.batch_scheduler_policy, show_default=True)
+@click.option("--gpu-device-ids", default=TensorrtllmOptions.gpu_device_ids,
+              help="tensorrtllm: e.g. 0,1 (default: 0..world size-1).")
 @click.option("--exclude-input-in-output", is_flag=True, help="Return only the generated text by default.")
-@click.option("--add-special-tokens/--no-add-special-tokens", default=True, show_default=True)
-@click.option("--skip-special-tokens/--no-skip-special-tokens", default=True, show_default=True)
+@click.option("--add-special-tokens/--no-add-special-tokens", default=TextOptions.add_special_tokens,
+              show_default=True)
+@click.option("--skip-special-tokens/--no-skip-special-tokens", default=TextOptions.skip_special_tokens,
+              show_default=True)
 @click.option("--accumulate-tokens", is_flag=True, help="BLS streams the whole text so far, not deltas.")
 @click.option("--trust-remote-code", is_flag=True, help="Let the tokenizer run its own Python code.")
-@click.option("--model-name-prefix", default="", metavar="PREFIX",
+@click.option("--model-name-prefix", default=RepositoryLayout.model_name_prefix, metavar="PREFIX",
               help="Name the models <PREFIX>preprocessing ... <PREFIX>ensemble, to serve several models from one "
                    "repository (other models already in --output stay).")
-@click.option("--shared-pre-post-prefix", default=None, metavar="PREFIX",
+@click.option("--shared-pre-post-prefix", default=RepositoryLayout.shared_pre_post_prefix, metavar="PREFIX",
               help="Render no preprocessing/postprocessing; use <PREFIX>preprocessing/postprocessing already in "
                    "--output (same tokenizer files).")
 def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **options: Any) -> None:
     """Write the Triton model repository for an engine dir, then validate it."""
-    from generator.render import RenderSettings, render_repository
+    from generator.render import render_repository
 
     repository = render_repository(RenderSettings.from_options(engine_dir, tokenizer_dir, output_dir, **options))
     click.echo(f"wrote {repository}")
@@ -455,7 +484,7 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
 
 @main.command("eval")
 @click.option("--url", default=None, help="gRPC host:port of a served repository: evaluate its ensemble.")
-@click.option("--model", "served_model", default="ensemble", show_default=True, help="Served model to ask.")
+@click.option("--model", "served_model", default=EvalSettings.model, show_default=True, help="Served model to ask.")
 @click.option("--engine-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Evaluate this pytorch engine dir directly (several ranks: `mpirun -n N gen-repo eval ...`).")
 @click.option("--hf-model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -466,45 +495,53 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
               help="Local .jsonl/.json/.parquet file, or a Hugging Face dataset name such as cnn_dailymail "
               "(needs `datasets` and the hub). Default: gen-repo's own set of 32 short news items.")
 @click.option("--dataset-config", default=None, help="HF dataset config (cnn_dailymail: 3.0.0).")
-@click.option("--dataset-split", default="test", show_default=True, help="HF dataset split.")
-@click.option("--article-field", default="article", show_default=True, help="Field holding the article.")
-@click.option("--summary-field", default="highlights", show_default=True, help="Field holding the reference.")
+@click.option("--dataset-split", default=EvalSettings.dataset_split, show_default=True, help="HF dataset split.")
+@click.option("--article-field", default=EvalSettings.article_field, show_default=True,
+              help="Field holding the article.")
+@click.option("--summary-field", default=EvalSettings.summary_field, show_default=True,
+              help="Field holding the reference.")
 @click.option("--max-samples", type=int, default=None, help="Evaluate the first N samples (default: all; "
               "summarize.py's defaults give 20).")
 @click.option("--max-input-len", type=int, default=None,
-              help="Cut prompts to this many tokens, as summarize.py does (default: 923, or the engine's limit).")
-@click.option("--output-len", type=int, default=100, show_default=True, help="Most new tokens per sample.")
-@click.option("--batch-size", type=int, default=1, show_default=True,
+              help=f"Cut prompts to this many tokens, as summarize.py does (default: {EVAL_MAX_INPUT_LEN}, or the "
+              "engine's limit).")
+@click.option("--output-len", type=int, default=EvalSettings.output_len, show_default=True,
+              help="Most new tokens per sample.")
+@click.option("--batch-size", type=int, default=EvalSettings.batch_size, show_default=True,
               help="Requests in flight together (served and engine paths).")
-@click.option("--hf-batch-size", type=int, default=1, show_default=True,
+@click.option("--hf-batch-size", type=int, default=EvalSettings.hf_batch_size, show_default=True,
               help="Prompts per transformers generate (left padding changes its numerics).")
-@click.option("--prompt-template", default="{article} TL;DR: ", show_default=True,
+@click.option("--prompt-template", default=EvalSettings.prompt_template, show_default=True,
               help="Prompt around {article} (summarize.py's summarize task by default).")
-@click.option("--add-special-tokens/--no-add-special-tokens", default=True, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=1, show_default=True, help="Greedy unless top-k > 1 or top-p > 0.")
-@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--add-special-tokens/--no-add-special-tokens", default=EvalSettings.add_special_tokens,
+              show_default=True)
+@click.option("--temperature", type=float, default=EvalSettings.temperature, show_default=True)
+@click.option("--top-k", type=int, default=EvalSettings.top_k, show_default=True,
+              help="Greedy unless top-k > 1 or top-p > 0.")
+@click.option("--top-p", type=float, default=EvalSettings.top_p, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--end-id", type=int, default=None, help="Token id that ends generation (default: the tokenizer's eos).")
-@click.option("--stemmer/--no-stemmer", "use_stemmer", default=True, show_default=True,
+@click.option("--stemmer/--no-stemmer", "use_stemmer", default=EvalSettings.use_stemmer, show_default=True,
               help="Porter stemming in ROUGE (summarize.py's `evaluate` rouge metric does not stem).")
 @click.option("--check-accuracy", is_flag=True, help="Exit 1 unless ROUGE-1 is above --rouge-threshold.")
-@click.option("--rouge-threshold", type=float, default=15.0, show_default=True,
+@click.option("--rouge-threshold", type=float, default=EvalSettings.rouge_threshold, show_default=True,
               help="ROUGE-1 (x100) the engine paths must exceed with --check-accuracy.")
 @click.option("--device", default=None, help="Device for the engine and transformers (default: cuda if present).")
-@click.option("--hf-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="transformers dtype (auto: the engine's, else the checkpoint's).")
+@click.option("--hf-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default=EvalSettings.hf_dtype, show_default=True,
+              help="transformers dtype (auto: the engine's, else the checkpoint's).")
 @click.option("--hf-device-map-auto", is_flag=True, help="Spread the transformers model over all GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's / tokenizer's own Python code.")
-@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+@click.option("--wait", "wait_s", type=float, default=EvalSettings.wait_s, show_default=True,
               help="Wait up to this many seconds for the served model to be ready.")
-@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=float, default=EvalSettings.timeout_s, show_default=True,
               help="Seconds to wait for one served answer.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@click.option("--progress/--no-progress", default=EvalSettings.progress, show_default=True,
+              help="Progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (scores and every output) as JSON.")
 def eval_command(served_model: str, as_json: bool, **options: Any) -> None:
     """ROUGE of a served repository / engine dir / transformers on summarization (TensorRT-LLM's summarize.py)."""
-    from generator.eval import EvalSettings, evaluate, format_report, report_dict
+    from generator.eval import evaluate, format_report, report_dict
 
     report = evaluate(EvalSettings(model=served_model, **options))
     if report is None:  # a rank > 0 of an mpirun launch

@@ -15,6 +15,7 @@ from pathlib import Path
 from generator.errors import GenRepoError
 
 GIB = 1024**3
+DEFAULT_GPU_MEMORY_GIB = 80.0  # `gen-repo models --gpu-memory`: an 80 GB H100 / A100
 
 # Bytes per weight for each storage format. Weight-only formats keep norms and embeddings in 16 bits; the
 # estimate below ignores that (it is a few percent for these models).
@@ -82,7 +83,7 @@ class Preset:
         """Bytes of weights in one of `BYTES_PER_WEIGHT`'s formats."""
         return int(self.parameter_count() * BYTES_PER_WEIGHT[weight_format])
 
-    def fitting_layouts(self, weight_format: str, gpu_memory_gib: float = 80.0,
+    def fitting_layouts(self, weight_format: str, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
                         usable_fraction: float = 0.9, world_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> list[int]:
         """World sizes (TP, or TP x PP) whose per-GPU share of the weights fits in `usable_fraction` of a GPU.
 
@@ -185,7 +186,7 @@ def resolve_checkpoint(preset: Preset, model_dir: Path | None = None, *, trust_r
                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): {how}") from None
 
 
-def models_table(gpu_memory_gib: float = 80.0) -> str:
+def models_table(gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> str:
     """The text `gen-repo models` prints: size, bytes per weight format and fitting layouts for each preset."""
     formats = list(BYTES_PER_WEIGHT)
     header = (f"{'preset':<22} {'hf id':<28} {'arch':<6} {'params':>9}  "
