@@ -312,12 +312,15 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
                   f"decode step {best['decode_step_ms']:.2f} ms, ITL p50 {best['itl_p50_ms']:.2f} / p99 "
                   f"{best['itl_p99_ms']:.2f} ms)", flush=True)
         kv = executor.kv_cache_info  # with the preemptions of the timed runs
-    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "world_size": info.world_size, "kv_cache": kv, "results": results}
-    print(json.dumps(summary))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        # written before the executor shuts down, so a slow multi-rank teardown cannot lose the results
+        summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "world_size": info.world_size, "kv_cache": kv, "results": results}
+        print(json.dumps(summary), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2))
+        shutdown_started = time.perf_counter()
+    print(f"executor shut down in {time.perf_counter() - shutdown_started:.1f} s", flush=True)
     return 0
 
 

@@ -137,6 +137,7 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
                 break
             if kind == _FORWARD:
                 runner.execute(ForwardPlan.from_array(message[1:]))
+    runner.release()
     comm.close()
 
 
@@ -502,6 +503,7 @@ class Executor:
         try:
             self._comm.broadcast_step(np.array([_SHUTDOWN], dtype=np.int64))
         finally:
+            self._runner.release()
             self._comm.close()
 
 

@@ -98,3 +98,10 @@ class ModelRunner:
             self.execute(plan)
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)
+
+    def release(self) -> None:
+        """Drop the CUDA graphs before the communicator goes: graphs that captured NCCL collectives keep the
+        communicator busy, and destroying the process group under them hung a 4-rank shutdown on H100s."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        self.graphs = None
