@@ -12,15 +12,25 @@ from typing import Any
 
 import click
 
+from generator.build import (
+    DEFAULT_MAX_INPUT_LEN,
+    DEFAULT_MAX_NUM_TOKENS,
+    DEFAULT_MAX_SEQ_LEN,
+    ENGINE_BACKENDS,
+    BuildSettings,
+)
+from generator.convert import ConvertSettings
 from generator.errors import GenRepoError
 from generator.eval import DEFAULT_MAX_INPUT_LEN as EVAL_MAX_INPUT_LEN
 from generator.eval import EvalSettings
+from generator.pipeline import PipelineSettings
 from generator.presets import DEFAULT_GPU_MEMORY_GIB
 from generator.render import (
     BATCH_SCHEDULER_POLICIES,
     BATCHING_STRATEGIES,
     LONG_INPUT_LEN,
     Batching,
+    EngineOverrides,
     RenderSettings,
     RepositoryLayout,
     TensorrtllmOptions,
@@ -44,7 +54,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model", metavar="PRESET|DIR", help="Run convert -> build -> render for a preset name "
               "(see `gen-repo models`) or a local Hugging Face checkpoint directory.")
-@click.option("--output", "output", type=click.Path(), default="model_repo", show_default=True,
+@click.option("--output", "output", type=click.Path(), default=str(PipelineSettings.output_dir), show_default=True,
               help="Directory for the whole job's output (checkpoint/, engine/, tokenizer/, triton_repo/).")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local Hugging Face checkpoint for a real preset (e.g. --model mpt-7b --model-dir ./mpt-7b).")
@@ -58,13 +68,15 @@ class _Group(click.Group):
               help="MoE only: tensor-parallel size inside each expert.")
 @click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
               help="MoE only: expert-parallel size.")
-@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default="pytorch",
-              show_default=True, help="Engine backend: our PyTorch engine, or real trtllm-build (NVIDIA container).")
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS),
+              default=PipelineSettings.engine_backend, show_default=True,
+              help="Engine backend: our PyTorch engine, or real trtllm-build (NVIDIA container).")
 @click.option("--max-batch-size", type=int, default=None, help="Engine limit (default: the preset's).")
 @click.option("--max-input-len", type=int, default=None, help="Engine limit (default: the preset's).")
 @click.option("--max-seq-len", type=int, default=None, help="Engine limit: prompt + new tokens (default: the preset's).")
 @click.option("--max-num-tokens", type=int, default=None, help="Engine limit: tokens per step (default: build's).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Ranks converted / built in parallel.")
+@click.option("--workers", type=int, default=PipelineSettings.workers, show_default=True,
+              help="Ranks converted / built in parallel.")
 @click.option("--weight-only-precision", type=click.Choice(["int8", "int4"]), default=None,
               help="Weight-only quantization of the GEMM weights (default: none).")
 @click.option("--int8-kv-cache", is_flag=True, help="Calibrate and use an INT8 KV cache.")
@@ -85,7 +97,7 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
     if model is None:
         click.echo(ctx.get_help())
         return
-    from generator.pipeline import PipelineSettings, run_pipeline
+    from generator.pipeline import run_pipeline
 
     run_pipeline(PipelineSettings(
         model=model, output_dir=Path(output), model_dir=model_dir, dtype=dtype,
@@ -103,11 +115,13 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="TensorRT-LLM checkpoint directory to write (config.json + rank{r}.safetensors); replaced "
               "if it already holds a checkpoint.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=ConvertSettings.dtype,
               show_default=True, help="Weight dtype of the checkpoint; auto keeps the HF checkpoint's dtype.")
-@click.option("--tp-size", "tensor_parallel_size", type=int, default=1, show_default=True,
+@click.option("--tp-size", "tensor_parallel_size", type=int, default=ConvertSettings.tensor_parallel_size,
+              show_default=True,
               help="Tensor-parallel size T: attention heads, MLP and lm_head are split over T ranks.")
-@click.option("--pp-size", "pipeline_parallel_size", type=int, default=1, show_default=True,
+@click.option("--pp-size", "pipeline_parallel_size", type=int, default=ConvertSettings.pipeline_parallel_size,
+              show_default=True,
               help="Pipeline-parallel size P: layers are split into P contiguous stages; T*P rank files.")
 @click.option("--moe-tp-size", "moe_tensor_parallel_size", type=int, default=None,
               help="MoE (DBRX) only: split each expert's FFN over this many ranks. With --moe-ep-size the "
@@ -115,7 +129,7 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 @click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
               help="MoE (DBRX) only: distribute the experts over this many ranks (expert parallelism); "
               "default 1 (or T / --moe-tp-size).")
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=int, default=ConvertSettings.workers, show_default=True,
               help="Ranks converted in parallel (threads); memory grows with about one tensor per worker.")
 @click.option("--use-weight-only", is_flag=True,
               help="Weight-only quantization of the GEMM weights (qkv, dense, fc, proj): records quant_algo and "
@@ -141,7 +155,7 @@ def convert_command(model_dir: Path, output_dir: Path, dtype: str, tensor_parall
                     calib_text: Path | None,
                     trust_remote_code: bool, quiet: bool) -> None:
     """Convert a Hugging Face MPT / DBRX checkpoint into a TensorRT-LLM checkpoint."""
-    from generator.convert import ConvertSettings, convert_checkpoint
+    from generator.convert import convert_checkpoint
 
     settings = ConvertSettings(
         model_dir=model_dir, output_dir=output_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
@@ -172,23 +186,27 @@ def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: boo
               help="TensorRT-LLM checkpoint directory (config.json + rank{r}.safetensors), e.g. from `convert`.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Engine directory to write.")
-@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default="pytorch",
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default=BuildSettings.engine_backend,
               show_default=True, help="pytorch: gen-repo's PyTorch engine (links the weights; quantizes "
               "weight-only ones); tensorrtllm: the real trtllm-build (needs TensorRT-LLM, i.e. NVIDIA's container).")
-@click.option("--max-batch-size", type=int, default=8, show_default=True, help="Requests running at once.")
-@click.option("--max-input-len", type=int, default=None,
-              help="Longest prompt, in tokens; default min(1024, max-seq-len / 2).")
-@click.option("--max-seq-len", type=int, default=None,
-              help="Longest prompt + output; default the checkpoint's max_position_embeddings (else 2048).")
-@click.option("--max-num-tokens", type=int, default=None,
-              help="Most tokens in one forward (context phase); default min(8192, batch x input len).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Ranks built in parallel (tensorrtllm).")
+@click.option("--max-batch-size", type=int, default=BuildSettings.max_batch_size, show_default=True,
+              help="Requests running at once.")
+@click.option("--max-input-len", type=int, default=BuildSettings.max_input_len,
+              help=f"Longest prompt, in tokens; default min({DEFAULT_MAX_INPUT_LEN}, max-seq-len / 2).")
+@click.option("--max-seq-len", type=int, default=BuildSettings.max_seq_len,
+              help=f"Longest prompt + output; default the checkpoint's max_position_embeddings (else "
+              f"{DEFAULT_MAX_SEQ_LEN}).")
+@click.option("--max-num-tokens", type=int, default=BuildSettings.max_num_tokens,
+              help=f"Most tokens in one forward (context phase); default min({DEFAULT_MAX_NUM_TOKENS}, batch x input "
+              "len).")
+@click.option("--workers", type=int, default=BuildSettings.workers, show_default=True,
+              help="Ranks built in parallel (tensorrtllm).")
 @click.option("--dry-run", is_flag=True, help="Print what would be built (the trtllm-build commands) and stop.")
 def build_command(checkpoint_dir: Path, output_dir: Path, engine_backend: str, max_batch_size: int,
                   max_input_len: int | None, max_seq_len: int | None, max_num_tokens: int | None, workers: int,
                   dry_run: bool) -> None:
     """Build an engine dir from a TensorRT-LLM checkpoint."""
-    from generator.build import BuildSettings, build_engine
+    from generator.build import build_engine
 
     settings = BuildSettings(checkpoint_dir=checkpoint_dir, output_dir=output_dir, engine_backend=engine_backend,
                              max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
@@ -417,9 +435,9 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
               help="Tokenizer dir that preprocessing / postprocessing load.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Triton model repository to write.")
-@click.option("--engine", "engine_backend", type=click.Choice(["pytorch", "tensorrtllm"]), default=None,
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default=EngineOverrides.engine_backend,
               help="Engine backend (default: the engine dir's).")
-@click.option("--max-batch-size", "triton_max_batch_size", type=int, default=None,
+@click.option("--max-batch-size", "triton_max_batch_size", type=int, default=EngineOverrides.triton_max_batch_size,
               help="Triton max_batch_size (default: the engine's).")
 @click.option("--decoupled/--no-decoupled", default=Batching.decoupled, show_default=True,
               help="Decoupled tensorrt_llm / BLS (needed for streaming).")

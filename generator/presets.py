@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from generator.build import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN, BuildSettings
+from generator.convert import ConvertSettings
 from generator.errors import GenRepoError
 
 GIB = 1024**3
@@ -26,7 +28,8 @@ BYTES_PER_WEIGHT: dict[str, float] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """One model gen-repo knows by name."""
+    """One model gen-repo knows by name: its dimensions, the dtype it converts to, and the build limits and
+    parallel layout where they differ from the steps' defaults (BuildSettings, ConvertSettings)."""
 
     name: str
     hf_id: str | None                # None for the offline tiny models
@@ -40,20 +43,20 @@ class Preset:
     intermediate_size: int           # MPT: expansion_ratio * d_model; DBRX: one expert's ffn_hidden_size
     max_position_embeddings: int
     position_embedding_type: str     # "alibi" or "rope_gpt_neox"
+    dtype: str                       # checkpoint dtype of the whole job (convert's own default keeps the HF one)
     bias: bool = False
     tie_word_embeddings: bool = True
     num_experts: int = 0
     experts_per_token: int = 0
     clip_qkv: float | None = None
     rope_theta: float | None = None
-    # Default build limits (engine dir `build_config`).
-    max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: int = 2048
-    # Default conversion.
-    dtype: str = "float16"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    # Build limits (engine dir `build_config`).
+    max_batch_size: int = BuildSettings.max_batch_size
+    max_input_len: int = DEFAULT_MAX_INPUT_LEN
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    # Parallel layout of the conversion.
+    tensor_parallel_size: int = ConvertSettings.tensor_parallel_size
+    pipeline_parallel_size: int = ConvertSettings.pipeline_parallel_size
     offline: bool = False            # built by generator.tiny, needs no checkpoint
 
     @property
