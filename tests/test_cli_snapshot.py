@@ -61,6 +61,56 @@ def test_cli_options_match_the_snapshot() -> None:
         assert actual[title] == expected[title], title
 
 
+def _settings_classes() -> dict[str, list[type]]:
+    """Each command and the settings dataclass(es) whose fields its flags set."""
+    from generator.build import BuildSettings
+    from generator.client import InferSettings
+    from generator.convert import ConvertSettings
+    from generator.deploy import DeploySettings
+    from generator.eval import EvalSettings
+    from generator.openai_server import OpenAISettings
+    from generator.pipeline import PipelineSettings
+    from generator.render import Batching, EngineOverrides, RepositoryLayout, TensorrtllmOptions, TextOptions
+    from generator.run import RunSettings
+    from generator.serve import ServeSettings
+
+    return {"gen-repo": [PipelineSettings], "convert": [ConvertSettings], "build": [BuildSettings],
+            "render": [EngineOverrides, Batching, TextOptions, RepositoryLayout, TensorrtllmOptions],
+            "serve": [ServeSettings], "run": [RunSettings], "eval": [EvalSettings], "infer": [InferSettings],
+            "openai": [OpenAISettings], "deploy": [DeploySettings]}
+
+
+#: flags whose default is the flag's own on purpose (not the field's)
+_OWN_DEFAULTS = {("convert", "weight_only_precision"),  # the precision --use-weight-only picks; the field's None
+                 ("deploy", "base_image")}              # None: DeploySettings' own base image stays
+
+
+def test_flag_defaults_are_the_settings_defaults() -> None:
+    """A flag that sets a settings field has that field's default: the field is where it is declared."""
+    from dataclasses import MISSING, fields
+    from pathlib import PurePath
+
+    from generator.cli import main
+
+    checked = 0
+    for name, classes in _settings_classes().items():
+        command = main if name == "gen-repo" else main.commands[name]
+        declared = {field.name: field.default for kind in classes for field in fields(kind)
+                    if field.default is not MISSING}
+        for param in command.params:
+            if (not isinstance(param, click.Option) or param.name not in declared
+                    or (name, param.name) in _OWN_DEFAULTS):
+                continue
+            default = declared[param.name]
+            expected = str(default) if isinstance(default, PurePath) else default
+            actual = param.get_default(click.Context(command))  # a flag's False when it names none
+            if param.multiple:  # a repeatable option without a default gives ()
+                actual = tuple(actual) if isinstance(actual, (list, tuple)) else ()
+            assert actual == expected, (name, param.name, actual, expected)
+            checked += 1
+    assert checked > 80
+
+
 if __name__ == "__main__":
     SNAPSHOT.write_text(json.dumps(cli_options(), indent=1) + "\n")
     print(f"wrote {SNAPSHOT}")
