@@ -179,6 +179,17 @@ class Communicator:
             self._quiet = True
         return received
 
+    def broadcast_tokens(self, tokens: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Rank 0 passes `count` int64 tokens, the others None and get them: stream-ordered, no host sync on
+        a GPU. Only between busy steps (the step messages then go over the same communicator)."""
+        if tokens is None:
+            tensor_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            tokens = torch.empty(count, dtype=torch.long, device=tensor_device)
+        elif tokens.device.type != "cuda" and self.device.type == "cuda":
+            raise ValueError("tokens to broadcast must be on the engine's GPU")
+        dist.broadcast(tokens, src=0)
+        return tokens
+
     def go_quiet(self) -> None:
         """Rank 0, before it waits for work: move the step messages to gloo until the next one."""
         if self.world_size > 1 and not self._quiet:
@@ -195,3 +206,4 @@ class Communicator:
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # kinds of the step messages rank 0 sends the other ranks (distributed.QUIET is the third)
 _FORWARD = 0
 _SHUTDOWN = 1
+_FORWARD_WITH_TOKENS = 2  # a forward whose decode rows take the previous step's tokens, sent on the device
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,11 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
                 break
             if kind == _FORWARD:
                 runner.execute(ForwardPlan.from_array(message[1:]))
+            elif kind == _FORWARD_WITH_TOKENS:
+                rows, count = int(message[1]), int(message[2])
+                tokens = comm.broadcast_tokens(None, count)
+                device_tokens = (message[3:3 + rows].tolist(), message[3 + rows:3 + 2 * rows].tolist(), tokens)
+                runner.execute(ForwardPlan.from_array(message[3 + 2 * rows:]), device_tokens)
     runner.release()
     comm.close()
 
@@ -185,8 +191,8 @@ class Executor:
         self._cancelled: set[int] = set()
         self._outbox: list[tuple[Callback, GenerationResult]] = []  # results to hand out (see _flush)
         self._inflight: _InFlight | None = None
-        # lookahead (see _launch_fetch) needs every rank to know the tokens: one rank only
-        self._overlap = comm.world_size == 1 and os.environ.get("GEN_REPO_LOOKAHEAD", "1") != "0"
+        # lookahead (see _launch_fetch); at several ranks the tokens reach the others on the device
+        self._overlap = os.environ.get("GEN_REPO_LOOKAHEAD", "1") != "0"
         self._fetch_buffer = torch.zeros(config.max_batch_size, dtype=torch.long)
         if model.device.type == "cuda":
             self._fetch_buffer = self._fetch_buffer.pin_memory()
@@ -359,7 +365,7 @@ class Executor:
         device_tokens = self._device_tokens(inflight, requests) if inflight is not None else None
         try:
             if self._comm.world_size > 1:
-                self._comm.broadcast_step(np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()]))
+                self._broadcast_forward(plan, device_tokens)
             logits = self._runner.execute(plan, device_tokens)
             self._flush()  # the previous step's results, while this step runs on the GPU
             if inflight is not None:
@@ -386,8 +392,19 @@ class Executor:
         for row, token, log_prob in zip(sampled, new_tokens, log_probs, strict=True):
             self._accept(requests[row], token, log_prob)
 
+    def _broadcast_forward(self, plan: ForwardPlan, device_tokens: DeviceTokens | None) -> None:
+        """Send the step to the other ranks; tokens still on the device follow over the tensors' communicator,
+        so lookahead works at any world size without a host sync."""
+        if device_tokens is None or not device_tokens[0]:
+            self._comm.broadcast_step(np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()]))
+            return
+        rows, sources, tokens = device_tokens
+        header = np.array([_FORWARD_WITH_TOKENS, len(rows), tokens.numel(), *rows, *sources], dtype=np.int64)
+        self._comm.broadcast_step(np.concatenate([header, plan.to_array()]))
+        self._comm.broadcast_tokens(tokens, tokens.numel())
+
     # one step of lookahead -----------------------------------------------------------------------------------
-    # All-greedy steps on one rank do not wait for their tokens: each sampled sequence gets a placeholder token,
+    # All-greedy steps do not wait for their tokens: each sampled sequence gets a placeholder token,
     # the next step is scheduled and launched with the real tokens taken on the device, and only then are the
     # tokens fetched (the copy has long finished) and accepted. The host work of a step thus overlaps the GPU.
     # A sequence that turns out finished wasted one row of the next step, nothing else.
