@@ -54,7 +54,7 @@ def cancelled_stream(url: str, model: str, max_tokens: int) -> bool:
 
 def main() -> None:
     from generator.pipeline import PipelineResult
-    from generator.serve import stop_server
+    from generator.serving.serve import stop_server
     from tests.conftest import start_test_server
     from tests.test_e2e_variants import session_rss_bytes
 

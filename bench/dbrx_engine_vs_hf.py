@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from generator.bench.engine import run_batch  # noqa: E402
 from generator.engine import Executor  # noqa: E402
-from generator.engine.benchmark import run_batch  # noqa: E402
 from generator.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from generator.tiny import EOS_TOKEN, PAD_TOKEN, train_tokenizer  # noqa: E402
 

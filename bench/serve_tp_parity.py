@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generator.pipeline import PipelineSettings, run_pipeline  # noqa: E402
-from generator.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready  # noqa: E402
+from generator.serving.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready  # noqa: E402
 from generator.tiny import EOS_TOKEN, PAD_TOKEN, train_tokenizer  # noqa: E402
 
 

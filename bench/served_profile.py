@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_tp_parity import write_random_mpt  # noqa: E402
 
 from generator.pipeline import PipelineSettings, run_pipeline  # noqa: E402
-from generator.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready  # noqa: E402
+from generator.serving.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -243,7 +243,7 @@ def main() -> None:
         serve_levels(args, result.triton_repo, report, threads)
     config_path.write_text(original)
     if args.engine:
-        cmd = [sys.executable, "-m", "generator.engine.benchmark", "--hidden", str(args.hidden), "--layers",
+        cmd = [sys.executable, "-m", "generator.bench.engine", "--hidden", str(args.hidden), "--layers",
                str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--dtype", args.dtype,
                "--batch-sizes", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
                "--output-len", str(args.output_len), "--json", str(args.out / "engine.json")]

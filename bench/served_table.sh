@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/served-mpt7b}
 PY=${PYTHON:-.venv/bin/python}
-GEN="$PY -m generator.cli"
+GEN="$PY -m generator"
 mkdir -p "$W"
 # a random MPT-7B-shaped HF checkpoint (+ a small tokenizer) written on the GPU, as serve_tp_parity.py does
 $PY - "$W" <<'PYEOF'

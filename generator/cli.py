@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from generator.bench.eval import DEFAULT_MAX_INPUT_LEN as EVAL_MAX_INPUT_LEN
+from generator.bench.eval import EvalSettings
 from generator.build import (
     DEFAULT_MAX_INPUT_LEN,
     DEFAULT_MAX_NUM_TOKENS,
@@ -21,11 +23,10 @@ from generator.build import (
 )
 from generator.convert import ConvertSettings
 from generator.errors import GenRepoError
-from generator.eval import DEFAULT_MAX_INPUT_LEN as EVAL_MAX_INPUT_LEN
-from generator.eval import EvalSettings
 from generator.pipeline import PipelineSettings
 from generator.presets import DEFAULT_GPU_MEMORY_GIB
-from generator.render import (
+from generator.run import RunSettings
+from generator.serving.render import (
     BATCH_SCHEDULER_POLICIES,
     BATCHING_STRATEGIES,
     LONG_INPUT_LEN,
@@ -36,8 +37,7 @@ from generator.render import (
     TensorrtllmOptions,
     TextOptions,
 )
-from generator.run import RunSettings
-from generator.serve import LAUNCHERS, ServeSettings
+from generator.serving.serve import LAUNCHERS, ServeSettings
 
 
 class _Group(click.Group):
@@ -155,7 +155,7 @@ def convert_command(model_dir: Path, output_dir: Path, dtype: str, tensor_parall
                     calib_text: Path | None,
                     trust_remote_code: bool, quiet: bool) -> None:
     """Convert a Hugging Face MPT / DBRX checkpoint into a TensorRT-LLM checkpoint."""
-    from generator.convert import convert_checkpoint
+    from generator.convert.job import convert_checkpoint
 
     settings = ConvertSettings(
         model_dir=model_dir, output_dir=output_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
@@ -173,7 +173,7 @@ def convert_command(model_dir: Path, output_dir: Path, dtype: str, tensor_parall
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: bool) -> None:
     """Describe a TensorRT-LLM checkpoint: mapping, ranks, and every tensor's shape, dtype and size."""
-    from generator.inspect import describe_checkpoint, format_description, unshard_checkpoint
+    from generator.convert.inspect import describe_checkpoint, format_description, unshard_checkpoint
 
     description = describe_checkpoint(checkpoint_dir)
     click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
@@ -255,11 +255,11 @@ def run_command(prompts: tuple[str, ...], engine_dir: Path, tokenizer_dir: Path 
 @click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
 def bench_command(bench_args: tuple[str, ...]) -> None:
     """Tokens/s of the pytorch engine (default, or --direct), or of a served stack with --url (see --help)."""
-    from generator.engine.benchmark import main as bench_main
+    from generator.bench.engine import main as bench_main
 
     args = list(bench_args)
     if any(arg == "--url" or arg.startswith("--url=") for arg in args):
-        from generator.bench_served import main as served_main
+        from generator.bench.served import main as served_main
 
         code = served_main(args)
     else:
@@ -295,7 +295,7 @@ def models_command(gpu_memory_gib: float) -> None:
               help="Ranks (default: the engine's tp x pp); > 1 launches one tritonserver per rank under mpirun.")
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default=ServeSettings.launcher, show_default=True,
               help="How ranks start when the world size is > 1: mpirun (leader mode, as TensorRT-LLM's "
-              "launch_triton_server.py), or local (one host without MPI: generator.local_launch).")
+              "launch_triton_server.py), or local (one host without MPI: generator.serving.local_launch).")
 @click.option("--multi-model", is_flag=True,
               help="TensorRT-LLM's orchestrator mode (tensorrtllm backend only): one tritonserver whose backend "
               "spawns each engine's ranks (TRTLLM_ORCHESTRATOR=1), so a repository can hold several engines.")
@@ -328,7 +328,7 @@ def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: 
                   log_verbose: int, ready_timeout_s: float, exit_timeout_s: int, dry_run: bool,
                   extra_args: tuple[str, ...]) -> None:
     """Run tritonserver on a repository until Ctrl-C; extra args after `--` go to tritonserver."""
-    from generator.serve import serve
+    from generator.serving.serve import serve
 
     sys.exit(serve(ServeSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
@@ -369,7 +369,7 @@ def infer_command(prompt: str, url: str | None, protocol: str, model: str, strea
                   frequency_penalty: float | None, exclude_input_in_output: bool | None, wait_s: float,
                   timeout_s: float) -> None:
     """Send PROMPT to a running server and print the generated text."""
-    from generator.client import InferSettings, infer
+    from generator.serving.client import InferSettings, infer
 
     infer(InferSettings(
         prompt=prompt, url=url, protocol=protocol, model=model, stream=stream, max_tokens=max_tokens,
@@ -393,7 +393,7 @@ def infer_command(prompt: str, url: str | None, protocol: str, model: str, strea
 def openai_command(triton_url: str, tokenizer_dir: Path | None, chat_template: Path | None, host: str, port: int,
                    max_body_bytes: int, max_json_depth: int, trust_remote_code: bool) -> None:
     """OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in front of a running Triton."""
-    from generator.openai_server import OpenAISettings, run_openai
+    from generator.serving.openai_server import OpenAISettings, run_openai
 
     run_openai(OpenAISettings(triton_url=triton_url, tokenizer_dir=tokenizer_dir, chat_template=chat_template,
                               host=host, port=port, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth,
@@ -420,7 +420,7 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
     """Render a Dockerfile, a docker compose file and Kubernetes manifests for a repository."""
     from dataclasses import replace
 
-    from generator.deploy import DeploySettings, render_deploy
+    from generator.serving.deploy import DeploySettings, render_deploy
 
     settings = DeploySettings(model_repository=model_repository, output_dir=output_dir, image=image,
                               gpus_per_node=gpus_per_node, nodes=nodes, name=name)
@@ -477,7 +477,7 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
                    "--output (same tokenizer files).")
 def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **options: Any) -> None:
     """Write the Triton model repository for an engine dir, then validate it."""
-    from generator.render import render_repository
+    from generator.serving.render import render_repository
 
     repository = render_repository(RenderSettings.from_options(engine_dir, tokenizer_dir, output_dir, **options))
     click.echo(f"wrote {repository}")
@@ -489,7 +489,7 @@ def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **op
 def validate_command(repository: Path, no_streaming: bool) -> None:
     """Check a Triton model repository offline (configs, and the engine and tokenizer files they load); exit 1
     when it has problems."""
-    from generator.validate import validate_repository
+    from generator.serving.validate import validate_repository
 
     problems = validate_repository(repository, streaming=not no_streaming, deep=True)
     for problem in problems:
@@ -559,7 +559,7 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report (scores and every output) as JSON.")
 def eval_command(served_model: str, as_json: bool, **options: Any) -> None:
     """ROUGE of a served repository / engine dir / transformers on summarization (TensorRT-LLM's summarize.py)."""
-    from generator.eval import evaluate, format_report, report_dict
+    from generator.bench.eval import evaluate, format_report, report_dict
 
     report = evaluate(EvalSettings(model=served_model, **options))
     if report is None:  # a rank > 0 of an mpirun launch

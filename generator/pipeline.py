@@ -165,7 +165,7 @@ def _fresh(path: Path) -> Path:
 
 
 def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path) -> None:
-    from generator.convert import convert_checkpoint
+    from generator.convert.job import convert_checkpoint
 
     # what the user gave, else the preset's, else (left out) ConvertSettings' defaults
     from_preset = {} if preset is None else {"dtype": preset.dtype, "tensor_parallel_size": preset.tensor_parallel_size,
@@ -188,12 +188,12 @@ def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, ch
 def check_trtllm_before_convert(settings: ConvertSettings) -> None:
     """Refuse, before a long convert, a model trtllm-build cannot build: the same checks `gen-repo build
     --engine tensorrtllm` runs, on the config convert would write (read from the HF config and file headers)."""
-    from generator.convert import resolve_dtype
-    from generator.hf_checkpoint import HFCheckpoint, read_hf_config
-    from generator.mapping import Mapping
-    from generator.models import spec_for
-    from generator.quantize import WEIGHT_ONLY_ALGOS
-    from generator.trtllm_build import check_trtllm_compatible
+    from generator.build.trtllm import check_trtllm_compatible
+    from generator.convert.calibrate import WEIGHT_ONLY_ALGOS
+    from generator.convert.job import resolve_dtype
+    from generator.convert.models import spec_for
+    from generator.formats.hf_checkpoint import HFCheckpoint, read_hf_config
+    from generator.formats.mapping import Mapping
 
     hf_config = read_hf_config(settings.model_dir)
     spec = spec_for(hf_config)
@@ -225,7 +225,7 @@ def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, chec
 
 
 def _render(result: PipelineResult) -> None:
-    from generator.render import RenderSettings, render_repository
+    from generator.serving.render import RenderSettings, render_repository
 
     _fresh(result.triton_repo)
     render_repository(RenderSettings(engine_dir=result.engine_dir, tokenizer_dir=result.tokenizer_dir,

@@ -1,24 +1,21 @@
 """`gen-repo run`: generate from an engine dir without Triton, on one rank or under `mpirun -n N`.
 
 Rank 0 owns the `Executor` and prints; ranks > 0 follow it (`generator.engine.follow`). When mpirun gives no
-MASTER_ADDR / MASTER_PORT, rank 0 picks a free port and shares it over MPI (mpi4py is used here only, never
-inside tritonserver's stubs). `python -m generator.run ...` takes the same flags as `gen-repo run`.
+MASTER_ADDR / MASTER_PORT, rank 0 picks a free port and shares it over MPI (`generator.engine.ranks`).
+Under mpirun: `mpirun -n N python -m generator run ...` (or `mpirun -n N gen-repo run ...`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from generator.errors import ConfigError, GenRepoError
+from generator.errors import GenRepoError
 
 if TYPE_CHECKING:
-    from generator.engine.config import EngineConfig
+    pass
 
 
 @dataclass(frozen=True)
@@ -39,31 +36,9 @@ class RunSettings:
     device: str | None = None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def ensure_rendezvous(world_size: int) -> None:
-    """Set MASTER_ADDR / MASTER_PORT for a multi-rank run when the launcher did not (agreed over MPI)."""
-    if world_size <= 1 or "MASTER_PORT" in os.environ:
-        return
-    try:
-        from mpi4py import MPI
-    except ImportError as error:
-        raise GenRepoError("a multi-rank run needs MASTER_ADDR/MASTER_PORT or mpi4py to agree on them") from error
-    comm = MPI.COMM_WORLD
-    # one host unless the user says otherwise (multi-node launches set MASTER_ADDR themselves)
-    address = os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    port, address = comm.bcast((_free_port(), address) if comm.Get_rank() == 0 else None, root=0)
-    os.environ["MASTER_ADDR"] = str(address)
-    os.environ["MASTER_PORT"] = str(port)
-
-
 def _load_tokenizer(path: Path) -> Any:
     try:
-        from generator.tokenizer import load_tokenizer
+        from generator.formats.tokenizer import load_tokenizer
     except ImportError:  # tokenizer module missing: plain transformers
         from transformers import AutoTokenizer
 
@@ -71,30 +46,11 @@ def _load_tokenizer(path: Path) -> Any:
     return load_tokenizer(path)
 
 
-def join_engine_ranks(engine_dir: Path, device: str | None, command: str) -> EngineConfig | None:
-    """Check this launch has the engine's world size and set up the rendezvous. Rank 0 gets the engine's config
-    back; ranks > 0 follow rank 0's engine until it shuts down, then get None."""
-    from generator.engine import follow
-    from generator.engine.config import load_engine_config
-    from generator.engine.distributed import process_info
-
-    info = process_info()
-    config = load_engine_config(engine_dir)
-    if info.world_size != config.world_size:
-        raise ConfigError(f"the engine has {config.world_size} ranks (tp {config.mapping.tensor_parallel_size} x "
-                          f"pp {config.mapping.pipeline_parallel_size}); run it with `mpirun -n "
-                          f"{config.world_size} gen-repo {command} ...` (this launch has {info.world_size})")
-    ensure_rendezvous(info.world_size)
-    if info.rank != 0:
-        follow(engine_dir, device=device)
-        return None
-    return config
-
-
 def run(settings: RunSettings) -> list[dict[str, Any]] | None:
     """Generate on rank 0 (returns one dict per prompt: output_ids, text, finish_reason); ranks > 0 follow
     rank 0 and return None."""
     from generator.engine import Executor, GenerationRequest, SamplingConfig
+    from generator.engine.ranks import join_engine_ranks
 
     if join_engine_ranks(settings.engine_dir, settings.device, "run") is None:
         return None
@@ -144,14 +100,3 @@ def print_outputs(outputs: list[dict[str, Any]], as_json: bool) -> None:
             print(output["text"], flush=True)
         else:
             print(" ".join(str(t) for t in output["output_ids"]), flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m generator.run ...`: the same flags as `gen-repo run`."""
-    from generator.cli import main as cli_main
-
-    cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -152,8 +152,8 @@ def _save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 
 
 def _save_tiktoken_tokenizer(tokenizer: Any, out_dir: Path) -> None:
-    """DBRX ships a tiktoken tokenizer: save the same BPE ranks in that layout (generator.tokenizer owns it)."""
-    from generator.tokenizer import save_tiktoken_tokenizer
+    """DBRX ships a tiktoken tokenizer: save the same BPE ranks in that layout (generator.formats.tokenizer owns it)."""
+    from generator.formats.tokenizer import save_tiktoken_tokenizer
 
     save_tiktoken_tokenizer(bpe_ranks(tokenizer), {EOS_TOKEN: 0, PAD_TOKEN: 1}, out_dir, eos_token=EOS_TOKEN,
                             pad_token=PAD_TOKEN, pat_str=GPT2_PAT_STR, encoding_name="tiny_bpe")

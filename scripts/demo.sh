@@ -12,7 +12,7 @@ PROMPT=${PROMPT:-What is machine learning?}
 
 # free ports, so the demo never collides with another server on 8000-8002
 read -r HTTP_PORT GRPC_PORT METRICS_PORT < <(.venv/bin/python -c '
-from generator.serve import free_port
+from generator.serving.serve import free_port
 print(free_port(), free_port(), free_port())')
 
 .venv/bin/gen-repo serve --model-repository "$OUT/triton_repo" \

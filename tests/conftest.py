@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from generator.pipeline import PipelineResult, PipelineSettings, run_pipeline
-from generator.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready
+from generator.serving.serve import ServeSettings, free_port, start_server, stop_server, wait_until_ready
 from tests.factories import make_dbrx, make_mpt
 
 SERVER_READY_TIMEOUT_S = 300.0

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from generator.bench_served import Record, format_table, percentiles, summarize, synthetic_prompts
+from generator.bench.served import Record, format_table, percentiles, summarize, synthetic_prompts
 from generator.cli import main
-from generator.openai_server import BackgroundFront, OpenAISettings
-from generator.serve import free_port
-from generator.tokenizer import load_tokenizer
+from generator.formats.tokenizer import load_tokenizer
+from generator.serving.openai_server import BackgroundFront, OpenAISettings
+from generator.serving.serve import free_port
 from tests.conftest import RunningServer
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from generator.build import BuildSettings, build_engine
 from generator.cli import main
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import load_engine_config
 from generator.errors import ConfigError, GenRepoError
 from tests.factories import make_mpt

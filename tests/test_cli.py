@@ -80,7 +80,7 @@ def test_serve_missing_repository_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_infer_without_a_server_exits_2_quickly() -> None:
-    from generator.serve import free_port
+    from generator.serving.serve import free_port
 
     code, output = _run("infer", "hello", "--protocol", "http", "--url", f"127.0.0.1:{free_port()}",
                         "--timeout", "5")

@@ -63,16 +63,22 @@ def test_cli_options_match_the_snapshot() -> None:
 
 def _settings_classes() -> dict[str, list[type]]:
     """Each command and the settings dataclass(es) whose fields its flags set."""
+    from generator.bench.eval import EvalSettings
     from generator.build import BuildSettings
-    from generator.client import InferSettings
     from generator.convert import ConvertSettings
-    from generator.deploy import DeploySettings
-    from generator.eval import EvalSettings
-    from generator.openai_server import OpenAISettings
     from generator.pipeline import PipelineSettings
-    from generator.render import Batching, EngineOverrides, RepositoryLayout, TensorrtllmOptions, TextOptions
     from generator.run import RunSettings
-    from generator.serve import ServeSettings
+    from generator.serving.client import InferSettings
+    from generator.serving.deploy import DeploySettings
+    from generator.serving.openai_server import OpenAISettings
+    from generator.serving.render import (
+        Batching,
+        EngineOverrides,
+        RepositoryLayout,
+        TensorrtllmOptions,
+        TextOptions,
+    )
+    from generator.serving.serve import ServeSettings
 
     return {"gen-repo": [PipelineSettings], "convert": [ConvertSettings], "build": [BuildSettings],
             "render": [EngineOverrides, Batching, TextOptions, RepositoryLayout, TensorrtllmOptions],

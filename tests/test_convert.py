@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from generator.convert import ConvertSettings, SafetensorsWriter, convert_checkpoint
+from generator.convert.job import ConvertSettings, SafetensorsWriter, convert_checkpoint
 from generator.errors import GenRepoError
-from generator.hf_checkpoint import HFCheckpoint, read_safetensors_header
+from generator.formats.hf_checkpoint import HFCheckpoint, read_safetensors_header
 
 
 def convert(model_dir: Path, output_dir: Path, **kwargs: Any) -> Path:

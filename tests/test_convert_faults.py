@@ -38,7 +38,7 @@ def _leftovers(parent: Path) -> list[str]:
 # A convert that stops for good once its staging dir holds a finished rank file, so SIGKILL finds it mid-run.
 _HANGING_CONVERT = """
 import sys, time
-import generator.convert as convert
+import generator.convert.job as convert
 real = convert._convert_ranks
 def hang(*args, **kwargs):
     real(*args, **kwargs)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from generator.mapping import Mapping
-from generator.models import spec_for
-from generator.models.base import shard_tensor
+from generator.convert.models import spec_for
+from generator.convert.models.base import shard_tensor
+from generator.formats.mapping import Mapping
 from tests.test_convert import convert, rank_tensors, read_config
 
 MPT_7B: dict[str, Any] = {

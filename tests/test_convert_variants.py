@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from generator.convert.inspect import unshard_checkpoint
+from generator.convert.models import spec_for
 from generator.errors import ConfigError
-from generator.inspect import unshard_checkpoint
-from generator.models import spec_for
 from tests.factories import make_mpt
 from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
 
@@ -168,7 +168,7 @@ def test_dbrx_rope_theta_default(dbrx_dir: Path, tmp_path: Path) -> None:
     config = json.loads((dbrx_dir / "config.json").read_text())
     del config["attn_config"]["rope_theta"]
     spec = spec_for(config)
-    from generator.mapping import Mapping
+    from generator.formats.mapping import Mapping
 
     trt = spec.trtllm_config(Mapping(), "float16", {"quant_algo": None, "kv_cache_quant_algo": None})
     assert trt["rotary_base"] == 10000.0

@@ -20,17 +20,17 @@ import yaml
 from click.testing import CliRunner
 from kubernetes_validate import utils as kubernetes_validate
 
+from generator.build.trtllm import TRTLLM_CONTAINER
 from generator.cli import main, serve_command
-from generator.deploy import (
+from generator.errors import ConfigError, GenRepoError
+from generator.serving.deploy import (
     DeploySettings,
     _tools,
     lws_hosts,
     multinode_launch_command,
     render_deploy,
 )
-from generator.errors import ConfigError, GenRepoError
-from generator.serve import ServeSettings, TritonInstall
-from generator.trtllm_build import TRTLLM_CONTAINER
+from generator.serving.serve import ServeSettings, TritonInstall
 
 KUBERNETES_VERSION = "1.33.0"
 
@@ -178,7 +178,7 @@ def test_dockerfile(tmp_path: Path) -> None:
     assert keywords.index("FROM") < keywords.index("COPY") < keywords.index("CMD")
     # the build context holds what `pip install` needs, without byte code
     context = tmp_path / "out" / "gen-repo"
-    assert (context / "pyproject.toml").is_file() and (context / "generator" / "deploy.py").is_file()
+    assert (context / "pyproject.toml").is_file() and (context / "generator" / "serving" / "deploy.py").is_file()
     assert (context / "templates").is_dir()
     assert not list(context.rglob("__pycache__"))
 
@@ -199,7 +199,7 @@ def test_multi_node_leaderworkerset(tmp_path: Path) -> None:
         assert container["resources"]["limits"] == {"nvidia.com/gpu": "4"}
         assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in group[role]["spec"]["volumes"]
     (leader,) = group["leaderTemplate"]["spec"]["containers"]
-    assert leader["command"][:4] == ["python3", "-m", "generator.deploy", "lws-leader"]
+    assert leader["command"][:4] == ["python3", "-m", "generator.serving.deploy", "lws-leader"]
     # the leader's command is one the module's CLI accepts
     context = _tools.commands["lws-leader"].make_context("lws-leader", leader["command"][4:])
     assert (context.params["nodes"], context.params["gpus_per_node"]) == (2, 4)

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from generator.client import InferSettings, build_grpc_inputs, generate, model_inputs, stream_grpc
 from generator.errors import GenRepoError
 from generator.pipeline import PipelineResult
+from generator.serving.client import InferSettings, build_grpc_inputs, generate, model_inputs, stream_grpc
 from tests.conftest import RunningServer
 from tests.factories import hf_greedy
 

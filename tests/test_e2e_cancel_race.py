@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from generator.pipeline import PipelineResult
-from generator.render import Batching, RenderSettings, render_repository
-from generator.serve import stop_server
+from generator.serving.render import Batching, RenderSettings, render_repository
+from generator.serving.serve import stop_server
 from tests.conftest import start_test_server
 
 pytestmark = pytest.mark.server

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from generator.client import InferSettings, generate
-from generator.serve import stop_server
+from generator.serving.client import InferSettings, generate
+from generator.serving.serve import stop_server
 from tests.conftest import run_tiny_job, start_test_server
 
 PROMPT = "What is machine learning?"
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.server
 def test_half_precision_job_serves_the_engines_greedy_tokens(dtype: str, tmp_path: Path) -> None:
     from generator.engine import run_prompts
     from generator.engine.sampling import SamplingConfig
-    from generator.tokenizer import load_tokenizer
+    from generator.formats.tokenizer import load_tokenizer
 
     job = run_tiny_job("tiny-mpt", tmp_path / "job", dtype=dtype)
     assert json.loads((job.checkpoint_dir / "config.json").read_text())["dtype"] == dtype

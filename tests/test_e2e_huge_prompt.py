@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from generator.openai_server import OpenAISettings
+from generator.formats.tokenizer import load_tokenizer, longest_token_bytes
 from generator.pipeline import PipelineResult
-from generator.render import LONG_INPUT_LEN, Batching, RenderSettings, render_repository
-from generator.serve import free_port
-from generator.tokenizer import load_tokenizer, longest_token_bytes
-from generator.triton_models.common import repository_max_input_len
+from generator.serving.openai_server import OpenAISettings
+from generator.serving.render import LONG_INPUT_LEN, Batching, RenderSettings, render_repository
+from generator.serving.serve import free_port
+from generator.serving.triton_models.common import repository_max_input_len
 from tests.conftest import RunningServer
 from tests.test_openai import _start_front
 from tests.test_render import load_config, make_engine_dir, make_tokenizer_dir

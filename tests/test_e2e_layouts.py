@@ -1,4 +1,4 @@
-"""Parallel layouts through a real tritonserver launched the way `gen-repo serve` does (generator.serve: world
+"""Parallel layouts through a real tritonserver launched the way `gen-repo serve` does (generator.serving.serve: world
 size from the engine, one mpirun in leader mode, --oversubscribe when the ranks outnumber the cores): the
 ensemble's greedy text equals transformers' for MPT at TP2, PP2, TP2xPP2, MQA MPT with more ranks than KV
 heads, and DBRX with its experts split by tensor (moe_tp 2) and by expert (moe_ep 2) parallelism.
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from generator.build import BuildSettings, build_engine
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert.job import ConvertSettings, convert_checkpoint
+from generator.formats.tokenizer import load_tokenizer
 from generator.pipeline import PipelineResult
-from generator.render import RenderSettings, render_repository
-from generator.serve import ServeSettings, launch_command, repository_world_size, stop_server
-from generator.tokenizer import load_tokenizer
+from generator.serving.render import RenderSettings, render_repository
+from generator.serving.serve import ServeSettings, launch_command, repository_world_size, stop_server
 from tests.conftest import start_test_server
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 from tests.test_convert import make_gqa_mpt

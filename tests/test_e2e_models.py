@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from generator.client import InferSettings, generate
-from generator.serve import remove_shared_memory, repository_world_size, stop_server
-from generator.tokenizer import load_tokenizer
+from generator.formats.tokenizer import load_tokenizer
+from generator.serving.client import InferSettings, generate
+from generator.serving.serve import remove_shared_memory, repository_world_size, stop_server
 from tests.conftest import run_tiny_job, start_test_server
 from tests.factories import hf_greedy
 

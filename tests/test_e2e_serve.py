@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from generator.pipeline import PipelineResult
-from generator.serve import free_port
+from generator.serving.serve import free_port
 from tests.factories import hf_greedy
 
 pytestmark = pytest.mark.server
 
-GEN_REPO = [sys.executable, "-m", "generator.cli"]
+GEN_REPO = [sys.executable, "-m", "generator"]
 
 
 def _wait_for_line(process: subprocess.Popen[str], pattern: str, timeout_s: float) -> str:

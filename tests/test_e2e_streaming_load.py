@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from generator.client import InferSettings, generate
+from generator.serving.client import InferSettings, generate
 from tests.conftest import RunningServer
 
 pytestmark = pytest.mark.server

@@ -23,7 +23,7 @@ def _digest(directory: Path) -> dict[str, str]:
 def test_tiny_models_are_deterministic_and_load(name: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from generator.tokenizer import load_tokenizer
+    from generator.formats.tokenizer import load_tokenizer
 
     first = make_tiny_model(name, tmp_path / "a")
     second = make_tiny_model(name, tmp_path / "b")
@@ -38,7 +38,7 @@ def test_tiny_models_are_deterministic_and_load(name: str, tmp_path: Path) -> No
 
 def test_tiny_mpt_and_tiny_dbrx_tokenize_alike(tmp_path: Path) -> None:
     """tiny-dbrx's tiktoken tokenizer is built from the same BPE ranks as tiny-mpt's HF tokenizer."""
-    from generator.tokenizer import load_tokenizer
+    from generator.formats.tokenizer import load_tokenizer
 
     mpt = load_tokenizer(make_tiny_model("tiny-mpt", tmp_path / "mpt"))
     dbrx = load_tokenizer(make_tiny_model("tiny-dbrx", tmp_path / "dbrx"))

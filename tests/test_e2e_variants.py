@@ -27,14 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from generator.build import BuildSettings, build_engine
-from generator.client import InferSettings, generate
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine.config import alibi_slopes
+from generator.formats.tokenizer import load_tokenizer
 from generator.pipeline import PipelineResult, copy_tokenizer_files
-from generator.render import RenderSettings, RepositoryLayout, render_repository
-from generator.serve import stop_server
+from generator.serving.client import InferSettings, generate
+from generator.serving.render import RenderSettings, RepositoryLayout, render_repository
+from generator.serving.serve import stop_server
 from generator.tiny import make_tiny_model, quiet_token_ids
-from generator.tokenizer import load_tokenizer
 from tests.conftest import RunningServer, start_test_server
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 from tests.test_convert import make_gqa_mpt, write_variant
@@ -194,7 +194,7 @@ def add_to_repository(variant: Variant, root: Path, tokenizer: Path, repository:
 
 def session_rss_bytes(pid: int) -> int:
     """Resident memory of every process in the session of `pid` (the server, its ranks and python stubs)."""
-    from generator.serve import _session_members
+    from generator.serving.serve import _session_members
 
     total = 0
     for member in _session_members(pid):

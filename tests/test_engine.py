@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from generator.build import BuildSettings, build_engine
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert.calibrate import dequantize_weight
+from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import Executor, GenerationRequest, GenerationResult, SamplingConfig, run_prompts
-from generator.quantize import dequantize_weight
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11, [300, 5, 17, 17, 250, 9, 10]]
@@ -287,7 +287,7 @@ def test_top_k_two_draws_from_the_two_most_likely_tokens(executor: Executor,
 
 
 def test_benchmark_reports_every_batch_size(tmp_path: Path) -> None:
-    from generator.engine.benchmark import main as bench_main
+    from generator.bench.engine import main as bench_main
 
     report = tmp_path / "bench.json"
     assert bench_main(["--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "256", "--batch-sizes", "1,3",

@@ -1,4 +1,4 @@
-"""The pytorch engine on several ranks (`mpirun -n N python -m generator.run`): greedy parity with transformers
+"""The pytorch engine on several ranks (`mpirun -n N python -m generator run`): greedy parity with transformers
 for tensor, pipeline and expert parallel layouts."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from generator.build import BuildSettings, build_engine
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert.job import ConvertSettings, convert_checkpoint
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200, 3]]
@@ -36,7 +36,7 @@ def sharded_engine(hf_dir: Path, root: Path, tp: int, pp: int, moe_tp: int | Non
 def mpirun_generate(engine: Path, world_size: int) -> list[list[int]]:
     """Run `gen-repo run` on `world_size` ranks and return the output ids of each prompt."""
     command = [str(MPIRUN), "--allow-run-as-root", "--oversubscribe", "-n", str(world_size), sys.executable, "-m",
-               "generator.run", "--engine-dir", str(engine), "--max-tokens", str(NEW_TOKENS), "--json"]
+               "generator", "run", "--engine-dir", str(engine), "--max-tokens", str(NEW_TOKENS), "--json"]
     for prompt in PROMPTS:
         command += ["--input-ids", ",".join(map(str, prompt))]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "MASTER_"))}
@@ -80,7 +80,7 @@ def test_world_size_must_match_the_engine(mpt: tuple[Path, Path, list[list[int]]
     hf_dir, root, _ = mpt
     engine = sharded_engine(hf_dir, root, 2, 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "MASTER_"))}
-    completed = subprocess.run([sys.executable, "-m", "generator.run", "--engine-dir", str(engine), "--input-ids",
+    completed = subprocess.run([sys.executable, "-m", "generator", "run", "--engine-dir", str(engine), "--input-ids",
                                 "1,2"], capture_output=True, text=True, timeout=120, env=env)
     assert completed.returncode == 2
     assert "mpirun -n 2" in completed.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from generator.build import BuildSettings, build_engine
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import Executor, GenerationRequest, GenerationResult, SamplingConfig
 from generator.engine.block_manager import BlockManager
 from generator.engine.scheduler import Scheduler, Sequence

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from generator.convert import ConvertSettings, convert_checkpoint
+from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import SamplingConfig, run_prompts
 from generator.engine.config import alibi_slopes
 from tests.factories import hf_greedy, make_mpt

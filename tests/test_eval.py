@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from generator.cli import main
-from generator.eval import (
+from generator.bench.eval import (
     EvalSettings,
     build_prompts,
     builtin_dataset_path,
@@ -26,9 +25,10 @@ from generator.eval import (
     prompt_text,
     rouge_scores,
 )
+from generator.cli import main
+from generator.formats.tokenizer import load_tokenizer
 from generator.pipeline import PipelineResult
-from generator.serve import stop_server
-from generator.tokenizer import load_tokenizer
+from generator.serving.serve import stop_server
 from tests.conftest import RunningServer, run_tiny_job, start_test_server
 
 SAMPLES = 4
@@ -122,7 +122,7 @@ MPIRUN = Path(sys.executable).parent / "mpirun"
 def test_tp2_engine_under_mpirun_equals_transformers(tmp_path: Path) -> None:
     job = run_tiny_job("tiny-mpt", tmp_path / "job", tensor_parallel_size=2)
     command = [str(MPIRUN), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, "-m",
-               "generator.cli", "eval", "--engine-dir", str(job.engine_dir), "--hf-model-dir", str(job.hf_dir),
+               "generator", "eval", "--engine-dir", str(job.engine_dir), "--hf-model-dir", str(job.hf_dir),
                "--max-samples", "3", "--max-input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
                "--batch-size", "3", "--no-progress", "--json"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "MASTER_"))}

@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from generator.pipeline import PipelineResult
-from generator.serve import free_port
+from generator.serving.serve import free_port
 from tests.conftest import RunningServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
 
-GEN_REPO = [sys.executable, "-m", "generator.cli"]
+GEN_REPO = [sys.executable, "-m", "generator"]
 
 # A decoupled python model that streams a response every 0.1 s and never ends its request (it never looks at
 # cancellation either): a request stuck in a model, as a hung engine leaves it.
@@ -382,7 +382,7 @@ def test_a_truncated_engine_is_reported_in_one_line(tiny_mpt_job: PipelineResult
 
 def test_cpu_server_log_has_no_cuda_errors(triton_server: RunningServer) -> None:
     """Issue 10 item 9: on a CPU-only host the server log of a healthy start shows no CUDA error lines."""
-    from generator.serve import detect_cpu_only
+    from generator.serving.serve import detect_cpu_only
 
     if not detect_cpu_only():
         pytest.skip("the CUDA messages filtered are those of a host without a GPU driver")

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from generator.cli import main
+from generator.convert.inspect import describe_checkpoint, unshard_checkpoint
 from generator.errors import ConfigError
-from generator.inspect import describe_checkpoint, unshard_checkpoint
 from tests.factories import make_dbrx, make_mpt
 from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config
 

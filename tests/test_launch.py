@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from generator.cli import main
-from generator.serve import detect_cpu_only
+from generator.serving.serve import detect_cpu_only
 
 CPU_ONLY_FLAGS = ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
 # gen-repo's own stop timeout (tritonserver's default of 30 s makes Ctrl-C hang behind a stuck request)

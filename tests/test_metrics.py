@@ -17,10 +17,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from generator.client import build_grpc_inputs, model_inputs, stream_grpc
-from generator.openai_server import BackgroundFront, OpenAISettings
 from generator.pipeline import PipelineResult
-from generator.serve import free_port, stop_server
+from generator.serving.client import build_grpc_inputs, model_inputs, stream_grpc
+from generator.serving.openai_server import BackgroundFront, OpenAISettings
+from generator.serving.serve import free_port, stop_server
 from tests.conftest import RunningServer, run_tiny_job, start_test_server
 
 pytestmark = pytest.mark.server
@@ -154,7 +154,7 @@ def test_serve_openai_port_starts_and_stops_with_the_server(long_server: Running
 
     ports = [free_port() for _ in range(4)]
     log = Path(str(tmp_path)) / "serve.log"
-    command = [sys.executable, "-m", "generator.cli", "serve", "--model-repository", str(long_server.job.triton_repo),
+    command = [sys.executable, "-m", "generator", "serve", "--model-repository", str(long_server.job.triton_repo),
                "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
                "--openai-port", str(ports[3]), "--log-file", str(Path(str(tmp_path)) / "triton.log")]
     with open(log, "wb") as out:

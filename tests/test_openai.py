@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from generator.openai_server import (
+from generator.serving.openai_server import (
     ApiError,
     BackgroundFront,
     OpenAISettings,
@@ -26,7 +26,7 @@ from generator.openai_server import (
     parse_body,
     parse_common,
 )
-from generator.serve import free_port
+from generator.serving.serve import free_port
 from tests.conftest import RunningServer
 from tests.factories import hf_greedy
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from generator.build import BuildSettings, build_engine
+from generator.build.trtllm import trtllm_build_commands
+from generator.convert.calibrate import dequantize_weight, pack_int4, quantize_weight, unpack_int4
 from generator.errors import ConfigError, GenRepoError
-from generator.quantize import dequantize_weight, pack_int4, quantize_weight, unpack_int4
-from generator.trtllm_build import trtllm_build_commands
 from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
 
 
@@ -218,8 +218,8 @@ def test_int8_kv_cache_needs_remote_code_for_qk_ln(mpt_dir: Path, tmp_path: Path
 
 
 def test_int8_kv_cache_uses_the_checkpoint_tokenizer(tmp_path: Path) -> None:
+    from generator.formats.tokenizer import load_tokenizer
     from generator.tiny import make_tiny_model
-    from generator.tokenizer import load_tokenizer
 
     model = make_tiny_model("tiny-mpt", tmp_path / "hf")
     text = tmp_path / "calib.txt"

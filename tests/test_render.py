@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2
 
 from generator.cli import main
 from generator.errors import ConfigError, GenRepoError
-from generator.render import (
+from generator.serving.render import (
     MODEL_NAMES,
     OPTION_GROUP,
     Batching,
@@ -31,7 +31,7 @@ from generator.render import (
     TextOptions,
     render_repository,
 )
-from generator.validate import validate_repository
+from generator.serving.validate import validate_repository
 
 # (name, data type without TYPE_, dims, flags: o = optional, r = reshape to scalar, g = allow_ragged_batch)
 ANCHOR_IO = {

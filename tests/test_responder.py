@@ -16,7 +16,7 @@ import pytest
 
 from generator.engine import Executor, GenerationRequest, SamplingConfig
 from generator.pipeline import PipelineResult
-from generator.triton_models.responder import OutputBuilder, Responder, merge_results
+from generator.serving.triton_models.responder import OutputBuilder, Responder, merge_results
 
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34]]
 NEW_TOKENS = 24
@@ -111,9 +111,9 @@ def test_output_builder_builds_only_what_was_asked() -> None:
 
 
 def test_merged_tokens_never_split_a_character(tiny_mpt_job: PipelineResult) -> None:
-    from generator.tokenizer import load_tokenizer
-    from generator.triton_models.common import ChunkDecoder, Utf8HoldBack
-    from generator.triton_models.responder import hold_back_each
+    from generator.formats.tokenizer import load_tokenizer
+    from generator.serving.triton_models.common import ChunkDecoder, Utf8HoldBack
+    from generator.serving.triton_models.responder import hold_back_each
 
     tokenizer = load_tokenizer(tiny_mpt_job.tokenizer_dir)
     text = "ab 世界 🙂 é x 数据 ok"

@@ -1,4 +1,4 @@
-"""generator.tokenizer (HF and tiktoken/DBRX layouts) and the token helpers the Triton models use."""
+"""generator.formats.tokenizer (HF and tiktoken/DBRX layouts) and the token helpers the Triton models use."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from generator.errors import GenRepoError
-from generator.tokenizer import is_tiktoken_dir, load_tokenizer, save_tiktoken_tokenizer
-from generator.triton_models.common import (
+from generator.formats.tokenizer import is_tiktoken_dir, load_tokenizer, save_tiktoken_tokenizer
+from generator.serving.triton_models.common import (
     Utf8HoldBack,
     from_word_list_format,
     parse_bool,
@@ -188,7 +188,7 @@ def test_dbrx_config_with_local_cl100k_rank_file(tmp_path: Path) -> None:
     # a DBRX-style config naming the encoding by model ("gpt-4" -> cl100k_base) with the rank file copied in
     import tiktoken
 
-    from generator.tokenizer import CL100K_PAT_STR
+    from generator.formats.tokenizer import CL100K_PAT_STR
 
     directory = tmp_path / "dbrx"
     save_tiktoken_tokenizer({bytes([i]): i for i in range(256)}, {"<|endoftext|>": 100257}, directory,
@@ -242,7 +242,7 @@ def train_metaspace_tokenizer(out_dir: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
 def test_chunk_decoder_keeps_the_spaces_between_chunks(kind: str, hf_dir: Path, tmp_path: Path) -> None:
-    from generator.triton_models.common import ChunkDecoder
+    from generator.serving.triton_models.common import ChunkDecoder
 
     directory = hf_dir if kind == "byte-level" else train_metaspace_tokenizer(tmp_path / "metaspace")
     tokenizer = load_tokenizer(directory)

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 from generator.build import BuildSettings
-from generator.errors import ConfigError, GenRepoError
-from generator.mapping import Mapping
-from generator.models import spec_for
-from generator.trtllm_build import (
+from generator.build.trtllm import (
     TRTLLM_CONTAINER,
     build_with_trtllm,
     check_engine_dir,
     trtllm_build_commands,
 )
+from generator.convert.models import spec_for
+from generator.errors import ConfigError, GenRepoError
+from generator.formats.mapping import Mapping
 
 _MPT_ATTN = {"alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0.0,
              "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,

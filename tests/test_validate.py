@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from generator.cli import main
 from generator.pipeline import PipelineResult
-from generator.validate import Problem, validate_repository
+from generator.serving.validate import Problem, validate_repository
 from tests.test_render import make_engine_dir, make_tokenizer_dir, render
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from generator.errors import ConfigError
-from generator.mapping import Mapping
+from generator.formats.mapping import Mapping
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_POSITION_EMBEDDINGS = ("alibi", "rope_gpt_neox", "learned_absolute")

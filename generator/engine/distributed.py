@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from generator.errors import ConfigError
-from generator.mapping import Mapping
+from generator.formats.mapping import Mapping
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK")
 _SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.nn.attention import sdpa_kernel
 
+from generator.convert.calibrate import dequantize_weight, is_weight_only_target, quantize_weight
 from generator.engine.attention import (
     ATTENTION_BACKENDS,
     add_layer_norm,
@@ -40,7 +41,6 @@ from generator.engine.weight_only import (
     weight_only_linear,
 )
 from generator.errors import ConfigError
-from generator.quantize import dequantize_weight, is_weight_only_target, quantize_weight
 
 # keys gathered from the pool are padded to a multiple of this (masked), so kernels see few distinct shapes
 _KEY_LENGTH_BUCKET = 16

@@ -1,6 +1,6 @@
 """Weight-only int8/int4 linears that stay quantized in device memory and run mixed-precision kernels.
 
-The engine dir holds the plain layout of `generator.quantize` (int8 `[in, out]`, or int4 packed two per byte
+The engine dir holds the plain layout of `generator.convert.calibrate` (int8 `[in, out]`, or int4 packed two per byte
 along `out`, plus a per-output-channel scale). At load each weight is converted once into what a torch kernel
 wants, and the float weight is never materialized:
 
@@ -143,7 +143,7 @@ def plain_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
     if precision != "int4":
         return weight
     # imported here: this module needs only torch (bench/moe_quant_gpu.py runs it without the converter's deps)
-    from generator.quantize import unpack_int4
+    from generator.convert.calibrate import unpack_int4
 
     return unpack_int4(weight)
 

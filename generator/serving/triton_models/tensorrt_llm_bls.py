@@ -17,7 +17,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.triton_models.common import load_model_config, parameter, parse_bool
+from generator.serving.triton_models.common import load_model_config, parameter, parse_bool
 
 #: BLS input -> preprocessing input
 _PREPROCESSING_INPUTS = {

@@ -3,7 +3,7 @@
 Weight-only (quant_algo "W8A16" / "W4A16"): a checkpoint holds the GEMM weights in float and only records
 `quant_algo`, which is what TensorRT-LLM's loader expects (`preprocess_weights` -> `weight_only_quantize_dict`
 quantizes float weights into its GPU-specific interleaved layout and takes int8 ones as already interleaved).
-`gen-repo build --engine pytorch` then quantizes them into the engine dir (`generator.build.quantize_rank_file`):
+`gen-repo build --engine pytorch` then quantizes them into the engine dir (`generator.build.pytorch.quantize_rank_file`):
 the GEMM weights (attention.qkv, attention.dense, mlp.fc, mlp.proj; never lm_head, the MoE router or the
 embeddings), per rank, i.e. after the tensor-parallel split, symmetrically per output channel, as TensorRT-LLM's
 `symmetric_quantize` does:
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
+from generator.convert.models.base import ModelSpec
+from generator.convert.models.mpt import MptSpec
 from generator.errors import GenRepoError
-from generator.hf_checkpoint import HFCheckpoint
-from generator.models.base import ModelSpec
-from generator.models.mpt import MptSpec
+from generator.formats.hf_checkpoint import HFCheckpoint
 
 WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 _BITS = {"int8": 8, "int4": 4}
@@ -217,7 +217,9 @@ def _tokenize(model_dir: Path, text: str, spec: ModelSpec, trust_remote_code: bo
     ids: list[int] = []
     # transformers 5 hands out an empty tokenizer for a dir without tokenizer files, so look for them first
     if any((Path(model_dir) / name).exists() for name in _TOKENIZER_FILES):
-        from generator.tokenizer import load_tokenizer  # the same loader serving uses (HF and tiktoken dirs)
+        from generator.formats.tokenizer import (
+            load_tokenizer,  # the same loader serving uses (HF and tiktoken dirs)
+        )
 
         try:
             ids = list(load_tokenizer(model_dir, trust_remote_code=trust_remote_code).encode(text))

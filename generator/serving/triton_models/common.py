@@ -43,7 +43,7 @@ def load_model_config(args: dict[str, Any]) -> dict[str, Any]:
 
 def configured_tokenizer(model_config: dict[str, Any]) -> Any:
     """The tokenizer the `tokenizer_dir` / `trust_remote_code` parameters name, or None without a dir."""
-    from generator.tokenizer import load_tokenizer
+    from generator.formats.tokenizer import load_tokenizer
 
     tokenizer_dir = parameter(model_config, "tokenizer_dir")
     if tokenizer_dir is None:

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from fastapi import Request, Response
 
-from generator.client import input_array
 from generator.errors import GenRepoError
+from generator.serving.client import input_array
 
 DEFAULT_PORT = 9000
 MODEL_SUFFIXES = ("ensemble", "tensorrt_llm_bls")
@@ -662,14 +662,14 @@ class Front:
     async def tokenizer(self) -> Any:
         """The tokenizer (loaded on first use; from Triton's preprocessing config without --tokenizer-dir)."""
         if self._tokenizer is None:
-            from generator.tokenizer import load_tokenizer
+            from generator.formats.tokenizer import load_tokenizer
 
             if self._tokenizer_dir is None:
                 self._tokenizer_dir = await self.gateway.tokenizer_dir()
                 if self._tokenizer_dir is None:
                     raise ApiError(500, "no tokenizer: pass --tokenizer-dir (the served preprocessing model names "
                                         "none)")
-            from generator.tokenizer import longest_token_bytes
+            from generator.formats.tokenizer import longest_token_bytes
 
             tokenizer = await asyncio.to_thread(load_tokenizer, self._tokenizer_dir, self.settings.trust_remote_code)
             self._longest_token_bytes = await asyncio.to_thread(longest_token_bytes, tokenizer)

@@ -1,6 +1,6 @@
 """Deployment files for a generated repository: a Dockerfile, a docker compose file and Kubernetes manifests.
 
-The image is NVIDIA's Triton TensorRT-LLM container (`generator.trtllm_build.TRTLLM_CONTAINER`: tritonserver,
+The image is NVIDIA's Triton TensorRT-LLM container (`generator.build.trtllm.TRTLLM_CONTAINER`: tritonserver,
 the tensorrtllm and python backends, TensorRT-LLM, mpirun) with gen-repo installed; every pod or container runs
 `gen-repo serve` on the repository. The repository's config.pbtxt files name the engine and tokenizer dirs by
 absolute path, so the directory holding all of them (the job's output dir) is mounted at that same path.
@@ -8,7 +8,7 @@ absolute path, so the directory holding all of them (the job's output dir) is mo
 Layouts, from the engine's world size (tp x pp) and `--gpus-per-node`:
 - one node (world size <= GPUs per node): `compose.yaml` and `k8s/deployment.yaml` (Deployment + Service);
 - several nodes: `k8s/leaderworkerset.yaml` (LeaderWorkerSet, leaderworkerset.x-k8s.io/v1, one pod per node).
-  The leader runs `python3 -m generator.deploy lws-leader`, which waits for the workers' sshd and execs the
+  The leader runs `python3 -m generator.serving.deploy lws-leader`, which waits for the workers' sshd and execs the
   leader-mode `mpirun` of `gen-repo serve` with `--host` listing every pod; workers only run sshd.
 
 The templates under deploy/templates/ hold the layout only; this module computes every value.
@@ -31,15 +31,15 @@ from typing import Any
 import click
 
 from generator import __version__
+from generator.build.trtllm import TRTLLM_CONTAINER, TRTLLM_VERSION
 from generator.errors import ConfigError, GenRepoError
-from generator.serve import (
+from generator.serving.serve import (
     ServeSettings,
     TritonInstall,
     find_tritonserver,
     launch_command,
     repository_world_size,
 )
-from generator.trtllm_build import TRTLLM_CONTAINER, TRTLLM_VERSION
 
 SSH_PORT = 2222
 SSH_SECRET_DIR = "/etc/gen-repo-ssh"
@@ -91,7 +91,7 @@ class DeployPlan:
     def leader_args(self) -> list[str]:
         """The LeaderWorkerSet leader's command (see `lws_leader`)."""
         s = self.settings
-        return ["python3", "-m", "generator.deploy", "lws-leader", "--model-repository", str(self.model_repository),
+        return ["python3", "-m", "generator.serving.deploy", "lws-leader", "--model-repository", str(self.model_repository),
                 "--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node),
                 "--http-port", str(s.http_port), "--grpc-port", str(s.grpc_port),
                 "--metrics-port", str(s.metrics_port)]
@@ -148,7 +148,7 @@ def _template_environment() -> Any:
 
 def project_root() -> Path:
     """The gen-repo source tree the Dockerfile installs (pyproject.toml beside generator/)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
         raise GenRepoError(f"gen-repo deploy needs gen-repo's source tree (pyproject.toml next to {root / 'generator'});"
                            " install it with `pip install -e <checkout>`")

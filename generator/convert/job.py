@@ -29,35 +29,15 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
+from generator.convert.calibrate import WEIGHT_ONLY_ALGOS, calibrate_kv_cache_scales, default_calibration_text
+from generator.convert.models import ModelSpec, spec_for
+from generator.convert.models.base import shard_tensor
+from generator.convert.settings import ConvertSettings
 from generator.errors import ConfigError, GenRepoError
-from generator.hf_checkpoint import HFCheckpoint, read_hf_config
-from generator.mapping import Mapping
-from generator.models import ModelSpec, spec_for
-from generator.models.base import shard_tensor
-from generator.quantize import WEIGHT_ONLY_ALGOS, calibrate_kv_cache_scales, default_calibration_text
+from generator.formats.hf_checkpoint import HFCheckpoint, read_hf_config
+from generator.formats.mapping import Mapping
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ConvertSettings:
-    """What `convert_checkpoint` needs; see `gen-repo convert --help` for each field's meaning."""
-
-    model_dir: Path
-    output_dir: Path
-    dtype: str = "auto"  # float32 | float16 | bfloat16 | auto (the HF checkpoint's dtype)
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    moe_tensor_parallel_size: int | None = None
-    moe_expert_parallel_size: int | None = None
-    workers: int = 1
-    weight_only_precision: str | None = None  # None | "int8" | "int4"
-    # Accepted for compatibility and ignored: weight-only checkpoints always hold float weights + quant_algo now.
-    weight_only_at_build: bool = False
-    int8_kv_cache: bool = False
-    calib_text: Path | None = None
-    trust_remote_code: bool = False
-    progress: bool = True  # tqdm bars on stderr
 
 
 def convert_checkpoint(settings: ConvertSettings) -> Path:

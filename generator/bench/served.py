@@ -35,7 +35,7 @@ import numpy as np
 
 from generator.errors import GenRepoError
 
-CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
 
 @dataclass(frozen=True)
@@ -483,7 +483,7 @@ def format_table(results: list[LevelResult]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> list[LevelResult]:
-    from generator.tokenizer import load_tokenizer
+    from generator.formats.tokenizer import load_tokenizer
 
     concurrencies = _int_list(args.concurrency, "--concurrency")
     rates = _float_list(args.request_rate, "--request-rate")
@@ -551,7 +551,7 @@ def main(argv: list[str]) -> int:
             print(f"{result.target} level {result.concurrency or result.request_rate}: {result.errors} errors, "
                   f"first: {result.first_error}", file=sys.stderr)
     if args.json is not None:
-        payload = {"metrics_definition": "genai-perf / AIPerf (see generator/bench_served.py)",
+        payload = {"metrics_definition": "genai-perf / AIPerf (see generator/bench/served.py)",
                    "settings": {key: (str(value) if isinstance(value, Path) else value)
                                 for key, value in vars(args).items()},
                    "results": [asdict(result) for result in results]}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.triton_models.common import (
+from generator.serving.triton_models.common import (
     Utf8HoldBack,
     configured_tokenizer,
     from_word_list_format,
@@ -37,8 +37,8 @@ from generator.triton_models.common import (
     parameter,
     parse_bool,
 )
-from generator.triton_models.metrics import new_metrics
-from generator.triton_models.responder import OutputBuilder, Responder, hold_back_each
+from generator.serving.triton_models.metrics import new_metrics
+from generator.serving.triton_models.responder import OutputBuilder, Responder, hold_back_each
 
 NOT_SUPPORTED = "not supported by the pytorch engine"
 #: threads answering executor results (the `response_threads` parameter overrides it). Triton's send releases
@@ -168,7 +168,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("tensorrt_llm: parameter gpt_model_path is not set")
         from generator.engine.distributed import process_info
 
-        # the launcher's variables (mpirun, MPICH or generator.local_launch), read the way the engine reads them
+        # the launcher's variables (mpirun, MPICH or generator.serving.local_launch), read the way the engine reads them
         rank = process_info().rank
         if rank > 0:
             from generator.engine import follow

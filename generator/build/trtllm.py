@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generator.build import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
+from generator.build.settings import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
 from generator.engine.config import read_config_json
 from generator.errors import ConfigError, GenRepoError
-from generator.hf_checkpoint import read_safetensors_header
-from generator.mapping import Mapping
+from generator.formats.hf_checkpoint import read_safetensors_header
+from generator.formats.mapping import Mapping
 
 TRTLLM_VERSION = "1.2.1"
 TRITON_CONTAINER_TAG = "26.07"
@@ -117,7 +117,7 @@ def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
     config field; return their facts.
 
     gen-repo's converter can write MPT variants that only its pytorch engine runs (docs in
-    generator/models/mpt.py): biases, q/k LayerNorm and learned positions have no TensorRT-LLM counterpart.
+    generator/convert/models/mpt.py): biases, q/k LayerNorm and learned positions have no TensorRT-LLM counterpart.
     TensorRT-LLM 1.2's MPT (`tensorrt_llm/models/mpt/model.py`) also hard-codes an MLP of 4 x hidden_size and
     runs every layer on one pipeline stage (its forward has no send/recv between stages).
     """
@@ -171,7 +171,7 @@ def check_float_weight_only(checkpoint_dir: Path, facts: CheckpointFacts) -> Non
     its interleaved layout unchanged and build an engine that outputs garbage. Reads only the file headers."""
     if facts.quant_algo not in ("W8A16", "W4A16"):
         return
-    from generator.quantize import is_weight_only_target
+    from generator.convert.calibrate import is_weight_only_target
 
     for rank in range(facts.world_size):
         path = checkpoint_dir / f"rank{rank}.safetensors"
@@ -197,7 +197,7 @@ def _enable(flag: bool) -> str:
 def trtllm_build_command(settings: BuildSettings, config: dict[str, Any]) -> list[str]:
     """The `trtllm-build` argv for one checkpoint config (see the module docstring for each flag).
 
-    Limits and plugins come from `generator.build`'s `build_config` section, the same one the pytorch
+    Limits and plugins come from `generator.build.settings`' `build_config` section, the same one the pytorch
     backend writes, so both engine backends get the same max_seq_len / max_num_tokens defaults and the same
     resolution of `auto` plugins to the checkpoint dtype.
     """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.triton_models.common import (
+from generator.serving.triton_models.common import (
     ChunkDecoder,
     configured_tokenizer,
     load_model_config,

@@ -20,7 +20,7 @@ larger, each rank holds KV head `tp_rank // (tp_size / kv_heads)` and config `nu
 count (the engine uses max(1, kv_heads // tp_size) per rank).
 
 Extensions TensorRT-LLM lacks (the contract with gen-repo's pytorch engine; trtllm-build would reject or ignore
-them, so `generator.convert` prints a note and lists the ones used in the config key `gen_repo_extensions`):
+them, so `generator.convert.job` prints a note and lists the ones used in the config key `gen_repo_extensions`):
 
 - `bias: true` (HF `no_bias: false`): `.bias` tensors beside `attention.qkv` (split like the weight rows),
   `attention.dense` (NOT split: every rank holds the full bias; the engine adds it once, after the all-reduce),
@@ -47,10 +47,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from generator.errors import ConfigError
-from generator.hf_checkpoint import HFCheckpoint
-from generator.mapping import Mapping
-from generator.models.base import (
+from generator.convert.models.base import (
     REPLICATED,
     CanonicalTensor,
     ModelSpec,
@@ -60,6 +57,9 @@ from generator.models.base import (
     hf_get,
     positive_int,
 )
+from generator.errors import ConfigError
+from generator.formats.hf_checkpoint import HFCheckpoint
+from generator.formats.mapping import Mapping
 
 SUPPORTED_NORMS = ("low_precision_layernorm", "layernorm")
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from generator import __version__
+from generator.build.settings import ENGINE_BACKENDS
 from generator.errors import ConfigError, GenRepoError
 
 ANCHOR_COMMIT = "c2e65b8"  # tensorrtllm_backend: the older contract every rendered repository still accepts
@@ -46,10 +47,9 @@ ANCHOR_FILES = {
     "tensorrt_llm_bls": "bff88ea886779f832686acb3f165e2b919c95b77",
 }
 MODEL_NAMES = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
-ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
 BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1")
 BATCH_SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
-#: python-backend models and the file of generator/triton_models/ each one runs
+#: python-backend models and the file of generator/serving/triton_models/ each one runs
 PYTHON_MODEL_SOURCES = {
     "preprocessing": "preprocessing.py",
     "postprocessing": "postprocessing.py",
@@ -283,7 +283,7 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
         "gen_repo_version": __version__,
         "anchor_commit": ANCHOR_COMMIT,
         "anchor_source": (f"TensorRT-LLM triton_backend/all_models/inflight_batcher_llm, per-model commits in "
-                          f"generator/render.py ANCHOR_FILES; accepts tensorrtllm_backend {ANCHOR_COMMIT} clients"),
+                          f"generator/serving/render.py ANCHOR_FILES; accepts tensorrtllm_backend {ANCHOR_COMMIT} clients"),
         "model_names": model_names(settings),
         "engine_backend": backend,
         "triton_backend": "tensorrtllm" if backend == "tensorrtllm" else "python",
@@ -426,8 +426,8 @@ def same_tokenizer(first: Path, second: Path) -> bool:
 
 def templates_dir() -> Path:
     """Where the `*.pbtxt.j2` templates are: the repo's `templates/` (editable) or the wheel's copy."""
-    for candidate in (Path(__file__).resolve().parent.parent / "templates",
-                      Path(__file__).resolve().parent / "templates"):
+    for candidate in (Path(__file__).resolve().parents[2] / "templates",
+                      Path(__file__).resolve().parents[1] / "templates"):
         if (candidate / "ensemble.pbtxt.j2").is_file():
             return candidate
     raise GenRepoError("cannot find gen-repo's templates/ directory (broken install?)")
@@ -445,7 +445,7 @@ def render_config(model_name: str, context: dict[str, Any]) -> str:
 
 def render_repository(settings: RenderSettings) -> Path:
     """Write the Triton repository for `settings.engine_dir` into `settings.output_dir`, validate it, return it."""
-    from generator.validate import format_problems, validate_repository
+    from generator.serving.validate import format_problems, validate_repository
 
     info = engine_info(Path(settings.engine_dir))
     check_settings(settings, info)

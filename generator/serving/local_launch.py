@@ -5,7 +5,7 @@ It takes the subset of mpirun's command line that `gen-repo serve` writes (`-x N
 uses (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, which the pytorch engine reads when no MPI variables are set), passes
 SIGINT/SIGTERM on to every rank, and ends them all as soon as one exits, like mpirun does.
 
-    python -m generator.local_launch -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=29500 \\
+    python -m generator.serving.local_launch -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=29500 \\
         -n 1 tritonserver ... : -n 1 tritonserver --model-control-mode=explicit ...
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 from types import FrameType
 
-from generator.supervise import child_preexec
+from generator.serving.supervise import child_preexec
 
 #: mpirun flags that take no value here and mean nothing on one host
 _IGNORED_FLAGS = ("--allow-run-as-root", "--oversubscribe")

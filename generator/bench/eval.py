@@ -322,7 +322,7 @@ def build_prompts(samples: list[Sample], tokenizer: Any, max_input_len: int, tem
 
 
 def _load_eval_tokenizer(path: Path, trust_remote_code: bool) -> Any:
-    from generator.tokenizer import load_tokenizer
+    from generator.formats.tokenizer import load_tokenizer
 
     return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
@@ -396,7 +396,7 @@ def run_served(prompts: list[Prompt], settings: EvalSettings, tokenizer: Any, en
     """Ask the served model (gRPC, streaming off), `batch_size` requests at a time."""
     import numpy as np
 
-    from generator.client import build_grpc_inputs, model_inputs, stream_grpc, wait_for_model
+    from generator.serving.client import build_grpc_inputs, model_inputs, stream_grpc, wait_for_model
 
     assert settings.url is not None
     if settings.wait_s > 0:
@@ -584,7 +584,7 @@ def evaluate(settings: EvalSettings) -> EvalReport | None:
     _check_settings(settings)
     engine_max_input = None
     if settings.engine_dir is not None:
-        from generator.run import join_engine_ranks
+        from generator.engine.ranks import join_engine_ranks
 
         config = join_engine_ranks(settings.engine_dir, settings.device, "eval")
         if config is None:

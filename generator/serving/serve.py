@@ -35,8 +35,8 @@ from typing import Any, NoReturn
 
 import click
 
-from generator import supervise
 from generator.errors import GenRepoError
+from generator.serving import supervise
 
 TRITON_BIN_ENV = "TRITON_BIN"
 TRITON_BACKENDS_ENV = "TRITON_BACKENDS"
@@ -70,7 +70,7 @@ class ServeSettings:
     # so that `stop_server` can remove what stubs killed mid-start leave behind. Empty: Triton's defaults,
     # and launch_triton_server.py's "prefix{i}_" for ranks.
     shm_prefix: str = ""
-    launcher: str = "mpirun"                 # "mpirun", or "local": generator.local_launch, one host, no MPI
+    launcher: str = "mpirun"                 # "mpirun", or "local": generator.serving.local_launch, one host, no MPI
     # TensorRT-LLM's orchestrator mode (launch_triton_server.py --multi-model): one tritonserver whose tensorrtllm
     # backend spawns each engine's ranks itself (TRTLLM_ORCHESTRATOR=1), so several engines can be served
     multi_model: bool = False
@@ -78,7 +78,7 @@ class ServeSettings:
     spawn_processes: bool = True
     gpu_count: int | None = None             # GPUs orchestrator mode gives a zero CUDA pool; None: detect
     ready_timeout_s: float = 600.0
-    openai_port: int | None = None           # also serve the OpenAI-compatible API here (generator.openai_server)
+    openai_port: int | None = None           # also serve the OpenAI-compatible API here (generator.serving.openai_server)
     chat_template: Path | None = None        # its --chat-template
     # tritonserver --exit-timeout-secs: how long a stop waits for requests in flight (its default, 30 s, makes
     # Ctrl-C hang behind a stuck request); None: tritonserver's default
@@ -215,7 +215,7 @@ def launch_command(settings: ServeSettings, install: TritonInstall | None = None
     if world_size == 1 and not settings.multi_model:
         return _rank_args(settings, install, cpu_only, rank=None), env
     if settings.launcher == "local":
-        argv = [sys.executable, "-m", "generator.local_launch"]
+        argv = [sys.executable, "-m", "generator.serving.local_launch"]
     elif settings.launcher == "mpirun":
         oversubscribe = (settings.oversubscribe if settings.oversubscribe is not None
                          else world_size > (os.cpu_count() or 1))
@@ -655,7 +655,7 @@ def serve(settings: ServeSettings) -> int:
 
 def _start_openai(settings: ServeSettings) -> Any:
     """Start the OpenAI-compatible front on a thread, talking to this server's gRPC port."""
-    from generator.openai_server import BackgroundFront, OpenAISettings
+    from generator.serving.openai_server import BackgroundFront, OpenAISettings
 
     tokenizer_dir = None
     config_path = Path(settings.model_repository) / "preprocessing" / "config.pbtxt"

@@ -1,7 +1,7 @@
 """Look inside a TensorRT-LLM checkpoint, and merge a sharded one back into a single rank.
 
 `describe_checkpoint` reads only config.json and the safetensors headers. `unshard_checkpoint` undoes every
-split `generator.convert` makes (vocab padding, repeated KV heads, the per-rank [Q; K; V] order, expert and
+split `generator.convert.job` makes (vocab padding, repeated KV heads, the per-rank [Q; K; V] order, expert and
 MoE-TP splits, pipeline-stage layer renumbering) with the same shard rules, one tensor at a time, so the result
 equals a TP1/PP1 conversion of the same model bit for bit.
 """
@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from generator.convert import SafetensorsWriter, check_output_dir, header_budget, replace_dir
+from generator.convert.job import SafetensorsWriter, check_output_dir, header_budget, replace_dir
+from generator.convert.models import spec_class_for_checkpoint
+from generator.convert.models.base import ShardLayout, merge_shards
 from generator.errors import ConfigError, GenRepoError
-from generator.hf_checkpoint import read_safetensors_header
-from generator.mapping import Mapping
-from generator.models import spec_class_for_checkpoint
-from generator.models.base import ShardLayout, merge_shards
+from generator.formats.hf_checkpoint import read_safetensors_header
+from generator.formats.mapping import Mapping
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 _BYTES_PER_ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

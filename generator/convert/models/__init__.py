@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from generator.convert.models.base import ModelSpec, ShardLayout, ShardRule
+from generator.convert.models.dbrx import DbrxSpec
+from generator.convert.models.mpt import MptSpec
 from generator.errors import ConfigError
-from generator.models.base import ModelSpec, ShardLayout, ShardRule
-from generator.models.dbrx import DbrxSpec
-from generator.models.mpt import MptSpec
 
 # TensorRT-LLM architecture name -> spec class
 SPECS: dict[str, type[ModelSpec]] = {MptSpec.architecture: MptSpec, DbrxSpec.architecture: DbrxSpec}

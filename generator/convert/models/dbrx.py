@@ -27,10 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from generator.errors import ConfigError
-from generator.hf_checkpoint import HFCheckpoint
-from generator.mapping import Mapping
-from generator.models.base import (
+from generator.convert.models.base import (
     REPLICATED,
     CanonicalTensor,
     ModelSpec,
@@ -40,7 +37,10 @@ from generator.models.base import (
     hf_get,
     positive_int,
 )
-from generator.models.mpt import mpt_shard_rule
+from generator.convert.models.mpt import mpt_shard_rule
+from generator.errors import ConfigError
+from generator.formats.hf_checkpoint import HFCheckpoint
+from generator.formats.mapping import Mapping
 
 NORMALIZATION_NONE = 0
 NORMALIZATION_RENORMALIZE = 1

@@ -2,7 +2,7 @@
 
 A `ModelSpec` knows one architecture: how its HF config maps to a TensorRT-LLM config, which HF tensors make
 each TensorRT-LLM tensor (in the TP1 layout, the "canonical" tensor), and which `ShardRule` spreads that
-tensor over the tensor-parallel ranks. `generator.convert` applies the rules; `generator.inspect` undoes
+tensor over the tensor-parallel ranks. `generator.convert.job` applies the rules; `generator.convert.inspect` undoes
 them (`merge_shards`). Rules depend only on tensor names and the checkpoint's `ShardLayout`, so both
 directions read the same table.
 """
@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from generator.errors import ConfigError
-from generator.hf_checkpoint import HFCheckpoint
-from generator.mapping import Mapping
+from generator.formats.hf_checkpoint import HFCheckpoint
+from generator.formats.mapping import Mapping
 
 RuleKind = Literal["replicated", "split", "vocab", "qkv", "experts", "experts_fc"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.tokenizer import longest_token_bytes
-from generator.triton_models.common import (
+from generator.formats.tokenizer import longest_token_bytes
+from generator.serving.triton_models.common import (
     configured_tokenizer,
     decode_strings,
     load_model_config,

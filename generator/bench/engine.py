@@ -8,9 +8,9 @@ random tokens at once for every batch size and reports generated tokens per seco
     gen-repo bench --hidden 4096 --layers 32 --heads 32 --vocab 50432 \
         --dtype bfloat16 --batch-sizes 1,8,32 --input-len 128 --output-len 128           # MPT-7B shapes, 1 GPU
     gen-repo bench ... --nproc 2                                                         # TP2: spawns 2 ranks
-    mpirun -n 2 python -m generator.engine.benchmark ...                                 # or under mpirun
+    mpirun -n 2 python -m generator bench ...                                         # or under mpirun
 
-(`python bench/bench_engine.py` and `python -m generator.engine.benchmark` take the same flags.)
+(`python bench/bench_engine.py` and `python -m generator bench` take the same flags.)
 
 The world size (from mpirun, torchrun or --nproc) is the tensor-parallel size unless --pp is given.
 """
@@ -35,7 +35,7 @@ from generator.build import BuildSettings, build_engine
 from generator.engine.distributed import ProcessInfo, pick_device, process_info
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
 from generator.engine.sampling import SamplingConfig
-from generator.mapping import Mapping
+from generator.formats.mapping import Mapping
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +93,7 @@ def spawn(nproc: int, argv: list[str]) -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
                "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        processes.append(subprocess.Popen([sys.executable, "-m", "generator.engine.benchmark", *forwarded], env=env))
+        processes.append(subprocess.Popen([sys.executable, "-m", "generator.bench.engine", *forwarded], env=env))
     codes = [p.wait() for p in processes]
     shutil.rmtree(work, ignore_errors=True)
     return max(codes)

@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation: the engine alone (`engine`), a served model (`served`), ROUGE (`eval`)."""

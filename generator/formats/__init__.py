@@ -1,0 +1,1 @@
+"""What lies on disk between the stages; imports nothing of gen-repo above `generator.errors`."""
