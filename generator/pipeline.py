@@ -235,7 +235,7 @@ def _render(result: PipelineResult) -> None:
 def default_limits(preset: Preset | None, hf_dir: Path) -> dict[str, int]:
     """Build limits: the preset's (or build's defaults), never beyond the checkpoint's max sequence length."""
     config = json.loads((hf_dir / "config.json").read_text())
-    max_positions = int(config.get("max_seq_len") or config.get("max_position_embeddings") or 2048)
+    max_positions = int(config.get("max_seq_len") or config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
     if preset is not None:
         limits = {"max_batch_size": preset.max_batch_size, "max_input_len": preset.max_input_len,
                   "max_seq_len": preset.max_seq_len}
