@@ -61,9 +61,9 @@ class _Group(click.Group):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
               help="Checkpoint dtype (default: the preset's; auto = the HF checkpoint's).")
 @click.option("--tp-size", "tensor_parallel_size", type=int, default=None,
-              help="Tensor-parallel size (default: the preset's, else 1).")
+              help=f"Tensor-parallel size (default: the preset's, else {ConvertSettings.tensor_parallel_size}).")
 @click.option("--pp-size", "pipeline_parallel_size", type=int, default=None,
-              help="Pipeline-parallel size (default: the preset's, else 1).")
+              help=f"Pipeline-parallel size (default: the preset's, else {ConvertSettings.pipeline_parallel_size}).")
 @click.option("--moe-tp-size", "moe_tensor_parallel_size", type=int, default=None,
               help="MoE only: tensor-parallel size inside each expert.")
 @click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
