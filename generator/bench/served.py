@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from generator.errors import GenRepoError
+from generator.serving.triton_models.common import parameter
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
@@ -211,7 +212,7 @@ class TritonTarget:
     async def tokenizer_dir(self) -> Path | None:
         prefix = self.model.removesuffix("ensemble").removesuffix("tensorrt_llm_bls")
         config = (await self.client.get_model_config(f"{prefix}preprocessing", as_json=True))["config"]
-        found = config.get("parameters", {}).get("tokenizer_dir", {}).get("string_value")
+        found = parameter(config, "tokenizer_dir")
         return Path(found) if found else None
 
     def _inputs(self, prompt: Prompt) -> list[Any]:

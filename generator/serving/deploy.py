@@ -33,6 +33,7 @@ import click
 from generator import __version__
 from generator.build.trtllm import TRTLLM_CONTAINER, TRTLLM_VERSION
 from generator.errors import ConfigError, GenRepoError
+from generator.serving import pbtxt
 from generator.serving.serve import (
     ServeSettings,
     TritonInstall,
@@ -99,17 +100,9 @@ class DeployPlan:
 
 def repository_paths(model_repository: Path) -> list[Path]:
     """The absolute, existing paths the repository's config.pbtxt files name (engine, tokenizer dirs)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     paths = []
     for config_path in sorted(Path(model_repository).glob("*/config.pbtxt")):
-        try:
-            config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-        except text_format.ParseError as error:
-            raise GenRepoError(f"{config_path} does not parse: {error}") from None
-        for parameter in config.parameters.values():
-            value = parameter.string_value
+        for value in pbtxt.parameters(pbtxt.read_model_config(config_path)).values():
             if value.startswith("/") and Path(value).exists():
                 paths.append(Path(value))
     return paths

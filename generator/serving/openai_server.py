@@ -32,6 +32,7 @@ from fastapi import Request, Response
 
 from generator.errors import GenRepoError
 from generator.serving.client import input_array
+from generator.serving.triton_models.common import parameter, parse_bool
 
 DEFAULT_PORT = 9000
 MODEL_SUFFIXES = ("ensemble", "tensorrt_llm_bls")
@@ -444,9 +445,10 @@ class TritonGateway:
             info = ModelInfo(inputs=inputs)
             prefix = model[:-len("ensemble")] if model.endswith("ensemble") else model[:-len("tensorrt_llm_bls")]
             pre = (await client.get_model_config(f"{prefix}preprocessing", as_json=True))["config"]
-            info.add_special_tokens = _config_param(pre, "add_special_tokens", "true").lower() in ("true", "1", "yes")
+            # read as the preprocessing model itself reads it
+            info.add_special_tokens = parse_bool(parameter(pre, "add_special_tokens"), True)
             core = (await client.get_model_config(f"{prefix}tensorrt_llm", as_json=True))["config"]
-            engine_dir = _config_param(core, "gpt_model_path", "") or _config_param(core, "engine_dir", "")
+            engine_dir = parameter(core, "gpt_model_path") or parameter(core, "engine_dir", "")
             info.max_input_len, info.max_seq_len = _engine_limits(engine_dir)
         except ApiError:
             raise
@@ -463,7 +465,7 @@ class TritonGateway:
                 config = (await self._get_client().get_model_config(f"{prefix}preprocessing", as_json=True))["config"]
             except Exception:  # noqa: BLE001 - try the next model
                 continue
-            found = _config_param(config, "tokenizer_dir", "")
+            found = parameter(config, "tokenizer_dir")
             if found:
                 return Path(found)
         return None
@@ -541,10 +543,6 @@ class TritonGateway:
                 pass
         except Exception:  # noqa: BLE001 - the request may be gone already
             pass
-
-
-def _config_param(config: dict[str, Any], key: str, default: str) -> str:
-    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
 
 
 def _engine_limits(engine_dir: str) -> tuple[int | None, int | None]:

@@ -35,6 +35,7 @@ from typing import Any
 from generator import __version__
 from generator.build.settings import ENGINE_BACKENDS
 from generator.errors import ConfigError, GenRepoError
+from generator.serving import contract, pbtxt
 
 ANCHOR_COMMIT = "c2e65b8"  # tensorrtllm_backend: the older contract every rendered repository still accepts
 #: TensorRT-LLM commit of each config.pbtxt the templates were compared with, field by field
@@ -46,7 +47,7 @@ ANCHOR_FILES = {
     "ensemble": "2a9abd9536aa62ad3e4b9314be9286b1b1be523b",
     "tensorrt_llm_bls": "bff88ea886779f832686acb3f165e2b919c95b77",
 }
-MODEL_NAMES = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
+MODEL_NAMES = tuple(contract.MODELS)  # preprocessing, tensorrt_llm, postprocessing, ensemble, tensorrt_llm_bls
 BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1")
 BATCH_SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 #: python-backend models and the file of generator/serving/triton_models/ each one runs
@@ -56,13 +57,6 @@ PYTHON_MODEL_SOURCES = {
     "tensorrt_llm": "tensorrt_llm.py",
     "tensorrt_llm_bls": "tensorrt_llm_bls.py",
 }
-#: tensorrt_llm outputs that the ensemble passes through under their own names
-PASSTHROUGH_OUTPUTS = (
-    "cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index", "sequence_index",
-    "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
-    "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
-    "total_accepted_draft_tokens", "total_draft_tokens", "num_input_tokens", "num_output_tokens",
-)
 #: From this max_input_len on, preprocessing gets a second instance: the longest prompt it still accepts may take
 #: seconds to tokenize (max_input_len times the longest token's bytes, ~1 MB/s), and an instance serves one
 #: batch at a time, so a second one keeps other requests from waiting behind it.
@@ -279,6 +273,11 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
         raise ConfigError(f"engine logits_dtype '{info.logits_dtype}' has no Triton type "
                           f"(expected one of {sorted(_TRITON_DTYPES)})")
     gpu_device_ids = trt.gpu_device_ids or ",".join(str(rank) for rank in range(info.world_size))
+    activation_datatype = _TRITON_DTYPES.get(info.dtype, "TYPE_FP16")
+    # the engine decides these dtypes of the contract
+    types = {contract.LOGITS: logits_datatype, contract.ENCODER: activation_datatype,
+             contract.PROMPT: activation_datatype}
+    types = {key: value.removeprefix("TYPE_") for key, value in types.items()}
     return {
         "gen_repo_version": __version__,
         "anchor_commit": ANCHOR_COMMIT,
@@ -302,10 +301,15 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
         "postprocessing_instance_count": batching.postprocessing_instance_count,
         "bls_instance_count": batching.bls_instance_count,
         "logits_datatype": logits_datatype,
-        "encoder_input_features_data_type": _TRITON_DTYPES.get(info.dtype, "TYPE_FP16"),
+        "encoder_input_features_data_type": activation_datatype,
         # the engine's activation dtype, as TensorRT-LLM's runtime expects prompt tables in it
-        "prompt_embedding_table_data_type": _TRITON_DTYPES.get(info.dtype, "TYPE_FP16"),
-        "passthrough_outputs": PASSTHROUGH_OUTPUTS,
+        "prompt_embedding_table_data_type": activation_datatype,
+        # the I/O contract: each model's tensors and the ensemble's routes (generator/serving/contract.py)
+        "io": {name: model.for_engine(backend, types) for name, model in contract.MODELS.items()},
+        "preprocessing_inputs": contract.PREPROCESSING_INPUTS,
+        "preprocessed": contract.PREPROCESSED,
+        "core_inputs": contract.core_inputs(backend),
+        "passthrough_outputs": contract.PASSTHROUGH_OUTPUTS,
         "exclude_input_in_output": _flag(text.exclude_input_in_output),
         "cancellation_check_period_ms": batching.cancellation_check_period_ms,
         # tensorrtllm parameters, named as the anchor template's variables
@@ -404,10 +408,10 @@ def check_shared_pre_post(settings: RenderSettings) -> None:
             raise ConfigError(f"shared_pre_post_prefix '{settings.layout.shared_pre_post_prefix}': {config_file} does "
                               f"not exist (render a model with model_name_prefix "
                               f"'{settings.layout.shared_pre_post_prefix}' into {output} first)")
-        match = re.search(r'key: "tokenizer_dir", value: \{ string_value: "([^"]*)" \}', config_file.read_text())
-        if match is None or not same_tokenizer(Path(match.group(1)), Path(settings.tokenizer_dir)):
-            raise ConfigError(f"shared_pre_post_prefix '{settings.layout.shared_pre_post_prefix}': {names[name]} loads "
-                              f"the tokenizer {match.group(1) if match else '(none)'}, whose files differ from "
+        tokenizer_dir = pbtxt.model_parameter(config_file, "tokenizer_dir")
+        if tokenizer_dir is None or not same_tokenizer(Path(tokenizer_dir), Path(settings.tokenizer_dir)):
+            raise ConfigError(f"shared_pre_post_prefix '{settings.layout.shared_pre_post_prefix}': {names[name]} "
+                              f"loads the tokenizer {tokenizer_dir or '(none)'}, whose files differ from "
                               f"{settings.tokenizer_dir}")
 
 

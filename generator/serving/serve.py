@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import click
 
 from generator.errors import GenRepoError
-from generator.serving import supervise
+from generator.serving import pbtxt, supervise
 
 TRITON_BIN_ENV = "TRITON_BIN"
 TRITON_BACKENDS_ENV = "TRITON_BACKENDS"
@@ -160,7 +160,7 @@ def repository_world_size(model_repository: Path, model_name: str = "tensorrt_ll
     config_path = model_repository / model_name / "config.pbtxt"
     if not config_path.is_file():
         return 1
-    engine_dir = _engine_dir_from_config(config_path.read_text())
+    engine_dir = _engine_dir_from_config(config_path)
     if engine_dir is None:
         return 1
     engine_config = engine_dir / "config.json"
@@ -175,17 +175,12 @@ def repository_world_size(model_repository: Path, model_name: str = "tensorrt_ll
     return max(1, len(ranks))
 
 
-def _engine_dir_from_config(text: str) -> Path | None:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    try:
-        config = text_format.Parse(text, model_config_pb2.ModelConfig())
-    except text_format.ParseError as error:
-        raise GenRepoError(f"tensorrt_llm/config.pbtxt does not parse: {error}") from None
+def _engine_dir_from_config(config_path: Path) -> Path | None:
+    config = pbtxt.read_model_config(config_path)
     for key in ENGINE_DIR_KEYS:
-        if key in config.parameters and config.parameters[key].string_value:
-            return Path(config.parameters[key].string_value)
+        value = pbtxt.parameter(config, key)
+        if value:
+            return Path(value)
     return None
 
 
@@ -339,8 +334,7 @@ def _model_backend(model_repository: Path, model_name: str) -> str:
     config_path = model_repository / model_name / "config.pbtxt"
     if not config_path.is_file():
         raise GenRepoError(f"{config_path} does not exist")
-    match = re.search(r'^\s*backend\s*:\s*"([^"]*)"', config_path.read_text(), re.MULTILINE)
-    return match.group(1) if match else ""
+    return str(pbtxt.read_model_config(config_path).backend)
 
 
 def server_environment(install: TritonInstall) -> dict[str, str]:
@@ -660,8 +654,8 @@ def _start_openai(settings: ServeSettings) -> Any:
     tokenizer_dir = None
     config_path = Path(settings.model_repository) / "preprocessing" / "config.pbtxt"
     if config_path.is_file():
-        match = re.search(r'key:\s*"tokenizer_dir",\s*value:\s*{\s*string_value:\s*"([^"]*)"', config_path.read_text())
-        tokenizer_dir = Path(match.group(1)) if match and match.group(1) else None
+        found = pbtxt.model_parameter(config_path, "tokenizer_dir")
+        tokenizer_dir = Path(found) if found else None
     front = BackgroundFront(OpenAISettings(
         triton_url=f"{_client_host(settings.host)}:{settings.grpc_port}", tokenizer_dir=tokenizer_dir,
         chat_template=settings.chat_template, host=settings.host, port=settings.openai_port or 9000))

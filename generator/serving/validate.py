@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CORE_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
-ROLES = (*CORE_MODELS, "tensorrt_llm_bls")
+from generator.serving import contract, pbtxt
+
+ROLES = tuple(contract.MODELS)  # preprocessing, tensorrt_llm, postprocessing, ensemble, tensorrt_llm_bls
+CORE_MODELS = tuple(role for role in ROLES if role != "tensorrt_llm_bls")
 #: BLS parameters naming the models it calls, and the role of each
 _BLS_MODEL_PARAMETERS = {"tensorrt_llm_model_name": "tensorrt_llm", "preprocessing_model_name": "preprocessing",
                          "postprocessing_model_name": "postprocessing"}
@@ -67,9 +69,7 @@ class _Model:
         return {tensor.name: tensor for tensor in self.config.output}
 
     def parameter(self, key: str) -> str | None:
-        if key not in self.config.parameters:
-            return None
-        return str(self.config.parameters[key].string_value)
+        return pbtxt.parameter(self.config, key)
 
 
 class _Checker:
@@ -110,9 +110,6 @@ class _Checker:
     # parsing ----------------------------------------------------------------------------------------------
     def load_models(self) -> None:
         """Parse every */config.pbtxt; report placeholders and syntax errors."""
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-
         for config_file in sorted(self.root.glob("*/config.pbtxt")):
             text = config_file.read_text()
             for line_number, line in enumerate(text.splitlines(), 1):
@@ -122,9 +119,9 @@ class _Checker:
                     self.add(config_file, _field_of_line(line, line_number),
                              f"unfilled placeholder {match.group(0)}")
             try:
-                config = text_format.Parse(text, model_config_pb2.ModelConfig())
-            except text_format.ParseError as error:
-                self.add(config_file, "(syntax)", f"does not parse as a Triton ModelConfig: {error}")
+                config = pbtxt.parse_model_config(text, config_file)
+            except pbtxt.PbtxtError as error:
+                self.add(config_file, "(syntax)", f"does not parse as a Triton ModelConfig: {error.detail}")
                 continue
             name = config_file.parent.name
             if config.name and config.name != name:
@@ -151,7 +148,7 @@ class _Checker:
                 self.add(model.config_file, "max_batch_size",
                          f"is {model.config.max_batch_size}; the inflight_batcher_llm contract needs > 0")
             self.check_backend(model)
-            for index, count in _instance_counts(model.config_file.read_text()):
+            for index, count in pbtxt.instance_counts(model.config_file.read_text()):
                 if count <= 0:
                     self.add(model.config_file, f"instance_group[{index}].count",
                              f"is {count}: the model would have no instance to run requests")
@@ -195,6 +192,26 @@ class _Checker:
                                                      and not core.config.model_transaction_policy.decoupled):
             self.add(bls.config_file, "model_transaction_policy.decoupled",
                      "is true but tensorrt_llm is not decoupled; the BLS streams from tensorrt_llm")
+
+    def check_contract(self) -> None:
+        """Each model declares the required inputs of the I/O contract, and the contract's tensors it declares
+        have the contract's dtype (those the engine decides, such as logits, are checked elsewhere)."""
+        for role, expected in contract.MODELS.items():
+            model = self.model(role)
+            if model is None:
+                continue
+            for kind, declared, tensors in (("input", model.inputs(), expected.inputs),
+                                            ("output", model.outputs(), expected.outputs)):
+                for tensor in tensors:
+                    found = declared.get(tensor.name)
+                    if found is None:
+                        if kind == "input" and not tensor.optional:
+                            self.add(model.config_file, f"input[{tensor.name}]", f"required input of the "
+                                     f"{role} contract is missing")
+                    elif tensor.data_type not in (contract.LOGITS, contract.PROMPT, contract.ENCODER) and \
+                            _dtype(found.data_type) != tensor.triton_type:
+                        self.add(model.config_file, f"{kind}[{tensor.name}]", f"is {_dtype(found.data_type)}; the "
+                                 f"{role} contract says {tensor.triton_type}")
 
     def check_ensemble(self) -> None:
         """Ensemble steps exist and every map names real tensors of matching dtype."""
@@ -492,32 +509,6 @@ def _tokenizer_size(tokenizer: Any) -> int | None:
     return max(ids) + 1 if ids else None
 
 
-def _instance_counts(text: str) -> list[tuple[int, int]]:
-    """(group index, count) for each `count:` written in the instance_group list (proto3 cannot tell an explicit
-    0 from an absent count, which means 1)."""
-    text = re.sub(r"#[^\n]*", "", text)
-    match = re.search(r"\binstance_group\s*:?\s*\[", text)
-    if not match:
-        return []
-    counts, depth, group, index = [], 1, -1, match.end()
-    while index < len(text) and depth:
-        char = text[index]
-        if char in "[{":
-            depth += 1
-            if depth == 2 and char == "{":
-                group += 1
-        elif char in "]}":
-            depth -= 1
-        elif depth == 2:
-            found = re.match(r"count\s*:\s*(-?\d+)", text[index:])
-            if found and (index == 0 or not (text[index - 1].isalnum() or text[index - 1] == "_")):
-                counts.append((group, int(found.group(1))))
-                index += found.end()
-                continue
-        index += 1
-    return counts
-
-
 def _dtype(value: int) -> str:
     from tritonclient.grpc import model_config_pb2
 
@@ -557,6 +548,7 @@ def validate_repository(path: str | Path, streaming: bool = True, deep: bool = F
         checker.names = names
         checker.check_present()
         checker.check_streaming()
+        checker.check_contract()
         checker.check_ensemble()
         checker.check_tokenizers()
         checker.check_engine()

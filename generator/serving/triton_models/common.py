@@ -6,16 +6,25 @@ without a server.
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
+
+if TYPE_CHECKING:  # only importable inside the stub; mypy reads stubs/triton_python_backend_utils.pyi
+    import triton_python_backend_utils as pb_utils
 
 _TRUE = {"true", "1", "t", "y", "yes", "on"}
 _FALSE = {"false", "0", "f", "n", "no", "off"}
 
 
+@overload
+def parameter(model_config: dict[str, Any], key: str) -> str | None: ...
+@overload
+def parameter(model_config: dict[str, Any], key: str, default: str) -> str: ...
+@overload
+def parameter(model_config: dict[str, Any], key: str, default: str | None) -> str | None: ...
 def parameter(model_config: dict[str, Any], key: str, default: str | None = None) -> str | None:
     """A `parameters` string of config.pbtxt; empty or unfilled (`${...}`) values count as unset."""
     value = model_config.get("parameters", {}).get(key, {}).get("string_value")
@@ -36,6 +45,41 @@ def parse_bool(text: str | None, default: bool) -> bool:
     return default
 
 
+class RequestError(ValueError):
+    """A request the model answers with an error response carrying this message."""
+
+
+class RequestInputs:
+    """A Triton request's input tensors, indexed by name once.
+
+    `pb_utils.get_input_tensor_by_name` lists and scans all inputs on every call, and parsing a tensorrt_llm
+    request asks for some 50 names: that was most of its `execute` time."""
+
+    def __init__(self, request: pb_utils.InferenceRequest) -> None:
+        self.request = request
+        self._tensors = {tensor.name(): tensor for tensor in request.inputs()}
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The input `name` as numpy, None when the client did not send it."""
+        tensor = self._tensors.get(name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def require(self, name: str) -> np.ndarray:
+        """A required input (Triton refuses requests without it; a `RequestError` all the same)."""
+        array = self.get(name)
+        if array is None:
+            raise RequestError(f"input {name} is required")
+        return array
+
+
+def is_cancelled(request: pb_utils.InferenceRequest) -> bool:
+    """Whether the client cancelled `request`; a request Triton no longer knows counts as not cancelled."""
+    try:
+        return bool(request.is_cancelled())
+    except Exception:
+        return False
+
+
 def load_model_config(args: dict[str, Any]) -> dict[str, Any]:
     """The model's config as a dict, from the `args` Triton passes to `initialize`."""
     return dict(json.loads(args["model_config"]))
@@ -52,18 +96,16 @@ def configured_tokenizer(model_config: dict[str, Any]) -> Any:
                                                                       False))
 
 
-_GPT_MODEL_PATH = re.compile(r'key: "gpt_model_path", value: \{ string_value: "([^"]*)" \}')
-
-
 def repository_max_input_len(model_dir: str | Path, engine_dir: str | None) -> int | None:
     """The largest `max_input_len` of the engines this repository serves: `engine_dir` and every sibling model's
     `gpt_model_path` (a shared preprocessing serves several engines). None when no engine config is readable."""
+    from generator.serving.pbtxt import model_parameter
+
     engine_dirs = [engine_dir] if engine_dir else []
     for config_file in Path(model_dir).resolve().parent.glob("*/config.pbtxt"):
-        try:
-            engine_dirs += _GPT_MODEL_PATH.findall(config_file.read_text())
-        except OSError:
-            continue
+        sibling_engine = model_parameter(config_file, "gpt_model_path")
+        if sibling_engine is not None:
+            engine_dirs.append(sibling_engine)
     limits = []
     for directory in engine_dirs:
         try:
@@ -74,7 +116,7 @@ def repository_max_input_len(model_dir: str | Path, engine_dir: str | None) -> i
     return max(limits, default=None)
 
 
-def to_word_list_format(word_lists: list[list[str]], encode: Any) -> np.ndarray:
+def to_word_list_format(word_lists: list[list[str]], encode: Callable[[str], list[int]]) -> np.ndarray:
     """Stop / bad words per batch item -> INT32 [batch, 2, N]: row 0 the concatenated ids (padded with 0),
     row 1 the cumulative end offsets (padded with -1), as TensorRT-LLM expects. Empty words are skipped."""
     flat_ids: list[list[int]] = []
@@ -134,7 +176,7 @@ class Utf8HoldBack:
 
     MAX_HELD = 4
 
-    def __init__(self, decode: Any) -> None:
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self._decode = decode
         self._held: list[int] = []
 

@@ -9,11 +9,14 @@ equal the text of the whole sequence (tensorrt_llm never splits a multi-byte cha
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from generator.serving.triton_models.common import (
     ChunkDecoder,
+    RequestInputs,
     configured_tokenizer,
     load_model_config,
     parameter,
@@ -24,7 +27,7 @@ from generator.serving.triton_models.common import (
 class TritonPythonModel:
     """The `postprocessing` model: detokenizes each beam."""
 
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         config = load_model_config(args)
         self.tokenizer = configured_tokenizer(config)
         if self.tokenizer is None:
@@ -32,19 +35,19 @@ class TritonPythonModel:
         self.skip_special_tokens = parse_bool(parameter(config, "skip_special_tokens"), True)
         self.decoder = ChunkDecoder(self.tokenizer, self.skip_special_tokens)
 
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         responses = []
         for request in requests:
             try:  # one bad request gets its own error; the others of the batch still get their text
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(RequestInputs(request))))
             except Exception as error:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(f"postprocessing: {error}")))
         return responses
 
-    def _process(self, request):
-        received = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
-        received_lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
+    def _process(self, request: RequestInputs) -> list[pb_utils.Tensor]:
+        received = request.require("TOKENS_BATCH")
+        received_lengths = request.require("SEQUENCE_LENGTH")
         # TOKENS_BATCH is [batch, beams, len] ([batch, len] from old clients); SEQUENCE_LENGTH [batch, beams]
         tokens = received[:, np.newaxis, :] if received.ndim == 2 else received
         lengths = received_lengths.reshape(tokens.shape[0], tokens.shape[1])
@@ -58,5 +61,5 @@ class TritonPythonModel:
                 pb_utils.Tensor("OUT_TOKENS_BATCH", received.astype(np.int32)),
                 pb_utils.Tensor("OUT_SEQUENCE_LENGTH", received_lengths.astype(np.int32))]
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.tokenizer = None

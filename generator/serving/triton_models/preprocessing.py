@@ -6,11 +6,16 @@ accepted and answered with an error; the multimodal outputs are never produced (
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from generator.formats.tokenizer import longest_token_bytes
+from generator.serving import contract
 from generator.serving.triton_models.common import (
+    RequestError,
+    RequestInputs,
     configured_tokenizer,
     decode_strings,
     load_model_config,
@@ -20,22 +25,13 @@ from generator.serving.triton_models.common import (
     to_word_list_format,
 )
 
-_MULTIMODAL_INPUTS = ("IMAGE_BYTES", "IMAGE_URL", "VIDEO_BYTES")
-
-
-class RequestError(ValueError):
-    """A request this model answers with an error response."""
-
-
-def _optional_input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+_MULTIMODAL_INPUTS = contract.PREPROCESSING.unsupported_inputs()
 
 
 class TritonPythonModel:
     """The `preprocessing` model: tokenizes prompts and stop / bad words."""
 
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         config = load_model_config(args)
         self.tokenizer = configured_tokenizer(config)
         if self.tokenizer is None:
@@ -50,20 +46,20 @@ class TritonPythonModel:
         self.max_prompt_bytes = (None if self.max_input_len is None
                                  else self.max_input_len * longest_token_bytes(self.tokenizer))
 
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         responses = []
         for request in requests:
             try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(RequestInputs(request))))
             except RequestError as error:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))))
         return responses
 
-    def _process(self, request):
+    def _process(self, request: RequestInputs) -> list[pb_utils.Tensor]:
         for name in _MULTIMODAL_INPUTS:
-            if _optional_input(request, name) is not None:
+            if request.get(name) is not None:
                 raise RequestError(f"input {name}: multimodal inputs are not supported by this model")
-        rows = _optional_input(request, "QUERY")
+        rows = request.require("QUERY")
         if self.max_prompt_bytes is not None:
             for item in rows.reshape(-1):
                 size = len(item) if isinstance(item, bytes) else len(str(item).encode("utf-8"))
@@ -73,7 +69,7 @@ class TritonPythonModel:
                                        f"bytes with this tokenizer")
         queries = [decode_strings(row)[0] for row in rows]
         batch_size = len(queries)
-        output_len = _optional_input(request, "REQUEST_OUTPUT_LEN").astype(np.int32).reshape(batch_size, -1)
+        output_len = request.require("REQUEST_OUTPUT_LEN").astype(np.int32).reshape(batch_size, -1)
         if (output_len <= 0).any():
             raise RequestError(f"max_tokens must be positive, got {output_len.reshape(-1).tolist()}")
         input_ids = []
@@ -94,7 +90,7 @@ class TritonPythonModel:
         lengths = np.array([[len(ids)] for ids in input_ids], dtype=np.int32)
         stop_words = self._word_lists(request, "STOP_WORDS_DICT", batch_size)
         bad_words = self._word_lists(request, "BAD_WORDS_DICT", batch_size)
-        extra_id = _optional_input(request, "PROMPT_TABLE_EXTRA_ID")
+        extra_id = request.get("PROMPT_TABLE_EXTRA_ID")
         if extra_id is None:
             extra_ids = np.zeros((batch_size, 0), dtype=np.uint64)
         else:
@@ -115,24 +111,24 @@ class TritonPythonModel:
             pb_utils.Tensor("OUT_PROMPT_TABLE_EXTRA_IDS", extra_ids),
         ]
 
-    def _id_input(self, request, name, default, batch_size):
-        value = _optional_input(request, name)
+    def _id_input(self, request: RequestInputs, name: str, default: int | None, batch_size: int) -> np.ndarray:
+        value = request.get(name)
         if value is not None:
             return value.astype(np.int32).reshape(batch_size, 1)
         if default is None:
             raise RequestError(f"the tokenizer has no eos/pad token: send {name.lower()} explicitly")
         return np.full((batch_size, 1), default, dtype=np.int32)
 
-    def _word_lists(self, request, name, batch_size):
-        value = _optional_input(request, name)
+    def _word_lists(self, request: RequestInputs, name: str, batch_size: int) -> np.ndarray:
+        value = request.get(name)
         if value is None:
             return np.zeros((batch_size, 2, 0), dtype=np.int32)
         words = [[word for word in decode_strings(row) if word] for row in value.reshape(batch_size, -1)]
         return to_word_list_format(words, lambda word: self.tokenizer.encode(word, add_special_tokens=False))
 
-    def _embedding_bias(self, request, batch_size):
-        words = _optional_input(request, "EMBEDDING_BIAS_WORDS")
-        weights = _optional_input(request, "EMBEDDING_BIAS_WEIGHTS")
+    def _embedding_bias(self, request: RequestInputs, batch_size: int) -> np.ndarray:
+        words = request.get("EMBEDDING_BIAS_WORDS")
+        weights = request.get("EMBEDDING_BIAS_WEIGHTS")
         if words is None or weights is None:
             return np.zeros((batch_size, 0), dtype=np.float32)
         words = words.reshape(batch_size, -1)
@@ -147,5 +143,5 @@ class TritonPythonModel:
                     bias[row, token_id] += float(weight)
         return bias
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.tokenizer = None

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from generator.serving import contract
+
 #: merged results handed to `respond(pending, item, result)`; the callable must not raise
 Respond = Callable[[Any, Any, Any], None]
 
@@ -141,11 +143,8 @@ class Responder:
 class OutputBuilder:
     """The `tensorrt_llm` outputs of one response, only those requested, with constant arrays made once."""
 
-    ALL = ("output_ids", "sequence_length", "cum_log_probs", "output_log_probs", "context_logits",
-           "generation_logits", "batch_index", "sequence_index", "context_phase_params", "kv_cache_alloc_new_blocks",
-           "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns", "first_scheduled_time_ns",
-           "first_token_time_ns", "last_token_time_ns", "acceptance_rate", "total_accepted_draft_tokens",
-           "total_draft_tokens")
+    #: every output of the contract but the token counts, which the model adds itself when asked
+    ALL = tuple(tensor.name for tensor in contract.TENSORRT_LLM.outputs if tensor.name not in contract.COUNT_OUTPUTS)
 
     def __init__(self, tensor: Callable[[str, np.ndarray], Any]) -> None:
         self._tensor = tensor  # pb_utils.Tensor

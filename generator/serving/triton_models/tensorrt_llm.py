@@ -21,24 +21,33 @@ and never finish loading, as TensorRT-LLM's leader mode does.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from generator.serving import contract
 from generator.serving.triton_models.common import (
+    RequestError,
+    RequestInputs,
     Utf8HoldBack,
     configured_tokenizer,
     from_word_list_format,
+    is_cancelled,
     load_model_config,
     parameter,
     parse_bool,
 )
 from generator.serving.triton_models.metrics import new_metrics
 from generator.serving.triton_models.responder import OutputBuilder, Responder, hold_back_each
+
+if TYPE_CHECKING:
+    from generator.engine import Executor, GenerationResult, SamplingConfig
 
 NOT_SUPPORTED = "not supported by the pytorch engine"
 #: threads answering executor results (the `response_threads` parameter overrides it). Triton's send releases
@@ -50,17 +59,9 @@ RESPONDER_THREADS = 1
 #: is a round trip to tritonserver, and asking all of them every period under load starved the response path
 CANCEL_CHECKS_PER_PERIOD = 16
 #: inputs answered with an error whenever they are sent
-_UNSUPPORTED_INPUTS = (
-    "encoder_input_features", "encoder_output_lengths", "draft_input_ids", "draft_logits",
-    "draft_acceptance_threshold", "prompt_embedding_table", "prompt_vocab_size", "cross_attention_mask",
-    "mrope_rotary_cos_sin", "mrope_position_deltas", "lora_task_id", "lora_weights", "lora_config",
-    "context_phase_params", "skip_cross_attn_blocks", "retention_token_range_starts",
-    "retention_token_range_ends", "retention_token_range_priorities", "retention_token_range_durations_ms",
-    "retention_decode_priority", "retention_decode_duration_ms", "lookahead_window_size", "lookahead_ngram_size",
-    "lookahead_verification_set_size",
-)
+_UNSUPPORTED_INPUTS = contract.TENSORRT_LLM.unsupported_inputs()
 #: scalar inputs accepted at their neutral value only: name -> (neutral value, what it needs)
-_NEUTRAL_ONLY = {
+_NEUTRAL_ONLY: dict[str, tuple[int | bool | None, str]] = {
     "beam_width": (1, "beam search (beam_width > 1)"),
     "num_return_sequences": (1, "num_return_sequences > 1"),
     "return_context_logits": (False, "return_context_logits"),
@@ -78,39 +79,7 @@ _FLOAT_RANGES = (
 )
 
 
-class RequestError(ValueError):
-    """A request answered with an error response."""
-
-
-def _is_cancelled(request):
-    try:
-        return bool(request.is_cancelled())
-    except Exception:  # a request Triton no longer knows counts as not cancelled
-        return False
-
-
-def _input(request, name):
-    tensors = getattr(request, "tensors", None)
-    if tensors is not None:
-        tensor = tensors.get(name)
-    else:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-class _RequestView:
-    """A Triton request with its input tensors indexed by name once. pb_utils.get_input_tensor_by_name lists and
-    scans all inputs on every call, and parsing asks for some 50 names: that was most of `execute`'s time."""
-
-    def __init__(self, request):
-        self._request = request
-        self.tensors = {tensor.name(): tensor for tensor in request.inputs()}
-
-    def __getattr__(self, name):
-        return getattr(self._request, name)
-
-
-def _row_scalar(array, row):
+def _row_scalar(array: np.ndarray | None, row: int) -> Any:
     """Batch item `row` of a scalar input ([batch] after reshape, or [batch, 1])."""
     if array is None:
         return None
@@ -139,13 +108,13 @@ class _Item:
 class _Pending:
     """A Triton request in flight: its batch items, how it answers, and its timings."""
 
-    request: object
+    request: pb_utils.InferenceRequest
     items: list[_Item]
-    sender: object | None
+    sender: pb_utils.InferenceResponseSender | None
     arrival_ns: int
     batch_size: int
-    responses: list = field(default_factory=list)  # non-decoupled: collected here
-    wanted: tuple = OutputBuilder.ALL  # the outputs the request asked for
+    responses: list[pb_utils.InferenceResponse] = field(default_factory=list)  # non-decoupled: collected here
+    wanted: tuple[str, ...] = OutputBuilder.ALL  # the outputs the request asked for
     finished: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
     client_id: str = ""  # the request id the client gave, which a `stop` request names
@@ -160,7 +129,7 @@ class _Pending:
 class TritonPythonModel:
     """The `tensorrt_llm` model on the pytorch engine: Triton requests in, executor results out."""
 
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         config = load_model_config(args)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         engine_dir = parameter(config, "gpt_model_path") or parameter(config, "engine_dir")
@@ -180,7 +149,7 @@ class TritonPythonModel:
         # the KV cache parameters of the anchor's config.pbtxt size the engine's paged KV pool
         fraction = parameter(config, "kv_cache_free_gpu_mem_fraction")
         max_kv_tokens = parameter(config, "max_tokens_in_paged_kv_cache")
-        self.executor = Executor(
+        self.executor: Executor | None = Executor(
             engine_dir, kv_cache_free_gpu_mem_fraction=float(fraction) if fraction else None,
             max_tokens_in_paged_kv_cache=int(max_kv_tokens) if max_kv_tokens else None,
             enable_kv_cache_reuse=parse_bool(parameter(config, "enable_kv_cache_reuse"), False))
@@ -198,13 +167,19 @@ class TritonPythonModel:
         self._cancel_thread = threading.Thread(target=self._watch_cancellations, daemon=True)
         self._cancel_thread.start()
 
+    def _executor(self) -> Executor:
+        """The executor, which exists from `initialize` (rank 0) until `finalize`."""
+        if self.executor is None:
+            raise RequestError("tensorrt_llm: the model is shutting down")
+        return self.executor
+
     # requests -> executor ---------------------------------------------------------------------------------
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse] | None:
         # non-decoupled: one slot per request, in the requests' order (a pending request or its response)
-        slots = []
+        slots: list[_Pending | pb_utils.InferenceResponse] = []
         for request in requests:
             try:
-                pending = self._start(_RequestView(request))
+                pending = self._start(RequestInputs(request))
                 slots.append(pending if pending is not None else pb_utils.InferenceResponse(output_tensors=[]))
             except RequestError as error:
                 slots.append(self._fail(request, str(error)))
@@ -216,54 +191,58 @@ class TritonPythonModel:
         for slot in slots:
             if isinstance(slot, _Pending):
                 slot.finished.wait()
-                slot = slot.responses[0]
-            responses.append(slot)
+                responses.append(slot.responses[0])
+            else:
+                responses.append(slot)
         return responses
 
-    def _fail(self, request, message):
+    def _fail(self, request: pb_utils.InferenceRequest, message: str) -> pb_utils.InferenceResponse:
         """The error response of a request that never started (decoupled: sent with FINAL at once)."""
         response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
         if self.decoupled:
             request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return response
 
-    def _start(self, request):
+    def _start(self, inputs: RequestInputs) -> _Pending | None:
         """Parse a Triton request into executor requests and enqueue them."""
         from generator.engine import GenerationRequest
 
         arrival_ns = time.time_ns()
-        if bool(_row_scalar(_input(request, "stop"), 0) or False):
+        request = inputs.request
+        if bool(_row_scalar(inputs.get("stop"), 0) or False):
             self._stop_request(request)
             return None
-        self._reject_unsupported(request)
-        input_ids = _input(request, "input_ids")
+        self._reject_unsupported(inputs)
+        executor = self._executor()
+        input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise RequestError("input_ids is required for decoder-only engines")
         input_ids = input_ids.reshape(input_ids.shape[0], -1)
         batch_size = input_ids.shape[0]
-        lengths = _input(request, "input_lengths")
+        lengths = inputs.get("input_lengths")
         if batch_size > 1 and not self.decoupled:
             raise RequestError("a request with batch size > 1 needs the decoupled transaction policy")
-        items, samplings = [], []
+        items: list[_Item] = []
+        samplings: list[SamplingConfig] = []
         for row in range(batch_size):
             length = int(_row_scalar(lengths, row)) if lengths is not None else input_ids.shape[1]
             if not 1 <= length <= input_ids.shape[1]:
                 raise RequestError(f"input_lengths {length} must be in 1..{input_ids.shape[1]} (the number of "
                                    f"input_ids sent)")
             prompt = [int(token) for token in input_ids[row, :length]]
-            streaming = bool(_row_scalar(_input(request, "streaming"), row) or False)
+            streaming = bool(_row_scalar(inputs.get("streaming"), row) or False)
             if streaming and not self.decoupled:
                 raise RequestError("streaming needs the decoupled transaction policy (render with decoupled=True)")
-            exclude = _row_scalar(_input(request, "exclude_input_in_output"), row)
-            exclude = self.exclude_input_default if exclude is None else bool(exclude)
+            sent_exclude = _row_scalar(inputs.get("exclude_input_in_output"), row)
+            exclude = self.exclude_input_default if sent_exclude is None else bool(sent_exclude)
             holdback = None
             if streaming and self.tokenizer is not None:
                 holdback = Utf8HoldBack(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
             items.append(_Item(
                 row=row, prompt=prompt, exclude_input=exclude, streaming=streaming, holdback=holdback,
-                return_num_input_tokens=bool(_row_scalar(_input(request, "return_num_input_tokens"), row)),
-                return_num_output_tokens=bool(_row_scalar(_input(request, "return_num_output_tokens"), row))))
-            samplings.append(self._sampling(request, row))
+                return_num_input_tokens=bool(_row_scalar(inputs.get("return_num_input_tokens"), row)),
+                return_num_output_tokens=bool(_row_scalar(inputs.get("return_num_output_tokens"), row))))
+            samplings.append(self._sampling(inputs, row))
         pending = _Pending(request=request, items=items, batch_size=batch_size, arrival_ns=arrival_ns,
                            client_id=request.request_id() or "",
                            sender=request.get_response_sender() if self.decoupled else None,
@@ -272,20 +251,20 @@ class TritonPythonModel:
             generation_request = GenerationRequest(input_ids=item.prompt, sampling=sampling, streaming=item.streaming)
             try:
                 # no lock held here: the executor may call back from its thread before enqueue returns
-                item.request_id = self.executor.enqueue(
-                    generation_request, lambda result, p=pending, i=item: self._on_engine_result(p, i, result))
+                item.request_id = executor.enqueue(
+                    generation_request, functools.partial(self._on_engine_result, pending, item))
             except ValueError as error:
                 pending.failed = True
                 for started in items:
                     if started.request_id is not None:
-                        self.executor.cancel(started.request_id)
+                        executor.cancel(started.request_id)
                 raise RequestError(str(error)) from error
             with self._lock:
                 if not item.done:
                     self._pending[item.request_id] = pending
         return pending
 
-    def _stop_request(self, request):
+    def _stop_request(self, request: pb_utils.InferenceRequest) -> None:
         """`stop` = true (TensorRT-LLM's backend): cancel the requests in flight with this request's id, and
         answer the stop request itself with an empty FINAL response."""
         client_id = request.request_id() or ""
@@ -295,40 +274,40 @@ class TritonPythonModel:
             to_cancel = [request_id for request_id, pending in self._pending.items()
                          if pending.client_id == client_id and not pending.final_sent]
         for request_id in to_cancel:
-            self.executor.cancel(request_id)
+            self._executor().cancel(request_id)
         if self.decoupled:
             request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _reject_unsupported(self, request):
-        beam_width = _input(request, "beam_width")
+    def _reject_unsupported(self, request: RequestInputs) -> None:
+        beam_width = request.get("beam_width")
         if beam_width is not None and beam_width.size > 0 and (beam_width < 1).any():
             raise RequestError(f"beam_width must be at least 1, got {beam_width.reshape(-1).tolist()}")
         for name in _UNSUPPORTED_INPUTS:
-            value = _input(request, name)
+            value = request.get(name)
             if value is not None and value.size > 0:
                 raise RequestError(f"input {name} is {NOT_SUPPORTED}")
         for name, (neutral, what) in _NEUTRAL_ONLY.items():
-            value = _input(request, name)
+            value = request.get(name)
             if value is None or value.size == 0:
                 continue
             if neutral is None or any(v.item() != neutral for v in value.reshape(-1)):
                 raise RequestError(f"{what} is {NOT_SUPPORTED}")
-        bias = _input(request, "embedding_bias")
+        bias = request.get("embedding_bias")
         if bias is not None and bias.size > 0 and np.any(bias != 0):
             raise RequestError(f"embedding_bias is {NOT_SUPPORTED}")
-        guide = _input(request, "guided_decoding_guide_type")
+        guide = request.get("guided_decoding_guide_type")
         if guide is not None and guide.size > 0 and any(g not in (b"", "") for g in guide.reshape(-1)):
             raise RequestError(f"guided decoding is {NOT_SUPPORTED}")
 
-    def _sampling(self, request, row):
+    def _sampling(self, request: RequestInputs, row: int) -> SamplingConfig:
         from generator.engine import SamplingConfig
 
-        def value(name, default):
-            found = _row_scalar(_input(request, name), row)
+        def value(name: str, default: Any) -> Any:
+            found = _row_scalar(request.get(name), row)
             return default if found is None else found
 
-        def words(name):
-            array = _input(request, name)
+        def words(name: str) -> list[list[int]]:
+            array = request.get(name)
             if array is None or array.size == 0:
                 return []
             array = array.reshape(array.shape[0], 2, -1)
@@ -338,7 +317,7 @@ class TritonPythonModel:
         if max_new_tokens <= 0:
             raise RequestError(f"request_output_len (max_tokens) must be positive, got {max_new_tokens}")
         for name, low, low_inclusive in _FLOAT_RANGES:
-            found = _row_scalar(_input(request, name), row)
+            found = _row_scalar(request.get(name), row)
             if found is None:
                 continue
             number = float(found)
@@ -347,11 +326,11 @@ class TritonPythonModel:
                 raise RequestError(f"{name} must be a finite number{bound}, got {found}")
         if int(value("min_tokens", 0)) < 0:
             raise RequestError(f"min_tokens must be >= 0, got {int(value('min_tokens', 0))}")
-        end_id = _row_scalar(_input(request, "end_id"), row)
-        pad_id = _row_scalar(_input(request, "pad_id"), row)
-        seed = _row_scalar(_input(request, "seed"), row)
+        end_id = _row_scalar(request.get("end_id"), row)
+        pad_id = _row_scalar(request.get("pad_id"), row)
+        seed = _row_scalar(request.get("seed"), row)
         if seed is None:  # the older name of seed
-            seed = _row_scalar(_input(request, "random_seed"), row)
+            seed = _row_scalar(request.get("random_seed"), row)
         return SamplingConfig(
             max_new_tokens=max_new_tokens,
             end_id=None if end_id is None else int(end_id),
@@ -370,13 +349,13 @@ class TritonPythonModel:
         )
 
     # executor -> responses ------------------------------------------------------------------------------
-    def _on_engine_result(self, pending, item, result):
+    def _on_engine_result(self, pending: _Pending, item: _Item, result: GenerationResult) -> None:
         """Executor callback (step-loop thread): count it for the metrics, hand it to the responder."""
         if self.metrics is not None:
             self.metrics.on_result(result, pending.arrival_ns, len(item.prompt), item.streaming)
         self._responder.push(pending, item, result)
 
-    def _on_result(self, pending, item, result):
+    def _on_result(self, pending: _Pending, item: _Item, result: GenerationResult) -> None:
         """Responder thread: turn a (merged) GenerationResult into a Triton response."""
         try:
             self._respond(pending, item, result)
@@ -386,7 +365,7 @@ class TritonPythonModel:
             except Exception as send_error:
                 pb_utils.Logger.log_error(f"tensorrt_llm: cannot end a request after {error!r}: {send_error!r}")
 
-    def _respond(self, pending, item, result):
+    def _respond(self, pending: _Pending, item: _Item, result: GenerationResult) -> None:
         if pending.failed or item.done:
             if result.finished:
                 self._forget(item)
@@ -421,14 +400,16 @@ class TritonPythonModel:
             outputs.append(pb_utils.Tensor("num_output_tokens", np.array([[generated]], dtype=np.int32)))
         self._send(pending, item, outputs, final_item=result.finished)
 
-    def _outputs(self, pending, item, tokens, log_probs, cum_log_prob, now):
+    def _outputs(self, pending: _Pending, item: _Item, tokens: list[int], log_probs: list[float],
+                 cum_log_prob: float | None, now: int) -> list[pb_utils.Tensor]:
         # only the outputs the request asked for (the rest would be dropped by Triton after the copy)
         return self._builder.build(pending.wanted, item.row, pending.arrival_ns, item.first_token_ns, now, tokens,
                                    log_probs, cum_log_prob)
 
-    def _send(self, pending, item, outputs, error=None, final_item=False):
+    def _send(self, pending: _Pending, item: _Item, outputs: list[pb_utils.Tensor] | None, error: str | None = None,
+              final_item: bool = False) -> None:
         """Send (decoupled) or keep (non-decoupled) one response; FINAL goes with the request's last one."""
-        to_cancel = []
+        to_cancel: list[int | None] = []
         with self._lock:
             if final_item and not item.done:
                 item.done = True
@@ -445,7 +426,7 @@ class TritonPythonModel:
                 last = True
         for request_id in to_cancel:
             if request_id is not None:
-                self.executor.cancel(request_id)
+                self._executor().cancel(request_id)
         response = None
         if error is not None:
             response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
@@ -477,25 +458,25 @@ class TritonPythonModel:
             else:
                 pending.sender.send(response, flags=flags)
 
-    def _was_cancelled_by_client(self, pending):
+    def _was_cancelled_by_client(self, pending: _Pending) -> bool:
         with pending.lock:
-            return not pending.final_sent and _is_cancelled(pending.request)
+            return not pending.final_sent and is_cancelled(pending.request)
 
-    def _end_cancelled(self, pending):
+    def _end_cancelled(self, pending: _Pending) -> None:
         """A request the client cancelled: stop its executor requests and send the bare FINAL flag at once."""
         with self._lock:
             open_items = [item for item in pending.items if not item.done]
         for item in open_items:
             if item.request_id is not None:
-                self.executor.cancel(item.request_id)
+                self._executor().cancel(item.request_id)
             self._send(pending, item, None, final_item=True)
 
-    def _forget(self, item):
+    def _forget(self, item: _Item) -> None:
         if item.request_id is not None:
             self._pending.pop(item.request_id, None)
 
     # cancellation -----------------------------------------------------------------------------------------
-    def _watch_cancellations(self):
+    def _watch_cancellations(self) -> None:
         """Poll Triton's cancellation flag of the requests in flight and cancel them in the executor.
 
         At most CANCEL_CHECKS_PER_PERIOD requests per period, round robin by request id, so that under load a
@@ -514,12 +495,13 @@ class TritonPythonModel:
             # batch items of one request share its pending: ask each request once
             for pending in {id(pending): pending for _, pending in turn}.values():
                 with pending.lock:
-                    cancelled = not pending.final_sent and _is_cancelled(pending.request)
+                    cancelled = not pending.final_sent and is_cancelled(pending.request)
                 if cancelled:
                     self._end_cancelled(pending)
 
-    def finalize(self):
-        if getattr(self, "executor", None) is None:  # ranks > 0, or a failed initialize
+    def finalize(self) -> None:
+        executor = getattr(self, "executor", None)
+        if executor is None:  # ranks > 0, or a failed initialize
             return
         self._stop.set()
         # requests still in flight would otherwise never get their FINAL response
@@ -533,7 +515,7 @@ class TritonPythonModel:
                                final_item=True)
                 except Exception as error:  # nothing more can be done for this one
                     pb_utils.Logger.log_error(f"tensorrt_llm: cannot end a request at shutdown: {error!r}")
-        self.executor.shutdown()
+        executor.shutdown()
         self.executor = None
         self._responder.close()  # after the executor: its last results (cancelled) still get answered
         if self.metrics is not None:

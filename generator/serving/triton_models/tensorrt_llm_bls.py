@@ -13,76 +13,53 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from generator.serving.triton_models.common import load_model_config, parameter, parse_bool
+from generator.serving import contract
+from generator.serving.triton_models.common import (
+    RequestError,
+    RequestInputs,
+    is_cancelled,
+    load_model_config,
+    parameter,
+    parse_bool,
+)
 
+# the routes of the ensemble, followed by BLS calls (generator/serving/contract.py)
 #: BLS input -> preprocessing input
-_PREPROCESSING_INPUTS = {
-    "text_input": "QUERY", "decoder_text_input": "DECODER_QUERY", "max_tokens": "REQUEST_OUTPUT_LEN",
-    "bad_words": "BAD_WORDS_DICT", "stop_words": "STOP_WORDS_DICT", "embedding_bias_words": "EMBEDDING_BIAS_WORDS",
-    "embedding_bias_weights": "EMBEDDING_BIAS_WEIGHTS", "end_id": "END_ID", "pad_id": "PAD_ID",
-    "prompt_table_extra_id": "PROMPT_TABLE_EXTRA_ID",
-}
+_PREPROCESSING_INPUTS = {client: name for name, client in contract.PREPROCESSING_INPUTS}
 #: preprocessing output -> tensorrt_llm input
-_PREPROCESSED = {
-    "INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "REQUEST_OUTPUT_LEN": "request_output_len",
-    "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list", "EMBEDDING_BIAS": "embedding_bias",
-    "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id", "OUT_PROMPT_TABLE_EXTRA_IDS": "prompt_table_extra_ids",
-}
+_PREPROCESSED = contract.preprocessed_core_inputs()
 #: preprocessing outputs that are left out when empty (nothing asked for them)
 _SKIP_WHEN_EMPTY = ("EMBEDDING_BIAS", "OUT_PROMPT_TABLE_EXTRA_IDS")
 #: BLS input -> tensorrt_llm input (passed through when the client sends it)
-_CORE_INPUTS = {
-    "top_k": "runtime_top_k", "top_p": "runtime_top_p", "temperature": "temperature",
-    "length_penalty": "len_penalty", "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
-    "return_log_probs": "return_log_probs", "return_context_logits": "return_context_logits",
-    "return_generation_logits": "return_generation_logits", "return_perf_metrics": "return_perf_metrics",
-    "return_num_input_tokens": "return_num_input_tokens", "return_num_output_tokens": "return_num_output_tokens",
-    "num_return_sequences": "num_return_sequences", "beam_width": "beam_width", "stream": "streaming",
-    "exclude_input_in_output": "exclude_input_in_output", "prompt_embedding_table": "prompt_embedding_table",
-    "prompt_vocab_size": "prompt_vocab_size", "lora_task_id": "lora_task_id", "lora_weights": "lora_weights",
-    "lora_config": "lora_config", "guided_decoding_guide_type": "guided_decoding_guide_type",
-    "guided_decoding_guide": "guided_decoding_guide",
-}
+_CORE_INPUTS = contract.client_core_inputs()
 #: tensorrt_llm outputs passed to the client unchanged
-_PASSTHROUGH_OUTPUTS = (
-    "cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index", "sequence_index",
-    "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
-    "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
-    "total_accepted_draft_tokens", "total_draft_tokens", "num_input_tokens", "num_output_tokens",
-)
-_UNSUPPORTED = ("image_input", "image_bytes_input", "image_url_input", "image_sizes_input", "video_bytes_input")
+_PASSTHROUGH_OUTPUTS = contract.PASSTHROUGH_OUTPUTS
+_UNSUPPORTED = contract.TENSORRT_LLM_BLS.unsupported_inputs()
 
 
-class RequestError(ValueError):
-    """A request answered with an error response."""
-
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _is_cancelled(request):
-    try:
-        return bool(request.is_cancelled())
-    except Exception:  # a request Triton no longer knows counts as not cancelled
-        return False
-
-
-def _as_batch(array):
+def _as_batch(array: np.ndarray) -> np.ndarray:
     """A BLS input (batch 1; scalars may arrive reshaped to [1]) as the [1, ...] array the next model expects."""
     return array.reshape(1, *array.shape[1:]) if array.ndim >= 2 else array.reshape(1, -1)
+
+
+def _output(response: pb_utils.InferenceResponse, name: str) -> np.ndarray:
+    """An output the called model always returns."""
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    if tensor is None:
+        raise RequestError(f"tensorrt_llm_bls: the response has no output {name}")
+    return tensor.as_numpy()
 
 
 class TritonPythonModel:
     """The `tensorrt_llm_bls` model: one thread per request, chaining the three models by BLS."""
 
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         config = load_model_config(args)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.accumulate_tokens = parse_bool(parameter(config, "accumulate_tokens"), False)
@@ -97,10 +74,10 @@ class TritonPythonModel:
         # cancelled streams under 4 concurrent clients wait 30 s for their first piece on tritonserver 2.51
         # (cause not found yet); without it a cancelled request's generation runs to its end, as before.
         self.stop_core_on_cancel = parse_bool(parameter(config, "stop_core_on_cancel"), False)
-        self._threads = set()
+        self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
 
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse] | None:
         if not self.decoupled:
             return [self._run_collect(request) for request in requests]
         for request in requests:
@@ -111,12 +88,12 @@ class TritonPythonModel:
         return None
 
     # one request ----------------------------------------------------------------------------------------
-    def _run_streaming(self, request):
+    def _run_streaming(self, request: pb_utils.InferenceRequest) -> None:
         sender = request.get_response_sender()
         message = None
         core_id = f"bls-{uuid.uuid4().hex}"
         try:
-            for response in self._generate(request, core_id, watch_cancellation=self.stop_core_on_cancel):
+            for response in self._generate(RequestInputs(request), core_id, watch_cancellation=self.stop_core_on_cancel):
                 sender.send(response)
         except RequestError as error:
             message = str(error)
@@ -135,9 +112,9 @@ class TritonPythonModel:
             with self._threads_lock:
                 self._threads.discard(threading.current_thread())
 
-    def _run_collect(self, request):
+    def _run_collect(self, request: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
         try:
-            responses = list(self._generate(request, f"bls-{uuid.uuid4().hex}"))
+            responses = list(self._generate(RequestInputs(request), f"bls-{uuid.uuid4().hex}"))
         except RequestError as error:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error)))
         except Exception as error:  # one failing request must not take the others of the batch with it
@@ -148,7 +125,7 @@ class TritonPythonModel:
                 "tensorrt_llm_bls: expected one response from tensorrt_llm without streaming"))
         return responses[0]
 
-    def _stop_core(self, core_id):
+    def _stop_core(self, core_id: str) -> None:
         """Ask tensorrt_llm to stop the request `core_id` (best effort: it may have finished already)."""
         inputs = [pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
                   pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
@@ -162,22 +139,23 @@ class TritonPythonModel:
         except Exception as error:
             pb_utils.Logger.log_warn(f"tensorrt_llm_bls: could not stop {core_id}: {error!r}")
 
-    def _generate(self, request, core_id, watch_cancellation=False):
+    def _generate(self, request: RequestInputs, core_id: str,
+                  watch_cancellation: bool = False) -> Iterator[pb_utils.InferenceResponse]:
         """Yield the client responses for one request; its tensorrt_llm request has the id `core_id`.
 
         With `watch_cancellation`, a request the client cancelled yields nothing more (and stops its
         tensorrt_llm request with `stop_core_on_cancel`); the rest of tensorrt_llm's responses are still read to its FINAL one (an iterator left
         unread keeps them in the stub: ~0.2 MB per cancelled request)."""
         for name in _UNSUPPORTED:
-            if _input(request, name) is not None:
+            if request.get(name) is not None:
                 raise RequestError(f"input {name}: multimodal inputs are not supported by this model")
-        draft = _input(request, "num_draft_tokens")
+        draft = request.get("num_draft_tokens")
         if draft is not None and int(draft.reshape(-1)[0]) > 0:
             raise RequestError("num_draft_tokens: speculative decoding is not supported by this model")
-        text = _input(request, "text_input")
+        text = request.require("text_input")
         if text.shape[0] != 1:
             raise RequestError(f"tensorrt_llm_bls takes one prompt per request, got a batch of {text.shape[0]}")
-        stream = _input(request, "stream")
+        stream = request.get("stream")
         streaming = bool(stream is not None and stream.reshape(-1)[0])
         if streaming and not self.decoupled:
             raise RequestError("streaming needs the decoupled transaction policy (render with decoupled=True)")
@@ -186,21 +164,21 @@ class TritonPythonModel:
         core_inputs = [pb_utils.Tensor(core_name, preprocessed[name]) for name, core_name in _PREPROCESSED.items()
                        if not (name in _SKIP_WHEN_EMPTY and preprocessed[name].size == 0)]
         for name, core_name in _CORE_INPUTS.items():
-            value = _input(request, name)
+            value = request.get(name)
             if value is None and name == "seed":  # the older name of seed
-                value = _input(request, "random_seed")
+                value = request.get("random_seed")
             if value is not None:
                 core_inputs.append(pb_utils.Tensor(core_name, _as_batch(value)))
         core_request = pb_utils.InferenceRequest(
             model_name=self.core_model, inputs=core_inputs, request_id=core_id,
             requested_output_names=["output_ids", "sequence_length", *_PASSTHROUGH_OUTPUTS])
         core_responses = core_request.exec(decoupled=True) if self.decoupled else [core_request.exec()]
-        accumulated = None
+        accumulated: np.ndarray | None = None
         stopped = False
         for core_response in core_responses:
             if stopped:
                 continue
-            if watch_cancellation and _is_cancelled(request):
+            if watch_cancellation and is_cancelled(request.request):
                 if self.stop_core_on_cancel:
                     self._stop_core(core_id)
                 stopped = True
@@ -211,7 +189,7 @@ class TritonPythonModel:
             if output_ids is None:  # the empty final response of a decoupled stream
                 continue
             tokens = output_ids.as_numpy()
-            lengths = pb_utils.get_output_tensor_by_name(core_response, "sequence_length").as_numpy()
+            lengths = _output(core_response, "sequence_length")
             if streaming and self.accumulate_tokens:
                 accumulated = tokens if accumulated is None else np.concatenate([accumulated, tokens], axis=-1)
                 tokens = accumulated
@@ -223,10 +201,10 @@ class TritonPythonModel:
                     outputs.append(pb_utils.Tensor(name, tensor.as_numpy()))
             yield pb_utils.InferenceResponse(output_tensors=outputs)
 
-    def _preprocess(self, request):
+    def _preprocess(self, request: RequestInputs) -> dict[str, np.ndarray]:
         inputs = []
         for name, pre_name in _PREPROCESSING_INPUTS.items():
-            value = _input(request, name)
+            value = request.get(name)
             if value is not None:
                 inputs.append(pb_utils.Tensor(pre_name, _as_batch(value)))
         response = pb_utils.InferenceRequest(
@@ -234,18 +212,18 @@ class TritonPythonModel:
             requested_output_names=list(_PREPROCESSED)).exec()
         if response.has_error():
             raise RequestError(response.error().message())
-        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in _PREPROCESSED}
+        return {name: _output(response, name) for name in _PREPROCESSED}
 
-    def _postprocess(self, tokens, lengths):
+    def _postprocess(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         response = pb_utils.InferenceRequest(
             model_name=self.postprocessing_model, requested_output_names=["OUTPUT"],
             inputs=[pb_utils.Tensor("TOKENS_BATCH", tokens.astype(np.int32)),
                     pb_utils.Tensor("SEQUENCE_LENGTH", lengths.astype(np.int32))]).exec()
         if response.has_error():
             raise RequestError(response.error().message())
-        return pb_utils.get_output_tensor_by_name(response, "OUTPUT").as_numpy()
+        return _output(response, "OUTPUT")
 
-    def finalize(self):
+    def finalize(self) -> None:
         with self._threads_lock:
             threads = list(self._threads)
         for thread in threads:
