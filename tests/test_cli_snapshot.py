@@ -117,6 +117,17 @@ def test_flag_defaults_are_the_settings_defaults() -> None:
     assert checked > 80
 
 
+def test_the_cli_imports_no_torch() -> None:
+    """The flags read their defaults from the settings modules at import time: those stay light, so
+    `gen-repo --help` does not load torch (seconds)."""
+    import subprocess
+    import sys
+
+    code = "import sys, generator.cli; print(sorted({'torch', 'numpy', 'fastapi'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+
+
 if __name__ == "__main__":
     SNAPSHOT.write_text(json.dumps(cli_options(), indent=1) + "\n")
     print(f"wrote {SNAPSHOT}")
