@@ -358,7 +358,8 @@ def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: 
 @click.option("--presence-penalty", type=float, default=None)
 @click.option("--frequency-penalty", type=float, default=None)
 @click.option("--exclude-input-in-output/--include-input-in-output", default=None,
-              help="Whether the answer repeats the prompt (default: the model's setting).")
+              help="Whether the answer repeats the prompt (default: the model's setting; a streamed answer "
+                   "only with --include-input-in-output, which prints the prompt first).")
 @click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
               help="Wait up to this many seconds for the server and model to be ready.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True)

@@ -77,6 +77,9 @@ class PipelineResult:
 def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click.echo) -> PipelineResult:
     """Run the whole job and return the output paths; prints one line per step."""
     check_sizes(settings)
+    from generator.serving.render import check_servable_path
+
+    check_servable_path(settings.output_dir / "triton_repo", "the output path")  # before hours of convert/build
     output = settings.output_dir.resolve()
     preset, hf_dir = _resolve_model(settings, output, echo)
     result = PipelineResult(output_dir=output, hf_dir=hf_dir, checkpoint_dir=output / "checkpoint",

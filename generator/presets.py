@@ -33,7 +33,7 @@ class Preset:
 
     name: str
     hf_id: str | None                # None for the offline tiny models
-    architecture: str                # "MPTForCausalLM" or "DbrxForCausalLM" (TensorRT-LLM's names)
+    architecture: str                # a registered architecture (generator.convert.models), by its TensorRT-LLM name
     description: str
     hidden_size: int
     num_attention_heads: int
@@ -62,6 +62,20 @@ class Preset:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def family(self) -> str:
+        """The registered architecture's short name ("mpt"), for messages and `gen-repo models`."""
+        from generator.convert.models import spec_class  # imports torch: only when asked
+
+        return spec_class(self.architecture).name
+
+    @property
+    def hf_model_types(self) -> tuple[str, ...]:
+        """HF `model_type` values of the registered architecture."""
+        from generator.convert.models import spec_class
+
+        return spec_class(self.architecture).hf_model_types
 
     @property
     def head_dim(self) -> int:
@@ -163,8 +177,8 @@ def resolve_checkpoint(preset: Preset, model_dir: Path | None = None, *, trust_r
         if not (model_dir / "config.json").is_file():
             raise GenRepoError(f"{model_dir} has no config.json: pass a Hugging Face checkpoint directory")
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-        expected = "dbrx" if preset.is_moe else "mpt"
-        if model_type is not None and model_type != expected:
+        expected = preset.family
+        if model_type is not None and model_type not in preset.hf_model_types:
             raise GenRepoError(f"{model_dir} holds a {model_type!r} checkpoint, but preset {preset.name} is "
                                f"{expected!r}: pick the matching preset or pass the directory as --model DIR")
         return model_dir
@@ -196,7 +210,7 @@ def models_table(gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> str:
               + "  ".join(f"{f:>9}" for f in formats))
     lines = [header, "-" * len(header)]
     for preset in PRESETS.values():
-        arch = "dbrx" if preset.is_moe else "mpt"
+        arch = preset.family
         sizes = "  ".join(f"{_human_bytes(preset.weight_bytes(f)):>9}" for f in formats)
         lines.append(f"{preset.name:<22} {preset.hf_id or '(offline)':<28} {arch:<6} "
                      f"{_human_count(preset.parameter_count()):>9}  {sizes}")

@@ -1,8 +1,10 @@
-"""Tiny random Hugging Face checkpoints (`tiny-mpt`, `tiny-dbrx`) built offline and deterministically.
+"""Tiny random Hugging Face checkpoints (`tiny-<architecture>`, e.g. `tiny-mpt`) built offline and deterministically.
 
 They let the whole job (convert -> build -> render -> serve) run on a laptop CPU in seconds. The weights are
 random, so the text is gibberish, but the numbers are exactly reproducible, which is what the parity tests need.
-The tokenizer is a byte-level BPE trained on `generator/data/tiny_corpus.txt`.
+Each registered architecture builds its own model (`ModelSpec.tiny_hf_model`); this module adds what all share:
+the sizes from the preset, the seed, and a byte-level BPE tokenizer trained on `generator/data/tiny_corpus.txt`,
+saved in the layout the architecture's real checkpoints ship (`ModelSpec.tiny_tokenizer`).
 """
 
 from __future__ import annotations
@@ -13,20 +15,29 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from generator.convert.models import TinyShape, spec_class, write_tiny_checkpoint
 from generator.errors import GenRepoError
-from generator.presets import Preset, get_preset
+from generator.presets import PRESETS, Preset, get_preset
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
-# A larger std than transformers' default so greedy logits are well separated and parity does not hinge on
-# float rounding.
-INIT_STD = 0.15
 SEED = 1234
-TINY_NAMES = ("tiny-mpt", "tiny-dbrx")
+# the presets generator.tiny builds: those marked offline (one per registered architecture)
+TINY_NAMES = tuple(name for name, preset in PRESETS.items() if preset.offline)
 _MARKER = "gen-repo-tiny.json"
 # The split regex of tokenizers' ByteLevel pre-tokenizer (GPT-2's), so tiktoken splits text the same way.
 GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def tiny_shape(preset: Preset, vocab_size: int) -> TinyShape:
+    """The tiny model's sizes: the preset's, with the trained tokenizer's vocabulary."""
+    return TinyShape(
+        hidden_size=preset.hidden_size, num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_key_value_heads, num_hidden_layers=preset.num_hidden_layers,
+        vocab_size=vocab_size, max_position_embeddings=preset.max_position_embeddings,
+        intermediate_size=preset.intermediate_size, num_experts=preset.num_experts,
+        experts_per_token=preset.experts_per_token, clip_qkv=preset.clip_qkv, rope_theta=preset.rope_theta)
 
 
 def make_tiny_model(name: str, out_dir: Path) -> Path:
@@ -34,6 +45,7 @@ def make_tiny_model(name: str, out_dir: Path) -> Path:
     preset = get_preset(name)
     if name not in TINY_NAMES:
         raise GenRepoError(f"{name} is not a tiny preset; tiny presets: {', '.join(TINY_NAMES)}")
+    spec = spec_class(preset.architecture)
     out_dir = Path(out_dir)
     marker = out_dir / _MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("name") == name:
@@ -43,12 +55,13 @@ def make_tiny_model(name: str, out_dir: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         tokenizer = train_tokenizer(preset.vocab_size)
-        if name == "tiny-mpt":
-            _save_mpt(preset, staging, tokenizer)
-            _save_hf_tokenizer(tokenizer, staging)
-        else:
-            _save_dbrx(preset, staging, tokenizer)
+        write_tiny_checkpoint(spec, staging, tiny_shape(preset, tokenizer.get_vocab_size()), seed=SEED,
+                              quiet_token_ids=quiet_token_ids(tokenizer), eos_token_id=0, pad_token_id=1,
+                              bos_token_id=0)
+        if spec.tiny_tokenizer == "tiktoken":
             _save_tiktoken_tokenizer(tokenizer, staging)
+        else:
+            _save_hf_tokenizer(tokenizer, staging)
         (staging / _MARKER).write_text(json.dumps({"name": name, "seed": SEED}) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -73,23 +86,6 @@ def train_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
-def _randomize(model: Any, seed: int, quiet_token_ids: list[int]) -> None:
-    """Random weights; the embedding / lm_head rows of `quiet_token_ids` are scaled down so greedy decoding
-    (almost) never picks them: random text made of raw bytes would not be valid UTF-8 piece by piece."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                # norms near 1 but not exactly, so a converter that drops them shows up in the parity tests
-                parameter.copy_(1.0 + 0.1 * torch.randn(parameter.shape, generator=generator))
-            else:
-                parameter.copy_(INIT_STD * torch.randn(parameter.shape, generator=generator))
-            if name.endswith(("wte.weight", "lm_head.weight")):
-                parameter[quiet_token_ids] *= 0.05
-
-
 def quiet_token_ids(tokenizer: Any) -> list[int]:
     """Special tokens and tokens holding bytes other than printable ASCII, space and newline."""
     byte_of_char = {char: byte for byte, char in _bytes_to_unicode().items()}
@@ -99,43 +95,6 @@ def quiet_token_ids(tokenizer: Any) -> list[int]:
                                                    for c in token):
             ids.append(token_id)
     return sorted(ids)
-
-
-def _save_mpt(preset: Preset, out_dir: Path, tokenizer: Any) -> None:
-    import torch
-    from transformers import MptConfig, MptForCausalLM
-
-    config = MptConfig(
-        d_model=preset.hidden_size, n_heads=preset.num_attention_heads, n_layers=preset.num_hidden_layers,
-        expansion_ratio=preset.intermediate_size // preset.hidden_size, max_seq_len=preset.max_position_embeddings,
-        vocab_size=tokenizer.get_vocab_size(), no_bias=True, norm_type="low_precision_layernorm",
-        attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": None, "attn_impl": "torch"},
-        eos_token_id=0, pad_token_id=1, bos_token_id=0)
-    torch.manual_seed(SEED)
-    model = MptForCausalLM(config).eval()
-    _randomize(model, SEED, quiet_token_ids(tokenizer))
-    model.save_pretrained(out_dir)
-
-
-def _save_dbrx(preset: Preset, out_dir: Path, tokenizer: Any) -> None:
-    import torch
-    from transformers import DbrxConfig, DbrxForCausalLM
-
-    theta = preset.rope_theta or 10000.0
-    # transformers 5.x reads RoPE from rope_parameters and ignores attn_config.rope_theta; write both.
-    config = DbrxConfig(
-        d_model=preset.hidden_size, n_heads=preset.num_attention_heads, n_layers=preset.num_hidden_layers,
-        max_seq_len=preset.max_position_embeddings, vocab_size=tokenizer.get_vocab_size(),
-        attn_config={"kv_n_heads": preset.num_key_value_heads, "clip_qkv": preset.clip_qkv, "rope_theta": theta},
-        ffn_config={"ffn_hidden_size": preset.intermediate_size, "moe_num_experts": preset.num_experts,
-                    "moe_top_k": preset.experts_per_token, "ffn_act_fn": {"name": "silu"},
-                    "moe_normalize_expert_weights": 1.0},
-        rope_parameters={"rope_theta": theta, "rope_type": "default"}, tie_word_embeddings=False,
-        eos_token_id=0, pad_token_id=1, bos_token_id=0)
-    torch.manual_seed(SEED)
-    model = DbrxForCausalLM(config).eval()
-    _randomize(model, SEED, quiet_token_ids(tokenizer))
-    model.save_pretrained(out_dir)
 
 
 def _save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
@@ -152,7 +111,7 @@ def _save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 
 
 def _save_tiktoken_tokenizer(tokenizer: Any, out_dir: Path) -> None:
-    """DBRX ships a tiktoken tokenizer: save the same BPE ranks in that layout (generator.formats.tokenizer owns it)."""
+    """The BPE in the tiktoken layout DBRX ships (generator.formats.tokenizer owns it): the same ranks."""
     from generator.formats.tokenizer import save_tiktoken_tokenizer
 
     save_tiktoken_tokenizer(bpe_ranks(tokenizer), {EOS_TOKEN: 0, PAD_TOKEN: 1}, out_dir, eos_token=EOS_TOKEN,

@@ -1,7 +1,6 @@
-"""Tiny random Hugging Face checkpoints for tests, built offline with transformers' config classes.
-
-Weights are drawn with a larger std than transformers' default so that greedy logits are well separated and
-parity does not hinge on float rounding.
+"""Tiny random Hugging Face checkpoints for tests: each registered architecture's own tiny factory
+(`ModelSpec.tiny_hf_model`, via `generator.convert.models.write_tiny_checkpoint`), here with the argument names the
+tests have always used.
 """
 
 from __future__ import annotations
@@ -12,62 +11,35 @@ from typing import Any
 
 import torch
 
-INIT_STD = 0.15
+from generator.convert.models import TinyShape, spec_class, write_tiny_checkpoint
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                # norms near 1 / biases near 0, but not exactly, so a wrong name map shows up
-                base = 1.0 if name.endswith("weight") else 0.0
-                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
-            else:
-                parameter.copy_(INIT_STD * torch.randn(parameter.shape, generator=generator))
+def make_tiny(architecture: str, out_dir: Path, shape: TinyShape | None = None, *, seed: int = 0,
+              **hf_overrides: Any) -> Path:
+    """Save a tiny random checkpoint of a registered architecture (TensorRT-LLM name) and return its dir."""
+    return write_tiny_checkpoint(spec_class(architecture), out_dir, shape, seed=seed, **hf_overrides)
 
 
 def make_mpt(out_dir: Path, *, seed: int = 0, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
              vocab_size: int = 512, max_seq_len: int = 128, attn_config: dict[str, Any] | None = None,
              **overrides: Any) -> Path:
     """Save a tiny random `MptForCausalLM` (ALiBi, no bias by default) to `out_dir` and return it."""
-    from transformers import MptConfig, MptForCausalLM
-
-    attn = {"alibi": True, "alibi_bias_max": 8, "clip_qkv": None, "attn_impl": "torch"}
-    attn.update(attn_config or {})
-    config = MptConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers, expansion_ratio=4,
-                       max_seq_len=max_seq_len, vocab_size=vocab_size, attn_config=attn,
-                       **{"no_bias": True, "norm_type": "low_precision_layernorm", **overrides})
-    torch.manual_seed(seed)
-    model = MptForCausalLM(config).eval()
-    _randomize(model, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    return out_dir
+    shape = TinyShape(hidden_size=d_model, num_attention_heads=n_heads, num_hidden_layers=n_layers,
+                      vocab_size=vocab_size, max_position_embeddings=max_seq_len)
+    return make_tiny("MPTForCausalLM", out_dir, shape, seed=seed, attn_config=attn_config or {}, **overrides)
 
 
 def make_dbrx(out_dir: Path, *, seed: int = 0, d_model: int = 64, n_heads: int = 4, kv_n_heads: int = 2,
               n_layers: int = 2, vocab_size: int = 512, max_seq_len: int = 128, num_experts: int = 4,
               top_k: int = 2, ffn_hidden_size: int = 96, clip_qkv: float | None = 8.0,
               rope_theta: float = 500000.0, normalize_expert_weights: float | None = 1.0) -> Path:
-    """Save a tiny random `DbrxForCausalLM` to `out_dir` and return it.
-
-    transformers 5.x ignores `attn_config.rope_theta` (it reads `rope_parameters`), so both are written.
-    """
-    from transformers import DbrxConfig, DbrxForCausalLM
-
-    config = DbrxConfig(
-        d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=max_seq_len, vocab_size=vocab_size,
-        attn_config={"kv_n_heads": kv_n_heads, "clip_qkv": clip_qkv, "rope_theta": rope_theta},
-        ffn_config={"ffn_hidden_size": ffn_hidden_size, "moe_num_experts": num_experts, "moe_top_k": top_k,
-                    "ffn_act_fn": {"name": "silu"}, "moe_normalize_expert_weights": normalize_expert_weights},
-        rope_parameters={"rope_theta": rope_theta, "rope_type": "default"}, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = DbrxForCausalLM(config).eval()
-    _randomize(model, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    return out_dir
+    """Save a tiny random `DbrxForCausalLM` to `out_dir` and return it."""
+    shape = TinyShape(hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=kv_n_heads,
+                      num_hidden_layers=n_layers, vocab_size=vocab_size, max_position_embeddings=max_seq_len,
+                      intermediate_size=ffn_hidden_size, num_experts=num_experts, experts_per_token=top_k,
+                      clip_qkv=clip_qkv, rope_theta=rope_theta)
+    return make_tiny("DbrxForCausalLM", out_dir, shape, seed=seed,
+                     ffn_config={"moe_normalize_expert_weights": normalize_expert_weights})
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int,

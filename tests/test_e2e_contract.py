@@ -351,3 +351,55 @@ def test_stop_request_ends_the_request_it_names(triton_server: RunningServer) ->
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
+
+
+# --- 4. exclude_input_in_output false: as TensorRT-LLM, the prompt comes back only in a whole answer -----------
+# TensorRT-LLM's executor (LlmRequest::createResult) returns prompt + new tokens only when not streaming; a
+# streamed result always holds just the tokens since the last one, whatever excludeInputFromOutput says, and the
+# inflight_batcher_llm ensemble / BLS decode what tensorrt_llm sends.
+
+
+@pytest.mark.parametrize("model", ["tensorrt_llm", "ensemble", "tensorrt_llm_bls"])
+def test_included_input_comes_back_whole_and_never_streamed(triton_server: RunningServer, model: str) -> None:
+    job, prompt = triton_server.job, PROMPTS[1]
+    prompt_ids = _hf_tokenizer(job.hf_dir).encode(prompt)
+    new_ids = list(_hf_new_ids(job.hf_dir, prompt))
+    answers = {}
+    for stream in (False, True):
+        values = (core_values(triton_server, prompt, stream) if model == "tensorrt_llm"
+                  else ensemble_values(prompt, stream))
+        values["exclude_input_in_output"] = np.array([[False]], dtype=bool)
+        responses, error, final = grpc_responses(triton_server.grpc_url, model, values)
+        assert error is None and final and responses, (stream, error)
+        if model == "tensorrt_llm":
+            answers[stream] = [int(t) for r in responses for t in r["output_ids"].reshape(-1)]
+            lengths = sum(int(r["sequence_length"].sum()) for r in responses)
+            assert lengths == len(answers[stream]), stream
+        else:
+            answers[stream] = joined_text(responses)
+    if model == "tensorrt_llm":
+        assert answers[False] == prompt_ids + new_ids
+        assert answers[True] == new_ids
+    else:
+        assert answers[False] == prompt + _decode(job, new_ids)
+        assert answers[True] == _decode(job, new_ids)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_infer_include_input_streams_the_prompt_first(triton_server: RunningServer, model: str,
+                                                      protocol: str) -> None:
+    """`gen-repo infer --stream --include-input-in-output` (issue 10 item 9): the prompt is the first piece and
+    the pieces join exactly to the non-streamed answer, which repeats the prompt."""
+    from generator.serving.client import InferSettings, generate
+
+    prompt = PROMPTS[2]
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    settings = InferSettings(prompt=prompt, url=url, protocol=protocol, model=model, max_tokens=NEW_TOKENS,
+                             exclude_input_in_output=False, timeout_s=120)
+    seen: list[str] = []
+    streamed = generate(InferSettings(**{**settings.__dict__, "stream": True}), on_piece=seen.append)
+    whole = generate(settings)
+    assert seen == streamed.pieces and streamed.pieces[0] == prompt and len(streamed.pieces) > 2
+    assert whole.text.startswith(prompt) and len(whole.text) > len(prompt)
+    assert streamed.text == whole.text

@@ -12,14 +12,14 @@ from click.testing import CliRunner
 
 from generator.cli import main
 from generator.pipeline import PipelineResult
-from generator.tiny import make_tiny_model
+from generator.tiny import TINY_NAMES, make_tiny_model
 
 
 def _digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("name", ["tiny-mpt", "tiny-dbrx"])
+@pytest.mark.parametrize("name", TINY_NAMES)
 def test_tiny_models_are_deterministic_and_load(name: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -390,3 +390,97 @@ def test_cpu_server_log_has_no_cuda_errors(triton_server: RunningServer) -> None
     assert "successfully loaded 'tensorrt_llm'" in log
     errors = [line for line in log.splitlines() if line.startswith("E") and "cuda" in line.lower()]
     assert errors == []
+
+
+def _stream_cancelled_after_first_piece(url: str, model: str) -> object:
+    """One streamed request cancelled (the gRPC stream closed) as soon as its first piece arrives; returns that
+    piece (or the error that came instead)."""
+    import queue as queue_module
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    results: queue_module.Queue[object] = queue_module.Queue()
+    client = grpcclient.InferenceServerClient(url=url)
+    client.start_stream(callback=lambda result, error: results.put(error or result))
+    inputs = []
+    for name, value, datatype in (("text_input", np.array([["What is machine learning?"]], dtype=object), "BYTES"),
+                                  ("max_tokens", np.array([[48]], dtype=np.int32), "INT32"),
+                                  ("stream", np.array([[True]], dtype=bool), "BOOL")):
+        tensor = grpcclient.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    client.async_stream_infer(model, inputs)
+    try:
+        return results.get(timeout=30)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def test_cancelled_ensemble_streams_are_released(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
+    """Issue 10 item 1: every cancelled ensemble stream ends inside tritonserver. Before, tritonserver 2.51
+    answered the postprocessing step of a cancelled ensemble from its batcher queue with CANCELLED and then
+    stopped counting the ensemble's other steps: all but a few of these streams stayed in flight for good
+    (~0.2 MB each), which shutdown reports as `Model 'ensemble' ... has N in-flight inferences`."""
+    from generator.serving.serve import stop_server
+    from tests.conftest import start_test_server
+
+    server, process = start_test_server(tiny_mpt_job, tmp_path / "tritonserver.log")
+    try:
+        firsts: list[object] = []
+
+        def worker() -> None:
+            for _ in range(10):
+                firsts.append(_stream_cancelled_after_first_piece(server.grpc_url, "ensemble"))
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        errors = [str(first) for first in firsts if isinstance(first, Exception)]
+        assert len(firsts) == 30 and errors == []
+        time.sleep(2)  # the cancellations land
+    finally:
+        stop_server(process, shm_prefix=server.shm_prefix)
+    in_flight = re.findall(r"Model '([^']+)' \(version \d+\) has (\d+) in-flight inferences", server.log_file.read_text())
+    assert in_flight == []
+
+
+#: invalid UTF-8 where the prompt and the word lists go; the error names the input and the first bad byte
+BAD_TEXT = [("text_input", {"text_input": b"caf\xe9 \xff"}, "text_input is not valid UTF-8: byte 0xe9 at offset 3"),
+            ("bad_words", {"text_input": b"Hello", "bad_words": b"\xff\xfe"},
+             "bad_words is not valid UTF-8: byte 0xff at offset 0"),
+            ("stop_words", {"text_input": b"Hello", "stop_words": b"\xc3("},
+             "stop_words is not valid UTF-8: byte 0xc3 at offset 0")]
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_text_that_is_not_utf8_is_one_clear_error(triton_server: RunningServer, model: str) -> None:
+    """Issue 10 item 8: bytes that are not UTF-8 in text_input / bad_words / stop_words, over gRPC (streamed or
+    not) and HTTP, are one line naming the input (before: a UnicodeDecodeError traceback with server paths);
+    the server serves on."""
+    import numpy as np
+
+    from tests.test_e2e_contract import grpc_responses
+
+    for label, fields, says in BAD_TEXT:
+        for stream in (False, True):
+            values = {name: np.array([[value]], dtype=object) for name, value in fields.items()}
+            values.update(max_tokens=np.array([[4]], dtype=np.int32), stream=np.array([[stream]], dtype=bool))
+            responses, error, final = grpc_responses(triton_server.grpc_url, model, values)
+            assert responses == [] and final and error is not None, (label, stream)
+            assert says in error and "\n" not in error and "Traceback" not in error and "/" not in error, error
+        body = b'{"max_tokens": 4, ' + b", ".join(b'"%s": "%s"' % (name.encode(), value)
+                                                   for name, value in fields.items()) + b"}"
+        request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/{model}/generate", data=body,
+                                         method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 400
+        message = json.loads(caught.value.read())["error"]
+        assert says in message and "\n" not in message and "/" not in message, message
+    from generator.serving.client import InferSettings, generate
+
+    assert generate(InferSettings(prompt="Hello", url=triton_server.grpc_url, model=model, max_tokens=4)).text

@@ -317,6 +317,24 @@ def test_deep_and_huge_bodies_are_refused_and_the_server_lives_on(front_url: str
     assert _client(front_url).completions.create(model="ensemble", prompt=PROMPT, **GREEDY).choices[0].text
 
 
+@pytest.mark.parametrize(("path", "raw", "says"), [
+    ("/v1/completions", b'{"model": "ensemble", "prompt": "caf\xe9 \xff", "max_tokens": 4}', "not valid UTF-8: byte 0xe9"),
+    ("/v1/chat/completions", b'{"model": "ensemble", "messages": [{"role": "user", "content": "\xff"}]}',
+     "not valid UTF-8: byte 0xff"),
+    ("/v1/completions", b'{"model": "ensemble", "prompt": "hi \\udcff", "max_tokens": 4}', "prompt holds a lone"),
+    ("/v1/completions", b'{"model": "ensemble", "prompt": "hi", "stop": ["\\ud800"], "stream": true}',
+     "stop holds a lone"),
+])
+def test_text_that_is_not_utf8_is_one_400(front_url: str, path: str, raw: bytes, says: str) -> None:
+    """Issue 10 item 8: undecodable bytes, or lone surrogate escapes that UTF-8 cannot carry, are one OpenAI-shaped
+    400 (a lone surrogate was a 500 with a traceback in the front's log); the front serves on."""
+    response = _post(front_url, path, None, raw=raw)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert says in message and "\n" not in message and "Traceback" not in message
+    assert _client(front_url).completions.create(model="ensemble", prompt=PROMPT, **GREEDY).choices[0].text
+
+
 def test_triton_unreachable_is_503() -> None:
     port = free_port()
     front = _start_front(OpenAISettings(triton_url=f"127.0.0.1:{free_port()}", port=port))

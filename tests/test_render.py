@@ -29,6 +29,7 @@ from generator.serving.render import (
     RepositoryLayout,
     TensorrtllmOptions,
     TextOptions,
+    check_servable_path,
     render_repository,
 )
 from generator.serving.validate import validate_repository
@@ -294,8 +295,9 @@ C2E65B8_CHANGES = {
     **{(model, "output", name): None for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls")
        for name in ("num_input_tokens", "num_output_tokens")},
 }
-#: models with dynamic_batching in the anchor
-ANCHOR_DYNAMIC_BATCHING = {"preprocessing", "postprocessing", "tensorrt_llm"}
+#: models with dynamic_batching: the anchor's, less postprocessing (its batcher queue made tritonserver 2.51 leak
+#: every cancelled ensemble stream; see templates/postprocessing.pbtxt.j2)
+ANCHOR_DYNAMIC_BATCHING = {"preprocessing", "tensorrt_llm"}
 
 
 def make_engine_dir(path: Path, engine_backend: str = "pytorch", world_size: int = 1, max_batch_size: int = 8,
@@ -755,3 +757,21 @@ def test_served_batch_and_cancellation(triton_server: object) -> None:
     assert len(stream(["def hello"], 100, cancel_after=2)) == 2
     # the cancelled request left the single tensorrt_llm instance free: the next one is served at once
     assert "".join(text for _, text in stream(["def hello"], 3))
+
+
+def test_paths_with_quotes_are_escaped_and_unservable_repository_paths_refused(tmp_path: Path) -> None:
+    """Issue 10 item 8: a path holding `"` or `\\` went into config.pbtxt unescaped (the repository did not parse).
+    Engine and tokenizer paths are now escaped; a repository path tritonserver's python backend cannot start
+    models from (it runs `bash -c` with the path unquoted) is refused in one line before anything is written."""
+    odd = tmp_path / 'odd "dir" \\ x'
+    odd.mkdir()
+    engine = make_engine_dir(odd / "engine")
+    tokenizer = make_tokenizer_dir(odd / "tokenizer")
+    repo = render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=tmp_path / "repo"))
+    assert load_config(repo, "preprocessing").parameters["tokenizer_dir"].string_value == str(tokenizer.resolve())
+    assert load_config(repo, "tensorrt_llm").parameters["gpt_model_path"].string_value == str(engine.resolve())
+    for name in ('we"ird', "a b", "back\\slash", "cost$1", "semi;colon"):
+        with pytest.raises(GenRepoError, match=r"unquoted `bash -c`"):
+            render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=tmp_path / name))
+        assert not (tmp_path / name).exists()
+    check_servable_path(tmp_path / "fine-dir_1.2/x+y=z@a,b:c%d", "x")

@@ -30,12 +30,12 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from generator.build.settings import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
+from generator.convert.models import registered_specs
 from generator.engine.config import read_config_json
 from generator.errors import ConfigError, GenRepoError
 from generator.formats.hf_checkpoint import read_safetensors_header
@@ -45,7 +45,6 @@ TRTLLM_VERSION = "1.2.1"
 TRITON_CONTAINER_TAG = "26.07"
 TRTLLM_CONTAINER = f"nvcr.io/nvidia/tritonserver:{TRITON_CONTAINER_TAG}-trtllm-python-py3"
 
-SUPPORTED_ARCHITECTURES = ("MPTForCausalLM", "DbrxForCausalLM")
 PLUGIN_DTYPES = ("float16", "bfloat16", "float32")
 # TensorRT-LLM 1.2's QuantAlgo names (tensorrt_llm/quantization/mode.py) and its KV_CACHE_QUANT_ALGO_LIST
 TRTLLM_QUANT_ALGOS = (
@@ -116,54 +115,25 @@ def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
     """Reject checkpoints trtllm-build cannot build (or would build into a different model), naming the
     config field; return their facts.
 
-    gen-repo's converter can write MPT variants that only its pytorch engine runs (docs in
-    generator/convert/models/mpt.py): biases, q/k LayerNorm and learned positions have no TensorRT-LLM counterpart.
-    TensorRT-LLM 1.2's MPT (`tensorrt_llm/models/mpt/model.py`) also hard-codes an MLP of 4 x hidden_size and
-    runs every layer on one pipeline stage (its forward has no send/recv between stages).
+    The architecture must be registered (`generator.convert.models`), and its spec's `check_trtllm_build` refuses what
+    TensorRT-LLM's model of it lacks (e.g. the MPT variants only gen-repo's pytorch engine runs).
     """
     facts = CheckpointFacts.from_config(config)
-    if facts.architecture not in SUPPORTED_ARCHITECTURES:
+    specs = registered_specs()
+    if facts.architecture not in specs:
         raise ConfigError(f"architecture {facts.architecture!r} cannot be built here "
-                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+                          f"(supported: {', '.join(specs)})")
     extensions = list(config.get("gen_repo_extensions") or [])
     if extensions:
         # e.g. plain_weight_only_layout: int8 weights without TensorRT-LLM's GPU-specific interleave, which
         # trtllm-build would not redo (it only quantizes weights that are still float)
         raise ConfigError(f"this checkpoint uses gen-repo extensions TensorRT-LLM cannot build "
                           f"(gen_repo_extensions: {', '.join(map(str, extensions))}); use --engine pytorch")
-    if facts.architecture == "MPTForCausalLM":
-        _check_mpt(config, facts)
+    specs[facts.architecture].check_trtllm_build(config, facts.mapping)
     if facts.quant_algo == "W4A16" and facts.weight_only_plugin_disabled:
         raise ConfigError("int4 weight-only (W4A16) needs the weight-only plugin, but the checkpoint sets "
                           "disable_weight_only_quant_plugin")
     return facts
-
-
-def _check_mpt(config: dict[str, Any], facts: CheckpointFacts) -> None:
-    if config.get("bias"):
-        raise ConfigError("bias: true (an MPT with no_bias false) is a gen-repo extension TensorRT-LLM's MPT "
-                          "cannot load; use --engine pytorch")
-    if config.get("qk_layernorm"):
-        raise ConfigError("qk_layernorm: true (MPT attn_config.qk_ln) is not supported by TensorRT-LLM's MPT; "
-                          "use --engine pytorch")
-    if config.get("position_embedding_type", "alibi") != "alibi":
-        raise ConfigError(f"position_embedding_type {config.get('position_embedding_type')!r}: TensorRT-LLM's "
-                          "MPT only builds ALiBi models; use --engine pytorch")
-    hidden = int(config["hidden_size"])
-    intermediate = config.get("intermediate_size")
-    if intermediate is not None and int(intermediate) != 4 * hidden:
-        raise ConfigError(f"intermediate_size {intermediate} (MPT expansion_ratio {int(intermediate) / hidden:g} "
-                          f"or ffn_config.ffn_hidden_size): TensorRT-LLM's MPT hard-codes an MLP of 4 x "
-                          f"hidden_size ({4 * hidden}); use --engine pytorch")
-    if facts.mapping.pipeline_parallel_size > 1:
-        raise ConfigError(f"mapping.pp_size {facts.mapping.pipeline_parallel_size}: TensorRT-LLM's MPT has no "
-                          "pipeline parallelism (its layers never pass hidden states between stages); convert "
-                          "with --pp-size 1 or use --engine pytorch")
-    epsilon = config.get("norm_epsilon")
-    if epsilon is not None and float(epsilon) != 1e-5:
-        # its final LayerNorm (ln_f) is built without eps, i.e. with 1e-5: a tiny numeric difference, not a refusal
-        print(f"warning: norm_epsilon {epsilon}: TensorRT-LLM's MPT uses 1e-5 in its final LayerNorm (ln_f)",
-              file=sys.stderr)
 
 
 def check_float_weight_only(checkpoint_dir: Path, facts: CheckpointFacts) -> None:

@@ -34,9 +34,13 @@ class MoeConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything the model runner and the executor read from an engine (or checkpoint) dir."""
+    """Everything the model runner and the executor read from an engine (or checkpoint) dir.
 
-    architecture: str
+    Deliberately without the checkpoint's `architecture`: the engine runs any model from these fields (position
+    embedding, activation, MoE section, clip_qkv, norms and biases by the tensors present), so an architecture
+    that needs something new adds a field its converter writes, not a name check here.
+    """
+
     dtype: torch.dtype
     vocab_size: int
     hidden_size: int
@@ -142,7 +146,6 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
         max_input_len = int(build.get("max_input_len") or min(1024, max_seq_len - 1))
         clip = pretrained.get("clip_qkv")
         return EngineConfig(
-            architecture=str(pretrained.get("architecture", "")),
             dtype=DTYPES[dtype_name],
             vocab_size=int(pretrained["vocab_size"]),
             hidden_size=hidden,

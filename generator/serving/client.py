@@ -84,11 +84,34 @@ def generate(settings: InferSettings, on_piece: Callable[[str], None] | None = N
     if settings.protocol not in DEFAULT_URLS:
         raise GenRepoError(f"unknown protocol {settings.protocol!r}: use grpc or http")
     url = settings.url or DEFAULT_URLS[settings.protocol]
+    _check_text(request_inputs(settings))
     if settings.wait_s > 0:
         wait_for_model(url, settings.protocol, settings.model, settings.wait_s)
+    # Streamed responses carry only new tokens whatever exclude_input_in_output says (as TensorRT-LLM's
+    # executor streams), so a streamed answer that should repeat the prompt gets it from here, first.
+    echo = settings.stream and settings.exclude_input_in_output is False
+    if echo and on_piece is not None:
+        on_piece(settings.prompt)
     if settings.protocol == "grpc":
-        return _generate_grpc(url, settings, on_piece)
-    return _generate_http(url, settings, on_piece)
+        output = _generate_grpc(url, settings, on_piece)
+    else:
+        output = _generate_http(url, settings, on_piece)
+    if echo:
+        output.pieces.insert(0, settings.prompt)
+        output.text = settings.prompt + output.text
+    return output
+
+
+def _check_text(values: dict[str, Any]) -> None:
+    """`GenRepoError` for text that cannot be sent as UTF-8 (e.g. undecodable bytes given on the command line)."""
+    for name, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise GenRepoError(f"{name} is not valid UTF-8 text (character {error.start}: "
+                                       f"{item[error.start]!r})") from None
 
 
 def infer(settings: InferSettings) -> InferOutput:

@@ -103,13 +103,38 @@ def parse_body(raw: bytes, max_depth: int) -> dict[str, Any]:
         body = json.loads(raw)
     except RecursionError:
         raise ApiError(400, f"the JSON body is nested more than {max_depth} levels deep") from None
-    except (ValueError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"the body is not valid UTF-8: byte 0x{raw[error.start]:02x} at offset {error.start} "
+                            f"({error.reason})") from None
+    except ValueError as error:
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     if json_depth(body) > max_depth:
         raise ApiError(400, f"the JSON body is nested more than {max_depth} levels deep")
+    for key, value in body.items():
+        if _has_lone_surrogate(value):
+            raise _bad(key, f"{key} holds a lone UTF-16 surrogate escape (e.g. \\ud800): not valid Unicode text")
     return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in parsed JSON holds a code point U+D800..U+DFFF (JSON escapes allow them; UTF-8 and
+    the tokenizer do not)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 @dataclass

@@ -444,7 +444,33 @@ def render_config(model_name: str, context: dict[str, Any]) -> str:
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
                                      undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                                      autoescape=False)
-    return environment.get_template(f"{model_name}.pbtxt.j2").render(**context)
+    # the top-level texts are what go into quoted string values (paths, parameters); nested data (tensor tables,
+    # model names) is pbtxt-safe already
+    escaped = {name: pbtxt_escape(value) for name, value in context.items()}
+    return environment.get_template(f"{model_name}.pbtxt.j2").render(**escaped)
+
+
+#: what tritonserver 2.51's python backend leaves alone in a model's path: it starts each stub with
+#: `bash -c "exec <stub> <repository>/<model>/1/model.py ..."`, the path unquoted, so a space, a quote, `\` or
+#: `$` there splits or rewrites it and the model never loads
+_SHELL_UNSAFE = re.compile(r"[^\w@%+=:,./-]")
+
+
+def check_servable_path(path: Path, what: str) -> None:
+    """`GenRepoError` when tritonserver could not load python models from a repository at `path`."""
+    unsafe = sorted(set(_SHELL_UNSAFE.findall(str(Path(path).absolute()))))
+    if unsafe:
+        raise GenRepoError(f"{what} {path} holds {' '.join(f'[{c}]' for c in unsafe)}: tritonserver's python "
+                           f"backend starts each model through an unquoted `bash -c` command line and cannot load "
+                           f"models from such a path; use letters, digits and . _ - / + = : , @ % only")
+
+
+def pbtxt_escape(value: Any) -> Any:
+    """A text the templates insert, escaped for a protobuf text-format string: a path holding `"` or `\\` (or a
+    newline) stays one string value. Names and enum words hold none of these, so escaping is a no-op there."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
 
 
 def render_repository(settings: RenderSettings) -> Path:
@@ -453,6 +479,7 @@ def render_repository(settings: RenderSettings) -> Path:
 
     info = engine_info(Path(settings.engine_dir))
     check_settings(settings, info)
+    check_servable_path(Path(settings.output_dir), "the repository path")
     context = template_context(settings, info)
     output = Path(settings.output_dir).resolve()
     names = context["model_names"]

@@ -373,6 +373,9 @@ def start_server(settings: ServeSettings) -> tuple[subprocess.Popen[bytes], Path
     repository = Path(settings.model_repository)
     if not repository.is_dir():
         raise GenRepoError(f"model repository {repository} does not exist (run `gen-repo --model ...` first)")
+    from generator.serving.render import check_servable_path
+
+    check_servable_path(repository, "the model repository")
     settings = resolve_settings(settings)
     install = find_tritonserver(settings.triton_bin)
     ensure_python_stub(install)

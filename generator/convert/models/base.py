@@ -1,19 +1,26 @@
-"""What every architecture file provides, and the tensor-parallel shard rules they share.
+"""What every architecture file provides, the registry it joins, and the tensor-parallel shard rules.
 
 A `ModelSpec` knows one architecture: how its HF config maps to a TensorRT-LLM config, which HF tensors make
 each TensorRT-LLM tensor (in the TP1 layout, the "canonical" tensor), and which `ShardRule` spreads that
 tensor over the tensor-parallel ranks. `generator.convert.job` applies the rules; `generator.convert.inspect` undoes
 them (`merge_shards`). Rules depend only on tensor names and the checkpoint's `ShardLayout`, so both
 directions read the same table.
+
+Besides conversion, the spec owns what the other stages would otherwise branch on by name: what INT8 KV
+calibration needs to load the model with transformers (`calibration_model`, `adapt_transformers_config`),
+what TensorRT-LLM's own model of the architecture refuses (`check_trtllm_build`), and a tiny random HF
+checkpoint of the architecture (`tiny_hf_model`), which `generator.tiny` and the tests' parity sweep use.
+A spec joins the registry with the `@register` decorator on its class; nothing else lists architectures.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
@@ -162,12 +169,36 @@ class CanonicalTensor:
     keep_float32: bool = False  # e.g. the MoE router, which TensorRT-LLM runs in float32
 
 
+@dataclass(frozen=True)
+class TinyShape:
+    """Sizes of a tiny random checkpoint; a field left None takes the architecture's own default
+    (e.g. MHA for KV heads, its usual FFN ratio). The names follow `generator.presets.Preset`."""
+
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    num_hidden_layers: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 128
+    intermediate_size: int | None = None
+    num_experts: int = 4
+    experts_per_token: int = 2
+    clip_qkv: float | None = None
+    rope_theta: float | None = None
+
+
 class ModelSpec(ABC):
     """All knowledge of one architecture. Construct from the HF config dict; raises ConfigError on
     anything unsupported, naming the config field."""
 
+    name: ClassVar[str]  # short family name: tiny preset `tiny-<name>`, the `gen-repo models` arch column
     architecture: ClassVar[str]  # the TensorRT-LLM `architecture` string
-    calibration_module_suffix: ClassVar[str]  # HF module whose output is the fused QKV (for INT8 KV)
+    hf_model_types: ClassVar[tuple[str, ...]]  # HF config `model_type` values this spec reads
+    hf_architectures: ClassVar[tuple[str, ...]] = ()  # HF `architectures` entries besides `architecture`
+    # INT8 KV calibration: a regex over the HF model's module names matching the module whose output is the
+    # fused QKV, group 1 the layer index
+    calibration_qkv_modules: ClassVar[str]
+    tiny_tokenizer: ClassVar[Literal["hf", "tiktoken"]] = "hf"  # the layout the real checkpoints ship
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         self.hf_config = hf_config
@@ -179,6 +210,7 @@ class ModelSpec(ABC):
     num_key_value_heads: int
     vocab_size: int
     intermediate_size: int
+    max_seq_len: int  # the longest sequence the model was trained for (HF max_seq_len / max_position_embeddings)
 
     @property
     def head_size(self) -> int:
@@ -252,6 +284,31 @@ class ModelSpec(ABC):
                 raise ConfigError(f"HF tensor {name} has shape {list(checkpoint.shape(name))}, the config implies "
                                   f"{list(shape)}")
 
+    # --- what other stages ask the architecture -------------------------------------------------------------
+
+    @classmethod
+    def check_trtllm_build(cls, config: dict[str, Any], mapping: Mapping) -> None:
+        """Refuse (ConfigError naming the field) a checkpoint config TensorRT-LLM's model of this architecture
+        cannot build, or would build into a different model. Default: everything the converter writes."""
+        return None
+
+    def calibration_model(self, model_dir: Path, trust_remote_code: bool) -> torch.nn.Module | None:
+        """The float32 CPU HF model INT8 KV calibration runs, when `AutoModelForCausalLM` cannot load it
+        as is; None lets the caller use `AutoModelForCausalLM` (after `adapt_transformers_config`)."""
+        return None
+
+    @classmethod
+    def adapt_transformers_config(cls, config: Any) -> None:
+        """Fix, in place, what the installed transformers misreads in this architecture's config."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def tiny_hf_model(cls, shape: TinyShape, **hf_overrides: Any) -> torch.nn.Module:
+        """A transformers model of this architecture with `shape`'s sizes (weights as transformers
+        initialises them; `write_tiny_checkpoint` randomizes and saves it). `hf_overrides` are HF config
+        fields, merged into nested dicts (e.g. `attn_config={"clip_qkv": 0.6}` keeps the other keys)."""
+
     def rank_tensors(self, mapping: Mapping) -> Iterator[tuple[str, CanonicalTensor]]:
         """(local name, canonical tensor) for every tensor `mapping`'s rank holds, layers renumbered locally."""
         layers = mapping.pp_layers(self.num_layers)
@@ -299,3 +356,82 @@ def positive_int(config: dict[str, Any], key: str, where: str = "", default: Any
     if number < 1:
         raise ConfigError(f"{where}{key} must be at least 1, got {value!r}")
     return number
+
+
+def merged_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`defaults` updated with `overrides`, nested dicts merged one level deep (`attn_config`, `ffn_config`)."""
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+# A larger std than transformers' default so greedy logits are well separated and parity does not hinge on
+# float rounding.
+TINY_INIT_STD = 0.15
+
+
+def randomize(model: torch.nn.Module, seed: int, quiet_token_ids: Sequence[int] = ()) -> None:
+    """Deterministic random weights for a tiny model. The embedding / lm_head rows of `quiet_token_ids` are
+    scaled down so greedy decoding (almost) never picks them (e.g. tokens that are not valid UTF-8 alone)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                # norms near 1 / biases near 0, but not exactly, so a converter that drops or misnames them
+                # shows up in the parity tests
+                base = 1.0 if name.endswith("weight") else 0.0
+                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
+            else:
+                parameter.copy_(TINY_INIT_STD * torch.randn(parameter.shape, generator=generator))
+        if quiet_token_ids:
+            tables = [model.get_input_embeddings().weight]  # type: ignore[operator]
+            output = model.get_output_embeddings()  # type: ignore[operator]
+            if output is not None and output.weight is not tables[0]:
+                tables.append(output.weight)
+            for table in tables:
+                table[list(quiet_token_ids)] *= 0.05
+
+
+def write_tiny_checkpoint(spec_class: type[ModelSpec], out_dir: Path, shape: TinyShape | None = None, *,
+                          seed: int = 0, quiet_token_ids: Sequence[int] = (), **hf_overrides: Any) -> Path:
+    """Save a tiny random HF checkpoint of `spec_class`'s architecture to `out_dir` (weights only, no
+    tokenizer) and return it; the same `seed` and arguments give the same bytes."""
+    torch.manual_seed(seed)
+    model = spec_class.tiny_hf_model(shape or TinyShape(), **hf_overrides).eval()
+    randomize(model, seed, quiet_token_ids)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)  # type: ignore[operator]
+    return out_dir
+
+
+# --- the registry --------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[ModelSpec]] = {}  # TensorRT-LLM architecture -> spec class, in registration order
+SpecClass = TypeVar("SpecClass", bound=type[ModelSpec])
+
+
+def register(spec_class: SpecClass) -> SpecClass:
+    """Class decorator: make an architecture known to convert, inspect, calibration, trtllm-build's checks,
+    the tiny models and the registry-wide parity test. Keyed by `architecture`, `hf_model_types` and
+    `hf_architectures`, which must not collide with another spec's."""
+    keys = {spec_class.architecture.lower(), *(t.lower() for t in spec_class.hf_model_types),
+            *(a.lower() for a in spec_class.hf_architectures)}
+    for other in _REGISTRY.values():
+        if other is spec_class or other.__qualname__ == spec_class.__qualname__:
+            continue  # a module imported twice registers the same class again
+        taken = keys & {other.architecture.lower(), *(t.lower() for t in other.hf_model_types),
+                        *(a.lower() for a in other.hf_architectures)}
+        if taken:
+            raise ValueError(f"{spec_class.__name__} claims {sorted(taken)}, already {other.__name__}'s")
+    _REGISTRY[spec_class.architecture] = spec_class
+    return spec_class
+
+
+def registered_specs() -> dict[str, type[ModelSpec]]:
+    """TensorRT-LLM architecture name -> spec class of every registered architecture."""
+    return dict(_REGISTRY)

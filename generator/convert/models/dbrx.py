@@ -19,11 +19,15 @@ their p-norm (`moe_normalize_expert_weights` = p) when p is set. TensorRT-LLM's 
 NONE (0) equals p = null. The config always carries `moe_normalize_expert_weights` too, so gen-repo's engine can
 follow transformers exactly for any p (TensorRT-LLM ignores the extra key; for p other than 1 or null the
 config also lists it in `gen_repo_extensions`, since TensorRT-LLM would renormalize with p = 1).
+
+Beyond conversion: transformers 5 reads DBRX's RoPE base from `rope_parameters` (not `attn_config.rope_theta`)
+and wants a float normalization exponent, so calibration fixes the loaded config
+(`adapt_transformers_config`); the real checkpoints ship a tiktoken tokenizer, and so does the tiny model.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -33,9 +37,12 @@ from generator.convert.models.base import (
     ModelSpec,
     ShardRule,
     TensorSource,
+    TinyShape,
     config_value,
     hf_get,
+    merged_config,
     positive_int,
+    register,
 )
 from generator.convert.models.mpt import mpt_shard_rule
 from generator.errors import ConfigError
@@ -46,11 +53,15 @@ NORMALIZATION_NONE = 0
 NORMALIZATION_RENORMALIZE = 1
 
 
+@register
 class DbrxSpec(ModelSpec):
     """DBRX, configured from the HF config.json."""
 
+    name: ClassVar[str] = "dbrx"
     architecture: ClassVar[str] = "DbrxForCausalLM"
-    calibration_module_suffix: ClassVar[str] = "norm_attn_norm.attn.Wqkv"
+    hf_model_types: ClassVar[tuple[str, ...]] = ("dbrx",)
+    calibration_qkv_modules: ClassVar[str] = r"(?:^|\.)blocks\.(\d+)\.norm_attn_norm\.attn\.Wqkv$"
+    tiny_tokenizer: ClassVar[Literal["hf", "tiktoken"]] = "tiktoken"
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__(hf_config)
@@ -202,6 +213,38 @@ class DbrxSpec(ModelSpec):
     @classmethod
     def shard_rule(cls, name: str) -> ShardRule:
         return dbrx_shard_rule(name)
+
+    # --- other stages --------------------------------------------------------------------------------------
+
+    @classmethod
+    def adapt_transformers_config(cls, config: Any) -> None:
+        """transformers 5 reads RoPE from `rope_parameters` and wants a float normalization exponent."""
+        attn, ffn = getattr(config, "attn_config", None), getattr(config, "ffn_config", None)
+        theta = getattr(attn, "rope_theta", None)
+        if theta is not None:
+            config.rope_parameters = {"rope_theta": float(theta), "rope_type": "default"}
+        norm = getattr(ffn, "moe_normalize_expert_weights", None)
+        if isinstance(norm, int):
+            ffn.moe_normalize_expert_weights = float(norm)  # type: ignore[union-attr]
+
+    @classmethod
+    def tiny_hf_model(cls, shape: TinyShape, **hf_overrides: Any) -> torch.nn.Module:
+        from transformers import DbrxConfig, DbrxForCausalLM
+
+        theta = shape.rope_theta or 10000.0
+        # transformers' DBRX clamps with clip_qkv unconditionally (None fails): default to the real models' 8
+        clip = 8.0 if shape.clip_qkv is None else shape.clip_qkv
+        fields = {
+            "d_model": shape.hidden_size, "n_heads": shape.num_attention_heads, "n_layers": shape.num_hidden_layers,
+            "max_seq_len": shape.max_position_embeddings, "vocab_size": shape.vocab_size,
+            "attn_config": {"kv_n_heads": shape.num_key_value_heads or shape.num_attention_heads,
+                            "clip_qkv": clip, "rope_theta": theta},
+            "ffn_config": {"ffn_hidden_size": shape.intermediate_size or 3 * shape.hidden_size // 2,
+                           "moe_num_experts": shape.num_experts, "moe_top_k": shape.experts_per_token,
+                           "ffn_act_fn": {"name": "silu"}, "moe_normalize_expert_weights": 1.0},
+            # transformers 5.x reads RoPE from rope_parameters and ignores attn_config.rope_theta: write both
+            "rope_parameters": {"rope_theta": theta, "rope_type": "default"}, "tie_word_embeddings": False}
+        return DbrxForCausalLM(DbrxConfig(**merged_config(fields, hf_overrides)))
 
 
 def dbrx_shard_rule(name: str) -> ShardRule:

@@ -38,11 +38,22 @@ them, so `generator.convert.job` prints a note and lists the ones used in the co
 Everything else that changes the forward pass (softmax_scale, prefix_lm, attn_uses_sequence_id, rope,
 sliding windows, embedding_fraction != 1, other norm types, GLU or Transformer-Engine FFNs) fails with a
 ConfigError naming the field.
+
+Beyond conversion (the rest of the MPT knowledge, asked for through `ModelSpec`):
+- trtllm-build: TensorRT-LLM 1.2's MPT (`tensorrt_llm/models/mpt/model.py`) has none of the extensions above,
+  hard-codes an MLP of 4 x hidden_size and runs every layer on one pipeline stage (`check_trtllm_build`).
+- INT8 KV calibration: transformers' `MptForCausalLM` is MHA only (it ignores `attn_config.attn_type` and
+  `kv_n_heads`) and builds no biases, q/k LayerNorms or learned positions, so calibration loads the weights into
+  an MHA model with the KV heads repeated, or refuses and asks for the checkpoint's own code
+  (`calibration_model`).
+- The tiny model: transformers' `MptForCausalLM` with ALiBi and no biases (`tiny_hf_model`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -53,22 +64,28 @@ from generator.convert.models.base import (
     ModelSpec,
     ShardRule,
     TensorSource,
+    TinyShape,
     config_value,
     hf_get,
+    merged_config,
     positive_int,
+    register,
 )
-from generator.errors import ConfigError
+from generator.errors import ConfigError, GenRepoError
 from generator.formats.hf_checkpoint import HFCheckpoint
 from generator.formats.mapping import Mapping
 
 SUPPORTED_NORMS = ("low_precision_layernorm", "layernorm")
 
 
+@register
 class MptSpec(ModelSpec):
     """MPT family, configured from the HF (llm-foundry) config.json."""
 
+    name: ClassVar[str] = "mpt"
     architecture: ClassVar[str] = "MPTForCausalLM"
-    calibration_module_suffix: ClassVar[str] = "attn.Wqkv"
+    hf_model_types: ClassVar[tuple[str, ...]] = ("mpt",)
+    calibration_qkv_modules: ClassVar[str] = r"(?:^|\.)blocks\.(\d+)\.attn\.Wqkv$"
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__(hf_config)
@@ -309,6 +326,103 @@ class MptSpec(ModelSpec):
     @classmethod
     def shard_rule(cls, name: str) -> ShardRule:
         return mpt_shard_rule(name)
+
+    # --- other stages --------------------------------------------------------------------------------------
+
+    @classmethod
+    def check_trtllm_build(cls, config: dict[str, Any], mapping: Mapping) -> None:
+        if config.get("bias"):
+            raise ConfigError("bias: true (an MPT with no_bias false) is a gen-repo extension TensorRT-LLM's MPT "
+                              "cannot load; use --engine pytorch")
+        if config.get("qk_layernorm"):
+            raise ConfigError("qk_layernorm: true (MPT attn_config.qk_ln) is not supported by TensorRT-LLM's "
+                              "MPT; use --engine pytorch")
+        if config.get("position_embedding_type", "alibi") != "alibi":
+            raise ConfigError(f"position_embedding_type {config.get('position_embedding_type')!r}: "
+                              "TensorRT-LLM's MPT only builds ALiBi models; use --engine pytorch")
+        hidden = int(config["hidden_size"])
+        intermediate = config.get("intermediate_size")
+        if intermediate is not None and int(intermediate) != 4 * hidden:
+            raise ConfigError(f"intermediate_size {intermediate} (MPT expansion_ratio "
+                              f"{int(intermediate) / hidden:g} or ffn_config.ffn_hidden_size): TensorRT-LLM's MPT "
+                              f"hard-codes an MLP of 4 x hidden_size ({4 * hidden}); use --engine pytorch")
+        if mapping.pipeline_parallel_size > 1:
+            raise ConfigError(f"mapping.pp_size {mapping.pipeline_parallel_size}: TensorRT-LLM's MPT has no "
+                              "pipeline parallelism (its layers never pass hidden states between stages); "
+                              "convert with --pp-size 1 or use --engine pytorch")
+        epsilon = config.get("norm_epsilon")
+        if epsilon is not None and float(epsilon) != 1e-5:
+            # its final LayerNorm (ln_f) is built without eps, i.e. with 1e-5: a tiny numeric difference
+            print(f"warning: norm_epsilon {epsilon}: TensorRT-LLM's MPT uses 1e-5 in its final LayerNorm (ln_f)",
+                  file=sys.stderr)
+
+    def calibration_model(self, model_dir: Path, trust_remote_code: bool) -> torch.nn.Module | None:
+        """With the checkpoint's own code (llm-foundry), AutoModel; else transformers' MptForCausalLM (MHA only)
+        holding the checkpoint's weights, GQA/MQA KV heads repeated.
+
+        A query head h of llm-foundry's GQA attends KV head h // (heads / kv_heads); repeating each KV head that
+        many times gives an MHA model with the same attention, and the repeated Wqkv rows do not change max |QKV|.
+        """
+        if trust_remote_code:
+            return None
+        from transformers import MptConfig, MptForCausalLM
+
+        lacking = [feature for feature, present in (
+            ("attn_config.qk_ln", self.qk_layernorm),
+            ("learned positions (attn_config.alibi false)", self.learned_positions),
+            ("biases (no_bias false)", self.bias),
+            ("attn_config.alibi_bias_max other than 8", self.alibi_bias_max != 8),
+            ("ffn sizes other than an integer expansion_ratio", self.intermediate_size % self.hidden_size),
+        ) if present]
+        if lacking:
+            raise GenRepoError("INT8 KV calibration runs the model with transformers' MPT, which lacks "
+                               f"{', '.join(lacking)}; pass --trust-remote-code to use the checkpoint's own code")
+        d, heads, kv_heads, head_size = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, \
+            self.head_size
+        config = MptConfig(d_model=d, n_heads=heads, n_layers=self.num_layers, max_seq_len=self.max_seq_len,
+                           expansion_ratio=self.intermediate_size // d, vocab_size=self.vocab_size, no_bias=True,
+                           layer_norm_epsilon=self.norm_epsilon, tie_word_embeddings=self.tied,
+                           attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": self.clip_qkv,
+                                        "attn_type": "multihead_attention"})
+        with torch.device("meta"):
+            model = MptForCausalLM(config)
+        checkpoint = HFCheckpoint(model_dir)
+        state = {}
+        for name in checkpoint.names():
+            tensor = checkpoint.get(name).float()
+            if name.endswith("attn.Wqkv.weight") and kv_heads != heads:
+                q, k, v = tensor.split([d, kv_heads * head_size, kv_heads * head_size])
+                k, v = (part.view(kv_heads, head_size, d).repeat_interleave(heads // kv_heads, dim=0)
+                        .reshape(d, d) for part in (k, v))
+                tensor = torch.cat([q, k, v])
+            state["lm_head.weight" if name.endswith("lm_head.weight") else name] = tensor
+        if self.tied:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as error:
+            raise GenRepoError(f"INT8 KV calibration cannot load {model_dir} into transformers' MPT: "
+                               f"{error}") from error
+        if self.tied:
+            model.tie_weights()
+        return model.eval()
+
+    @classmethod
+    def tiny_hf_model(cls, shape: TinyShape, **hf_overrides: Any) -> torch.nn.Module:
+        from transformers import MptConfig, MptForCausalLM
+
+        if shape.num_key_value_heads not in (None, shape.num_attention_heads):
+            raise GenRepoError("transformers' MptForCausalLM is MHA only: a tiny MPT has as many KV heads as heads")
+        intermediate = shape.intermediate_size or 4 * shape.hidden_size
+        if intermediate % shape.hidden_size:
+            raise GenRepoError(f"a tiny MPT's intermediate_size ({intermediate}) must be a multiple of its "
+                               f"hidden_size ({shape.hidden_size}): transformers takes an expansion_ratio")
+        fields = {
+            "d_model": shape.hidden_size, "n_heads": shape.num_attention_heads, "n_layers": shape.num_hidden_layers,
+            "expansion_ratio": intermediate // shape.hidden_size, "max_seq_len": shape.max_position_embeddings,
+            "vocab_size": shape.vocab_size, "no_bias": True, "norm_type": "low_precision_layernorm",
+            "attn_config": {"alibi": True, "alibi_bias_max": 8, "clip_qkv": shape.clip_qkv, "attn_impl": "torch"}}
+        return MptForCausalLM(MptConfig(**merged_config(fields, hf_overrides)))
 
 
 def mpt_shard_rule(name: str) -> ShardRule:

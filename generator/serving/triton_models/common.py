@@ -157,11 +157,23 @@ def from_word_list_format(word_list: np.ndarray) -> list[list[int]]:
     return sequences
 
 
-def decode_strings(array: np.ndarray) -> list[str]:
-    """A numpy array of Triton BYTES (bytes or str objects) -> list of str."""
+class InvalidText(RequestError):
+    """A BYTES input that is not UTF-8 text: the request's fault, answered with this one-line message."""
+
+
+def decode_strings(array: np.ndarray, name: str = "input") -> list[str]:
+    """A numpy array of Triton BYTES (bytes or str objects) -> list of str; `InvalidText` names `name` and the
+    first byte that is not UTF-8."""
     out = []
     for item in np.asarray(array).reshape(-1):
-        out.append(item.decode("utf-8") if isinstance(item, bytes) else str(item))
+        if not isinstance(item, bytes):
+            out.append(str(item))
+            continue
+        try:
+            out.append(item.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidText(f"{name} is not valid UTF-8: byte 0x{item[error.start]:02x} at offset {error.start} "
+                              f"({error.reason})") from None
     return out
 
 

@@ -51,7 +51,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._process(RequestInputs(request))))
-            except RequestError as error:
+            except RequestError as error:  # the request's fault (InvalidText too): one line, no traceback
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))))
         return responses
 
@@ -67,7 +67,7 @@ class TritonPythonModel:
                     raise RequestError(f"text_input is {size} bytes, more than {self.max_input_len} tokens "
                                        f"(the engine's max_input_len) can hold: at most {self.max_prompt_bytes} "
                                        f"bytes with this tokenizer")
-        queries = [decode_strings(row)[0] for row in rows]
+        queries = [decode_strings(row, "text_input")[0] for row in rows]
         batch_size = len(queries)
         output_len = request.require("REQUEST_OUTPUT_LEN").astype(np.int32).reshape(batch_size, -1)
         if (output_len <= 0).any():
@@ -123,7 +123,8 @@ class TritonPythonModel:
         value = request.get(name)
         if value is None:
             return np.zeros((batch_size, 2, 0), dtype=np.int32)
-        words = [[word for word in decode_strings(row) if word] for row in value.reshape(batch_size, -1)]
+        label = {"STOP_WORDS_DICT": "stop_words", "BAD_WORDS_DICT": "bad_words"}.get(name, name)
+        words = [[word for word in decode_strings(row, label) if word] for row in value.reshape(batch_size, -1)]
         return to_word_list_format(words, lambda word: self.tokenizer.encode(word, add_special_tokens=False))
 
     def _embedding_bias(self, request: RequestInputs, batch_size: int) -> np.ndarray:
@@ -135,7 +136,7 @@ class TritonPythonModel:
         weights = weights.reshape(batch_size, -1)
         bias = np.zeros((batch_size, self.tokenizer.vocab_size), dtype=np.float32)
         for row in range(batch_size):
-            row_words = decode_strings(words[row])
+            row_words = decode_strings(words[row], "embedding_bias_words")
             if len(row_words) != len(weights[row]):
                 raise RequestError("embedding_bias_words and embedding_bias_weights must have the same length")
             for word, weight in zip(row_words, weights[row], strict=True):
