@@ -28,7 +28,6 @@ from generator.build import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN, BuildSet
 from generator.convert import ConvertSettings
 from generator.errors import ConfigError, GenRepoError
 from generator.presets import PRESETS, Preset, get_preset, resolve_checkpoint
-from generator.tiny import TINY_NAMES, make_tiny_model
 
 # Files a tokenizer dir may need; anything else in the HF dir (weights, remote code) stays behind.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -126,7 +125,9 @@ def _resolve_model(settings: PipelineSettings, output: Path,
     """(preset or None, local HF checkpoint dir); tiny presets are generated into `<output>/hf`."""
     if settings.model in PRESETS:
         preset = get_preset(settings.model)
-        if settings.model in TINY_NAMES:
+        if preset.offline:  # a tiny preset (generator.tiny.TINY_NAMES); torch loads only when one is made
+            from generator.tiny import make_tiny_model
+
             hf_dir = output / "hf"
             verb = "reusing" if (hf_dir / "config.json").is_file() else "creating"
             echo(f"[0/4] {verb} {preset.name} in {hf_dir}")
