@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-serving", action="store_true")
     parser.add_argument("--response-threads", type=int, nargs="*", default=[],
                         help="serve once per value (tensorrt_llm's response_threads parameter), same job")
+    parser.add_argument("--postprocessing-batching", action="store_true",
+                        help="serve once more with `dynamic_batching {}` on postprocessing, as NVIDIA's template "
+                             "has it (we render it without: a cancelled ensemble stream leaks in 2.51)")
     return parser.parse_args()
 
 
@@ -242,6 +245,13 @@ def main() -> None:
                                               f'"{threads}" }} }}\n')
         serve_levels(args, result.triton_repo, report, threads)
     config_path.write_text(original)
+    if args.postprocessing_batching:
+        post_config = result.triton_repo / "postprocessing" / "config.pbtxt"
+        post_original = post_config.read_text()
+        post_config.write_text(post_original + "dynamic_batching {\n}\n")
+        report["served_postprocessing_batching_from"] = len(report["served"])
+        serve_levels(args, result.triton_repo, report, None)
+        post_config.write_text(post_original)
     if args.engine:
         cmd = [sys.executable, "-m", "generator.bench.engine", "--hidden", str(args.hidden), "--layers",
                str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--dtype", args.dtype,

@@ -14,15 +14,11 @@ import click
 
 from generator.bench.eval import DEFAULT_MAX_INPUT_LEN as EVAL_MAX_INPUT_LEN
 from generator.bench.eval import EvalSettings
-from generator.build import (
-    DEFAULT_MAX_INPUT_LEN,
-    DEFAULT_MAX_NUM_TOKENS,
-    DEFAULT_MAX_SEQ_LEN,
-    ENGINE_BACKENDS,
-    BuildSettings,
-)
+from generator.build import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_NUM_TOKENS, DEFAULT_MAX_SEQ_LEN, BuildSettings
 from generator.convert import ConvertSettings
 from generator.errors import GenRepoError
+from generator.formats.dtypes import DTYPE_CHOICES
+from generator.formats.engine_dir import ENGINE_BACKENDS
 from generator.pipeline import PipelineSettings
 from generator.presets import DEFAULT_GPU_MEMORY_GIB
 from generator.run import RunSettings
@@ -58,7 +54,7 @@ class _Group(click.Group):
               help="Directory for the whole job's output (checkpoint/, engine/, tokenizer/, triton_repo/).")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local Hugging Face checkpoint for a real preset (e.g. --model mpt-7b --model-dir ./mpt-7b).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Checkpoint dtype (default: the preset's; auto = the HF checkpoint's).")
 @click.option("--tp-size", "tensor_parallel_size", type=int, default=None,
               help=f"Tensor-parallel size (default: the preset's, else {ConvertSettings.tensor_parallel_size}).")
@@ -115,7 +111,7 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="TensorRT-LLM checkpoint directory to write (config.json + rank{r}.safetensors); replaced "
               "if it already holds a checkpoint.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=ConvertSettings.dtype,
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=ConvertSettings.dtype,
               show_default=True, help="Weight dtype of the checkpoint; auto keeps the HF checkpoint's dtype.")
 @click.option("--tp-size", "tensor_parallel_size", type=int, default=ConvertSettings.tensor_parallel_size,
               show_default=True,
@@ -546,7 +542,7 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
 @click.option("--rouge-threshold", type=float, default=EvalSettings.rouge_threshold, show_default=True,
               help="ROUGE-1 (x100) the engine paths must exceed with --check-accuracy.")
 @click.option("--device", default=None, help="Device for the engine and transformers (default: cuda if present).")
-@click.option("--hf-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+@click.option("--hf-dtype", type=click.Choice(DTYPE_CHOICES),
               default=EvalSettings.hf_dtype, show_default=True,
               help="transformers dtype (auto: the engine's, else the checkpoint's).")
 @click.option("--hf-device-map-auto", is_flag=True, help="Spread the transformers model over all GPUs.")

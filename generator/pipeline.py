@@ -193,11 +193,11 @@ def check_trtllm_before_convert(settings: ConvertSettings) -> None:
     """Refuse, before a long convert, a model trtllm-build cannot build: the same checks `gen-repo build
     --engine tensorrtllm` runs, on the config convert would write (read from the HF config and file headers)."""
     from generator.build.trtllm import check_trtllm_compatible
-    from generator.convert.calibrate import WEIGHT_ONLY_ALGOS
     from generator.convert.job import resolve_dtype
     from generator.convert.models import spec_for
     from generator.formats.hf_checkpoint import HFCheckpoint, read_hf_config
     from generator.formats.mapping import Mapping
+    from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
 
     hf_config = read_hf_config(settings.model_dir)
     spec = spec_for(hf_config)

@@ -15,6 +15,7 @@ from pathlib import Path
 from generator.build import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN, BuildSettings
 from generator.convert import ConvertSettings
 from generator.errors import GenRepoError
+from generator.formats.dtypes import MODEL_DTYPES, dtype_named
 
 GIB = 1024**3
 DEFAULT_GPU_MEMORY_GIB = 80.0  # `gen-repo models --gpu-memory`: an 80 GB H100 / A100
@@ -22,7 +23,7 @@ DEFAULT_GPU_MEMORY_GIB = 80.0  # `gen-repo models --gpu-memory`: an 80 GB H100 /
 # Bytes per weight for each storage format. Weight-only formats keep norms and embeddings in 16 bits; the
 # estimate below ignores that (it is a few percent for these models).
 BYTES_PER_WEIGHT: dict[str, float] = {
-    "float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8_wo": 1.0, "int4_wo": 0.5,
+    **{name: float(dtype_named(name).itemsize) for name in MODEL_DTYPES}, "int8_wo": 1.0, "int4_wo": 0.5,
 }
 
 

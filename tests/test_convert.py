@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from generator.convert.job import ConvertSettings, SafetensorsWriter, convert_checkpoint
+from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.errors import GenRepoError
-from generator.formats.hf_checkpoint import HFCheckpoint, read_safetensors_header
+from generator.formats.hf_checkpoint import HFCheckpoint
+from generator.formats.safetensors import SafetensorsWriter, read_safetensors_header
 
 
 def convert(model_dir: Path, output_dir: Path, **kwargs: Any) -> Path:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from generator.convert.models import spec_for
 from generator.convert.models.base import shard_tensor
+from generator.formats.dtypes import stored_dtype
 from generator.formats.mapping import Mapping
 from tests.test_convert import convert, rank_tensors, read_config
 
@@ -74,7 +75,7 @@ def planned_shapes(config: dict[str, Any], mapping: Mapping) -> dict[str, tuple[
     result = {}
     for name, tensor in spec.rank_tensors(mapping):
         shard = shard_tensor(tensor.source(checkpoint), tensor.rule, spec.shard_layout(), mapping)  # type: ignore[arg-type]
-        result[name] = (tuple(shard.shape), torch.float32 if tensor.keep_float32 else torch.bfloat16)
+        result[name] = (tuple(shard.shape), stored_dtype(name, torch.bfloat16))
     return result
 
 

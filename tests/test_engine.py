@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from generator.build import BuildSettings, build_engine
-from generator.convert.calibrate import dequantize_weight
 from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import Executor, GenerationRequest, GenerationResult, SamplingConfig, run_prompts
+from generator.formats.weight_only import dequantize_weight
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11, [300, 5, 17, 17, 250, 9, 10]]

@@ -15,12 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent / "generator"
 STAGES = ("errors", "formats", "engine", "convert", "build", "serving", "bench", "top")
 TOP_MODULES = ("cli", "pipeline", "run", "presets", "tiny", "__main__")
 
-#: upward arrows still to remove (the engine still takes the weight-only math from the converter);
-#: delete an entry when its arrow is gone, never add one
-KNOWN_UPWARD = {
-    ("generator.engine.model", "generator.convert.calibrate"),
-    ("generator.engine.weight_only", "generator.convert.calibrate"),
-}
+#: upward arrows still to remove; delete an entry when its arrow is gone, never add one
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

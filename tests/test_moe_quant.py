@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.convert.calibrate import dequantize_weight, quantize_weight
 from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import SamplingConfig, run_prompts
 from generator.engine.moe import METHOD_ENV, Experts, moe_forward, route
 from generator.engine.weight_only import KERNEL_ENV, expert_linears, weight_only_linear
+from generator.formats.weight_only import dequantize_weight, quantize_weight
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 from tests.test_engine import _dequantized_copy
 from tests.test_engine_mpi import MPIRUN, mpirun_generate

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from generator.build import BuildSettings, build_engine
 from generator.build.trtllm import trtllm_build_commands
-from generator.convert.calibrate import dequantize_weight, pack_int4, quantize_weight, unpack_int4
 from generator.errors import ConfigError, GenRepoError
+from generator.formats.weight_only import dequantize_weight, pack_int4, quantize_weight, unpack_int4
 from tests.test_convert import convert, make_gqa_mpt, rank_tensors, read_config, write_variant
 
 

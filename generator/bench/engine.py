@@ -35,7 +35,9 @@ from generator.build import BuildSettings, build_engine
 from generator.engine.distributed import ProcessInfo, pick_device, process_info
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
 from generator.engine.sampling import SamplingConfig
+from generator.formats.dtypes import MODEL_DTYPES
 from generator.formats.mapping import Mapping
+from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA, as MPT-7B)")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--weight-only", choices=["int8", "int4"], default=None,
                         help="weight-only quantized GEMMs (the build step quantizes the random float weights)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages; tp = world size / pp")
@@ -154,7 +156,7 @@ def checkpoint_config(args: argparse.Namespace, mapping: Mapping) -> dict[str, o
         "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
         "position_embedding_type": "alibi", "hidden_act": "gelu", "norm_epsilon": 1e-5,
         "max_position_embeddings": None, "bias": False, "clip_qkv": None, "alibi_bias_max": 8,
-        "quantization": {"quant_algo": {"int8": "W8A16", "int4": "W4A16"}.get(args.weight_only or ""),
+        "quantization": {"quant_algo": WEIGHT_ONLY_ALGOS.get(args.weight_only or ""),
                          "kv_cache_quant_algo": None},
         "mapping": mapping.to_json(),
     }

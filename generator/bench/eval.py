@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from generator.errors import GenRepoError
+from generator.formats.dtypes import is_model_dtype, model_dtype, torch_dtype
+from generator.formats.engine_dir import read_engine_dir
 
 #: summarize.py's default `summarize` task appends this to each article.
 DEFAULT_PROMPT_TEMPLATE = "{article} TL;DR: "
@@ -496,19 +498,14 @@ def run_engine(prompts: list[Prompt], settings: EvalSettings, tokenizer: Any, en
 
 
 def _hf_dtype(settings: EvalSettings) -> Any:
-    import torch
-
     name = settings.hf_dtype
     if name == "auto" and settings.engine_dir is not None:
-        from generator.engine.config import load_engine_config
-
-        return load_engine_config(settings.engine_dir).dtype
+        return model_dtype(read_engine_dir(settings.engine_dir).dtype).torch
     if name == "auto":
         return "auto"
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
+    if not is_model_dtype(name):
         raise GenRepoError(f"unknown --hf-dtype {settings.hf_dtype!r}")
-    return dtype
+    return torch_dtype(name)
 
 
 def run_hf(prompts: list[Prompt], settings: EvalSettings, tokenizer: Any, end_id: int | None,

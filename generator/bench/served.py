@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from generator.errors import GenRepoError
+from generator.formats.dtypes import DTYPE_CHOICES
+from generator.formats.dtypes import torch_dtype as torch_dtype_of
 from generator.serving.triton_models.common import parameter
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
@@ -102,7 +104,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="tokenizer for synthetic prompts (default: the served preprocessing model's)")
     parser.add_argument("--no-min-tokens", action="store_true", help="do not force the output length")
     parser.add_argument("--hf", type=Path, default=None, help="HF checkpoint: add transformers' generate rows")
-    parser.add_argument("--hf-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--hf-dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -412,8 +414,7 @@ def hf_baseline(hf_dir: Path, tokenizer: Any, prompts: list[Prompt], batch: int,
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-                   "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = (torch.bfloat16 if device == "cuda" else torch.float32) if dtype == "auto" else torch_dtype_of(dtype)
     model = _hf_model(hf_dir, torch_dtype, device)
     chosen = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
     ids = [tokenizer.encode(p.text, add_special_tokens=True) for p in chosen]

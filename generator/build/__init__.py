@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from generator.build.settings import (
+from generator.build.settings import DEFAULT_MAX_NUM_TOKENS, BuildSettings, resolve_limits
+from generator.errors import ConfigError
+from generator.formats.engine_dir import (
     DEFAULT_MAX_INPUT_LEN,
-    DEFAULT_MAX_NUM_TOKENS,
     DEFAULT_MAX_SEQ_LEN,
     ENGINE_BACKENDS,
-    BuildSettings,
     EngineLimits,
-    resolve_limits,
 )
-from generator.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_INPUT_LEN", "DEFAULT_MAX_NUM_TOKENS", "DEFAULT_MAX_SEQ_LEN", "ENGINE_BACKENDS",
            "BuildSettings", "EngineLimits", "build_engine", "resolve_limits"]

@@ -2,7 +2,7 @@
 config verbatim as `pretrained_config`, `build_config` with the limits) and `rank{r}.safetensors`: hard links to
 the checkpoint's files (copied when a link is impossible, e.g. across file systems), or, for a weight-only
 checkpoint (float weights + quant_algo W8A16/W4A16), the weights quantized into the engine's own plain layout
-(`generator.convert.calibrate`: int8 / packed int4 `[in, out]` + `per_channel_scale`), as trtllm-build quantizes
+(`generator.formats.weight_only`: int8 / packed int4 `[in, out]` + `per_channel_scale`), as trtllm-build quantizes
 into its GPU's layout.
 """
 
@@ -12,15 +12,19 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from generator import __version__
-from generator.build.settings import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
-from generator.engine.config import parse_pretrained_config, read_config_json
+from generator.build.settings import BuildSettings, build_config_section, resolve_limits
+from generator.engine.config import parse_pretrained_config
 from generator.errors import ConfigError, GenRepoError
-from generator.formats.hf_checkpoint import read_safetensors_header
-
-WEIGHT_ONLY_PRECISIONS = {"W8A16": "int8", "W4A16": "int4"}
+from generator.formats.safetensors import SafetensorsWriter, header_budget, read_safetensors_header
+from generator.formats.trtllm_checkpoint import missing_rank_files, rank_files, read_checkpoint_config
+from generator.formats.weight_only import (
+    is_weight_only_target,
+    per_channel_scale_name,
+    quantize_weight,
+    weight_only_precision,
+)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -32,11 +36,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _weight_only_precision(pretrained: dict[str, Any]) -> str | None:
-    quant_algo = (pretrained.get("quantization") or {}).get("quant_algo")
-    return WEIGHT_ONLY_PRECISIONS.get(str(quant_algo)) if quant_algo else None
-
-
 def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
     """Write `source`'s tensors to `target` with every float weight-only GEMM weight quantized.
 
@@ -44,9 +43,6 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
     checkpoint in the older pre-quantized layout) are copied as they are. The file appears only when complete.
     """
     from safetensors import safe_open
-
-    from generator.convert.calibrate import is_weight_only_target, per_channel_scale_name, quantize_weight
-    from generator.convert.job import SafetensorsWriter, header_budget
 
     partial = target.with_name(target.name + ".partial")
     try:
@@ -75,22 +71,19 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
 def build_pytorch_engine(settings: BuildSettings) -> Path:
     """Write the pytorch engine dir; returns it."""
     checkpoint_dir, output_dir = Path(settings.checkpoint_dir), Path(settings.output_dir)
-    check_checkpoint_dir(checkpoint_dir)
-    pretrained = read_config_json(checkpoint_dir)
-    if "pretrained_config" in pretrained:
-        raise ConfigError(f"{checkpoint_dir} is already an engine dir; pass the TensorRT-LLM checkpoint dir")
+    pretrained = read_checkpoint_config(checkpoint_dir)
     config = parse_pretrained_config(pretrained)  # raises ConfigError for what the engine cannot run
     if settings.max_beam_width != 1:
         raise ConfigError("the pytorch engine supports max_beam_width 1 only")
     limits = resolve_limits(settings, pretrained)
     world_size = config.world_size
-    sources = [checkpoint_dir / f"rank{r}.safetensors" for r in range(world_size)]
-    missing = [p.name for p in sources if not p.is_file()]
+    sources = rank_files(checkpoint_dir, world_size)
+    missing = missing_rank_files(checkpoint_dir, world_size)
     if missing:
         raise GenRepoError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)} (world size {world_size})")
     for source in sources:  # a truncated or corrupt rank file fails here, not when the server loads it
         read_safetensors_header(source)
-    precision = _weight_only_precision(pretrained)
+    precision = weight_only_precision(config.quant_algo)
     engine_config = {
         "version": f"gen-repo {__version__}",
         "engine_backend": "pytorch",

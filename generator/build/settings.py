@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from generator.errors import ConfigError
+from generator.formats.engine_dir import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN, EngineLimits
 
-ENGINE_BACKENDS = ("pytorch", "tensorrtllm")
 DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default
-DEFAULT_MAX_INPUT_LEN = 1024  # trtllm-build's default
-DEFAULT_MAX_SEQ_LEN = 2048  # trtllm-build's, for a checkpoint without max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -41,17 +39,6 @@ class BuildSettings:
     paged_kv_cache: bool = True
     remove_input_padding: bool = True
     dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """The resolved limits written to `build_config`."""
-
-    max_batch_size: int
-    max_input_len: int
-    max_seq_len: int
-    max_num_tokens: int
-    max_beam_width: int
 
 
 def default_max_input_len(max_seq_len: int) -> int:
@@ -98,16 +85,6 @@ def _positive_int_or_none(value: Any, name: str) -> int | None:
     if number < 1:
         raise ConfigError(f"checkpoint config {name} must be at least 1, got {number}")
     return number
-
-
-def check_checkpoint_dir(checkpoint_dir: Path) -> None:
-    """Refuse a convert run's hidden staging dir: it may be half written (a killed run leaves it behind)."""
-    from generator.convert.job import is_staging_dir  # convert imports torch-heavy code only when it is used
-
-    if is_staging_dir(checkpoint_dir):
-        raise ConfigError(f"{checkpoint_dir} is the staging dir of an unfinished `gen-repo convert` (interrupted "
-                          "or still running); pass the finished checkpoint dir. The next convert into the same "
-                          "output removes it.")
 
 
 def _plugin(value: str, dtype: str) -> str:

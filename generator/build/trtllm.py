@@ -34,18 +34,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generator.build.settings import BuildSettings, build_config_section, check_checkpoint_dir, resolve_limits
+from generator.build.settings import BuildSettings, build_config_section, resolve_limits
 from generator.convert.models import registered_specs
-from generator.engine.config import read_config_json
 from generator.errors import ConfigError, GenRepoError
-from generator.formats.hf_checkpoint import read_safetensors_header
+from generator.formats.dtypes import MODEL_DTYPES
+from generator.formats.engine_dir import read_engine_dir
 from generator.formats.mapping import Mapping
+from generator.formats.safetensors import read_safetensors_header
+from generator.formats.trtllm_checkpoint import (
+    missing_rank_files,
+    rank_files,
+    read_checkpoint_config,
+    read_mapping,
+)
+from generator.formats.weight_only import is_weight_only_target, weight_only_precision
 
 TRTLLM_VERSION = "1.2.1"
 TRITON_CONTAINER_TAG = "26.07"
 TRTLLM_CONTAINER = f"nvcr.io/nvidia/tritonserver:{TRITON_CONTAINER_TAG}-trtllm-python-py3"
 
-PLUGIN_DTYPES = ("float16", "bfloat16", "float32")
+#: trtllm-build's plugins take a model dtype
+PLUGIN_DTYPES = MODEL_DTYPES
 # TensorRT-LLM 1.2's QuantAlgo names (tensorrt_llm/quantization/mode.py) and its KV_CACHE_QUANT_ALGO_LIST
 TRTLLM_QUANT_ALGOS = (
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
@@ -80,7 +89,7 @@ class CheckpointFacts:
         try:
             architecture = str(config["architecture"])
             dtype = str(config["dtype"])
-            mapping = Mapping.from_json(dict(config.get("mapping") or {}))
+            mapping = read_mapping(config)
             for key in ("hidden_size", "num_attention_heads", "num_hidden_layers"):
                 if int(config[key]) < 1:
                     raise ConfigError(f"checkpoint config {key} must be at least 1, got {config[key]}")
@@ -139,12 +148,9 @@ def check_trtllm_compatible(config: dict[str, Any]) -> CheckpointFacts:
 def check_float_weight_only(checkpoint_dir: Path, facts: CheckpointFacts) -> None:
     """Refuse a W8A16/W4A16 checkpoint whose GEMM weights are already int8: TensorRT-LLM would take them as
     its interleaved layout unchanged and build an engine that outputs garbage. Reads only the file headers."""
-    if facts.quant_algo not in ("W8A16", "W4A16"):
+    if weight_only_precision(facts.quant_algo) is None:
         return
-    from generator.convert.calibrate import is_weight_only_target
-
-    for rank in range(facts.world_size):
-        path = checkpoint_dir / f"rank{rank}.safetensors"
+    for path in rank_files(checkpoint_dir, facts.world_size):
         if not path.is_file():
             continue  # reported as missing by the caller
         for name, entry in read_safetensors_header(path).items():
@@ -209,29 +215,20 @@ def trtllm_build_commands(settings: BuildSettings) -> list[list[str]]:
     Every check runs first, so no command is printed for a checkpoint trtllm-build cannot build correctly.
     """
     checkpoint_dir = Path(settings.checkpoint_dir)
-    check_checkpoint_dir(checkpoint_dir)
-    config = read_config_json(checkpoint_dir)
-    if "pretrained_config" in config:
-        raise ConfigError(f"{checkpoint_dir} is already an engine dir; pass the TensorRT-LLM checkpoint dir")
+    config = read_checkpoint_config(checkpoint_dir)
     command = trtllm_build_command(settings, config)
     check_float_weight_only(checkpoint_dir, CheckpointFacts.from_config(config))
     return [command]
 
 
-def missing_rank_files(directory: Path, world_size: int, suffix: str) -> list[str]:
-    """Names of `rank{r}{suffix}` files absent from `directory`, for r in 0..world_size-1."""
-    return [f"rank{r}{suffix}" for r in range(world_size) if not (directory / f"rank{r}{suffix}").is_file()]
-
-
 def check_engine_dir(engine_dir: Path) -> int:
     """Check a trtllm-build output dir (config.json + rank{r}.engine for every rank); return its world size."""
-    engine_dir = Path(engine_dir)
-    config = read_config_json(engine_dir)
-    if "pretrained_config" not in config or "build_config" not in config:
-        raise GenRepoError(f"{engine_dir / 'config.json'} is not an engine config (no pretrained_config / "
+    engine = read_engine_dir(engine_dir)
+    if not engine.built or "build_config" not in engine.config:
+        raise GenRepoError(f"{engine.path / 'config.json'} is not an engine config (no pretrained_config / "
                            "build_config)")
-    world_size = CheckpointFacts.from_config(config["pretrained_config"]).world_size
-    missing = missing_rank_files(engine_dir, world_size, ".engine")
+    world_size = CheckpointFacts.from_config(engine.pretrained).world_size
+    missing = missing_rank_files(engine.path, world_size, engine.rank_suffix)
     if missing:
         raise GenRepoError(f"engine dir {engine_dir} lacks {', '.join(missing)} (world size {world_size})")
     return world_size
@@ -252,8 +249,8 @@ def build_with_trtllm(settings: BuildSettings) -> Path:
             f"trtllm-build is not on PATH: the tensorrtllm engine backend needs TensorRT-LLM {TRTLLM_VERSION}, "
             f"e.g. inside {TRTLLM_CONTAINER} (or use --engine pytorch; --dry-run prints the commands)")
     checkpoint_dir = Path(settings.checkpoint_dir)
-    world_size = CheckpointFacts.from_config(read_config_json(checkpoint_dir)).world_size
-    missing = missing_rank_files(checkpoint_dir, world_size, ".safetensors")
+    world_size = CheckpointFacts.from_config(read_checkpoint_config(checkpoint_dir)).world_size
+    missing = missing_rank_files(checkpoint_dir, world_size)
     if missing:
         raise GenRepoError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)} (world size {world_size})")
     for argv in commands:

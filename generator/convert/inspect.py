@@ -11,48 +11,40 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from generator.convert.job import SafetensorsWriter, check_output_dir, header_budget, replace_dir
 from generator.convert.models import spec_class_for_checkpoint
 from generator.convert.models.base import ShardLayout, merge_shards
 from generator.errors import ConfigError, GenRepoError
-from generator.formats.hf_checkpoint import read_safetensors_header
 from generator.formats.mapping import Mapping
+from generator.formats.safetensors import (
+    SafetensorsWriter,
+    header_budget,
+    read_safetensors_header,
+    tensor_bytes,
+)
+from generator.formats.staging import check_output_dir, new_staging_dir, replace_dir
+from generator.formats.trtllm_checkpoint import rank_file_name, read_checkpoint_config, read_mapping
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
-_BYTES_PER_ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1}
-
-
-def read_checkpoint_config(checkpoint_dir: Path | str) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise GenRepoError(f"{checkpoint_dir} is not a TensorRT-LLM checkpoint: no config.json")
-    config: dict[str, Any] = json.loads(path.read_text())
-    return config
 
 
 def describe_checkpoint(checkpoint_dir: Path | str) -> dict[str, Any]:
     """Architecture, mapping and, per rank, its layers and every tensor's name, shape, dtype and bytes."""
     checkpoint_dir = Path(checkpoint_dir)
     config = read_checkpoint_config(checkpoint_dir)
-    mapping = Mapping.from_json(config.get("mapping", {}))
+    mapping = read_mapping(config)
     ranks = []
     for rank in range(mapping.world_size):
         rank_mapping = mapping.with_rank(rank)
-        path = checkpoint_dir / f"rank{rank}.safetensors"
+        path = checkpoint_dir / rank_file_name(rank)
         if not path.is_file():
             raise GenRepoError(f"{path} is missing: the mapping declares {mapping.world_size} ranks")
         tensors = []
         for name, entry in read_safetensors_header(path).items():
-            count = 1
-            for size in entry["shape"]:
-                count *= size
             tensors.append({"name": name, "shape": entry["shape"], "dtype": entry["dtype"],
-                            "bytes": count * _BYTES_PER_ELEMENT.get(entry["dtype"], 0)})
+                            "bytes": tensor_bytes(entry)})
         ranks.append({"rank": rank, "tp_rank": rank_mapping.tp_rank, "pp_rank": rank_mapping.pp_rank,
                       "layers": rank_mapping.pp_layers(int(config["num_hidden_layers"])),
                       "file": path.name, "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors})
@@ -92,22 +84,21 @@ def unshard_checkpoint(checkpoint_dir: Path | str, output_dir: Path | str) -> Pa
                                   "model again (weight-only checkpoints now hold float weights)")
     spec_class = spec_class_for_checkpoint(config)
     layout = ShardLayout.from_trtllm_config(config)
-    mapping = Mapping.from_json(config.get("mapping", {}))
+    mapping = read_mapping(config)
     tp, num_layers = mapping.tensor_parallel_size, int(config["num_hidden_layers"])
     check_output_dir(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    staging.chmod(0o755)
+    staging = new_staging_dir(output_dir)
     try:
         merged_config = dict(config, mapping=Mapping().to_json())
         (staging / "config.json").write_text(json.dumps(merged_config, indent=2) + "\n")
-        first_ranks = [checkpoint_dir / f"rank{p * tp}.safetensors" for p in range(mapping.pipeline_parallel_size)]
+        first_ranks = [checkpoint_dir / rank_file_name(p * tp) for p in range(mapping.pipeline_parallel_size)]
         budget = header_budget([name for path in first_ranks for name in read_safetensors_header(path)])
-        with SafetensorsWriter(staging / "rank0.safetensors", budget) as writer:
+        with SafetensorsWriter(staging / rank_file_name(0), budget) as writer:
             for pp_rank in range(mapping.pipeline_parallel_size):
                 stage = [mapping.with_rank(pp_rank * tp + tp_rank) for tp_rank in range(tp)]
                 first_layer = stage[0].pp_layers(num_layers)[0]
-                paths = [checkpoint_dir / f"rank{m.rank}.safetensors" for m in stage]
+                paths = [checkpoint_dir / rank_file_name(m.rank) for m in stage]
                 names = [list(read_safetensors_header(path)) for path in paths]
                 if any(set(other) != set(names[0]) for other in names[1:]):
                     raise GenRepoError(f"the ranks of pipeline stage {pp_rank} hold different tensor names")

@@ -1,13 +1,12 @@
 """The engine's view of a model: the checkpoint's `pretrained_config` plus the build limits.
 
-An engine dir's `config.json` holds `{"pretrained_config": ..., "build_config": ...}` (docs/DESIGN.md); a bare
-TensorRT-LLM checkpoint dir (no `pretrained_config` key) is also accepted, with default limits, so tests and
-tools can run a checkpoint without building it first.
+The engine dir (or a bare checkpoint dir, with default limits) is read by `generator.formats.engine_dir`, the
+reader every stage uses; this module only turns the model part into what the pytorch engine can run, refusing
+(ConfigError) what it cannot.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,16 @@ from typing import Any
 import torch
 
 from generator.errors import ConfigError
+from generator.formats.dtypes import model_dtype
+from generator.formats.engine_dir import (
+    engine_limits,
+    read_engine_dir,
+    tokens_per_block,
+)
 from generator.formats.mapping import Mapping
+from generator.formats.trtllm_checkpoint import read_mapping
+from generator.formats.weight_only import weight_only_precision
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_POSITION_EMBEDDINGS = ("alibi", "rope_gpt_neox", "learned_absolute")
 SUPPORTED_ACTIVATIONS = ("gelu", "swiglu")
 
@@ -81,17 +87,6 @@ class EngineConfig:
         return self.num_heads // self.mapping.tensor_parallel_size
 
 
-def read_config_json(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: pass an engine dir written by `gen-repo build` or a checkpoint dir")
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path} is not valid JSON: {error}") from error
-    return data
-
-
 def _moe_config(pretrained: dict[str, Any]) -> MoeConfig | None:
     section = dict(pretrained.get("moe") or pretrained.get("moe_config") or {})
     num_experts = int(section.get("num_experts", pretrained.get("moe_num_experts", 0)) or 0)
@@ -115,9 +110,7 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
     """Turn a TensorRT-LLM `pretrained_config` (+ optional `build_config`) into an `EngineConfig`."""
     build = build or {}
     try:
-        dtype_name = str(pretrained.get("dtype", "float32"))
-        if dtype_name not in DTYPES:
-            raise ConfigError(f"dtype {dtype_name!r} is not supported (use one of {sorted(DTYPES)})")
+        dtype = model_dtype(str(pretrained.get("dtype", "float32")))  # ConfigError for any other
         hidden = int(pretrained["hidden_size"])
         heads = int(pretrained["num_attention_heads"])
         kv_heads = int(pretrained.get("num_key_value_heads") or heads)
@@ -131,22 +124,20 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
             raise ConfigError(f"hidden_act {act!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
         quant = dict(pretrained.get("quantization") or {})
         quant_algo = quant.get("quant_algo")
-        if quant_algo not in (None, "W8A16", "W4A16"):
+        if quant_algo is not None and weight_only_precision(quant_algo) is None:
             raise ConfigError(f"quant_algo {quant_algo!r} is not supported by the pytorch engine "
                               "(supported: none, W8A16, W4A16)")
         kv_algo = quant.get("kv_cache_quant_algo")
         if kv_algo not in (None, "INT8"):
             raise ConfigError(f"kv_cache_quant_algo {kv_algo!r} is not supported (supported: none, INT8)")
-        mapping = Mapping.from_json(dict(pretrained.get("mapping") or {}))
+        mapping = read_mapping(pretrained)
         if heads % mapping.tensor_parallel_size:
             raise ConfigError(f"num_attention_heads {heads} is not divisible by tp_size {mapping.tensor_parallel_size}")
         max_pos = pretrained.get("max_position_embeddings")
-        default_seq = int(max_pos) if max_pos else 2048
-        max_seq_len = int(build.get("max_seq_len") or default_seq)
-        max_input_len = int(build.get("max_input_len") or min(1024, max_seq_len - 1))
+        limits = engine_limits(pretrained, build)
         clip = pretrained.get("clip_qkv")
         return EngineConfig(
-            dtype=DTYPES[dtype_name],
+            dtype=dtype.torch,
             vocab_size=int(pretrained["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(pretrained.get("intermediate_size") or 4 * hidden),
@@ -167,12 +158,11 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
             use_parallel_embedding=bool(pretrained.get("use_parallel_embedding", False)),
             embedding_sharding_dim=int(pretrained.get("embedding_sharding_dim", 0)),
             mapping=mapping,
-            max_batch_size=int(build.get("max_batch_size") or 8),
-            max_input_len=max_input_len,
-            max_seq_len=max_seq_len,
-            max_num_tokens=int(build.get("max_num_tokens") or max(max_input_len, 2048)),
-            tokens_per_block=int(build.get("tokens_per_block")
-                                 or dict(build.get("plugin_config") or {}).get("tokens_per_block") or 32),
+            max_batch_size=limits.max_batch_size,
+            max_input_len=limits.max_input_len,
+            max_seq_len=limits.max_seq_len,
+            max_num_tokens=limits.max_num_tokens,
+            tokens_per_block=tokens_per_block(build),
             pretrained_config=pretrained,
         )
     except KeyError as error:
@@ -181,10 +171,8 @@ def parse_pretrained_config(pretrained: dict[str, Any], build: dict[str, Any] | 
 
 def load_engine_config(directory: Path) -> EngineConfig:
     """Read an engine dir (`pretrained_config` + `build_config`) or a bare checkpoint dir."""
-    data = read_config_json(Path(directory))
-    if "pretrained_config" in data:
-        return parse_pretrained_config(data["pretrained_config"], data.get("build_config") or {})
-    return parse_pretrained_config(data)
+    engine = read_engine_dir(directory)
+    return parse_pretrained_config(engine.pretrained, engine.build)
 
 
 def alibi_slopes(num_heads: int, alibi_bias_max: float) -> torch.Tensor:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.nn.attention import sdpa_kernel
 
-from generator.convert.calibrate import dequantize_weight, is_weight_only_target, quantize_weight
 from generator.engine.attention import (
     ATTENTION_BACKENDS,
     add_layer_norm,
@@ -41,6 +40,13 @@ from generator.engine.weight_only import (
     weight_only_linear,
 )
 from generator.errors import ConfigError
+from generator.formats.dtypes import stored_dtype
+from generator.formats.weight_only import (
+    dequantize_weight,
+    is_weight_only_target,
+    quantize_weight,
+    weight_only_precision,
+)
 
 # keys gathered from the pool are padded to a multiple of this (masked), so kernels see few distinct shapes
 _KEY_LENGTH_BUCKET = 16
@@ -238,7 +244,7 @@ class DecoderModel:
         instead (the old behaviour, kept as a reference)."""
         if not path.is_file():
             raise ConfigError(f"{path} not found: the engine dir has no weights for rank {self.mapping.rank}")
-        precision = {"W8A16": "int8", "W4A16": "int4"}.get(self.config.quant_algo or "")
+        precision = weight_only_precision(self.config.quant_algo)
         at_load = os.environ.get(KERNEL_ENV) == "load"
         self.weight_only: dict[str, WeightOnlyLinear | QuantizedExperts] = {}
         tensors: dict[str, torch.Tensor] = {}
@@ -260,9 +266,7 @@ class DecoderModel:
                     continue
                 if quantized is not None and precision:
                     tensor = _dequantize(*quantized, precision)
-                keep_float32 = name.endswith("mlp.router.weight") or "kv_cache_" in name
-                dtype = torch.float32 if keep_float32 else self.dtype
-                tensors[name] = tensor.to(device=self.device, dtype=dtype)
+                tensors[name] = tensor.to(device=self.device, dtype=stored_dtype(name, self.dtype))
         return tensors
 
     def _keep_quantized(self, name: str, weight: torch.Tensor, scale: torch.Tensor, precision: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Weight-only int8/int4 linears that stay quantized in device memory and run mixed-precision kernels.
 
-The engine dir holds the plain layout of `generator.convert.calibrate` (int8 `[in, out]`, or int4 packed two per byte
+The engine dir holds the plain layout of `generator.formats.weight_only` (int8 `[in, out]`, or int4 packed two per byte
 along `out`, plus a per-output-channel scale). At load each weight is converted once into what a torch kernel
 wants, and the float weight is never materialized:
 
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from generator.formats.weight_only import unpack_int4
 
 _INT4_GROUP_SIZES = (256, 128, 64, 32)  # what both int4 kernels accept, largest (fewest scales) first
 # "dequant", "int8pack" or "triton" forces that kernel where it applies, "load" makes the engine dequantize the
@@ -142,9 +144,6 @@ def plain_values(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """The stored int8 weight, or the packed int4 one unpacked: integer values `[.., in, out]` as int8."""
     if precision != "int4":
         return weight
-    # imported here: this module needs only torch (bench/moe_quant_gpu.py runs it without the converter's deps)
-    from generator.convert.calibrate import unpack_int4
-
     return unpack_int4(weight)
 
 

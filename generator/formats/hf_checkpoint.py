@@ -9,42 +9,14 @@ headers are parsed up front, which is how missing, truncated and corrupt files a
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from generator.errors import GenRepoError
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (without `__metadata__`), after checking the file is complete."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise GenRepoError(f"weight file {path} is truncated or empty ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
-                raise GenRepoError(f"weight file {path} is truncated: its header needs {header_len} bytes, "
-                                   f"the file has {size}")
-            header = json.loads(handle.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise GenRepoError(f"cannot read weight file {path}: {error}") from error
-    header.pop("__metadata__", None)
-    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if 8 + header_len + data_end > size:
-        raise GenRepoError(f"weight file {path} is truncated: it should hold {8 + header_len + data_end} bytes, "
-                           f"it has {size}")
-    return header
+from generator.formats.dtypes import from_safetensors
+from generator.formats.safetensors import read_safetensors_header
 
 
 class HFCheckpoint:
@@ -88,9 +60,10 @@ class HFCheckpoint:
 
     def _index_safetensors(self, path: Path) -> None:
         for name, entry in read_safetensors_header(path).items():
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
+            dtype = from_safetensors(entry["dtype"])
+            if dtype is None:
                 raise GenRepoError(f"tensor {name} in {path} has unsupported dtype {entry['dtype']}")
-            self._add(name, path, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
+            self._add(name, path, tuple(entry["shape"]), dtype.torch)
 
     def _index_bin(self, path: Path) -> None:
         for name, tensor in self._load_bin(path).items():

@@ -31,6 +31,7 @@ import numpy as np
 from fastapi import Request, Response
 
 from generator.errors import GenRepoError
+from generator.formats.engine_dir import read_engine_dir
 from generator.serving.client import input_array
 from generator.serving.triton_models.common import parameter, parse_bool
 
@@ -572,16 +573,13 @@ class TritonGateway:
 
 def _engine_limits(engine_dir: str) -> tuple[int | None, int | None]:
     """(max_input_len, max_seq_len) from the engine dir's config.json, when it is readable here."""
-    path = Path(engine_dir) / "config.json" if engine_dir else None
-    if path is None or not path.is_file():
+    if not engine_dir:
         return None, None
     try:
-        build = json.loads(path.read_text()).get("build_config", {})
-    except (OSError, ValueError):
+        engine = read_engine_dir(engine_dir)
+    except GenRepoError:
         return None, None
-    max_input = build.get("max_input_len")
-    max_seq = build.get("max_seq_len")
-    return (int(max_input) if max_input else None, int(max_seq) if max_seq else None)
+    return engine.max_input_len, engine.max_seq_len
 
 
 def _piece(result: Any) -> Piece | None:

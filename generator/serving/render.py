@@ -25,7 +25,6 @@ preprocessing / postprocessing pair (`shared_pre_post_prefix`): each python mode
 from __future__ import annotations
 
 import filecmp
-import json
 import re
 import shutil
 from dataclasses import dataclass, fields
@@ -33,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from generator import __version__
-from generator.build.settings import ENGINE_BACKENDS
 from generator.errors import ConfigError, GenRepoError
+from generator.formats.dtypes import MODEL_DTYPES, is_model_dtype, triton_type
+from generator.formats.engine_dir import ENGINE_BACKENDS, EngineDir, read_engine_dir
 from generator.serving import contract, pbtxt
 
 ANCHOR_COMMIT = "c2e65b8"  # tensorrtllm_backend: the older contract every rendered repository still accepts
@@ -61,7 +61,6 @@ PYTHON_MODEL_SOURCES = {
 #: seconds to tokenize (max_input_len times the longest token's bytes, ~1 MB/s), and an instance serves one
 #: batch at a time, so a second one keeps other requests from waiting behind it.
 LONG_INPUT_LEN = 8192
-_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: characters a model name prefix may use (Triton model names are directory names and URL path segments)
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.-]*")
 
@@ -183,52 +182,9 @@ class RenderSettings:
 OPTION_GROUP = {option.name: group for group, kind in _GROUPS.items() for option in fields(kind)}
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """The facts of an engine dir that the repository depends on."""
-
-    engine_backend: str
-    max_batch_size: int
-    max_input_len: int
-    max_seq_len: int
-    max_beam_width: int
-    world_size: int
-    dtype: str
-    logits_dtype: str
-    paged_context_fmha: bool
-
-
-def read_engine_config(engine_dir: Path) -> dict[str, Any]:
-    """The engine dir's config.json (same shape for trtllm-build and our pytorch build)."""
-    config_file = Path(engine_dir) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"engine dir {engine_dir} has no config.json (run `gen-repo build` first)")
-    try:
-        return dict(json.loads(config_file.read_text()))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{config_file}: not valid JSON ({error})") from error
-
-
-def engine_info(engine_dir: Path) -> EngineInfo:
-    """Limits, dtype and world size of an engine dir; `engine_backend` is "tensorrtllm" when not written."""
-    config = read_engine_config(engine_dir)
-    pretrained = config.get("pretrained_config", {})
-    build = config.get("build_config", {})
-    mapping = pretrained.get("mapping", {})
-    try:
-        max_batch_size = int(build["max_batch_size"])
-        max_input_len = int(build["max_input_len"])
-        max_seq_len = int(build.get("max_seq_len") or max_input_len + int(build.get("max_output_len", 0)))
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"{engine_dir}/config.json: build_config lacks {error}") from error
-    world_size = int(mapping.get("world_size") or int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1)))
-    dtype = str(pretrained.get("dtype", "float16"))
-    return EngineInfo(
-        engine_backend=str(config.get("engine_backend", "tensorrtllm")),
-        max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-        max_beam_width=int(build.get("max_beam_width", 1)), world_size=world_size, dtype=dtype,
-        logits_dtype=str(pretrained.get("logits_dtype", "float32")),
-        paged_context_fmha=bool(build.get("plugin_config", {}).get("use_paged_context_fmha", False)))
+def engine_info(engine_dir: Path) -> EngineDir:
+    """Limits, dtype and world size of a built engine dir (`engine_backend` "tensorrtllm" when not written)."""
+    return read_engine_dir(engine_dir).require_built()
 
 
 def model_names(settings: RenderSettings) -> dict[str, str]:
@@ -256,24 +212,24 @@ def _optional(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def preprocessing_instances(settings: RenderSettings, info: EngineInfo) -> int:
+def preprocessing_instances(settings: RenderSettings, info: EngineDir) -> int:
     """The preprocessing instance count: the setting, else 2 for engines of long inputs (`LONG_INPUT_LEN`)."""
     if settings.batching.preprocessing_instance_count is not None:
         return settings.batching.preprocessing_instance_count
     return 2 if info.max_input_len >= LONG_INPUT_LEN else 1
 
 
-def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, Any]:
+def template_context(settings: RenderSettings, info: EngineDir) -> dict[str, Any]:
     """Every template variable, from the engine's facts and the settings."""
     batching, text, trt = settings.batching, settings.text, settings.tensorrtllm
     backend = settings.engine.engine_backend or info.engine_backend
     max_batch_size = settings.engine.triton_max_batch_size or info.max_batch_size
-    logits_datatype = _TRITON_DTYPES.get(info.logits_dtype)
-    if logits_datatype is None:
+    if not is_model_dtype(info.logits_dtype):
         raise ConfigError(f"engine logits_dtype '{info.logits_dtype}' has no Triton type "
-                          f"(expected one of {sorted(_TRITON_DTYPES)})")
+                          f"(expected one of {sorted(MODEL_DTYPES)})")
+    logits_datatype = triton_type(info.logits_dtype)
     gpu_device_ids = trt.gpu_device_ids or ",".join(str(rank) for rank in range(info.world_size))
-    activation_datatype = _TRITON_DTYPES.get(info.dtype, "TYPE_FP16")
+    activation_datatype = triton_type(info.dtype, "TYPE_FP16")
     # the engine decides these dtypes of the contract
     types = {contract.LOGITS: logits_datatype, contract.ENCODER: activation_datatype,
              contract.PROMPT: activation_datatype}
@@ -355,7 +311,7 @@ def template_context(settings: RenderSettings, info: EngineInfo) -> dict[str, An
     }
 
 
-def check_settings(settings: RenderSettings, info: EngineInfo) -> None:
+def check_settings(settings: RenderSettings, info: EngineDir) -> None:
     """Reject settings the engine or Triton cannot honour, naming the setting."""
     engine, trt = settings.engine, settings.tensorrtllm
     backend = engine.engine_backend or info.engine_backend

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import re
 import shlex
@@ -36,6 +35,7 @@ from typing import Any, NoReturn
 import click
 
 from generator.errors import GenRepoError
+from generator.formats.engine_dir import read_engine_dir
 from generator.serving import pbtxt, supervise
 
 TRITON_BIN_ENV = "TRITON_BIN"
@@ -163,14 +163,8 @@ def repository_world_size(model_repository: Path, model_name: str = "tensorrt_ll
     engine_dir = _engine_dir_from_config(config_path)
     if engine_dir is None:
         return 1
-    engine_config = engine_dir / "config.json"
-    if engine_config.is_file():
-        config = json.loads(engine_config.read_text())
-        mapping = config.get("pretrained_config", config).get("mapping", {})
-        if "world_size" in mapping:
-            return int(mapping["world_size"])
-        if mapping:
-            return int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1))
+    if (engine_dir / "config.json").is_file():
+        return read_engine_dir(engine_dir).world_size
     ranks = list(engine_dir.glob("rank*.engine")) or list(engine_dir.glob("rank*.safetensors"))
     return max(1, len(ranks))
 

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from generator.errors import GenRepoError
+from generator.formats.engine_dir import EngineDir, read_engine_dir
+from generator.formats.safetensors import read_safetensors_header
 from generator.serving import contract, pbtxt
 
 ROLES = tuple(contract.MODELS)  # preprocessing, tensorrt_llm, postprocessing, ensemble, tensorrt_llm_bls
@@ -312,24 +315,19 @@ class _Checker:
             self.add(file, "parameters[gpt_model_path]", f"'{engine_dir}' has no config.json")
             return
         try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            self.add(config_file, "(json)", f"not valid JSON: {error}")
+            info = read_engine_dir(engine)
+        except GenRepoError as error:
+            self.add(config_file, "(json)", str(error))
             return
-        build = config.get("build_config", {})
-        mapping = config.get("pretrained_config", {}).get("mapping", {})
-        world_size = int(mapping.get("world_size") or int(mapping.get("tp_size", 1)) * int(mapping.get("pp_size", 1)))
-        engine_backend = config.get("engine_backend", "tensorrtllm")
-        suffix = "safetensors" if engine_backend == "pytorch" else "engine"
-        for rank in range(world_size):
-            rank_file = engine / f"rank{rank}.{suffix}"
+        world_size, engine_backend = info.world_size, info.engine_backend
+        for rank_file in info.rank_files():
             if not rank_file.is_file():
                 self.add(file, "parameters[gpt_model_path]",
-                         f"engine file rank{rank}.{suffix} is missing from '{engine_dir}' (world size {world_size})")
-            elif self.deep and suffix == "safetensors":
-                self.check_rank_file(rank_file, config, rank)
+                         f"engine file {rank_file.name} is missing from '{engine_dir}' (world size {world_size})")
+            elif self.deep and engine_backend == "pytorch":
+                self.check_rank_file(rank_file, info)
         if self.deep:
-            self.check_model_identity(core, config)
+            self.check_model_identity(core, info.pretrained)
         expected_backend = "tensorrtllm" if engine_backend == "tensorrtllm" else "python"
         if core.config.backend != expected_backend:
             self.add(file, "backend", f"is '{core.config.backend}' but the engine is a '{engine_backend}' engine "
@@ -338,19 +336,18 @@ class _Checker:
         if instances != 1:
             self.add(file, "instance_group", f"{instances} instances; tensorrt_llm runs one instance (each would load "
                      f"the whole engine), more GPUs come from the engine's mapping / gpu_device_ids")
-        engine_batch = build.get("max_batch_size")
-        if engine_batch is not None and core.config.max_batch_size > int(engine_batch):
+        if core.config.max_batch_size > info.max_batch_size:
             self.add(file, "max_batch_size", f"{core.config.max_batch_size} exceeds the engine's max_batch_size "
-                     f"{engine_batch}")
+                     f"{info.max_batch_size}")
         beam = core.parameter("max_beam_width")
-        if beam and beam.isdigit() and int(beam) > int(build.get("max_beam_width", 1)):
+        if beam and beam.isdigit() and int(beam) > info.max_beam_width:
             self.add(file, "parameters[max_beam_width]", f"{beam} exceeds the engine's max_beam_width "
-                     f"{build.get('max_beam_width', 1)}")
+                     f"{info.max_beam_width}")
         if core.config.backend == "tensorrtllm":
             strategy = core.parameter("gpt_model_type")
             if strategy not in BATCHING_STRATEGIES:
                 self.add(file, "parameters[gpt_model_type]", f"'{strategy}' is not one of {BATCHING_STRATEGIES}")
-            self.check_kv_cache(core, build)
+            self.check_kv_cache(core, info)
             devices = core.parameter("gpu_device_ids") or ""
             for instance, group in enumerate(devices.split(";") if devices else []):
                 count = len([d for d in group.split(",") if d.strip()])
@@ -358,16 +355,16 @@ class _Checker:
                     self.add(file, "parameters[gpu_device_ids]", f"instance {instance} lists {count} GPUs "
                              f"('{group}') but the engine has world size {world_size}")
 
-    def check_rank_file(self, rank_file: Path, config: dict[str, Any], rank: int) -> None:
+    def check_rank_file(self, rank_file: Path, info: EngineDir) -> None:
         """A pytorch engine rank file is whole (safetensors header and data) and its tensors fit the config."""
         try:
-            shapes = _safetensors_shapes(rank_file)
-        except ValueError as error:
+            header = read_safetensors_header(rank_file, exact=True)
+        except GenRepoError as error:
             self.add(rank_file, "(file)", f"truncated or corrupt: {error}")
             return
-        pretrained = config.get("pretrained_config", {})
-        mapping = pretrained.get("mapping", {})
-        tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+        shapes = {name: list(entry["shape"]) for name, entry in header.items()}
+        pretrained = info.pretrained
+        tp, pp = info.mapping.tensor_parallel_size, info.mapping.pipeline_parallel_size
         vocab, hidden = pretrained.get("vocab_size"), pretrained.get("hidden_size")
         layers = {int(m.group(1)) for name in shapes for m in [re.match(r"transformer\.layers\.(\d+)\.", name)] if m}
         expected_layers = pretrained.get("num_hidden_layers")
@@ -387,12 +384,11 @@ class _Checker:
             self.add(rank_file, "lm_head.weight", f"has {head[0]} rows (x tp {tp}) but config.json says vocab_size "
                      f"{vocab}")
 
-    def check_model_identity(self, core: _Model, config: dict[str, Any]) -> None:
+    def check_model_identity(self, core: _Model, pretrained: dict[str, Any]) -> None:
         """The tokenizer (and the HF config next to it) belong to the engine's model."""
         preprocessing = self.model("preprocessing")
         tokenizer_dir = core.parameter("tokenizer_dir") or (preprocessing.parameter("tokenizer_dir")
                                                             if preprocessing is not None else None)
-        pretrained = config.get("pretrained_config", {})
         if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
             return
         directory = Path(tokenizer_dir)
@@ -425,12 +421,12 @@ class _Checker:
                              f"{engine_value} but the model's config.json in {tokenizer_dir} says {hf_value}: "
                              "the engine is of another model")
 
-    def check_kv_cache(self, core: _Model, build: dict[str, Any]) -> None:
+    def check_kv_cache(self, core: _Model, info: EngineDir) -> None:
         """KV-cache parameters of the C++ backend against the engine's build."""
         file = core.config_file
         max_tokens = core.parameter("max_tokens_in_paged_kv_cache")
-        max_seq_len = build.get("max_seq_len")
-        if max_tokens and max_seq_len is not None:
+        max_seq_len = info.max_seq_len
+        if max_tokens:
             if not max_tokens.isdigit():
                 self.add(file, "parameters[max_tokens_in_paged_kv_cache]", f"'{max_tokens}' is not a whole number")
             elif int(max_tokens) < int(max_seq_len):
@@ -444,8 +440,7 @@ class _Checker:
                 valid = False
             if not valid:
                 self.add(file, "parameters[kv_cache_free_gpu_mem_fraction]", f"'{fraction}' is not in (0, 1]")
-        if (core.parameter("enable_kv_cache_reuse") or "").lower() in ("true", "1") and not build.get(
-                "plugin_config", {}).get("use_paged_context_fmha", False):
+        if (core.parameter("enable_kv_cache_reuse") or "").lower() in ("true", "1") and not info.paged_context_fmha:
             self.add(file, "parameters[enable_kv_cache_reuse]",
                      "needs an engine built with use_paged_context_fmha (trtllm-build --use_paged_context_fmha enable)")
 
@@ -467,26 +462,6 @@ class _Checker:
             if named != self.names[role]:
                 self.add(bls.config_file, f"parameters[{key}]", f"names '{named}' but the {role} model of this "
                          f"repository group is '{self.names[role]}'")
-
-
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header; `ValueError` when the file is cut short or malformed."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{size} bytes, shorter than a safetensors header")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > size - 8:
-            raise ValueError(f"the header needs {header_size} bytes, the file has {size - 8} after its length")
-        try:
-            header = json.loads(file.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"the header is not JSON ({error})") from None
-    end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
-    if 8 + header_size + end != size:
-        raise ValueError(f"the header describes {8 + header_size + end} bytes, the file has {size}")
-    return {name: list(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
 def _family(architecture: str) -> str:

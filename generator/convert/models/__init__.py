@@ -1,6 +1,6 @@
 """Registry of supported architectures: one file per architecture in this package, its `ModelSpec` subclass
-marked `@register` (see docs/ADDING_A_MODEL.md). Every module here is imported on first use of the package, so
-a new file is all it takes; nothing else lists architectures."""
+marked `@register` (see docs/DESIGN.md, "Adding an architecture"). Every module here is imported on first use
+of the package, so a new file is all it takes; nothing else lists architectures."""
 
 from __future__ import annotations
 

@@ -166,7 +166,6 @@ class CanonicalTensor:
     name: str
     source: TensorSource
     rule: ShardRule
-    keep_float32: bool = False  # e.g. the MoE router, which TensorRT-LLM runs in float32
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ def configured_tokenizer(model_config: dict[str, Any]) -> Any:
 def repository_max_input_len(model_dir: str | Path, engine_dir: str | None) -> int | None:
     """The largest `max_input_len` of the engines this repository serves: `engine_dir` and every sibling model's
     `gpt_model_path` (a shared preprocessing serves several engines). None when no engine config is readable."""
+    from generator.errors import GenRepoError
+    from generator.formats.engine_dir import read_engine_dir
     from generator.serving.pbtxt import model_parameter
 
     engine_dirs = [engine_dir] if engine_dir else []
@@ -109,9 +111,8 @@ def repository_max_input_len(model_dir: str | Path, engine_dir: str | None) -> i
     limits = []
     for directory in engine_dirs:
         try:
-            build = json.loads((Path(directory) / "config.json").read_text()).get("build_config", {})
-            limits.append(int(build["max_input_len"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            limits.append(read_engine_dir(directory).max_input_len)
+        except GenRepoError:
             continue  # an unreadable or foreign engine dir; the engine itself still checks its limit
     return max(limits, default=None)
 
