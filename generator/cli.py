@@ -12,9 +12,28 @@ from typing import Any
 
 import click
 
+from generator.bench.eval import DEFAULT_MAX_INPUT_LEN as EVAL_MAX_INPUT_LEN
+from generator.bench.eval import EvalSettings
+from generator.build import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_NUM_TOKENS, DEFAULT_MAX_SEQ_LEN, BuildSettings
+from generator.convert import ConvertSettings
 from generator.errors import GenRepoError
 from generator.formats.dtypes import DTYPE_CHOICES
 from generator.formats.engine_dir import ENGINE_BACKENDS
+from generator.pipeline import PipelineSettings
+from generator.presets import DEFAULT_GPU_MEMORY_GIB
+from generator.run import RunSettings
+from generator.serving.render import (
+    BATCH_SCHEDULER_POLICIES,
+    BATCHING_STRATEGIES,
+    LONG_INPUT_LEN,
+    Batching,
+    EngineOverrides,
+    RenderSettings,
+    RepositoryLayout,
+    TensorrtllmOptions,
+    TextOptions,
+)
+from generator.serving.serve import LAUNCHERS, ServeSettings
 
 
 class _Group(click.Group):
@@ -31,27 +50,29 @@ class _Group(click.Group):
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model", metavar="PRESET|DIR", help="Run convert -> build -> render for a preset name "
               "(see `gen-repo models`) or a local Hugging Face checkpoint directory.")
-@click.option("--output", "output", type=click.Path(), default="model_repo", show_default=True,
+@click.option("--output", "output", type=click.Path(), default=str(PipelineSettings.output_dir), show_default=True,
               help="Directory for the whole job's output (checkpoint/, engine/, tokenizer/, triton_repo/).")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local Hugging Face checkpoint for a real preset (e.g. --model mpt-7b --model-dir ./mpt-7b).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Checkpoint dtype (default: the preset's; auto = the HF checkpoint's).")
 @click.option("--tp-size", "tensor_parallel_size", type=int, default=None,
-              help="Tensor-parallel size (default: the preset's, else 1).")
+              help=f"Tensor-parallel size (default: the preset's, else {ConvertSettings.tensor_parallel_size}).")
 @click.option("--pp-size", "pipeline_parallel_size", type=int, default=None,
-              help="Pipeline-parallel size (default: the preset's, else 1).")
+              help=f"Pipeline-parallel size (default: the preset's, else {ConvertSettings.pipeline_parallel_size}).")
 @click.option("--moe-tp-size", "moe_tensor_parallel_size", type=int, default=None,
               help="MoE only: tensor-parallel size inside each expert.")
 @click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
               help="MoE only: expert-parallel size.")
-@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default="pytorch",
-              show_default=True, help="Engine backend: our PyTorch engine, or real trtllm-build (NVIDIA container).")
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS),
+              default=PipelineSettings.engine_backend, show_default=True,
+              help="Engine backend: our PyTorch engine, or real trtllm-build (NVIDIA container).")
 @click.option("--max-batch-size", type=int, default=None, help="Engine limit (default: the preset's).")
 @click.option("--max-input-len", type=int, default=None, help="Engine limit (default: the preset's).")
 @click.option("--max-seq-len", type=int, default=None, help="Engine limit: prompt + new tokens (default: the preset's).")
 @click.option("--max-num-tokens", type=int, default=None, help="Engine limit: tokens per step (default: build's).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Ranks converted / built in parallel.")
+@click.option("--workers", type=int, default=PipelineSettings.workers, show_default=True,
+              help="Ranks converted / built in parallel.")
 @click.option("--weight-only-precision", type=click.Choice(["int8", "int4"]), default=None,
               help="Weight-only quantization of the GEMM weights (default: none).")
 @click.option("--int8-kv-cache", is_flag=True, help="Calibrate and use an INT8 KV cache.")
@@ -72,7 +93,7 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
     if model is None:
         click.echo(ctx.get_help())
         return
-    from generator.pipeline import PipelineSettings, run_pipeline
+    from generator.pipeline import run_pipeline
 
     run_pipeline(PipelineSettings(
         model=model, output_dir=Path(output), model_dir=model_dir, dtype=dtype,
@@ -90,11 +111,13 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="TensorRT-LLM checkpoint directory to write (config.json + rank{r}.safetensors); replaced "
               "if it already holds a checkpoint.")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=ConvertSettings.dtype,
               show_default=True, help="Weight dtype of the checkpoint; auto keeps the HF checkpoint's dtype.")
-@click.option("--tp-size", "tensor_parallel_size", type=int, default=1, show_default=True,
+@click.option("--tp-size", "tensor_parallel_size", type=int, default=ConvertSettings.tensor_parallel_size,
+              show_default=True,
               help="Tensor-parallel size T: attention heads, MLP and lm_head are split over T ranks.")
-@click.option("--pp-size", "pipeline_parallel_size", type=int, default=1, show_default=True,
+@click.option("--pp-size", "pipeline_parallel_size", type=int, default=ConvertSettings.pipeline_parallel_size,
+              show_default=True,
               help="Pipeline-parallel size P: layers are split into P contiguous stages; T*P rank files.")
 @click.option("--moe-tp-size", "moe_tensor_parallel_size", type=int, default=None,
               help="MoE (DBRX) only: split each expert's FFN over this many ranks. With --moe-ep-size the "
@@ -102,7 +125,7 @@ def main(ctx: click.Context, model: str | None, output: str, model_dir: Path | N
 @click.option("--moe-ep-size", "moe_expert_parallel_size", type=int, default=None,
               help="MoE (DBRX) only: distribute the experts over this many ranks (expert parallelism); "
               "default 1 (or T / --moe-tp-size).")
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=int, default=ConvertSettings.workers, show_default=True,
               help="Ranks converted in parallel (threads); memory grows with about one tensor per worker.")
 @click.option("--use-weight-only", is_flag=True,
               help="Weight-only quantization of the GEMM weights (qkv, dense, fc, proj): records quant_algo and "
@@ -128,7 +151,7 @@ def convert_command(model_dir: Path, output_dir: Path, dtype: str, tensor_parall
                     calib_text: Path | None,
                     trust_remote_code: bool, quiet: bool) -> None:
     """Convert a Hugging Face MPT / DBRX checkpoint into a TensorRT-LLM checkpoint."""
-    from generator.convert import ConvertSettings, convert_checkpoint
+    from generator.convert.job import convert_checkpoint
 
     settings = ConvertSettings(
         model_dir=model_dir, output_dir=output_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
@@ -159,23 +182,27 @@ def inspect_command(checkpoint_dir: Path, unshard_dir: Path | None, as_json: boo
               help="TensorRT-LLM checkpoint directory (config.json + rank{r}.safetensors), e.g. from `convert`.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Engine directory to write.")
-@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default="pytorch",
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default=BuildSettings.engine_backend,
               show_default=True, help="pytorch: gen-repo's PyTorch engine (links the weights; quantizes "
               "weight-only ones); tensorrtllm: the real trtllm-build (needs TensorRT-LLM, i.e. NVIDIA's container).")
-@click.option("--max-batch-size", type=int, default=8, show_default=True, help="Requests running at once.")
-@click.option("--max-input-len", type=int, default=None,
-              help="Longest prompt, in tokens; default min(1024, max-seq-len / 2).")
-@click.option("--max-seq-len", type=int, default=None,
-              help="Longest prompt + output; default the checkpoint's max_position_embeddings (else 2048).")
-@click.option("--max-num-tokens", type=int, default=None,
-              help="Most tokens in one forward (context phase); default min(8192, batch x input len).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Ranks built in parallel (tensorrtllm).")
+@click.option("--max-batch-size", type=int, default=BuildSettings.max_batch_size, show_default=True,
+              help="Requests running at once.")
+@click.option("--max-input-len", type=int, default=BuildSettings.max_input_len,
+              help=f"Longest prompt, in tokens; default min({DEFAULT_MAX_INPUT_LEN}, max-seq-len / 2).")
+@click.option("--max-seq-len", type=int, default=BuildSettings.max_seq_len,
+              help=f"Longest prompt + output; default the checkpoint's max_position_embeddings (else "
+              f"{DEFAULT_MAX_SEQ_LEN}).")
+@click.option("--max-num-tokens", type=int, default=BuildSettings.max_num_tokens,
+              help=f"Most tokens in one forward (context phase); default min({DEFAULT_MAX_NUM_TOKENS}, batch x input "
+              "len).")
+@click.option("--workers", type=int, default=BuildSettings.workers, show_default=True,
+              help="Ranks built in parallel (tensorrtllm).")
 @click.option("--dry-run", is_flag=True, help="Print what would be built (the trtllm-build commands) and stop.")
 def build_command(checkpoint_dir: Path, output_dir: Path, engine_backend: str, max_batch_size: int,
                   max_input_len: int | None, max_seq_len: int | None, max_num_tokens: int | None, workers: int,
                   dry_run: bool) -> None:
     """Build an engine dir from a TensorRT-LLM checkpoint."""
-    from generator.build import BuildSettings, build_engine
+    from generator.build import build_engine
 
     settings = BuildSettings(checkpoint_dir=checkpoint_dir, output_dir=output_dir, engine_backend=engine_backend,
                              max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
@@ -191,12 +218,12 @@ def build_command(checkpoint_dir: Path, output_dir: Path, engine_backend: str, m
               help="Tokenizer for text prompts and decoding the output (default: none, ids only).")
 @click.option("--input-ids", "input_ids", multiple=True,
               help="A prompt as token ids, comma or space separated; repeat for several prompts.")
-@click.option("--max-tokens", "max_new_tokens", type=int, default=32, show_default=True,
+@click.option("--max-tokens", "max_new_tokens", type=int, default=RunSettings.max_new_tokens, show_default=True,
               help="New tokens per prompt.")
 @click.option("--end-id", type=int, default=None, help="Stop token (default: the tokenizer's eos).")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 with --top-p 0: greedy.")
-@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--temperature", type=float, default=RunSettings.temperature, show_default=True)
+@click.option("--top-k", type=int, default=RunSettings.top_k, show_default=True, help="0 with --top-p 0: greedy.")
+@click.option("--top-p", type=float, default=RunSettings.top_p, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="torch device (default cuda:<local rank> if available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per prompt (ids, text, finish reason).")
@@ -204,7 +231,7 @@ def run_command(prompts: tuple[str, ...], engine_dir: Path, tokenizer_dir: Path 
                 max_new_tokens: int, end_id: int | None, temperature: float, top_k: int, top_p: float,
                 seed: int | None, device: str | None, as_json: bool) -> None:
     """Generate with the pytorch engine (no Triton). Several ranks: `mpirun -n N gen-repo run ...`."""
-    from generator.run import RunSettings, print_outputs, run
+    from generator.run import print_outputs, run
 
     try:
         ids = [[int(t) for t in text.replace(",", " ").split()] for text in input_ids]
@@ -238,7 +265,7 @@ def bench_command(bench_args: tuple[str, ...]) -> None:
 
 
 @main.command("models")
-@click.option("--gpu-memory", "gpu_memory_gib", type=float, default=80.0, show_default=True,
+@click.option("--gpu-memory", "gpu_memory_gib", type=float, default=DEFAULT_GPU_MEMORY_GIB, show_default=True,
               help="GPU memory in GiB for the 'which layouts fit' column.")
 def models_command(gpu_memory_gib: float) -> None:
     """List the presets: parameters, weight bytes per dtype and the parallel layouts that fit."""
@@ -250,16 +277,19 @@ def models_command(gpu_memory_gib: float) -> None:
 @main.command("serve")
 @click.option("--model-repository", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The Triton repository (`<output>/triton_repo` of the whole job).")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=ServeSettings.host, show_default=True,
               help="Address all endpoints bind to (0.0.0.0 to accept remote clients).")
-@click.option("--http-port", type=int, default=8000, show_default=True, help="HTTP/REST port (generate, health).")
-@click.option("--grpc-port", type=int, default=8001, show_default=True, help="gRPC port (streaming).")
-@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus /metrics port.")
+@click.option("--http-port", type=int, default=ServeSettings.http_port, show_default=True,
+              help="HTTP/REST port (generate, health).")
+@click.option("--grpc-port", type=int, default=ServeSettings.grpc_port, show_default=True,
+              help="gRPC port (streaming).")
+@click.option("--metrics-port", type=int, default=ServeSettings.metrics_port, show_default=True,
+              help="Prometheus /metrics port.")
 @click.option("--triton-bin", default=None, help="tritonserver binary (default: $TRITON_BIN, PATH, then the "
               "nvidia-pytriton wheel).")
 @click.option("--world-size", type=int, default=None,
               help="Ranks (default: the engine's tp x pp); > 1 launches one tritonserver per rank under mpirun.")
-@click.option("--launcher", type=click.Choice(["mpirun", "local"]), default="mpirun", show_default=True,
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default=ServeSettings.launcher, show_default=True,
               help="How ranks start when the world size is > 1: mpirun (leader mode, as TensorRT-LLM's "
               "launch_triton_server.py), or local (one host without MPI: generator.serving.local_launch).")
 @click.option("--multi-model", is_flag=True,
@@ -268,7 +298,7 @@ def models_command(gpu_memory_gib: float) -> None:
 @click.option("--disable-spawn-processes", is_flag=True,
               help="With --multi-model: start the ranks with mpirun (TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=0) "
               "instead of letting the backend spawn them, as launch_triton_server.py's flag of that name.")
-@click.option("--tensorrt-llm-model-name", default="tensorrt_llm", show_default=True,
+@click.option("--tensorrt-llm-model-name", default=ServeSettings.tensorrt_llm_model_name, show_default=True,
               help="The engine model(s), comma-separated: ranks > 0 load only these (leader mode).")
 @click.option("--openai-port", type=int, default=None,
               help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions) on this port.")
@@ -276,10 +306,13 @@ def models_command(gpu_memory_gib: float) -> None:
               help="With --openai-port: a Jinja chat template instead of the tokenizer's own.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None,
               help="Server output (default: tritonserver.log next to the repository).")
-@click.option("--log-verbose", type=int, default=0, show_default=True, help="tritonserver --log-verbose level.")
-@click.option("--ready-timeout", "ready_timeout_s", type=float, default=600.0, show_default=True,
+@click.option("--log-verbose", type=int, default=ServeSettings.log_verbose, show_default=True,
+              help="tritonserver --log-verbose level.")
+@click.option("--ready-timeout", "ready_timeout_s", type=float, default=ServeSettings.ready_timeout_s,
+              show_default=True,
               help="Seconds to wait for /v2/health/ready.")
-@click.option("--exit-timeout", "exit_timeout_s", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--exit-timeout", "exit_timeout_s", type=click.IntRange(min=0), default=ServeSettings.exit_timeout_s,
+              show_default=True,
               help="Seconds a stop (Ctrl-C, SIGTERM) waits for requests in flight before tritonserver exits "
               "(its --exit-timeout-secs); a second Ctrl-C kills it at once.")
 @click.option("--dry-run", is_flag=True, help="Print the exact command (and PATH/LD_LIBRARY_PATH) and exit.")
@@ -291,7 +324,7 @@ def serve_command(model_repository: Path, host: str, http_port: int, grpc_port: 
                   log_verbose: int, ready_timeout_s: float, exit_timeout_s: int, dry_run: bool,
                   extra_args: tuple[str, ...]) -> None:
     """Run tritonserver on a repository until Ctrl-C; extra args after `--` go to tritonserver."""
-    from generator.serving.serve import ServeSettings, serve
+    from generator.serving.serve import serve
 
     sys.exit(serve(ServeSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
@@ -399,44 +432,51 @@ def deploy_command(model_repository: Path, output_dir: Path, image: str, base_im
               help="Tokenizer dir that preprocessing / postprocessing load.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Triton model repository to write.")
-@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default=None,
+@click.option("--engine", "engine_backend", type=click.Choice(ENGINE_BACKENDS), default=EngineOverrides.engine_backend,
               help="Engine backend (default: the engine dir's).")
-@click.option("--max-batch-size", "triton_max_batch_size", type=int, default=None,
+@click.option("--max-batch-size", "triton_max_batch_size", type=int, default=EngineOverrides.triton_max_batch_size,
               help="Triton max_batch_size (default: the engine's).")
-@click.option("--decoupled/--no-decoupled", default=True, show_default=True,
+@click.option("--decoupled/--no-decoupled", default=Batching.decoupled, show_default=True,
               help="Decoupled tensorrt_llm / BLS (needed for streaming).")
-@click.option("--preprocessing-instances", "preprocessing_instance_count", type=int, default=None,
-              help="Default: 2 for engines of max_input_len >= 8192 (render.LONG_INPUT_LEN), else 1.")
-@click.option("--postprocessing-instances", "postprocessing_instance_count", type=int, default=1, show_default=True)
-@click.option("--bls-instances", "bls_instance_count", type=int, default=1, show_default=True)
-@click.option("--max-queue-delay-us", "max_queue_delay_microseconds", type=int, default=0, show_default=True)
-@click.option("--max-queue-size", type=int, default=0, show_default=True, help="0: unlimited.")
-@click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True)
-@click.option("--max-tokens-in-paged-kv-cache", type=int, default=None)
+@click.option("--preprocessing-instances", "preprocessing_instance_count", type=int,
+              default=Batching.preprocessing_instance_count,
+              help=f"Default: 2 for engines of max_input_len >= {LONG_INPUT_LEN} (render.LONG_INPUT_LEN), else 1.")
+@click.option("--postprocessing-instances", "postprocessing_instance_count", type=int,
+              default=Batching.postprocessing_instance_count, show_default=True)
+@click.option("--bls-instances", "bls_instance_count", type=int, default=Batching.bls_instance_count,
+              show_default=True)
+@click.option("--max-queue-delay-us", "max_queue_delay_microseconds", type=int,
+              default=Batching.max_queue_delay_microseconds, show_default=True)
+@click.option("--max-queue-size", type=int, default=Batching.max_queue_size, show_default=True, help="0: unlimited.")
+@click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=TensorrtllmOptions.kv_cache_free_gpu_mem_fraction,
+              show_default=True)
+@click.option("--max-tokens-in-paged-kv-cache", type=int, default=TensorrtllmOptions.max_tokens_in_paged_kv_cache)
 @click.option("--enable-kv-cache-reuse", is_flag=True)
 @click.option("--enable-chunked-context", is_flag=True)
-@click.option("--batching-strategy", type=click.Choice(["inflight_fused_batching", "inflight_batching", "V1"]),
-              default="inflight_fused_batching", show_default=True)
-@click.option("--batch-scheduler-policy", type=click.Choice(["guaranteed_no_evict", "max_utilization"]),
-              default="guaranteed_no_evict", show_default=True)
-@click.option("--gpu-device-ids", default=None, help="tensorrtllm: e.g. 0,1 (default: 0..world size-1).")
+@click.option("--batching-strategy", type=click.Choice(BATCHING_STRATEGIES),
+              default=TensorrtllmOptions.batching_strategy, show_default=True)
+@click.option("--batch-scheduler-policy", type=click.Choice(BATCH_SCHEDULER_POLICIES),
+              default=TensorrtllmOptions.batch_scheduler_policy, show_default=True)
+@click.option("--gpu-device-ids", default=TensorrtllmOptions.gpu_device_ids,
+              help="tensorrtllm: e.g. 0,1 (default: 0..world size-1).")
 @click.option("--exclude-input-in-output", is_flag=True, help="Return only the generated text by default.")
-@click.option("--add-special-tokens/--no-add-special-tokens", default=True, show_default=True)
-@click.option("--skip-special-tokens/--no-skip-special-tokens", default=True, show_default=True)
+@click.option("--add-special-tokens/--no-add-special-tokens", default=TextOptions.add_special_tokens,
+              show_default=True)
+@click.option("--skip-special-tokens/--no-skip-special-tokens", default=TextOptions.skip_special_tokens,
+              show_default=True)
 @click.option("--accumulate-tokens", is_flag=True, help="BLS streams the whole text so far, not deltas.")
 @click.option("--trust-remote-code", is_flag=True, help="Let the tokenizer run its own Python code.")
-@click.option("--model-name-prefix", default="", metavar="PREFIX",
+@click.option("--model-name-prefix", default=RepositoryLayout.model_name_prefix, metavar="PREFIX",
               help="Name the models <PREFIX>preprocessing ... <PREFIX>ensemble, to serve several models from one "
                    "repository (other models already in --output stay).")
-@click.option("--shared-pre-post-prefix", default=None, metavar="PREFIX",
+@click.option("--shared-pre-post-prefix", default=RepositoryLayout.shared_pre_post_prefix, metavar="PREFIX",
               help="Render no preprocessing/postprocessing; use <PREFIX>preprocessing/postprocessing already in "
                    "--output (same tokenizer files).")
 def render_command(engine_dir: Path, tokenizer_dir: Path, output_dir: Path, **options: Any) -> None:
     """Write the Triton model repository for an engine dir, then validate it."""
-    from generator.serving.render import RenderSettings, render_repository
+    from generator.serving.render import render_repository
 
-    repository = render_repository(RenderSettings(engine_dir=engine_dir, tokenizer_dir=tokenizer_dir,
-                                                  output_dir=output_dir, **options))
+    repository = render_repository(RenderSettings.from_options(engine_dir, tokenizer_dir, output_dir, **options))
     click.echo(f"wrote {repository}")
 
 
@@ -459,7 +499,7 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
 
 @main.command("eval")
 @click.option("--url", default=None, help="gRPC host:port of a served repository: evaluate its ensemble.")
-@click.option("--model", "served_model", default="ensemble", show_default=True, help="Served model to ask.")
+@click.option("--model", "served_model", default=EvalSettings.model, show_default=True, help="Served model to ask.")
 @click.option("--engine-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Evaluate this pytorch engine dir directly (several ranks: `mpirun -n N gen-repo eval ...`).")
 @click.option("--hf-model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -470,45 +510,53 @@ def validate_command(repository: Path, no_streaming: bool) -> None:
               help="Local .jsonl/.json/.parquet file, or a Hugging Face dataset name such as cnn_dailymail "
               "(needs `datasets` and the hub). Default: gen-repo's own set of 32 short news items.")
 @click.option("--dataset-config", default=None, help="HF dataset config (cnn_dailymail: 3.0.0).")
-@click.option("--dataset-split", default="test", show_default=True, help="HF dataset split.")
-@click.option("--article-field", default="article", show_default=True, help="Field holding the article.")
-@click.option("--summary-field", default="highlights", show_default=True, help="Field holding the reference.")
+@click.option("--dataset-split", default=EvalSettings.dataset_split, show_default=True, help="HF dataset split.")
+@click.option("--article-field", default=EvalSettings.article_field, show_default=True,
+              help="Field holding the article.")
+@click.option("--summary-field", default=EvalSettings.summary_field, show_default=True,
+              help="Field holding the reference.")
 @click.option("--max-samples", type=int, default=None, help="Evaluate the first N samples (default: all; "
               "summarize.py's defaults give 20).")
 @click.option("--max-input-len", type=int, default=None,
-              help="Cut prompts to this many tokens, as summarize.py does (default: 923, or the engine's limit).")
-@click.option("--output-len", type=int, default=100, show_default=True, help="Most new tokens per sample.")
-@click.option("--batch-size", type=int, default=1, show_default=True,
+              help=f"Cut prompts to this many tokens, as summarize.py does (default: {EVAL_MAX_INPUT_LEN}, or the "
+              "engine's limit).")
+@click.option("--output-len", type=int, default=EvalSettings.output_len, show_default=True,
+              help="Most new tokens per sample.")
+@click.option("--batch-size", type=int, default=EvalSettings.batch_size, show_default=True,
               help="Requests in flight together (served and engine paths).")
-@click.option("--hf-batch-size", type=int, default=1, show_default=True,
+@click.option("--hf-batch-size", type=int, default=EvalSettings.hf_batch_size, show_default=True,
               help="Prompts per transformers generate (left padding changes its numerics).")
-@click.option("--prompt-template", default="{article} TL;DR: ", show_default=True,
+@click.option("--prompt-template", default=EvalSettings.prompt_template, show_default=True,
               help="Prompt around {article} (summarize.py's summarize task by default).")
-@click.option("--add-special-tokens/--no-add-special-tokens", default=True, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=1, show_default=True, help="Greedy unless top-k > 1 or top-p > 0.")
-@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--add-special-tokens/--no-add-special-tokens", default=EvalSettings.add_special_tokens,
+              show_default=True)
+@click.option("--temperature", type=float, default=EvalSettings.temperature, show_default=True)
+@click.option("--top-k", type=int, default=EvalSettings.top_k, show_default=True,
+              help="Greedy unless top-k > 1 or top-p > 0.")
+@click.option("--top-p", type=float, default=EvalSettings.top_p, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--end-id", type=int, default=None, help="Token id that ends generation (default: the tokenizer's eos).")
-@click.option("--stemmer/--no-stemmer", "use_stemmer", default=True, show_default=True,
+@click.option("--stemmer/--no-stemmer", "use_stemmer", default=EvalSettings.use_stemmer, show_default=True,
               help="Porter stemming in ROUGE (summarize.py's `evaluate` rouge metric does not stem).")
 @click.option("--check-accuracy", is_flag=True, help="Exit 1 unless ROUGE-1 is above --rouge-threshold.")
-@click.option("--rouge-threshold", type=float, default=15.0, show_default=True,
+@click.option("--rouge-threshold", type=float, default=EvalSettings.rouge_threshold, show_default=True,
               help="ROUGE-1 (x100) the engine paths must exceed with --check-accuracy.")
 @click.option("--device", default=None, help="Device for the engine and transformers (default: cuda if present).")
-@click.option("--hf-dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
-              show_default=True, help="transformers dtype (auto: the engine's, else the checkpoint's).")
+@click.option("--hf-dtype", type=click.Choice(DTYPE_CHOICES),
+              default=EvalSettings.hf_dtype, show_default=True,
+              help="transformers dtype (auto: the engine's, else the checkpoint's).")
 @click.option("--hf-device-map-auto", is_flag=True, help="Spread the transformers model over all GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's / tokenizer's own Python code.")
-@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+@click.option("--wait", "wait_s", type=float, default=EvalSettings.wait_s, show_default=True,
               help="Wait up to this many seconds for the served model to be ready.")
-@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=float, default=EvalSettings.timeout_s, show_default=True,
               help="Seconds to wait for one served answer.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@click.option("--progress/--no-progress", default=EvalSettings.progress, show_default=True,
+              help="Progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (scores and every output) as JSON.")
 def eval_command(served_model: str, as_json: bool, **options: Any) -> None:
     """ROUGE of a served repository / engine dir / transformers on summarization (TensorRT-LLM's summarize.py)."""
-    from generator.bench.eval import EvalSettings, evaluate, format_report, report_dict
+    from generator.bench.eval import evaluate, format_report, report_dict
 
     report = evaluate(EvalSettings(model=served_model, **options))
     if report is None:  # a rank > 0 of an mpirun launch

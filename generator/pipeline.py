@@ -20,16 +20,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from generator.build import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN, BuildSettings
+from generator.convert import ConvertSettings
 from generator.errors import ConfigError, GenRepoError
 from generator.presets import PRESETS, Preset, get_preset, resolve_checkpoint
-from generator.tiny import TINY_NAMES, make_tiny_model
-
-if TYPE_CHECKING:
-    from generator.convert import ConvertSettings
 
 # Files a tokenizer dir may need; anything else in the HF dir (weights, remote code) stays behind.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -40,7 +38,8 @@ TOKENIZER_SUFFIXES = (".tiktoken",)
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """Everything `gen-repo --model ...` needs. None means: the preset's default, else the step's default."""
+    """Everything `gen-repo --model ...` needs. None means: the preset's value, else the step's default; the
+    other defaults are the steps' own (ConvertSettings, BuildSettings), read from there."""
 
     model: str                                   # preset name or HF checkpoint dir
     output_dir: Path = Path("model_repo")
@@ -50,16 +49,16 @@ class PipelineSettings:
     pipeline_parallel_size: int | None = None
     moe_tensor_parallel_size: int | None = None
     moe_expert_parallel_size: int | None = None
-    engine_backend: str = "pytorch"              # "pytorch" or "tensorrtllm"
+    engine_backend: str = BuildSettings.engine_backend   # "pytorch" or "tensorrtllm"
     max_batch_size: int | None = None
     max_input_len: int | None = None
     max_seq_len: int | None = None
     max_num_tokens: int | None = None
-    workers: int = 1
-    weight_only_precision: str | None = None     # None | "int8" | "int4"
-    int8_kv_cache: bool = False
-    trust_remote_code: bool = False
-    progress: bool = True
+    workers: int = ConvertSettings.workers      # convert and build alike
+    weight_only_precision: str | None = ConvertSettings.weight_only_precision   # None | "int8" | "int4"
+    int8_kv_cache: bool = ConvertSettings.int8_kv_cache
+    trust_remote_code: bool = ConvertSettings.trust_remote_code
+    progress: bool = ConvertSettings.progress
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,9 @@ def _resolve_model(settings: PipelineSettings, output: Path,
     """(preset or None, local HF checkpoint dir); tiny presets are generated into `<output>/hf`."""
     if settings.model in PRESETS:
         preset = get_preset(settings.model)
-        if settings.model in TINY_NAMES:
+        if preset.offline:  # a tiny preset (generator.tiny.TINY_NAMES); torch loads only when one is made
+            from generator.tiny import make_tiny_model
+
             hf_dir = output / "hf"
             verb = "reusing" if (hf_dir / "config.json").is_file() else "creating"
             echo(f"[0/4] {verb} {preset.name} in {hf_dir}")
@@ -168,18 +169,18 @@ def _fresh(path: Path) -> Path:
 
 
 def _convert(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path) -> None:
-    from generator.convert import ConvertSettings, convert_checkpoint
+    from generator.convert.job import convert_checkpoint
 
-    tensor_parallel_size = _or_default(settings.tensor_parallel_size, preset.tensor_parallel_size if preset else 1)
-    pipeline_parallel_size = _or_default(settings.pipeline_parallel_size,
-                                         preset.pipeline_parallel_size if preset else 1)
+    # what the user gave, else the preset's, else (left out) ConvertSettings' defaults
+    from_preset = {} if preset is None else {"dtype": preset.dtype, "tensor_parallel_size": preset.tensor_parallel_size,
+                                             "pipeline_parallel_size": preset.pipeline_parallel_size}
+    given = _given(dtype=settings.dtype, tensor_parallel_size=settings.tensor_parallel_size,
+                   pipeline_parallel_size=settings.pipeline_parallel_size,
+                   moe_tensor_parallel_size=settings.moe_tensor_parallel_size,
+                   moe_expert_parallel_size=settings.moe_expert_parallel_size,
+                   weight_only_precision=settings.weight_only_precision)
     settings_for_convert = ConvertSettings(
-        model_dir=hf_dir, output_dir=checkpoint_dir,
-        **_given(dtype=settings.dtype or (preset.dtype if preset else None),
-                 moe_tensor_parallel_size=settings.moe_tensor_parallel_size,
-                 moe_expert_parallel_size=settings.moe_expert_parallel_size,
-                 weight_only_precision=settings.weight_only_precision),
-        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+        model_dir=hf_dir, output_dir=checkpoint_dir, **{**from_preset, **given},
         workers=settings.workers, trust_remote_code=settings.trust_remote_code,
         int8_kv_cache=settings.int8_kv_cache, progress=settings.progress)
     if settings.engine_backend == "tensorrtllm":
@@ -214,7 +215,7 @@ def check_trtllm_before_convert(settings: ConvertSettings) -> None:
 
 def _build(settings: PipelineSettings, preset: Preset | None, hf_dir: Path, checkpoint_dir: Path,
            engine_dir: Path) -> None:
-    from generator.build import BuildSettings, build_engine
+    from generator.build import build_engine
 
     _fresh(engine_dir)
     limits = default_limits(preset, hf_dir)
@@ -236,14 +237,15 @@ def _render(result: PipelineResult) -> None:
 
 
 def default_limits(preset: Preset | None, hf_dir: Path) -> dict[str, int]:
-    """Build limits: the preset's (or 8 / 1024 / 2048), never beyond the checkpoint's max sequence length."""
+    """Build limits: the preset's (or build's defaults), never beyond the checkpoint's max sequence length."""
     config = json.loads((hf_dir / "config.json").read_text())
-    max_positions = int(config.get("max_seq_len") or config.get("max_position_embeddings") or 2048)
+    max_positions = int(config.get("max_seq_len") or config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
     if preset is not None:
         limits = {"max_batch_size": preset.max_batch_size, "max_input_len": preset.max_input_len,
                   "max_seq_len": preset.max_seq_len}
     else:
-        limits = {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048}
+        limits = {"max_batch_size": BuildSettings.max_batch_size, "max_input_len": DEFAULT_MAX_INPUT_LEN,
+                  "max_seq_len": DEFAULT_MAX_SEQ_LEN}
     if limits["max_seq_len"] > max_positions:
         # a small checkpoint behind a big preset: keep half the sequence for the prompt
         limits["max_seq_len"] = max_positions

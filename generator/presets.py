@@ -12,10 +12,13 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from generator.build import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN, BuildSettings
+from generator.convert import ConvertSettings
 from generator.errors import GenRepoError
 from generator.formats.dtypes import MODEL_DTYPES, dtype_named
 
 GIB = 1024**3
+DEFAULT_GPU_MEMORY_GIB = 80.0  # `gen-repo models --gpu-memory`: an 80 GB H100 / A100
 
 # Bytes per weight for each storage format. Weight-only formats keep norms and embeddings in 16 bits; the
 # estimate below ignores that (it is a few percent for these models).
@@ -26,7 +29,8 @@ BYTES_PER_WEIGHT: dict[str, float] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """One model gen-repo knows by name."""
+    """One model gen-repo knows by name: its dimensions, the dtype it converts to, and the build limits and
+    parallel layout where they differ from the steps' defaults (BuildSettings, ConvertSettings)."""
 
     name: str
     hf_id: str | None                # None for the offline tiny models
@@ -40,20 +44,20 @@ class Preset:
     intermediate_size: int           # MPT: expansion_ratio * d_model; DBRX: one expert's ffn_hidden_size
     max_position_embeddings: int
     position_embedding_type: str     # "alibi" or "rope_gpt_neox"
+    dtype: str                       # checkpoint dtype of the whole job (convert's own default keeps the HF one)
     bias: bool = False
     tie_word_embeddings: bool = True
     num_experts: int = 0
     experts_per_token: int = 0
     clip_qkv: float | None = None
     rope_theta: float | None = None
-    # Default build limits (engine dir `build_config`).
-    max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: int = 2048
-    # Default conversion.
-    dtype: str = "float16"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    # Build limits (engine dir `build_config`).
+    max_batch_size: int = BuildSettings.max_batch_size
+    max_input_len: int = DEFAULT_MAX_INPUT_LEN
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    # Parallel layout of the conversion.
+    tensor_parallel_size: int = ConvertSettings.tensor_parallel_size
+    pipeline_parallel_size: int = ConvertSettings.pipeline_parallel_size
     offline: bool = False            # built by generator.tiny, needs no checkpoint
 
     @property
@@ -97,7 +101,7 @@ class Preset:
         """Bytes of weights in one of `BYTES_PER_WEIGHT`'s formats."""
         return int(self.parameter_count() * BYTES_PER_WEIGHT[weight_format])
 
-    def fitting_layouts(self, weight_format: str, gpu_memory_gib: float = 80.0,
+    def fitting_layouts(self, weight_format: str, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
                         usable_fraction: float = 0.9, world_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> list[int]:
         """World sizes (TP, or TP x PP) whose per-GPU share of the weights fits in `usable_fraction` of a GPU.
 
@@ -200,7 +204,7 @@ def resolve_checkpoint(preset: Preset, model_dir: Path | None = None, *, trust_r
                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): {how}") from None
 
 
-def models_table(gpu_memory_gib: float = 80.0) -> str:
+def models_table(gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> str:
     """The text `gen-repo models` prints: size, bytes per weight format and fitting layouts for each preset."""
     formats = list(BYTES_PER_WEIGHT)
     header = (f"{'preset':<22} {'hf id':<28} {'arch':<6} {'params':>9}  "

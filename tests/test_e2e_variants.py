@@ -32,7 +32,7 @@ from generator.engine.config import alibi_slopes
 from generator.formats.tokenizer import load_tokenizer
 from generator.pipeline import PipelineResult, copy_tokenizer_files
 from generator.serving.client import InferSettings, generate
-from generator.serving.render import RenderSettings, render_repository
+from generator.serving.render import RenderSettings, RepositoryLayout, render_repository
 from generator.serving.serve import stop_server
 from generator.tiny import make_tiny_model, quiet_token_ids
 from tests.conftest import RunningServer, start_test_server
@@ -188,8 +188,8 @@ def add_to_repository(variant: Variant, root: Path, tokenizer: Path, repository:
     engine = build_engine(BuildSettings(checkpoint, root / f"{variant.name}-engine", max_batch_size=2,
                                         max_input_len=32, max_seq_len=64))
     render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=repository,
-                                     model_name_prefix=f"{variant.name}_",
-                                     shared_pre_post_prefix=shared_pre_post_prefix))
+                                     layout=RepositoryLayout(model_name_prefix=f"{variant.name}_",
+                                                             shared_pre_post_prefix=shared_pre_post_prefix)))
 
 
 def session_rss_bytes(pid: int) -> int:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from generator.build.pytorch import build_pytorch_engine
-from generator.build.settings import BuildSettings, resolve_limits
+from generator.build.settings import DEFAULT_MAX_NUM_TOKENS, BuildSettings, resolve_limits
 from generator.errors import ConfigError
-from generator.formats.engine_dir import ENGINE_BACKENDS, EngineLimits
+from generator.formats.engine_dir import (
+    DEFAULT_MAX_INPUT_LEN,
+    DEFAULT_MAX_SEQ_LEN,
+    ENGINE_BACKENDS,
+    EngineLimits,
+)
 
-__all__ = ["ENGINE_BACKENDS", "BuildSettings", "EngineLimits", "build_engine", "build_pytorch_engine",
-           "resolve_limits"]
+__all__ = ["DEFAULT_MAX_INPUT_LEN", "DEFAULT_MAX_NUM_TOKENS", "DEFAULT_MAX_SEQ_LEN", "ENGINE_BACKENDS",
+           "BuildSettings", "EngineLimits", "build_engine", "resolve_limits"]
 
 
 def build_engine(settings: BuildSettings) -> Path:
@@ -28,4 +32,7 @@ def build_engine(settings: BuildSettings) -> Path:
         from generator.build.trtllm import build_with_trtllm  # needs nothing from TensorRT-LLM until it runs
 
         return build_with_trtllm(settings)
+    # imported here: the engine code (torch) loads only for a build, never for `gen-repo --help`
+    from generator.build.pytorch import build_pytorch_engine
+
     return build_pytorch_engine(settings)

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from generator.errors import ConfigError
-from generator.formats.engine_dir import EngineLimits
+from generator.formats.engine_dir import DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN, EngineLimits
 
 DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default
-DEFAULT_MAX_INPUT_LEN = 1024  # trtllm-build's default
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def resolve_limits(settings: BuildSettings, pretrained: dict[str, Any]) -> Engin
         if given is not None and given < 1:
             raise ConfigError(f"{name} must be at least 1, got {given}")
     max_positions = _positive_int_or_none(pretrained.get("max_position_embeddings"), "max_position_embeddings")
-    max_seq_len = settings.max_seq_len if settings.max_seq_len is not None else (max_positions or 2048)
+    max_seq_len = settings.max_seq_len if settings.max_seq_len is not None else (max_positions or DEFAULT_MAX_SEQ_LEN)
     max_input_len = settings.max_input_len if settings.max_input_len is not None else (
         default_max_input_len(max_seq_len))
     if max_positions and max_seq_len > max_positions:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from generator.convert.calibrate import calibrate_kv_cache_scales, default_calibration_text
 from generator.convert.models import ModelSpec, spec_for
 from generator.convert.models.base import shard_tensor
+from generator.convert.settings import ConvertSettings
 from generator.errors import ConfigError, GenRepoError
 from generator.formats.dtypes import MODEL_DTYPES, is_model_dtype, model_dtype, stored_dtype
 from generator.formats.hf_checkpoint import HFCheckpoint, read_hf_config
@@ -34,27 +35,6 @@ from generator.formats.mapping import Mapping
 from generator.formats.safetensors import SafetensorsWriter, header_budget
 from generator.formats.staging import StagingLock, check_output_dir, new_staging_dir, replace_dir
 from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
-
-
-@dataclass(frozen=True)
-class ConvertSettings:
-    """What `convert_checkpoint` needs; see `gen-repo convert --help` for each field's meaning."""
-
-    model_dir: Path
-    output_dir: Path
-    dtype: str = "auto"  # float32 | float16 | bfloat16 | auto (the HF checkpoint's dtype)
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    moe_tensor_parallel_size: int | None = None
-    moe_expert_parallel_size: int | None = None
-    workers: int = 1
-    weight_only_precision: str | None = None  # None | "int8" | "int4"
-    # Accepted for compatibility and ignored: weight-only checkpoints always hold float weights + quant_algo now.
-    weight_only_at_build: bool = False
-    int8_kv_cache: bool = False
-    calib_text: Path | None = None
-    trust_remote_code: bool = False
-    progress: bool = True  # tqdm bars on stderr
 
 
 def convert_checkpoint(settings: ConvertSettings) -> Path:

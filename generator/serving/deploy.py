@@ -61,9 +61,9 @@ class DeploySettings:
     gpus_per_node: int | None = None          # None: the whole world size on one node
     nodes: int | None = None                  # None: world size / gpus_per_node
     name: str = "gen-repo"                    # compose project, Kubernetes object and label name
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    http_port: int = ServeSettings.http_port
+    grpc_port: int = ServeSettings.grpc_port
+    metrics_port: int = ServeSettings.metrics_port
     volume_claim: str | None = None           # Kubernetes PVC with the model files; default <name>-models
 
 
@@ -261,9 +261,9 @@ def _tools() -> None:
 @click.option("--model-repository", required=True, type=click.Path(path_type=Path))
 @click.option("--nodes", type=int, required=True)
 @click.option("--gpus-per-node", type=int, required=True)
-@click.option("--http-port", type=int, default=8000)
-@click.option("--grpc-port", type=int, default=8001)
-@click.option("--metrics-port", type=int, default=8002)
+@click.option("--http-port", type=int, default=ServeSettings.http_port)
+@click.option("--grpc-port", type=int, default=ServeSettings.grpc_port)
+@click.option("--metrics-port", type=int, default=ServeSettings.metrics_port)
 @click.option("--wait-timeout", "wait_timeout_s", type=float, default=900.0)
 def lws_leader(model_repository: Path, nodes: int, gpus_per_node: int, http_port: int, grpc_port: int,
                metrics_port: int, wait_timeout_s: float) -> None:

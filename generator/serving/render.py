@@ -27,7 +27,7 @@ from __future__ import annotations
 import filecmp
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,58 +66,120 @@ _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
-class RenderSettings:
-    """What `render_repository` needs; `None` means "take it from the engine's config.json"."""
+class EngineOverrides:
+    """Facts the engine dir already holds; `None` takes the engine's (render refuses more than the engine has)."""
 
-    engine_dir: Path
-    tokenizer_dir: Path
-    output_dir: Path
-    engine_backend: str | None = None
-    triton_max_batch_size: int | None = None
-    decoupled: bool = True
-    preprocessing_instance_count: int | None = None   # None: from the engine's max_input_len (see below)
+    engine_backend: str | None = None         # the engine dir's backend
+    triton_max_batch_size: int | None = None   # Triton max_batch_size, at most the engine's max_batch_size
+    max_beam_width: int | None = None          # at most the engine's
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How Triton queues, batches and spreads requests over model instances (both engine backends)."""
+
+    decoupled: bool = True                     # decoupled tensorrt_llm / BLS: needed for streaming
+    max_queue_delay_microseconds: int = 0
+    max_queue_size: int = 0                    # 0: unlimited
+    cancellation_check_period_ms: int = 100
+    preprocessing_instance_count: int | None = None   # None: from the engine's max_input_len (LONG_INPUT_LEN)
     postprocessing_instance_count: int = 1
     bls_instance_count: int = 1
-    max_queue_delay_microseconds: int = 0
-    max_queue_size: int = 0
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """Tokenizer behaviour of preprocessing / postprocessing / BLS."""
+
     exclude_input_in_output: bool = False
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     trust_remote_code: bool = False
-    accumulate_tokens: bool = False
-    cancellation_check_period_ms: int = 100
-    # tensorrtllm (C++ backend) only
+    accumulate_tokens: bool = False            # BLS streams the whole text so far, not deltas
+
+
+@dataclass(frozen=True)
+class RepositoryLayout:
+    """Which models a render writes into output_dir, under which names (several models in one repository)."""
+
+    model_name_prefix: str = ""              # models are named "<prefix>preprocessing", ..., "<prefix>ensemble"
+    # None: render this model's own preprocessing / postprocessing. A prefix: render neither and use
+    # "<shared_pre_post_prefix>preprocessing" / "...postprocessing" already in output_dir (same tokenizer files).
+    shared_pre_post_prefix: str | None = None
+    overwrite: bool = True                   # replace models of the same names already in output_dir
+
+
+@dataclass(frozen=True)
+class TensorrtllmOptions:
+    """Parameters of NVIDIA's C++ `tensorrtllm` backend, named as its config.pbtxt keys; the pytorch engine
+    backend ignores them."""
+
+    # scheduler
     batching_strategy: str = "inflight_fused_batching"
     batch_scheduler_policy: str = "guaranteed_no_evict"
-    max_beam_width: int | None = None
+    enable_chunked_context: bool = False
+    # KV cache
     kv_cache_free_gpu_mem_fraction: float = 0.9
     max_tokens_in_paged_kv_cache: int | None = None
     enable_kv_cache_reuse: bool = False
-    enable_chunked_context: bool = False
-    normalize_log_probs: bool = True
-    gpu_device_ids: str | None = None
-    decoding_mode: str = ""
-    stats_check_period_ms: int = 100
-    iter_stats_max_iterations: int = 1000
-    request_stats_max_iterations: int = 0
     kv_cache_host_memory_bytes: int = 0
     kv_cache_onboard_blocks: bool = True
+    # devices and kernels
+    gpu_device_ids: str | None = None          # None: 0..world size-1
+    executor_worker_path: str = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
+    normalize_log_probs: bool = True
+    decoding_mode: str = ""
     multi_block_mode: bool = True
     enable_context_fmha_fp32_acc: bool = False
     cuda_graph_mode: bool = False
     cuda_graph_cache_size: int = 0
     gpu_weights_percent: float = 1.0
+    # statistics
+    stats_check_period_ms: int = 100
+    iter_stats_max_iterations: int = 1000
+    request_stats_max_iterations: int = 0
+    # LoRA cache
     lora_cache_optimal_adapter_size: int = 8
     lora_cache_max_adapter_size: int = 64
     lora_cache_gpu_memory_fraction: float = 0.05
     lora_cache_host_memory_bytes: int = 1 << 30
-    executor_worker_path: str = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
-    overwrite: bool = True                   # replace models of the same names already in output_dir
-    # several models in one repository
-    model_name_prefix: str = ""              # models are named "<prefix>preprocessing", ..., "<prefix>ensemble"
-    # None: render this model's own preprocessing / postprocessing. A prefix: render neither and use
-    # "<shared_pre_post_prefix>preprocessing" / "...postprocessing" already in output_dir (same tokenizer files).
-    shared_pre_post_prefix: str | None = None
+
+
+#: RenderSettings' groups: attribute name -> the dataclass of its options
+_GROUPS: dict[str, type] = {"engine": EngineOverrides, "batching": Batching, "text": TextOptions,
+                            "layout": RepositoryLayout, "tensorrtllm": TensorrtllmOptions}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What `render_repository` needs: three dirs and the options, grouped by concern (each group's fields
+    carry the defaults; `gen-repo render`'s flags are those field names)."""
+
+    engine_dir: Path
+    tokenizer_dir: Path
+    output_dir: Path
+    engine: EngineOverrides = EngineOverrides()
+    batching: Batching = Batching()
+    text: TextOptions = TextOptions()
+    layout: RepositoryLayout = RepositoryLayout()
+    tensorrtllm: TensorrtllmOptions = TensorrtllmOptions()
+
+    @classmethod
+    def from_options(cls, engine_dir: Path, tokenizer_dir: Path, output_dir: Path,
+                     **options: Any) -> RenderSettings:
+        """Settings from flat option names (the flags' form): each name goes to the group that declares it."""
+        grouped: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
+        for name, value in options.items():
+            group = OPTION_GROUP.get(name)
+            if group is None:
+                raise TypeError(f"RenderSettings has no option {name!r}")
+            grouped[group][name] = value
+        return cls(engine_dir, tokenizer_dir, output_dir,
+                   **{group: _GROUPS[group](**values) for group, values in grouped.items()})
+
+
+#: flat option name -> the RenderSettings group that declares it (tests check that names are unique)
+OPTION_GROUP = {option.name: group for group, kind in _GROUPS.items() for option in fields(kind)}
 
 
 def engine_info(engine_dir: Path) -> EngineDir:
@@ -127,16 +189,16 @@ def engine_info(engine_dir: Path) -> EngineDir:
 
 def model_names(settings: RenderSettings) -> dict[str, str]:
     """The Triton name of each model of `MODEL_NAMES` (preprocessing / postprocessing possibly shared)."""
-    names = {name: settings.model_name_prefix + name for name in MODEL_NAMES}
-    if settings.shared_pre_post_prefix is not None:
+    names = {name: settings.layout.model_name_prefix + name for name in MODEL_NAMES}
+    if settings.layout.shared_pre_post_prefix is not None:
         for name in ("preprocessing", "postprocessing"):
-            names[name] = settings.shared_pre_post_prefix + name
+            names[name] = settings.layout.shared_pre_post_prefix + name
     return names
 
 
 def rendered_models(settings: RenderSettings) -> tuple[str, ...]:
     """The models of `MODEL_NAMES` this render writes (shared preprocessing / postprocessing are not)."""
-    if settings.shared_pre_post_prefix is None:
+    if settings.layout.shared_pre_post_prefix is None:
         return MODEL_NAMES
     return tuple(name for name in MODEL_NAMES if name not in ("preprocessing", "postprocessing"))
 
@@ -152,20 +214,21 @@ def _optional(value: Any) -> str:
 
 def preprocessing_instances(settings: RenderSettings, info: EngineDir) -> int:
     """The preprocessing instance count: the setting, else 2 for engines of long inputs (`LONG_INPUT_LEN`)."""
-    if settings.preprocessing_instance_count is not None:
-        return settings.preprocessing_instance_count
+    if settings.batching.preprocessing_instance_count is not None:
+        return settings.batching.preprocessing_instance_count
     return 2 if info.max_input_len >= LONG_INPUT_LEN else 1
 
 
 def template_context(settings: RenderSettings, info: EngineDir) -> dict[str, Any]:
     """Every template variable, from the engine's facts and the settings."""
-    backend = settings.engine_backend or info.engine_backend
-    max_batch_size = settings.triton_max_batch_size or info.max_batch_size
+    batching, text, trt = settings.batching, settings.text, settings.tensorrtllm
+    backend = settings.engine.engine_backend or info.engine_backend
+    max_batch_size = settings.engine.triton_max_batch_size or info.max_batch_size
     if not is_model_dtype(info.logits_dtype):
         raise ConfigError(f"engine logits_dtype '{info.logits_dtype}' has no Triton type "
                           f"(expected one of {sorted(MODEL_DTYPES)})")
     logits_datatype = triton_type(info.logits_dtype)
-    gpu_device_ids = settings.gpu_device_ids or ",".join(str(rank) for rank in range(info.world_size))
+    gpu_device_ids = trt.gpu_device_ids or ",".join(str(rank) for rank in range(info.world_size))
     activation_datatype = triton_type(info.dtype, "TYPE_FP16")
     # the engine decides these dtypes of the contract
     types = {contract.LOGITS: logits_datatype, contract.ENCODER: activation_datatype,
@@ -180,19 +243,19 @@ def template_context(settings: RenderSettings, info: EngineDir) -> dict[str, Any
         "engine_backend": backend,
         "triton_backend": "tensorrtllm" if backend == "tensorrtllm" else "python",
         "triton_max_batch_size": max_batch_size,
-        "decoupled_mode": _flag(settings.decoupled),
-        "max_queue_delay_microseconds": settings.max_queue_delay_microseconds,
-        "max_queue_size": settings.max_queue_size,
+        "decoupled_mode": _flag(batching.decoupled),
+        "max_queue_delay_microseconds": batching.max_queue_delay_microseconds,
+        "max_queue_size": batching.max_queue_size,
         "engine_dir": str(Path(settings.engine_dir).resolve()),
         "encoder_engine_dir": "",
         "tokenizer_dir": str(Path(settings.tokenizer_dir).resolve()),
-        "add_special_tokens": _flag(settings.add_special_tokens),
-        "skip_special_tokens": _flag(settings.skip_special_tokens),
-        "trust_remote_code": _flag(settings.trust_remote_code),
-        "accumulate_tokens": _flag(settings.accumulate_tokens),
+        "add_special_tokens": _flag(text.add_special_tokens),
+        "skip_special_tokens": _flag(text.skip_special_tokens),
+        "trust_remote_code": _flag(text.trust_remote_code),
+        "accumulate_tokens": _flag(text.accumulate_tokens),
         "preprocessing_instance_count": preprocessing_instances(settings, info),
-        "postprocessing_instance_count": settings.postprocessing_instance_count,
-        "bls_instance_count": settings.bls_instance_count,
+        "postprocessing_instance_count": batching.postprocessing_instance_count,
+        "bls_instance_count": batching.bls_instance_count,
         "logits_datatype": logits_datatype,
         "encoder_input_features_data_type": activation_datatype,
         # the engine's activation dtype, as TensorRT-LLM's runtime expects prompt tables in it
@@ -203,45 +266,45 @@ def template_context(settings: RenderSettings, info: EngineDir) -> dict[str, Any
         "preprocessed": contract.PREPROCESSED,
         "core_inputs": contract.core_inputs(backend),
         "passthrough_outputs": contract.PASSTHROUGH_OUTPUTS,
-        "exclude_input_in_output": _flag(settings.exclude_input_in_output),
-        "cancellation_check_period_ms": settings.cancellation_check_period_ms,
+        "exclude_input_in_output": _flag(text.exclude_input_in_output),
+        "cancellation_check_period_ms": batching.cancellation_check_period_ms,
         # tensorrtllm parameters, named as the anchor template's variables
-        "max_beam_width": settings.max_beam_width or info.max_beam_width,
-        "batching_strategy": settings.batching_strategy,
-        "max_tokens_in_paged_kv_cache": _optional(settings.max_tokens_in_paged_kv_cache),
+        "max_beam_width": settings.engine.max_beam_width or info.max_beam_width,
+        "batching_strategy": trt.batching_strategy,
+        "max_tokens_in_paged_kv_cache": _optional(trt.max_tokens_in_paged_kv_cache),
         "max_attention_window_size": "",
         "sink_token_length": "",
-        "batch_scheduler_policy": settings.batch_scheduler_policy,
-        "kv_cache_free_gpu_mem_fraction": settings.kv_cache_free_gpu_mem_fraction,
+        "batch_scheduler_policy": trt.batch_scheduler_policy,
+        "kv_cache_free_gpu_mem_fraction": trt.kv_cache_free_gpu_mem_fraction,
         "cross_kv_cache_fraction": "",
-        "kv_cache_host_memory_bytes": settings.kv_cache_host_memory_bytes,
-        "kv_cache_onboard_blocks": _flag(settings.kv_cache_onboard_blocks),
-        "stats_check_period_ms": settings.stats_check_period_ms,
-        "iter_stats_max_iterations": settings.iter_stats_max_iterations,
-        "request_stats_max_iterations": settings.request_stats_max_iterations,
-        "enable_kv_cache_reuse": _flag(settings.enable_kv_cache_reuse),
-        "normalize_log_probs": _flag(settings.normalize_log_probs),
-        "enable_chunked_context": _flag(settings.enable_chunked_context),
+        "kv_cache_host_memory_bytes": trt.kv_cache_host_memory_bytes,
+        "kv_cache_onboard_blocks": _flag(trt.kv_cache_onboard_blocks),
+        "stats_check_period_ms": trt.stats_check_period_ms,
+        "iter_stats_max_iterations": trt.iter_stats_max_iterations,
+        "request_stats_max_iterations": trt.request_stats_max_iterations,
+        "enable_kv_cache_reuse": _flag(trt.enable_kv_cache_reuse),
+        "normalize_log_probs": _flag(trt.normalize_log_probs),
+        "enable_chunked_context": _flag(trt.enable_chunked_context),
         "gpu_device_ids": gpu_device_ids,
         "participant_ids": "",
         "num_nodes": 1,
-        "lora_cache_optimal_adapter_size": settings.lora_cache_optimal_adapter_size,
-        "lora_cache_max_adapter_size": settings.lora_cache_max_adapter_size,
-        "lora_cache_gpu_memory_fraction": settings.lora_cache_gpu_memory_fraction,
-        "lora_cache_host_memory_bytes": settings.lora_cache_host_memory_bytes,
+        "lora_cache_optimal_adapter_size": trt.lora_cache_optimal_adapter_size,
+        "lora_cache_max_adapter_size": trt.lora_cache_max_adapter_size,
+        "lora_cache_gpu_memory_fraction": trt.lora_cache_gpu_memory_fraction,
+        "lora_cache_host_memory_bytes": trt.lora_cache_host_memory_bytes,
         "lora_prefetch_dir": "",
-        "decoding_mode": settings.decoding_mode,
-        "executor_worker_path": settings.executor_worker_path,
+        "decoding_mode": trt.decoding_mode,
+        "executor_worker_path": trt.executor_worker_path,
         "lookahead_window_size": "",
         "lookahead_ngram_size": "",
         "lookahead_verification_set_size": "",
         "medusa_choices": "",
         "eagle_choices": "",
-        "gpu_weights_percent": settings.gpu_weights_percent,
-        "enable_context_fmha_fp32_acc": _flag(settings.enable_context_fmha_fp32_acc),
-        "multi_block_mode": _flag(settings.multi_block_mode),
-        "cuda_graph_mode": _flag(settings.cuda_graph_mode),
-        "cuda_graph_cache_size": settings.cuda_graph_cache_size,
+        "gpu_weights_percent": trt.gpu_weights_percent,
+        "enable_context_fmha_fp32_acc": _flag(trt.enable_context_fmha_fp32_acc),
+        "multi_block_mode": _flag(trt.multi_block_mode),
+        "cuda_graph_mode": _flag(trt.cuda_graph_mode),
+        "cuda_graph_cache_size": trt.cuda_graph_cache_size,
         "speculative_decoding_fast_logits": "false",
         "guided_decoding_backend": "",
         "xgrammar_tokenizer_info_path": "",
@@ -250,43 +313,44 @@ def template_context(settings: RenderSettings, info: EngineDir) -> dict[str, Any
 
 def check_settings(settings: RenderSettings, info: EngineDir) -> None:
     """Reject settings the engine or Triton cannot honour, naming the setting."""
-    backend = settings.engine_backend or info.engine_backend
+    engine, trt = settings.engine, settings.tensorrtllm
+    backend = engine.engine_backend or info.engine_backend
     if backend not in ENGINE_BACKENDS:
         raise ConfigError(f"engine_backend '{backend}' is not one of {ENGINE_BACKENDS}")
     if backend != info.engine_backend:
         raise ConfigError(f"engine_backend '{backend}' does not match the engine dir, which holds a "
                           f"'{info.engine_backend}' engine")
-    if settings.triton_max_batch_size is not None and not 0 < settings.triton_max_batch_size <= info.max_batch_size:
-        raise ConfigError(f"triton_max_batch_size {settings.triton_max_batch_size} must be in 1..{info.max_batch_size} "
+    if engine.triton_max_batch_size is not None and not 0 < engine.triton_max_batch_size <= info.max_batch_size:
+        raise ConfigError(f"triton_max_batch_size {engine.triton_max_batch_size} must be in 1..{info.max_batch_size} "
                           f"(the engine's max_batch_size)")
-    if settings.batching_strategy not in BATCHING_STRATEGIES:
-        raise ConfigError(f"batching_strategy '{settings.batching_strategy}' is not one of {BATCHING_STRATEGIES}")
-    if settings.batch_scheduler_policy not in BATCH_SCHEDULER_POLICIES:
-        raise ConfigError(f"batch_scheduler_policy '{settings.batch_scheduler_policy}' is not one of "
+    if trt.batching_strategy not in BATCHING_STRATEGIES:
+        raise ConfigError(f"batching_strategy '{trt.batching_strategy}' is not one of {BATCHING_STRATEGIES}")
+    if trt.batch_scheduler_policy not in BATCH_SCHEDULER_POLICIES:
+        raise ConfigError(f"batch_scheduler_policy '{trt.batch_scheduler_policy}' is not one of "
                           f"{BATCH_SCHEDULER_POLICIES}")
-    if not 0.0 < settings.kv_cache_free_gpu_mem_fraction <= 1.0:
+    if not 0.0 < trt.kv_cache_free_gpu_mem_fraction <= 1.0:
         raise ConfigError("kv_cache_free_gpu_mem_fraction must be in (0, 1]")
-    if settings.max_beam_width is not None and settings.max_beam_width > info.max_beam_width:
-        raise ConfigError(f"max_beam_width {settings.max_beam_width} exceeds the engine's {info.max_beam_width}")
-    if backend == "pytorch" and (settings.max_beam_width or 1) > 1:
+    if engine.max_beam_width is not None and engine.max_beam_width > info.max_beam_width:
+        raise ConfigError(f"max_beam_width {engine.max_beam_width} exceeds the engine's {info.max_beam_width}")
+    if backend == "pytorch" and (engine.max_beam_width or 1) > 1:
         raise ConfigError("max_beam_width > 1 is not supported by the pytorch engine")
-    if settings.enable_kv_cache_reuse and backend == "tensorrtllm" and not info.paged_context_fmha:
+    if trt.enable_kv_cache_reuse and backend == "tensorrtllm" and not info.paged_context_fmha:
         raise ConfigError("enable_kv_cache_reuse needs an engine built with use_paged_context_fmha")
-    if backend == "tensorrtllm" and settings.gpu_device_ids is not None:
-        count = len(settings.gpu_device_ids.split(";")[0].split(","))
+    if backend == "tensorrtllm" and trt.gpu_device_ids is not None:
+        count = len(trt.gpu_device_ids.split(";")[0].split(","))
         if count != info.world_size:
-            raise ConfigError(f"gpu_device_ids '{settings.gpu_device_ids}' names {count} GPUs per instance but the "
+            raise ConfigError(f"gpu_device_ids '{trt.gpu_device_ids}' names {count} GPUs per instance but the "
                               f"engine has world size {info.world_size}")
     for name in ("preprocessing_instance_count", "postprocessing_instance_count", "bls_instance_count"):
-        if getattr(settings, name) is not None and getattr(settings, name) < 1:
+        if getattr(settings.batching, name) is not None and getattr(settings.batching, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
     if not Path(settings.tokenizer_dir).is_dir():
         raise ConfigError(f"tokenizer dir {settings.tokenizer_dir} does not exist")
     for name in ("model_name_prefix", "shared_pre_post_prefix"):
-        prefix = getattr(settings, name)
+        prefix = getattr(settings.layout, name)
         if prefix is not None and not _PREFIX_PATTERN.fullmatch(prefix):
             raise ConfigError(f"{name} '{prefix}' may only use letters, digits, '_', '.' and '-'")
-    if settings.shared_pre_post_prefix is not None:
+    if settings.layout.shared_pre_post_prefix is not None:
         check_shared_pre_post(settings)
 
 
@@ -297,13 +361,13 @@ def check_shared_pre_post(settings: RenderSettings) -> None:
     for name in ("preprocessing", "postprocessing"):
         config_file = output / names[name] / "config.pbtxt"
         if not config_file.is_file():
-            raise ConfigError(f"shared_pre_post_prefix '{settings.shared_pre_post_prefix}': {config_file} does "
+            raise ConfigError(f"shared_pre_post_prefix '{settings.layout.shared_pre_post_prefix}': {config_file} does "
                               f"not exist (render a model with model_name_prefix "
-                              f"'{settings.shared_pre_post_prefix}' into {output} first)")
+                              f"'{settings.layout.shared_pre_post_prefix}' into {output} first)")
         tokenizer_dir = pbtxt.model_parameter(config_file, "tokenizer_dir")
         if tokenizer_dir is None or not same_tokenizer(Path(tokenizer_dir), Path(settings.tokenizer_dir)):
-            raise ConfigError(f"shared_pre_post_prefix '{settings.shared_pre_post_prefix}': {names[name]} loads "
-                              f"the tokenizer {tokenizer_dir or '(none)'}, whose files differ from "
+            raise ConfigError(f"shared_pre_post_prefix '{settings.layout.shared_pre_post_prefix}': {names[name]} "
+                              f"loads the tokenizer {tokenizer_dir or '(none)'}, whose files differ from "
                               f"{settings.tokenizer_dir}")
 
 
@@ -378,7 +442,7 @@ def render_repository(settings: RenderSettings) -> Path:
     written = rendered_models(settings)
     existing = [names[name] for name in written if (output / names[name]).exists()]
     if existing:
-        if not settings.overwrite:
+        if not settings.layout.overwrite:
             raise GenRepoError(f"{output} already holds the models {', '.join(existing)} (pass overwrite to "
                                f"replace them)")
         for name in existing:
@@ -390,7 +454,7 @@ def render_repository(settings: RenderSettings) -> Path:
         (output / names[name] / "config.pbtxt").write_text(render_config(name, context))
         if name in PYTHON_MODEL_SOURCES and not (name == "tensorrt_llm" and context["triton_backend"] != "python"):
             shutil.copyfile(source_dir / PYTHON_MODEL_SOURCES[name], version_dir / "model.py")
-    problems = validate_repository(output, streaming=settings.decoupled)
+    problems = validate_repository(output, streaming=settings.batching.decoupled)
     if problems:
         raise GenRepoError(f"the rendered repository {output} has problems:\n{format_problems(problems)}")
     return output

@@ -41,6 +41,7 @@ from generator.serving import pbtxt, supervise
 TRITON_BIN_ENV = "TRITON_BIN"
 TRITON_BACKENDS_ENV = "TRITON_BACKENDS"
 STUB_NAME = "triton_python_backend_stub"
+LAUNCHERS = ("mpirun", "local")  # "local": generator.local_launch, one host, no MPI
 # Parameter keys under which the tensorrt_llm model's config.pbtxt names its engine dir
 # (our python model, then the C++ tensorrtllm backend).
 ENGINE_DIR_KEYS = ("engine_dir", "gpt_model_path")

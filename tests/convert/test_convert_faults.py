@@ -208,9 +208,9 @@ def _whole_job_output(tmp_path: Path, out: Path, use_pty: bool) -> str:
 
 @pytest.mark.parametrize("use_pty", [False, True], ids=["pipe", "terminal"])
 def test_whole_job_output_is_clean_and_the_serve_hint_is_quoted(tmp_path: Path, use_pty: bool) -> None:
-    """No half-drawn progress bar beside `done in ...`, in a log or on a terminal; the hint pastes into a shell
-    even when the path holds a space and a quote."""
-    out = tmp_path / "it's here"
+    """No half-drawn progress bar beside `done in ...`, in a log or on a terminal; the hint pastes into a shell.
+    (A path that needs shell quoting is refused up front: see the next test.)"""
+    out = tmp_path / "fine-dir_1.2+x=y@a,b:c%d"
     raw = _whole_job_output(tmp_path, out, use_pty)
     if not use_pty:
         assert "\r" not in raw  # no bars in a log
@@ -221,6 +221,17 @@ def test_whole_job_output_is_clean_and_the_serve_hint_is_quoted(tmp_path: Path, 
     (hint,) = [line for line in shown if line.startswith("Serve it with:")]
     command = shlex.split(hint.removeprefix("Serve it with:"))
     assert command == ["gen-repo", "serve", "--model-repository", str(out.resolve() / "triton_repo")]
+
+
+def test_whole_job_refuses_an_unservable_output_path_in_one_line(tmp_path: Path) -> None:
+    """tritonserver's python backend cannot load models from a path holding a space or a quote: refused before
+    any work, in one line."""
+    out = tmp_path / "it's here"
+    code, output = _cli("--model", "tiny-mpt", "--output", str(out))
+    assert code == 2, output
+    assert len(output.strip().splitlines()) == 1, output
+    assert "[ ]" in output and "[']" in output and "python backend" in output, output
+    assert not out.exists()
 
 
 def test_whole_job_refuses_what_trtllm_cannot_build_before_converting(mpt_dir: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from generator.pipeline import PipelineResult
-from generator.serving.render import RenderSettings, render_repository
+from generator.serving.render import Batching, RenderSettings, render_repository
 from generator.serving.serve import stop_server
 from tests.conftest import start_test_server
 
@@ -58,7 +58,8 @@ def _short_requests(url: str, count: int, errors: list[str]) -> None:
 def test_short_requests_with_a_busy_cancellation_watcher(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
     repo = render_repository(RenderSettings(engine_dir=tiny_mpt_job.engine_dir,
                                             tokenizer_dir=tiny_mpt_job.tokenizer_dir,
-                                            output_dir=tmp_path / "triton_repo", cancellation_check_period_ms=1))
+                                            output_dir=tmp_path / "triton_repo",
+                                            batching=Batching(cancellation_check_period_ms=1)))
     job = dataclasses.replace(tiny_mpt_job, triton_repo=repo)
     server, process = start_test_server(job, tmp_path / "tritonserver.log")
     errors: list[str] = []

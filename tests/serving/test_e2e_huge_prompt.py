@@ -20,7 +20,7 @@ import pytest
 from generator.formats.tokenizer import load_tokenizer, longest_token_bytes
 from generator.pipeline import PipelineResult
 from generator.serving.openai_server import OpenAISettings
-from generator.serving.render import LONG_INPUT_LEN, RenderSettings, render_repository
+from generator.serving.render import LONG_INPUT_LEN, Batching, RenderSettings, render_repository
 from generator.serving.serve import free_port
 from generator.serving.triton_models.common import repository_max_input_len
 from tests.conftest import RunningServer
@@ -66,7 +66,8 @@ def test_long_input_engines_get_a_second_preprocessing_instance(tmp_path: Path, 
     config["build_config"]["max_input_len"] = max_input_len
     (engine / "config.json").write_text(json.dumps(config))
     repo = render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=make_tokenizer_dir(tmp_path / "tok"),
-                                            output_dir=tmp_path / "repo", preprocessing_instance_count=setting))
+                                            output_dir=tmp_path / "repo",
+                                            batching=Batching(preprocessing_instance_count=setting)))
     assert [group.count for group in load_config(repo, "preprocessing").instance_group] == [count]
     assert repository_max_input_len(repo / "preprocessing", None) == max_input_len
 

@@ -20,7 +20,18 @@ from tritonclient.grpc import model_config_pb2
 
 from generator.cli import main
 from generator.errors import ConfigError, GenRepoError
-from generator.serving.render import MODEL_NAMES, RenderSettings, check_servable_path, render_repository
+from generator.serving.render import (
+    MODEL_NAMES,
+    OPTION_GROUP,
+    Batching,
+    EngineOverrides,
+    RenderSettings,
+    RepositoryLayout,
+    TensorrtllmOptions,
+    TextOptions,
+    check_servable_path,
+    render_repository,
+)
 from generator.serving.validate import validate_repository
 
 # (name, data type without TYPE_, dims, flags: o = optional, r = reshape to scalar, g = allow_ragged_batch)
@@ -324,8 +335,7 @@ def render(tmp_path: Path, name: str = "repo", engine_backend: str = "pytorch", 
            logits_dtype: str = "float32", **settings: object) -> Path:
     engine = make_engine_dir(tmp_path / f"{name}_engine", engine_backend, world_size, logits_dtype=logits_dtype)
     tokenizer = make_tokenizer_dir(tmp_path / "tokenizer")
-    return render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=tmp_path / name,
-                                            **settings))  # type: ignore[arg-type]
+    return render_repository(RenderSettings.from_options(engine, tokenizer, tmp_path / name, **settings))
 
 
 def load_config(repo: Path, model: str) -> model_config_pb2.ModelConfig:
@@ -448,9 +458,9 @@ def test_ensemble_maps_match_anchor(tmp_path: Path, engine_backend: str) -> None
 def test_tensorrtllm_has_every_anchor_parameter(tmp_path: Path) -> None:
     engine_dir = make_engine_dir(tmp_path / "engine", "tensorrtllm", world_size=2, max_batch_size=16,
                                  max_beam_width=2)
-    repo = render_repository(RenderSettings(engine_dir=engine_dir, tokenizer_dir=make_tokenizer_dir(tmp_path / "tok"),
-                                            output_dir=tmp_path / "repo", max_tokens_in_paged_kv_cache=2560,
-                                            kv_cache_free_gpu_mem_fraction=0.5, enable_kv_cache_reuse=True))
+    repo = render_repository(RenderSettings.from_options(
+        engine_dir, make_tokenizer_dir(tmp_path / "tok"), tmp_path / "repo", max_tokens_in_paged_kv_cache=2560,
+        kv_cache_free_gpu_mem_fraction=0.5, enable_kv_cache_reuse=True))
     text = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
     assert "${" not in text and "{{" not in text
     config = load_config(repo, "tensorrt_llm")
@@ -516,7 +526,7 @@ def test_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not match the engine dir"):
         render_repository(RenderSettings(engine_dir=make_engine_dir(tmp_path / "e", "pytorch"),
                                          tokenizer_dir=make_tokenizer_dir(tmp_path / "t"),
-                                         output_dir=tmp_path / "a", engine_backend="tensorrtllm"))
+                                         output_dir=tmp_path / "a", engine=EngineOverrides("tensorrtllm")))
     with pytest.raises(ConfigError, match="batching_strategy"):
         render(tmp_path, name="b", engine_backend="tensorrtllm", batching_strategy="static")
     with pytest.raises(ConfigError, match="gpu_device_ids"):
@@ -573,9 +583,8 @@ def test_several_models_in_one_repository_with_shared_pre_post(tmp_path: Path) -
 
     def add(prefix: str, shared: str | None = None, **settings: object) -> Path:
         engine = make_engine_dir(tmp_path / f"engine_{prefix}")
-        return render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=repo,
-                                                model_name_prefix=prefix, shared_pre_post_prefix=shared,
-                                                **settings))  # type: ignore[arg-type]
+        return render_repository(RenderSettings.from_options(engine, tokenizer, repo, model_name_prefix=prefix,
+                                                             shared_pre_post_prefix=shared, **settings))
 
     add("a_")
     add("b_", shared="a_")
@@ -605,22 +614,41 @@ def test_several_models_in_one_repository_with_shared_pre_post(tmp_path: Path) -
 def test_shared_pre_post_must_exist_with_the_same_tokenizer(tmp_path: Path) -> None:
     engine = make_engine_dir(tmp_path / "engine")
     repo = tmp_path / "repo"
+
+    def render_into_repo(tokenizer: Path, prefix: str, shared: str | None = None) -> Path:
+        return render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tokenizer, output_dir=repo,
+                                                layout=RepositoryLayout(prefix, shared)))
+
     with pytest.raises(ConfigError, match="a_preprocessing/config.pbtxt does not exist"):
-        render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=make_tokenizer_dir(tmp_path / "t1"),
-                                         output_dir=repo, model_name_prefix="b_", shared_pre_post_prefix="a_"))
-    render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=tmp_path / "t1", output_dir=repo,
-                                     model_name_prefix="a_"))
+        render_into_repo(make_tokenizer_dir(tmp_path / "t1"), "b_", "a_")
+    render_into_repo(tmp_path / "t1", "a_")
     same = make_tokenizer_dir(tmp_path / "t2")  # a copy with the same bytes is the same tokenizer
-    render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=same, output_dir=repo,
-                                     model_name_prefix="b_", shared_pre_post_prefix="a_"))
+    render_into_repo(same, "b_", "a_")
     other = make_tokenizer_dir(tmp_path / "t3")
     (other / "tokenizer_config.json").write_text('{"model_max_length": 7}')
     with pytest.raises(ConfigError, match="whose files differ"):
-        render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=other, output_dir=repo,
-                                         model_name_prefix="c_", shared_pre_post_prefix="a_"))
+        render_into_repo(other, "c_", "a_")
     with pytest.raises(ConfigError, match="model_name_prefix 'a/b'"):
-        render_repository(RenderSettings(engine_dir=engine, tokenizer_dir=same, output_dir=repo,
-                                         model_name_prefix="a/b"))
+        render_into_repo(same, "a/b")
+
+
+def test_render_options_have_one_group_each(tmp_path: Path) -> None:
+    """Each flat option name (as `gen-repo render`'s flags use) is declared by exactly one RenderSettings group."""
+    from dataclasses import fields
+
+    from generator.cli import main
+
+    declared = [field.name for group in (EngineOverrides, Batching, TextOptions, RepositoryLayout, TensorrtllmOptions)
+                for field in fields(group)]
+    assert sorted(declared) == sorted(OPTION_GROUP)
+    flags = {param.name for param in main.commands["render"].params} - {"engine_dir", "tokenizer_dir", "output_dir"}
+    assert flags <= set(OPTION_GROUP)
+    settings = RenderSettings.from_options(tmp_path, tmp_path, tmp_path, bls_instance_count=2,
+                                           model_name_prefix="p_", gpu_device_ids="0")
+    assert (settings.batching.bls_instance_count, settings.layout.model_name_prefix,
+            settings.tensorrtllm.gpu_device_ids) == (2, "p_", "0")
+    with pytest.raises(TypeError, match="no option 'max_batch_size'"):
+        RenderSettings.from_options(tmp_path, tmp_path, tmp_path, max_batch_size=1)
 
 
 def test_validate_reports_a_bls_pointing_at_another_group(tmp_path: Path) -> None:
