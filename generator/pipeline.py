@@ -11,7 +11,6 @@ Output layout (docs/DESIGN.md):
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import sys
@@ -238,7 +237,9 @@ def _render(result: PipelineResult) -> None:
 
 def default_limits(preset: Preset | None, hf_dir: Path) -> dict[str, int]:
     """Build limits: the preset's (or build's defaults), never beyond the checkpoint's max sequence length."""
-    config = json.loads((hf_dir / "config.json").read_text())
+    from generator.formats.hf_checkpoint import read_hf_config  # torch: only once the job runs
+
+    config = read_hf_config(hf_dir)
     max_positions = int(config.get("max_seq_len") or config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
     if preset is not None:
         limits = {"max_batch_size": preset.max_batch_size, "max_input_len": preset.max_input_len,

@@ -7,7 +7,6 @@ build commands of TensorRT-LLM's examples for each architecture.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -177,7 +176,9 @@ def resolve_checkpoint(preset: Preset, model_dir: Path | None = None, *, trust_r
     if model_dir is not None:
         if not (model_dir / "config.json").is_file():
             raise GenRepoError(f"{model_dir} has no config.json: pass a Hugging Face checkpoint directory")
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        from generator.formats.hf_checkpoint import read_hf_config  # torch: only when a checkpoint is read
+
+        model_type = read_hf_config(model_dir).get("model_type")
         expected = preset.family
         if model_type is not None and model_type not in preset.hf_model_types:
             raise GenRepoError(f"{model_dir} holds a {model_type!r} checkpoint, but preset {preset.name} is "
