@@ -238,7 +238,28 @@ class ModelSpec(ABC):
 
     @abstractmethod
     def trtllm_config(self, mapping: Mapping, dtype: str, quantization: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint's config.json (mapping is any rank of the layout)."""
+        """The checkpoint's config.json (mapping is any rank of the layout): `decoder_config` plus the fields
+        of this architecture."""
+
+    def decoder_config(self, mapping: Mapping, dtype: str, quantization: dict[str, Any]) -> dict[str, Any]:
+        """The config.json fields every decoder-only architecture writes the same way."""
+        return {
+            "architecture": self.architecture,
+            "dtype": dtype,
+            "logits_dtype": "float32",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_size": self.head_size,
+            "max_position_embeddings": self.max_seq_len,
+            "use_parallel_embedding": False,
+            "embedding_sharding_dim": 0,
+            "quantization": quantization,
+            "mapping": mapping.to_json(),
+        }
 
     @abstractmethod
     def layer_tensors(self, layer: int) -> list[CanonicalTensor]:

@@ -116,32 +116,18 @@ class DbrxSpec(ModelSpec):
 
     def trtllm_config(self, mapping: Mapping, dtype: str, quantization: dict[str, Any]) -> dict[str, Any]:
         return {
-            "architecture": self.architecture,
-            "dtype": dtype,
-            "logits_dtype": "float32",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_size": self.head_size,
-            "max_position_embeddings": self.max_seq_len,
+            **self.decoder_config(mapping, dtype, quantization),
             "norm_epsilon": 1e-5,
             "position_embedding_type": "rope_gpt_neox",
             "hidden_act": "swiglu",
             "rotary_base": self.rotary_base,
             "rotary_scaling": None,
-            "quantization": quantization,
             "moe": {"num_experts": self.num_experts, "top_k": self.top_k,
                     "normalization_mode": self.normalization_mode},
             "moe_normalize_expert_weights": self.normalize_expert_weights,
-            "mapping": mapping.to_json(),
             "bias": False,
             "clip_qkv": self.clip_qkv,
             "dense_context_fmha": False,
-            "use_parallel_embedding": False,
-            "embedding_sharding_dim": 0,
             "disable_weight_only_quant_plugin": False,
         }
 
