@@ -72,6 +72,8 @@ class Communicator:
         self.world_size = mapping.world_size
         self._tp_group: Any = None
         self._control_group: Any = None
+        # step messages and tokens travel as tensors here: on the GPU for NCCL, on the CPU for gloo
+        self._tensor_device = device if device.type == "cuda" else torch.device("cpu")
         self._quiet = True  # followers start by waiting on gloo (rank 0 may take long to get its first request)
         if self.world_size == 1:
             return
@@ -164,15 +166,14 @@ class Communicator:
             received = np.asarray(box[0], dtype=np.int64)
             self._quiet = False
         else:
-            tensor_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-            header = torch.zeros(1, dtype=torch.long, device=tensor_device)
+            header = torch.zeros(1, dtype=torch.long, device=self._tensor_device)
             if message is not None:
                 header.fill_(len(message))
             dist.broadcast(header, src=0)
             if message is not None:
-                payload = torch.from_numpy(message).to(tensor_device)
+                payload = torch.from_numpy(message).to(self._tensor_device)
             else:
-                payload = torch.empty(int(header.item()), dtype=torch.long, device=tensor_device)
+                payload = torch.empty(int(header.item()), dtype=torch.long, device=self._tensor_device)
             dist.broadcast(payload, src=0)
             received = message if message is not None else payload.cpu().numpy()
         if int(received[0]) == QUIET:
@@ -183,10 +184,7 @@ class Communicator:
         """Rank 0 passes `count` int64 tokens, the others None and get them: stream-ordered, no host sync on
         a GPU. Only between busy steps (the step messages then go over the same communicator)."""
         if tokens is None:
-            tensor_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-            tokens = torch.empty(count, dtype=torch.long, device=tensor_device)
-        elif tokens.device.type != "cuda" and self.device.type == "cuda":
-            raise ValueError("tokens to broadcast must be on the engine's GPU")
+            tokens = torch.empty(count, dtype=torch.long, device=self._tensor_device)
         dist.broadcast(tokens, src=0)
         return tokens
 

@@ -136,15 +136,30 @@ def follow(engine_dir: Path | str, device: str | None = None) -> None:
             kind = int(message[0])
             if kind == _SHUTDOWN:
                 break
-            if kind == _FORWARD:
-                runner.execute(ForwardPlan.from_array(message[1:]))
-            elif kind == _FORWARD_WITH_TOKENS:
-                rows, count = int(message[1]), int(message[2])
-                tokens = comm.broadcast_tokens(None, count)
-                device_tokens = (message[3:3 + rows].tolist(), message[3 + rows:3 + 2 * rows].tolist(), tokens)
-                runner.execute(ForwardPlan.from_array(message[3 + 2 * rows:]), device_tokens)
+            if kind in (_FORWARD, _FORWARD_WITH_TOKENS):
+                runner.execute(*_receive_forward(comm, message))
     runner.release()
     comm.close()
+
+
+def _forward_message(plan: ForwardPlan, device_tokens: DeviceTokens | None) -> np.ndarray:
+    """A forward as a step message: [_FORWARD, plan...], or [_FORWARD_WITH_TOKENS, rows, count, rows...,
+    sources..., plan...] when decode rows take tokens still on rank 0's device (they follow the message)."""
+    if device_tokens is None or not device_tokens[0]:
+        return np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()])
+    rows, sources, tokens = device_tokens
+    header = np.array([_FORWARD_WITH_TOKENS, len(rows), tokens.numel(), *rows, *sources], dtype=np.int64)
+    return np.concatenate([header, plan.to_array()])
+
+
+def _receive_forward(comm: Communicator, message: np.ndarray) -> tuple[ForwardPlan, DeviceTokens | None]:
+    """A follower's side of `_forward_message`: the plan, and the device tokens that follow the message."""
+    if int(message[0]) == _FORWARD:
+        return ForwardPlan.from_array(message[1:]), None
+    rows, count = int(message[1]), int(message[2])
+    tokens = comm.broadcast_tokens(None, count)
+    sources = message[3 + rows:3 + 2 * rows].tolist()
+    return ForwardPlan.from_array(message[3 + 2 * rows:]), (message[3:3 + rows].tolist(), sources, tokens)
 
 
 class Executor:
@@ -395,13 +410,9 @@ class Executor:
     def _broadcast_forward(self, plan: ForwardPlan, device_tokens: DeviceTokens | None) -> None:
         """Send the step to the other ranks; tokens still on the device follow over the tensors' communicator,
         so lookahead works at any world size without a host sync."""
-        if device_tokens is None or not device_tokens[0]:
-            self._comm.broadcast_step(np.concatenate([np.array([_FORWARD], dtype=np.int64), plan.to_array()]))
-            return
-        rows, sources, tokens = device_tokens
-        header = np.array([_FORWARD_WITH_TOKENS, len(rows), tokens.numel(), *rows, *sources], dtype=np.int64)
-        self._comm.broadcast_step(np.concatenate([header, plan.to_array()]))
-        self._comm.broadcast_tokens(tokens, tokens.numel())
+        self._comm.broadcast_step(_forward_message(plan, device_tokens))
+        if device_tokens is not None and device_tokens[0]:
+            self._comm.broadcast_tokens(device_tokens[2], device_tokens[2].numel())
 
     # one step of lookahead -----------------------------------------------------------------------------------
     # All-greedy steps do not wait for their tokens: each sampled sequence gets a placeholder token,
