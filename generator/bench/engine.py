@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from generator.build import BuildSettings, build_engine
-from generator.engine.distributed import ProcessInfo, pick_device, process_info
+from generator.engine.distributed import pick_device
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
+from generator.engine.rank_env import ProcessInfo, process_info
 from generator.engine.sampling import SamplingConfig
 from generator.formats.dtypes import MODEL_DTYPES
 from generator.formats.mapping import Mapping
