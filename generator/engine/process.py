@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -78,10 +79,12 @@ class EngineProcess:
     """An `Executor` in a child process: `enqueue` from any thread, results come back through callbacks (called
     on this object's receiver thread, in the order the engine produced them)."""
 
-    def __init__(self, engine_dir: Path | str, device: str | None = None, **executor_options: Any) -> None:
+    def __init__(self, engine_dir: Path | str, device: str | None = None, *,
+                 on_exit: Callable[[str], None] | None = None, **executor_options: Any) -> None:
         """Start the child and wait until its executor is ready (weights loaded, KV pool sized, graphs captured).
-        `executor_options` are `Executor`'s keyword arguments. Raises ConfigError with the child's reason if it
-        cannot start."""
+        `executor_options` are `Executor`'s keyword arguments. `on_exit(reason)` is called (on the receiver
+        thread, after every request in flight got its error result) if the child dies without being asked to
+        stop. Raises ConfigError with the child's reason if it cannot start."""
         self.engine_dir = Path(engine_dir)
         parent_end, child_end = socket.socketpair()
         env = dict(os.environ)
@@ -99,6 +102,7 @@ class EngineProcess:
         self._closed = False
         self._exit_reason: str | None = None
         self._load: tuple[int, int, float] = (0, 0, 0.0)
+        self._on_exit = on_exit
         info = self._wait_ready()
         self.limits = RequestLimits(**info["limits"])
         self.max_batch_size = int(info["max_batch_size"])
@@ -196,9 +200,11 @@ class EngineProcess:
         except (EOFError, OSError):
             code = self._process.wait()
             self._exit_reason = f"the engine process exited with code {code}"
-            log.error("%s with requests in flight", self._exit_reason)
+            log.error("%s", self._exit_reason)
         finally:
             self._end_all()
+        if self._exit_reason is not None and self._on_exit is not None:
+            self._on_exit(self._exit_reason)
 
     def _dispatch(self, results: list[WireResult]) -> None:
         for wire in results:

@@ -84,7 +84,8 @@ def test_shutdown_ends_requests_in_flight(engine: Path) -> None:
 
 
 def test_a_dead_engine_process_ends_every_request_with_an_error(engine: Path) -> None:
-    process = EngineProcess(engine)
+    reasons: list[str] = []
+    process = EngineProcess(engine, on_exit=reasons.append)
     try:
         running = Collector()
         process.enqueue(GenerationRequest([1, 2], SamplingConfig(max_new_tokens=60), True), running)
@@ -96,6 +97,7 @@ def test_a_dead_engine_process_ends_every_request_with_an_error(engine: Path) ->
         assert "exited with code" in (running.results[-1].error or "")
         with pytest.raises(RuntimeError, match="exited with code"):
             process.enqueue(GenerationRequest([1], SamplingConfig(max_new_tokens=2)), Collector())
+        assert reasons == ["the engine process exited with code -9"]
     finally:
         process.shutdown(timeout=10)
 

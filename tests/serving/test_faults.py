@@ -281,6 +281,47 @@ def test_a_killed_engine_stub_stops_serve(tiny_mpt_job: PipelineResult, tmp_path
         serve.kill()
 
 
+def _engine_processes(stub_pid: int) -> list[int]:
+    """The engine process(es) a tensorrt_llm stub started (`python -m generator.engine.process`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit():
+                continue
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            args = (entry / "cmdline").read_bytes().decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == stub_pid and "generator.engine.process" in args:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_engine_process_stops_serve(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
+    """The step loop runs in a child of the tensorrt_llm stub. When that child dies, the stream in flight ends
+    with an error, the stub ends too, and `serve` stops with one line naming the model, as for a dead stub."""
+    serve = Serve(tiny_mpt_job.triton_repo, tmp_path / "log")
+    try:
+        serve.wait_ready()
+        stubs = serve.stubs()
+        stub = next(stub for stub in stubs if stub.model == "tensorrt_llm")
+        engines = _engine_processes(stub.pid)
+        assert len(engines) == 1, engines
+        stream = Stream(serve.http_port, "ensemble", {"text_input": "hello " * 5, "max_tokens": 100,
+                                                      "min_tokens": 100, "stream": True})
+        stream.start()
+        stream.wait_events(1)
+        os.kill(engines[0], signal.SIGKILL)
+        killed = time.monotonic()
+        stream.join(20)
+        assert stream.ended_at is not None and stream.ended_at - killed < 10, stream.end
+        assert serve.wait(timeout_s=20) == 2, serve.output
+        assert re.search(r"error: the python stub of model 'tensorrt_llm' \(pid \d+\) died", serve.output), serve.output
+        assert _wait_gone([stub.pid for stub in stubs], 3) == []
+    finally:
+        serve.kill()
+
+
 def test_a_model_unloaded_on_purpose_is_no_death(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
     """The stub watch of `serve` does not mistake an explicit unload (its stub exits) for a dead engine."""
     serve = Serve(tiny_mpt_job.triton_repo, tmp_path / "log", "--", "--model-control-mode=explicit",

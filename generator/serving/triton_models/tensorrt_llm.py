@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ class TritonPythonModel:
         if in_child:
             from generator.engine.process import EngineProcess
 
-            self.executor = EngineProcess(engine_dir, **options)
+            self.executor = EngineProcess(engine_dir, on_exit=self._engine_died, **options)
         else:  # loads torch into this process
             from generator.engine.executor import Executor
 
@@ -175,6 +176,16 @@ class TritonPythonModel:
                                     threads=int(parameter(config, "response_threads", str(RESPONDER_THREADS))))
         self._cancel_thread = threading.Thread(target=self._watch_cancellations, daemon=True)
         self._cancel_thread.start()
+
+    def _engine_died(self, reason: str) -> None:
+        """The engine process died (OOM killer, a CUDA fault, kill -9): the requests in flight have their error
+        results; answer them, then end this stub, so that tritonserver stops routing requests here and
+        `gen-repo serve` reports the model dead and stops, as when the stub itself dies."""
+        pb_utils.Logger.log_error(f"tensorrt_llm: {reason}; ending this model's stub")
+        responder = getattr(self, "_responder", None)  # None: it died before initialize finished
+        if responder is not None:
+            responder.close(timeout=10.0)
+        os._exit(1)
 
     def _executor(self) -> Executor | EngineProcess:
         """The executor, which exists from `initialize` (rank 0) until `finalize`."""
