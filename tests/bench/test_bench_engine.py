@@ -67,9 +67,13 @@ def test_weights_in_memory_run_like_the_built_rank_file(tmp_path: Path, arch: st
     in_memory.mkdir()
     (in_memory / "config.json").write_text(json.dumps(pytorch_engine_config(settings, pretrained)))
     given = {name: tensor.clone() for name, tensor in tensors.items()}
+    storage = {name: tensor.data_ptr() for name, tensor in given.items() if tensor.is_floating_point()}
     with Executor(in_memory, device="cpu", weights=given) as executor:
         assert greedy(executor) == expected
-        assert given == {}  # taken over by the engine, not copied
+        assert given == {}  # taken over by the engine
+        held = executor._model.tensors
+        assert all(held[name].data_ptr() == pointer for name, pointer in storage.items() if name in held
+                   and held[name].device.type != "meta")  # not copied
     assert [path.name for path in in_memory.iterdir()] == ["config.json"]
     assert len({tuple(tokens) for tokens in expected}) == len(PROMPTS)  # not a degenerate model
 
