@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-serving", action="store_true")
     parser.add_argument("--response-threads", type=int, nargs="*", default=[],
                         help="serve once per value (tensorrt_llm's response_threads parameter), same job")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="serve once per variant, same job: comma-separated tensorrt_llm parameters, e.g. "
+                             "engine_process=false engine_process=true")
     parser.add_argument("--postprocessing-batching", action="store_true",
                         help="serve once more with `dynamic_batching {}` on postprocessing, as NVIDIA's template "
                              "has it (we render it without: a cancelled ensemble stream leaks in 2.51)")
@@ -179,6 +182,10 @@ def stub_pids(server_pid: int) -> dict[str, int]:
             for part in rest.split():
                 if "/" in part and part.endswith(".py"):
                     found[Path(part).parent.parent.name] = int(pid)
+    for line in out.splitlines():  # the engine process the `tensorrt_llm` stub started (engine_process true)
+        pid, ppid, rest = (line.strip().split(None, 2) + ["", ""])[:3]
+        if "generator.engine.process" in rest and int(ppid) in found.values():
+            found["engine_process"] = int(pid)
     return found
 
 
@@ -196,7 +203,8 @@ def profile(args: argparse.Namespace, server_pid: int, level: int) -> dict[str, 
     return {"pids": pids, "server_pid": server_pid, "procs": procs + [top]}
 
 
-def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], threads: int | None) -> None:
+def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], threads: int | None,
+                 variant: str | None = None) -> None:
     """Start a server on `repo`, run every concurrency level (profiling the chosen ones), stop it."""
     ports = [free_port() for _ in range(3)]
     backends = os.environ.get("TRITON_BACKENDS")
@@ -214,6 +222,7 @@ def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], t
                 timer.start()
             level = run_level(url, args.model_name, concurrency, args)
             level["response_threads"] = threads
+            level["variant"] = variant
             report["served"].append(level)
             print("served", json.dumps(level), flush=True)
             (args.out / "served_profile.json").write_text(json.dumps(report, indent=2, default=str))
@@ -239,11 +248,16 @@ def main() -> None:
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "served": []}
     config_path = result.triton_repo / "tensorrt_llm" / "config.pbtxt"
     original = config_path.read_text()
-    for threads in args.response_threads or [None]:
+    for threads in args.response_threads or ([] if args.variants else [None]):
         if threads is not None:  # tensorrt_llm's response_threads parameter, appended to the rendered config
             config_path.write_text(original + f'parameters: {{ key: "response_threads", value: {{ string_value: '
                                               f'"{threads}" }} }}\n')
         serve_levels(args, result.triton_repo, report, threads)
+    for variant in args.variants:  # tensorrt_llm parameters, appended to the rendered config
+        extra = "".join(f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
+                        for key, value in (pair.split("=", 1) for pair in variant.split(",")))
+        config_path.write_text(original + extra)
+        serve_levels(args, result.triton_repo, report, None, variant)
     config_path.write_text(original)
     if args.postprocessing_batching:
         post_config = result.triton_repo / "postprocessing" / "config.pbtxt"

@@ -41,8 +41,9 @@ from generator.bench.random_weights import ARCHITECTURES
 from generator.build import BuildSettings, build_engine
 from generator.build.pytorch import pytorch_engine_config
 from generator.convert.models import ModelSpec
-from generator.engine.distributed import ProcessInfo, pick_device, process_info
+from generator.engine.distributed import pick_device
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
+from generator.engine.rank_env import ProcessInfo, process_info
 from generator.engine.sampling import SamplingConfig
 from generator.errors import ConfigError
 from generator.formats.dtypes import MODEL_DTYPES

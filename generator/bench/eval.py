@@ -588,7 +588,7 @@ def evaluate(settings: EvalSettings) -> EvalReport | None:
             return None
         engine_max_input = config.max_input_len
     else:
-        from generator.engine.distributed import process_info
+        from generator.engine.rank_env import process_info
 
         if process_info().rank != 0:  # launched under mpirun without an engine: rank 0 does all the work
             return None

@@ -2,20 +2,44 @@
 
     executor = Executor(engine_dir)   # rank 0; ranks > 0 call follow(engine_dir)
     request_id = executor.enqueue(GenerationRequest(input_ids, SamplingConfig(max_new_tokens=16)), callback)
+
+`EngineProcess(engine_dir)` is the same executor in a child process. The request types load without torch;
+the rest is imported on first use, so a process that only talks to an `EngineProcess` never loads torch.
 """
 
-from generator.engine.config import EngineConfig, load_engine_config
-from generator.engine.executor import (
-    Executor,
-    GenerationRequest,
-    GenerationResult,
-    follow,
-    run_prompts,
-)
-from generator.engine.sampling import SamplingConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from generator.engine.requests import GenerationRequest, GenerationResult, SamplingConfig
+
+if TYPE_CHECKING:
+    from generator.engine.config import EngineConfig, load_engine_config
+    from generator.engine.executor import Executor, follow, run_prompts
+    from generator.engine.process import EngineProcess
+
+#: name -> the module that defines it, imported when the name is first asked for
+_LAZY = {
+    "EngineConfig": "generator.engine.config",
+    "load_engine_config": "generator.engine.config",
+    "Executor": "generator.engine.executor",
+    "follow": "generator.engine.executor",
+    "run_prompts": "generator.engine.executor",
+    "EngineProcess": "generator.engine.process",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "EngineConfig",
+    "EngineProcess",
     "Executor",
     "GenerationRequest",
     "GenerationResult",

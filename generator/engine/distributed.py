@@ -8,7 +8,6 @@ this also works inside tritonserver's python-backend stubs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -19,36 +18,9 @@ import torch.distributed as dist
 from generator.errors import ConfigError
 from generator.formats.mapping import Mapping
 
-_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK")
-_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")
-_LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "LOCAL_RANK")
 QUIET = -1  # kind of the step message that moves the next one to gloo (see Communicator.broadcast_step)
 # followers block in a broadcast while rank 0 is idle (a server can sit idle for days): never time out there
 _IDLE_TIMEOUT = timedelta(days=365)
-
-
-def _first_int(names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return default
-
-
-@dataclass(frozen=True)
-class ProcessInfo:
-    """Where this process sits in the launch: global rank, world size, rank on its host."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def process_info() -> ProcessInfo:
-    """Rank, world size and local rank from the launcher's environment (1 process when there is none)."""
-    rank = _first_int(_RANK_VARIABLES, 0)
-    world = _first_int(_SIZE_VARIABLES, 1)
-    return ProcessInfo(rank, world, _first_int(_LOCAL_RANK_VARIABLES, rank))
 
 
 def pick_device(local_rank: int, requested: str | None = None) -> torch.device:

@@ -33,11 +33,20 @@ import torch
 from generator.engine.block_manager import BlockManager
 from generator.engine.config import EngineConfig, load_engine_config
 from generator.engine.cuda_graphs import DeviceTokens
-from generator.engine.distributed import Communicator, pick_device, process_info
+from generator.engine.distributed import Communicator, pick_device
 from generator.engine.kv_cache import KVCacheSettings
 from generator.engine.model import DecoderModel, ForwardPlan
 from generator.engine.model_runner import ModelRunner
-from generator.engine.sampling import SamplingConfig, SequenceState, mask_min_tokens, new_generator, sample
+from generator.engine.rank_env import process_info
+from generator.engine.requests import (
+    Callback,
+    GenerationRequest,
+    GenerationResult,
+    RequestLimits,
+    SamplingConfig,
+    validate_request,
+)
+from generator.engine.sampling import SequenceState, mask_min_tokens, new_generator, sample
 from generator.engine.scheduler import Scheduled, Scheduler, Sequence
 from generator.errors import ConfigError
 
@@ -48,31 +57,10 @@ _FORWARD = 0
 _SHUTDOWN = 1
 _FORWARD_WITH_TOKENS = 2  # a forward whose decode rows take the previous step's tokens, sent on the device
 
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt to complete. `streaming`: a result per step instead of one at the end."""
-
-    input_ids: list[int]
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    streaming: bool = False
+#: takes one step's results at once (`EngineProcess`'s child sends them to the parent as one message)
+ResultSink = Callable[[list[tuple[Callback, GenerationResult]]], None]
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    """New token ids (streaming) or all generated ids (non-streaming); `finished` is True exactly once."""
-
-    request_id: int
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled" | "error"
-    log_probs: list[float] | None = None
-    cum_log_prob: float | None = None
-    error: str | None = None
-    scheduled_ns: int = 0  # time.time_ns() when the request was first scheduled (its queue time ends there)
-
-
-Callback = Callable[[GenerationResult], None]
 
 
 @dataclass(eq=False)
@@ -172,11 +160,13 @@ class Executor:
                  kv_cache_free_gpu_mem_fraction: float | None = None,
                  max_tokens_in_paged_kv_cache: int | None = None,
                  enable_kv_cache_reuse: bool = False, max_num_tokens: int | None = None,
+                 result_sink: ResultSink | None = None,
                  weights: dict[str, torch.Tensor] | None = None) -> None:
         """Load the engine, size the KV pool (`kv_cache_free_gpu_mem_fraction` of the GPU memory free after
         the weights, default 0.9, or `max_tokens_in_paged_kv_cache` tokens), capture the decode graphs, and
-        start the step loop. `max_num_tokens` overrides the engine's per-step token budget; `weights` replace
-        the rank file (see `DecoderModel`)."""
+        start the step loop. `max_num_tokens` overrides the engine's per-step token budget. `result_sink`, if
+        given, takes each step's (callback, result) pairs at once instead of the callbacks being called.
+        `weights` replace the rank file (see `DecoderModel`)."""
         self.engine_dir = Path(engine_dir)
         config, comm, model = _load_rank(self.engine_dir, device, weights)
         if comm.mapping.rank != 0:
@@ -203,6 +193,8 @@ class Executor:
         self.max_input_len = config.max_input_len
         self.max_seq_len = config.max_seq_len
         self.vocab_size = config.vocab_size
+        self.limits = RequestLimits(self.max_input_len, self.max_seq_len, self.vocab_size,
+                                    self._runner.cache.num_tokens)
         self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens)
         self._lock = threading.Condition()
         self._queue: deque[_Running] = deque()        # enqueued, not yet seen by the step loop
@@ -210,6 +202,7 @@ class Executor:
         self._by_sequence: dict[Sequence, _Running] = {}
         self._cancelled: set[int] = set()
         self._outbox: list[tuple[Callback, GenerationResult]] = []  # results to hand out (see _flush)
+        self._result_sink = result_sink
         self._inflight: _InFlight | None = None
         # lookahead (see _launch_fetch); at several ranks the tokens reach the others on the device
         self._overlap = os.environ.get("GEN_REPO_LOOKAHEAD", "1") != "0"
@@ -300,33 +293,7 @@ class Executor:
 
     # validation -----------------------------------------------------------------------------------------
     def _validate(self, request: GenerationRequest) -> None:
-        ids = request.input_ids
-        sampling = request.sampling
-        if len(ids) == 0:
-            raise ValueError("the prompt is empty: give at least one input token")
-        if len(ids) > self.max_input_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than the engine's max_input_len "
-                             f"{self.max_input_len}")
-        if sampling.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {sampling.max_new_tokens}")
-        if len(ids) + sampling.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) is more "
-                             f"than the engine's max_seq_len {self.max_seq_len}")
-        if len(ids) + sampling.max_new_tokens > self._runner.cache.num_tokens:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) is more "
-                             f"than the KV cache holds ({self._runner.cache.num_tokens} tokens)")
-        if sampling.beam_width != 1:
-            raise ValueError(f"beam_width {sampling.beam_width} is not supported by the pytorch engine (only 1)")
-        bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        if sampling.end_id is not None and not 0 <= sampling.end_id < self.vocab_size:
-            raise ValueError(f"end_id {sampling.end_id} is outside the vocabulary [0, {self.vocab_size})")
-        if sampling.temperature < 0 or not 0.0 <= sampling.top_p <= 1.0 or sampling.top_k < 0:
-            raise ValueError("temperature and top_k must be >= 0 and top_p within [0, 1]")
-        for words in list(sampling.bad_words) + list(sampling.stop_words):
-            if any(not 0 <= int(t) < self.vocab_size for t in words):
-                raise ValueError(f"bad/stop word {words} has token ids outside the vocabulary")
+        validate_request(request, self.limits)
 
     # the step loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -507,6 +474,13 @@ class Executor:
         """Hand out the queued results. Called right after the next forward is launched, so the callbacks
         (a Triton response per token when serving) run while the GPU computes, not between steps."""
         outbox, self._outbox = self._outbox, []
+        if self._result_sink is not None:
+            if outbox:
+                try:
+                    self._result_sink(outbox)
+                except Exception:  # noqa: BLE001 - as a broken callback below
+                    log.exception("the result sink raised")
+            return
         for callback, result in outbox:
             try:
                 callback(result)

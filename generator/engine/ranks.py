@@ -42,7 +42,7 @@ def join_engine_ranks(engine_dir: Path, device: str | None, command: str) -> Eng
     back; ranks > 0 follow rank 0's engine until it shuts down, then get None."""
     from generator.engine import follow
     from generator.engine.config import load_engine_config
-    from generator.engine.distributed import process_info
+    from generator.engine.rank_env import process_info
 
     info = process_info()
     config = load_engine_config(engine_dir)

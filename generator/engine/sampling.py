@@ -9,41 +9,11 @@ probability is the log-softmax of the processed logits at the chosen token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Per-request generation settings (names follow TensorRT-LLM's executor / Triton inputs)."""
-
-    max_new_tokens: int = 16
-    end_id: int | None = None
-    pad_id: int | None = None
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    min_tokens: int = 0
-    bad_words: list[list[int]] = field(default_factory=list)
-    stop_words: list[list[int]] = field(default_factory=list)
-    return_log_probs: bool = False
-    beam_width: int = 1
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.top_k <= 1 and self.top_p <= 0.0
-
-    @property
-    def needs_processing(self) -> bool:
-        """True when the logits must be edited row by row before the argmax / draw (min_tokens is not: it is
-        applied to all rows at once by `mask_min_tokens`)."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.bad_words))
+from generator.engine.requests import SamplingConfig
 
 
 @dataclass

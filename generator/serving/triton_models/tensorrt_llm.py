@@ -47,7 +47,7 @@ from generator.serving.triton_models.metrics import new_metrics
 from generator.serving.triton_models.responder import OutputBuilder, Responder, hold_back_each
 
 if TYPE_CHECKING:
-    from generator.engine import Executor, GenerationResult, SamplingConfig
+    from generator.engine import EngineProcess, Executor, GenerationResult, SamplingConfig
 
 NOT_SUPPORTED = "not supported by the pytorch engine"
 #: threads answering executor results (the `response_threads` parameter overrides it). Triton's send releases
@@ -135,7 +135,7 @@ class TritonPythonModel:
         engine_dir = parameter(config, "gpt_model_path") or parameter(config, "engine_dir")
         if engine_dir is None:
             raise pb_utils.TritonModelException("tensorrt_llm: parameter gpt_model_path is not set")
-        from generator.engine.distributed import process_info
+        from generator.engine.rank_env import process_info
 
         # the launcher's variables (mpirun, MPICH or generator.serving.local_launch), read the way the engine reads them
         rank = process_info().rank
@@ -144,15 +144,24 @@ class TritonPythonModel:
 
             follow(engine_dir)  # serves rank 0's steps until it shuts down
             raise pb_utils.TritonModelException(f"rank {rank}: rank 0 has shut down")
-        from generator.engine import Executor
-
         # the KV cache parameters of the anchor's config.pbtxt size the engine's paged KV pool
         fraction = parameter(config, "kv_cache_free_gpu_mem_fraction")
         max_kv_tokens = parameter(config, "max_tokens_in_paged_kv_cache")
-        self.executor: Executor | None = Executor(
-            engine_dir, kv_cache_free_gpu_mem_fraction=float(fraction) if fraction else None,
-            max_tokens_in_paged_kv_cache=int(max_kv_tokens) if max_kv_tokens else None,
-            enable_kv_cache_reuse=parse_bool(parameter(config, "enable_kv_cache_reuse"), False))
+        options: dict[str, Any] = {"kv_cache_free_gpu_mem_fraction": float(fraction) if fraction else None,
+                                   "max_tokens_in_paged_kv_cache": int(max_kv_tokens) if max_kv_tokens else None,
+                                   "enable_kv_cache_reuse": parse_bool(parameter(config, "enable_kv_cache_reuse"), False)}
+        # the step loop in a process of its own, so that this process's response threads never hold it up
+        # (`engine_process` false: in this process, as before; for A/B measurements)
+        in_child = parse_bool(parameter(config, "engine_process"), True)
+        self.executor: Executor | EngineProcess | None
+        if in_child:
+            from generator.engine.process import EngineProcess
+
+            self.executor = EngineProcess(engine_dir, **options)
+        else:  # loads torch into this process
+            from generator.engine.executor import Executor
+
+            self.executor = Executor(engine_dir, **options)
         self.metrics = new_metrics(args["model_name"], self.executor, pb_utils)  # LLM metrics on /metrics
         self.exclude_input_default = parse_bool(parameter(config, "exclude_input_in_output"), False)
         self.tokenizer = configured_tokenizer(config)  # only to hold back split UTF-8 characters when streaming
@@ -167,7 +176,7 @@ class TritonPythonModel:
         self._cancel_thread = threading.Thread(target=self._watch_cancellations, daemon=True)
         self._cancel_thread.start()
 
-    def _executor(self) -> Executor:
+    def _executor(self) -> Executor | EngineProcess:
         """The executor, which exists from `initialize` (rank 0) until `finalize`."""
         if self.executor is None:
             raise RequestError("tensorrt_llm: the model is shutting down")
