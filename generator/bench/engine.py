@@ -247,15 +247,23 @@ def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
 
+def check_args(args: argparse.Namespace, world_size: int) -> Mapping:
+    """Rank 0's layout; ConfigError (one line, before any rank starts) for sizes the model cannot take."""
+    if world_size % args.pp:
+        raise ConfigError(f"world size {world_size} is not divisible by --pp {args.pp}")
+    mapping = Mapping.create(world_size // args.pp, args.pp, moe_expert_parallel_size=args.moe_ep_size)
+    random_weights.checkpoint_config(model_spec(args), mapping, args.dtype, args.weight_only)
+    build_settings(args, Path("checkpoint"), Path("engine"))
+    return mapping
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.nproc and process_info().world_size == 1 and "RANK" not in os.environ:
+        check_args(args, args.nproc)
         return spawn(args.nproc, _without_nproc(argv if argv is not None else sys.argv[1:]))
     info = process_info()
-    if info.world_size % args.pp:
-        raise SystemExit(f"world size {info.world_size} is not divisible by --pp {args.pp}")
-    mapping = Mapping.create(info.world_size // args.pp, args.pp, moe_expert_parallel_size=args.moe_ep_size,
-                             rank=info.rank)
+    mapping = check_args(args, info.world_size).with_rank(info.rank)
     device = pick_device(info.local_rank, args.device)
     if info.world_size > 1:
         import torch.distributed as dist
