@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -61,7 +62,7 @@ def parse_args() -> argparse.Namespace:
                         help="serve once per value (tensorrt_llm's response_threads parameter), same job")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="serve once per variant, same job: comma-separated tensorrt_llm parameters, e.g. "
-                             "engine_process=false engine_process=true")
+                             "engine_process=false engine_process=true, and postprocessing_instances=N")
     parser.add_argument("--postprocessing-batching", action="store_true",
                         help="serve once more with `dynamic_batching {}` on postprocessing, as NVIDIA's template "
                              "has it (we render it without: a cancelled ensemble stream leaks in 2.51)")
@@ -194,12 +195,13 @@ def profile(args: argparse.Namespace, server_pid: int, level: int) -> dict[str, 
     pids = stub_pids(server_pid)
     procs = []
     for name, pid in pids.items():
-        out = args.out / f"pyspy-{level}-{name}.txt"
+        tag = f"-{args.profile_tag}" if getattr(args, "profile_tag", None) else ""
+        out = args.out / f"pyspy-{level}{tag}-{name}.txt"
         procs.append(subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--threads", "--idle", "-f", "raw",
                                        "-d", str(args.profile_seconds), "-r", "50", "-o", str(out)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     top = subprocess.Popen(["top", "-b", "-d", "2", "-n", str(max(2, args.profile_seconds // 2)), "-H", "-w", "200"],
-                           stdout=open(args.out / f"top-{level}.txt", "w"), stderr=subprocess.DEVNULL)
+                           stdout=open(args.out / f"top-{level}{tag}.txt", "w"), stderr=subprocess.DEVNULL)
     return {"pids": pids, "server_pid": server_pid, "procs": procs + [top]}
 
 
@@ -207,6 +209,7 @@ def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], t
                  variant: str | None = None) -> None:
     """Start a server on `repo`, run every concurrency level (profiling the chosen ones), stop it."""
     ports = [free_port() for _ in range(3)]
+    args.profile_tag = (variant or "").replace(",", "_").replace("=", "")
     backends = os.environ.get("TRITON_BACKENDS")
     extra = (f"--backend-directory={backends}",) if backends else ()
     settings = ServeSettings(model_repository=repo, http_port=ports[0], grpc_port=ports[1],
@@ -218,7 +221,7 @@ def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], t
         run_level(url, args.model_name, 1, argparse.Namespace(**{**vars(args), "requests_per_level": 2}))
         for concurrency in args.concurrency:
             if concurrency in args.profile_level:
-                timer = threading.Timer(5.0, lambda c=concurrency: report.setdefault("prof", profile(args, process.pid, c)))
+                timer = threading.Timer(2.0, lambda c=concurrency: report.setdefault("prof", profile(args, process.pid, c)))
                 timer.start()
             level = run_level(url, args.model_name, concurrency, args)
             level["response_threads"] = threads
@@ -253,12 +256,21 @@ def main() -> None:
             config_path.write_text(original + f'parameters: {{ key: "response_threads", value: {{ string_value: '
                                               f'"{threads}" }} }}\n')
         serve_levels(args, result.triton_repo, report, threads)
-    for variant in args.variants:  # tensorrt_llm parameters, appended to the rendered config
+    post_path = result.triton_repo / "postprocessing" / "config.pbtxt"
+    post_original = post_path.read_text()
+    for variant in args.variants:
+        # tensorrt_llm parameters, appended to the rendered config; `postprocessing_instances` edits that model's
+        # instance count
+        settings = dict(pair.split("=", 1) for pair in variant.split(","))
+        instances = settings.pop("postprocessing_instances", None)
+        post_path.write_text(post_original if instances is None else
+                             re.sub(r"count: \d+", f"count: {int(instances)}", post_original, count=1))
         extra = "".join(f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
-                        for key, value in (pair.split("=", 1) for pair in variant.split(",")))
+                        for key, value in settings.items())
         config_path.write_text(original + extra)
         serve_levels(args, result.triton_repo, report, None, variant)
     config_path.write_text(original)
+    post_path.write_text(post_original)
     if args.postprocessing_batching:
         post_config = result.triton_repo / "postprocessing" / "config.pbtxt"
         post_original = post_config.read_text()
@@ -270,7 +282,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "generator.bench.engine", "--hidden", str(args.hidden), "--layers",
                str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--dtype", args.dtype,
                "--batch-sizes", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
-               "--output-len", str(args.output_len), "--json", str(args.out / "engine.json")]
+               "--output-len", str(args.output_len), "--json", str(args.out / "engine.json"),
+               "--end-id", "0", "--min-tokens", str(args.output_len)]  # as the served requests: fixed length
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
         if (args.out / "engine.json").is_file():

@@ -90,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of the GPU memory free after the weights for the KV pool (default 0.9)")
     parser.add_argument("--max-tokens-in-paged-kv-cache", type=int, default=None,
                         help="KV pool size in tokens (overrides the fraction)")
+    parser.add_argument("--min-tokens", type=int, default=0,
+                        help="min_tokens of every request, with --end-id: what served benchmarks send for a fixed "
+                             "output length (the engine then masks end_id until min_tokens)")
+    parser.add_argument("--end-id", type=int, default=None, help="end_id of every request (default none)")
     parser.add_argument("--arrival-ms", type=float, default=0.0,
                         help="delay between two requests of a batch (default 0: all at once)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (best is reported)")
@@ -192,7 +196,7 @@ def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
         if result.finished:
             done.release()
 
-    sampling = SamplingConfig(max_new_tokens=args.output_len)
+    sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=args.end_id, min_tokens=args.min_tokens)
     start = time.perf_counter()
     for prompt in prompts:
         executor.enqueue(GenerationRequest(prompt, sampling, streaming=True), on_result)

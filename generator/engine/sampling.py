@@ -68,7 +68,10 @@ def mask_min_tokens(logits: torch.Tensor, states: list[SequenceState]) -> torch.
         return logits
     logits = logits.clone()
     index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
-    logits[index[:, 0], index[:, 1]] = float("-inf")
+    # the value as a device tensor: `logits[i, j] = float("-inf")` copies the scalar to the GPU with a blocking
+    # copy, which waited for the forward in flight and cost the step loop its lookahead (served ITL +18%)
+    ninf = torch.full((len(rows),), float("-inf"), dtype=logits.dtype, device=logits.device)
+    logits.index_put_((index[:, 0], index[:, 1]), ninf)
     return logits
 
 
