@@ -1,14 +1,18 @@
-"""Throughput of the pytorch engine on random MPT-shaped weights (no Hugging Face checkpoint needed).
+"""Throughput of the pytorch engine on random weights of any MPT or DBRX shape (no Hugging Face checkpoint).
 
-Each rank writes its own shard of a random TensorRT-LLM checkpoint (ALiBi, no biases, GELU MLP, the layout
-`convert` writes), rank 0 builds the engine dir, then rank 0's Executor runs `batch` requests of `--input-len`
-random tokens at once for every batch size and reports generated tokens per second.
+Each rank makes its own shard of a random TensorRT-LLM checkpoint on its device, in exactly the layout `convert`
+writes for that shape (`generator.bench.random_weights`), and writes it as `rank{N}.safetensors`; rank 0 builds
+the engine dir, then rank 0's Executor runs `batch` requests of `--input-len` random tokens at once for every
+batch size and reports generated tokens per second. With `--weights-on-device` nothing is written but the
+engine's config.json: each rank hands its tensors to the engine in memory (a 132B DBRX is 264 GB in bf16).
 
-    gen-repo bench --hidden 256 --layers 4 --heads 8 --vocab 1024                        # tiny, CPU
+    gen-repo bench --hidden 256 --layers 4 --heads 8 --vocab 1024                        # tiny MPT, CPU
     gen-repo bench --hidden 4096 --layers 32 --heads 32 --vocab 50432 \
         --dtype bfloat16 --batch-sizes 1,8,32 --input-len 128 --output-len 128           # MPT-7B shapes, 1 GPU
     gen-repo bench ... --nproc 2                                                         # TP2: spawns 2 ranks
     mpirun -n 2 python -m generator bench ...                                         # or under mpirun
+    gen-repo bench --arch dbrx --hidden 6144 --layers 40 --heads 48 --kv-heads 8 --experts 16 --top-k 4 \
+        --intermediate 10752 --vocab 100352 --dtype bfloat16 --weights-on-device --nproc 4  # DBRX, 4 GPUs
 
 (`python bench/bench_engine.py` and `python -m generator bench` take the same flags.)
 
@@ -30,35 +34,58 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from generator.bench import random_weights
+from generator.bench.random_weights import ARCHITECTURES
 from generator.build import BuildSettings, build_engine
+from generator.build.pytorch import pytorch_engine_config
+from generator.convert.models import ModelSpec
 from generator.engine.distributed import pick_device
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
 from generator.engine.rank_env import ProcessInfo, process_info
 from generator.engine.sampling import SamplingConfig
+from generator.errors import ConfigError
 from generator.formats.dtypes import MODEL_DTYPES
 from generator.formats.mapping import Mapping
-from generator.formats.weight_only import WEIGHT_ONLY_ALGOS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gen-repo bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="mpt",
+                        help="mpt: ALiBi, GELU MLP; dbrx: RoPE, GQA, clip_qkv, SwiGLU mixture of experts")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA, as MPT-7B)")
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
+    parser.add_argument("--intermediate", type=int, default=None,
+                        help="MLP size, per expert for dbrx; default 4 x hidden (mpt), 7/4 x hidden (dbrx)")
+    parser.add_argument("--experts", type=int, default=16, help="dbrx: experts per layer")
+    parser.add_argument("--top-k", type=int, default=4, help="dbrx: experts per token")
+    parser.add_argument("--rope-theta", type=float, default=500000.0, help="dbrx: RoPE base")
+    parser.add_argument("--clip-qkv", type=float, default=None, help="clamp of q, k, v; default 8 (dbrx), none (mpt)")
+    parser.add_argument("--moe-ep-size", type=int, default=None,
+                        help="dbrx: experts split over this many ranks (default 1: every expert split over tp)")
     parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--weight-only", choices=["int8", "int4"], default=None,
-                        help="weight-only quantized GEMMs (the build step quantizes the random float weights)")
+                        help="weight-only quantized GEMMs (random integer weights + scales, the layout the build "
+                             "writes)")
+    parser.add_argument("--weights-on-device", action="store_true",
+                        help="hand each rank's random tensors to the engine in memory: no rank files are written")
+    parser.add_argument("--seed", type=int, default=0, help="of the random weights (each rank draws its own)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages; tp = world size / pp")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=None, help="engine limit; default max of --batch-sizes")
+    parser.add_argument("--max-input-len", type=int, default=None, help="engine limit; default --input-len")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="engine limit (and the model's max positions); default --input-len + --output-len")
     parser.add_argument("--max-num-tokens", type=int, default=None,
-                        help="per-step token budget (chunked prefill); default max batch x input len")
+                        help="per-step token budget (chunked prefill); default largest batch x input len, at least "
+                             "--max-input-len")
     parser.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=None,
                         help="share of the GPU memory free after the weights for the KV pool (default 0.9)")
     parser.add_argument("--max-tokens-in-paged-kv-cache", type=int, default=None,
@@ -118,53 +145,33 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
-def write_random_shard(args: argparse.Namespace, mapping: Mapping, directory: Path, device: torch.device) -> None:
-    """This rank's random shard, in the layout `convert` writes for MPT (std 0.02, norms at 1)."""
-    from safetensors.torch import save_file
-
-    dtype = getattr(torch, args.dtype)
-    tp = mapping.tensor_parallel_size
-    hd = args.hidden // args.heads
-    kv = args.kv_heads or args.heads
-    heads, kv_local = args.heads // tp, max(1, kv // tp)
-    ffn = (args.intermediate or 4 * args.hidden) // tp
-    generator = torch.Generator(device=device).manual_seed(1000 + mapping.rank)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=dtype)
-
-    tensors: dict[str, torch.Tensor] = {}
-    if mapping.is_first_pp_rank:
-        tensors["transformer.vocab_embedding.weight"] = rand(args.vocab, args.hidden)
-    for local, _ in enumerate(mapping.pp_layers(args.layers)):
-        prefix = f"transformer.layers.{local}"
-        tensors[f"{prefix}.input_layernorm.weight"] = ones(args.hidden)
-        tensors[f"{prefix}.attention.qkv.weight"] = rand((heads + 2 * kv_local) * hd, args.hidden)
-        tensors[f"{prefix}.attention.dense.weight"] = rand(args.hidden, heads * hd)
-        tensors[f"{prefix}.post_layernorm.weight"] = ones(args.hidden)
-        tensors[f"{prefix}.mlp.fc.weight"] = rand(ffn, args.hidden)
-        tensors[f"{prefix}.mlp.proj.weight"] = rand(args.hidden, ffn)
-    if mapping.is_last_pp_rank:
-        tensors["transformer.ln_f.weight"] = ones(args.hidden)
-        tensors["lm_head.weight"] = rand(-(-args.vocab // tp), args.hidden)
-    save_file(tensors, str(directory / f"rank{mapping.rank}.safetensors"))
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The architecture's spec for the flags' sizes (its converter's knowledge gives config and layout)."""
+    clip = args.clip_qkv if args.clip_qkv is not None else (8.0 if args.arch == "dbrx" else None)
+    return random_weights.model_spec(
+        args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads, vocab=args.vocab,
+        max_seq_len=args.max_seq_len or args.input_len + args.output_len, kv_heads=args.kv_heads,
+        intermediate=args.intermediate, experts=args.experts, top_k=args.top_k, rope_theta=args.rope_theta,
+        clip_qkv=clip)
 
 
-def checkpoint_config(args: argparse.Namespace, mapping: Mapping) -> dict[str, object]:
-    return {
-        "architecture": "MPTForCausalLM", "dtype": args.dtype, "logits_dtype": "float32",
-        "vocab_size": args.vocab, "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate or 4 * args.hidden, "num_hidden_layers": args.layers,
-        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads or args.heads,
-        "position_embedding_type": "alibi", "hidden_act": "gelu", "norm_epsilon": 1e-5,
-        "max_position_embeddings": None, "bias": False, "clip_qkv": None, "alibi_bias_max": 8,
-        "quantization": {"quant_algo": WEIGHT_ONLY_ALGOS.get(args.weight_only or ""),
-                         "kv_cache_quant_algo": None},
-        "mapping": mapping.to_json(),
-    }
+def build_settings(args: argparse.Namespace, checkpoint: Path, engine: Path) -> BuildSettings:
+    """The engine limits: the flags', by default just what the timed batches need."""
+    max_batch = max(batch_sizes(args))
+    max_input_len = args.max_input_len or args.input_len
+    max_seq_len = args.max_seq_len or args.input_len + args.output_len
+    if args.input_len > max_input_len or args.input_len + args.output_len > max_seq_len:
+        raise ConfigError(f"--input-len {args.input_len} + --output-len {args.output_len} do not fit "
+                          f"--max-input-len {max_input_len} / --max-seq-len {max_seq_len}")
+    if args.max_batch_size is not None and args.max_batch_size < max_batch:
+        raise ConfigError(f"--max-batch-size {args.max_batch_size} is smaller than batch size {max_batch}")
+    return BuildSettings(checkpoint, engine, max_batch_size=args.max_batch_size or max_batch,
+                         max_input_len=max_input_len, max_seq_len=max_seq_len,
+                         max_num_tokens=args.max_num_tokens or max(max_input_len, max_batch * args.input_len))
+
+
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    return [int(b) for b in args.batch_sizes.split(",")]
 
 
 def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[str, float]:
@@ -244,14 +251,23 @@ def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
 
+def check_args(args: argparse.Namespace, world_size: int) -> Mapping:
+    """Rank 0's layout; ConfigError (one line, before any rank starts) for sizes the model cannot take."""
+    if world_size % args.pp:
+        raise ConfigError(f"world size {world_size} is not divisible by --pp {args.pp}")
+    mapping = Mapping.create(world_size // args.pp, args.pp, moe_expert_parallel_size=args.moe_ep_size)
+    random_weights.checkpoint_config(model_spec(args), mapping, args.dtype, args.weight_only)
+    build_settings(args, Path("checkpoint"), Path("engine"))
+    return mapping
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.nproc and process_info().world_size == 1 and "RANK" not in os.environ:
+        check_args(args, args.nproc)
         return spawn(args.nproc, _without_nproc(argv if argv is not None else sys.argv[1:]))
     info = process_info()
-    if info.world_size % args.pp:
-        raise SystemExit(f"world size {info.world_size} is not divisible by --pp {args.pp}")
-    mapping = Mapping.create(info.world_size // args.pp, args.pp, rank=info.rank)
+    mapping = check_args(args, info.world_size).with_rank(info.rank)
     device = pick_device(info.local_rank, args.device)
     if info.world_size > 1:
         import torch.distributed as dist
@@ -276,33 +292,48 @@ def main(argv: list[str] | None = None) -> int:
 
 def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, device: torch.device,
                work: Path) -> int:
-    """Write the weights, build the engine, then (rank 0) time every batch size."""
+    """Make the weights and the engine dir, then (rank 0) time every batch size."""
     checkpoint, engine = work / "checkpoint", work / "engine"
     checkpoint.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    write_random_shard(args, mapping, checkpoint, device)
-    if info.rank == 0:
-        (checkpoint / "config.json").write_text(json.dumps(checkpoint_config(args, mapping), indent=2))
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if info.world_size > 1:
-        torch.distributed.barrier()
-    if info.rank == 0:
-        build_engine(BuildSettings(checkpoint, engine, max_batch_size=max(batch_sizes),
-                                   max_input_len=args.input_len, max_seq_len=args.input_len + args.output_len,
-                                   max_num_tokens=args.max_num_tokens or max(batch_sizes) * args.input_len))
+    spec = model_spec(args)
+    pretrained = random_weights.checkpoint_config(spec, mapping, args.dtype, args.weight_only)
+    settings = build_settings(args, checkpoint, engine)
+    tensors = random_weights.random_rank_weights(spec, mapping, getattr(torch, args.dtype), args.weight_only,
+                                                 device, seed=1000 * args.seed + mapping.rank)
+    weights: dict[str, torch.Tensor] | None = None
+    if args.weights_on_device:
+        weights = dict(tensors)  # the engine takes them over: one copy on the device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        print(f"rank {info.rank}: random weights made on {device} in {time.perf_counter() - started:.1f} s",
+              flush=True)
+        if info.rank == 0:
+            engine.mkdir(parents=True, exist_ok=True)
+            (engine / "config.json").write_text(json.dumps(pytorch_engine_config(settings, pretrained), indent=2))
+    else:
+        save_file({name: tensor.cpu() for name, tensor in tensors},
+                  str(checkpoint / f"rank{mapping.rank}.safetensors"))
+        if info.rank == 0:
+            (checkpoint / "config.json").write_text(json.dumps(pretrained, indent=2))
+        if info.world_size > 1:
+            torch.distributed.barrier()
+        if info.rank == 0:
+            build_engine(settings)
     if info.world_size > 1:
         torch.distributed.barrier()
     prepared = time.perf_counter() - started
     if info.rank != 0:
-        follow(engine, device=args.device)
+        follow(engine, device=args.device, weights=weights)
         return 0
     results = []
     with Executor(engine, device=args.device, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
-                  max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache) as executor:
+                  max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache, weights=weights) as executor:
         ready = time.perf_counter() - started
         kv = executor.kv_cache_info
-        print(f"weights written and loaded in {prepared:.1f} s, engine ready (KV pool, warm-up) at {ready:.1f} s; "
-              f"device {device}, world size {info.world_size} (tp {mapping.tensor_parallel_size}, "
+        made = "made on the device" if args.weights_on_device else "written and built"
+        print(f"{args.arch} weights {made} in {prepared:.1f} s, engine ready (weights loaded, KV pool, warm-up) at "
+              f"{ready:.1f} s; device {device}, world size {info.world_size} (tp {mapping.tensor_parallel_size}, "
               f"pp {mapping.pipeline_parallel_size}), dtype {args.dtype}", flush=True)
         print(f"KV cache: {kv['blocks']} blocks x {kv['tokens_per_block']} tokens = {kv['tokens']} tokens, "
               f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}; weights on rank 0: "
@@ -310,7 +341,7 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
         run_batch(executor, 1, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
         if args.profile:
             profile_forwards(executor, args)
-        for batch in batch_sizes:
+        for batch in batch_sizes(args):
             best = max((run_batch(executor, batch, args) for _ in range(args.repeats)),
                        key=lambda r: r["tokens_per_s"])
             results.append(best)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from generator import __version__
 from generator.build.settings import BuildSettings, build_config_section, resolve_limits
@@ -68,14 +69,27 @@ def quantize_rank_file(source: Path, target: Path, precision: str) -> None:
         raise GenRepoError(f"cannot read {source}: {error}") from error
 
 
+def pytorch_engine_config(settings: BuildSettings, pretrained: dict[str, Any]) -> dict[str, Any]:
+    """The engine dir's `config.json` for checkpoint config `pretrained` (ConfigError for what the engine cannot
+    run). Also what a caller holding the weights in memory writes alone (`gen-repo bench --weights-on-device`)."""
+    parse_pretrained_config(pretrained)
+    if settings.max_beam_width != 1:
+        raise ConfigError("the pytorch engine supports max_beam_width 1 only")
+    limits = resolve_limits(settings, pretrained)
+    return {
+        "version": f"gen-repo {__version__}",
+        "engine_backend": "pytorch",
+        "pretrained_config": pretrained,
+        "build_config": build_config_section(settings, limits, str(pretrained.get("dtype", "float32"))),
+    }
+
+
 def build_pytorch_engine(settings: BuildSettings) -> Path:
     """Write the pytorch engine dir; returns it."""
     checkpoint_dir, output_dir = Path(settings.checkpoint_dir), Path(settings.output_dir)
     pretrained = read_checkpoint_config(checkpoint_dir)
-    config = parse_pretrained_config(pretrained)  # raises ConfigError for what the engine cannot run
-    if settings.max_beam_width != 1:
-        raise ConfigError("the pytorch engine supports max_beam_width 1 only")
-    limits = resolve_limits(settings, pretrained)
+    engine_config = pytorch_engine_config(settings, pretrained)
+    config = parse_pretrained_config(pretrained)
     world_size = config.world_size
     sources = rank_files(checkpoint_dir, world_size)
     missing = missing_rank_files(checkpoint_dir, world_size)
@@ -84,12 +98,6 @@ def build_pytorch_engine(settings: BuildSettings) -> Path:
     for source in sources:  # a truncated or corrupt rank file fails here, not when the server loads it
         read_safetensors_header(source)
     precision = weight_only_precision(config.quant_algo)
-    engine_config = {
-        "version": f"gen-repo {__version__}",
-        "engine_backend": "pytorch",
-        "pretrained_config": pretrained,
-        "build_config": build_config_section(settings, limits, str(pretrained.get("dtype", "float32"))),
-    }
     if settings.dry_run:
         print(f"would write {output_dir / 'config.json'}:")
         print(json.dumps(engine_config["build_config"], indent=2))

@@ -93,7 +93,8 @@ def _set_cpu_threads(world_size: int, device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def _load_rank(engine_dir: Path, device: str | None) -> tuple[EngineConfig, Communicator, DecoderModel]:
+def _load_rank(engine_dir: Path, device: str | None, weights: dict[str, torch.Tensor] | None = None
+               ) -> tuple[EngineConfig, Communicator, DecoderModel]:
     config = load_engine_config(Path(engine_dir))
     info = process_info()
     if info.world_size != config.world_size:
@@ -104,13 +105,15 @@ def _load_rank(engine_dir: Path, device: str | None) -> tuple[EngineConfig, Comm
     torch_device = pick_device(info.local_rank, device)
     _set_cpu_threads(config.world_size, torch_device)
     comm = Communicator(mapping, torch_device)
-    model = DecoderModel(config, Path(engine_dir), comm, torch_device)
+    model = DecoderModel(config, Path(engine_dir), comm, torch_device, weights)
     return config, comm, model
 
 
-def follow(engine_dir: Path | str, device: str | None = None) -> None:
-    """Run a rank > 0: load this rank's weights, then replay rank 0's forwards until it shuts down."""
-    config, comm, model = _load_rank(Path(engine_dir), device)
+def follow(engine_dir: Path | str, device: str | None = None, weights: dict[str, torch.Tensor] | None = None
+           ) -> None:
+    """Run a rank > 0: load this rank's weights (or take `weights`, see `DecoderModel`), then replay rank 0's
+    forwards until it shuts down."""
+    config, comm, model = _load_rank(Path(engine_dir), device, weights)
     if comm.mapping.rank == 0:
         raise ConfigError("follow() is for ranks > 0; rank 0 creates the Executor")
     if model.device.type == "cuda":
@@ -157,13 +160,15 @@ class Executor:
                  kv_cache_free_gpu_mem_fraction: float | None = None,
                  max_tokens_in_paged_kv_cache: int | None = None,
                  enable_kv_cache_reuse: bool = False, max_num_tokens: int | None = None,
-                 result_sink: ResultSink | None = None) -> None:
+                 result_sink: ResultSink | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
         """Load the engine, size the KV pool (`kv_cache_free_gpu_mem_fraction` of the GPU memory free after
         the weights, default 0.9, or `max_tokens_in_paged_kv_cache` tokens), capture the decode graphs, and
         start the step loop. `max_num_tokens` overrides the engine's per-step token budget. `result_sink`, if
-        given, takes each step's (callback, result) pairs at once instead of the callbacks being called."""
+        given, takes each step's (callback, result) pairs at once instead of the callbacks being called.
+        `weights` replace the rank file (see `DecoderModel`)."""
         self.engine_dir = Path(engine_dir)
-        config, comm, model = _load_rank(self.engine_dir, device)
+        config, comm, model = _load_rank(self.engine_dir, device, weights)
         if comm.mapping.rank != 0:
             raise ConfigError(f"rank {comm.mapping.rank} must call generator.engine.follow(), not Executor()")
         fraction = 0.9 if kv_cache_free_gpu_mem_fraction is None else float(kv_cache_free_gpu_mem_fraction)

@@ -10,8 +10,10 @@ tokens already in the paged KV pool, so one forward mixes decode rows (one token
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +213,9 @@ class DecoderModel:
     """The layers, embedding and head that one rank holds, plus the forward over its KV cache."""
 
     def __init__(self, config: EngineConfig, engine_dir: Path, comm: Communicator,
-                 device: torch.device) -> None:
+                 device: torch.device, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """`weights`: this rank's tensors in the engine dir's layout (e.g. made on the device by a benchmark),
+        read instead of `rank{r}.safetensors`; the model takes them over (the dict is emptied)."""
         self.config = config
         self.comm = comm
         self.device = device
@@ -221,7 +225,7 @@ class DecoderModel:
         self.kv_heads = config.kv_heads_per_rank()
         self.head_size = config.head_size
         self.layer_ids = self.mapping.pp_layers(config.num_layers)
-        self.tensors = self._load(Path(engine_dir) / f"rank{self.mapping.rank}.safetensors")
+        self.tensors = self._load(Path(engine_dir) / f"rank{self.mapping.rank}.safetensors", weights)
         self._check_shapes()
         start = self.mapping.tp_rank * self.heads
         self.slopes = (alibi_slopes(config.num_heads, config.alibi_bias_max)[start:start + self.heads]
@@ -237,27 +241,33 @@ class DecoderModel:
                               for i in range(len(self.layer_ids))]
 
     # loading ---------------------------------------------------------------------------------------------
-    def _load(self, path: Path) -> dict[str, torch.Tensor]:
-        """The rank's tensors on the device. Weight-only int8/int4 GEMM weights stay quantized: they go to
-        `self.weight_only` (converted once for their kernel) and `tensors` holds a meta-device placeholder of
-        the float shape, so shape checks still read it. `GEN_REPO_WEIGHT_ONLY_KERNEL=load` dequantizes at load
-        instead (the old behaviour, kept as a reference)."""
-        if not path.is_file():
+    def _load(self, path: Path, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The rank's tensors on the device, from `path` or, when given, popped from `weights` (so no tensor is
+        held twice). Weight-only int8/int4 GEMM weights stay quantized: they go to `self.weight_only`
+        (converted once for their kernel) and `tensors` holds a meta-device placeholder of the float shape, so
+        shape checks still read it. `GEN_REPO_WEIGHT_ONLY_KERNEL=load` dequantizes at load instead (the old
+        behaviour, kept as a reference)."""
+        if weights is None and not path.is_file():
             raise ConfigError(f"{path} not found: the engine dir has no weights for rank {self.mapping.rank}")
         precision = weight_only_precision(self.config.quant_algo)
         at_load = os.environ.get(KERNEL_ENV) == "load"
         self.weight_only: dict[str, WeightOnlyLinear | QuantizedExperts] = {}
         tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
+        get: Callable[[str], torch.Tensor]
+        with contextlib.ExitStack() as stack:
+            if weights is None:
+                handle = stack.enter_context(safe_open(str(path), framework="pt"))
+                names, get = list(handle.keys()), handle.get_tensor
+            else:
+                names, get = list(weights), weights.pop
             for name in names:
                 if name.endswith(".per_channel_scale"):
                     continue
-                tensor = handle.get_tensor(name)
+                tensor = get(name)
                 scale_name = name[: -len(".weight")] + ".per_channel_scale"
                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None
                 if precision and tensor.dtype == torch.int8 and scale_name in names:
-                    quantized = (tensor, handle.get_tensor(scale_name))
+                    quantized = (tensor, get(scale_name))
                 elif precision and tensor.is_floating_point() and is_weight_only_target(name):
                     # float weights with quant_algo set: quantized at build time, as trtllm-build does
                     quantized = quantize_weight(tensor.to(self.dtype), precision)
