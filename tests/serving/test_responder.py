@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from generator.engine import Executor, GenerationRequest, SamplingConfig
+from generator.engine import Executor, GenerationRequest, GenerationResult, SamplingConfig
 from generator.pipeline import PipelineResult
 from generator.serving.triton_models.responder import OutputBuilder, Responder, merge_results
 
@@ -130,3 +130,38 @@ def test_merged_tokens_never_split_a_character(tiny_mpt_job: PipelineResult) -> 
         pieces.append(decoder.decode(holdback.flush()))
         assert "".join(pieces) == text, merge
         assert all("\ufffd" not in piece for piece in pieces), (merge, pieces)
+
+
+def _result(token: int, finished: bool) -> GenerationResult:
+    return GenerationResult(0, [token], finished)
+
+
+def test_final_results_are_answered_before_other_streams_tokens() -> None:
+    """A request's final result goes out ahead of the tokens of streams queued before it (its client waits on it
+    to send the next request); the order within each request stays."""
+    order: list[tuple[str, list[int], bool]] = []
+    hold = threading.Event()
+    answered = threading.Semaphore(0)
+
+    def respond(pending: Any, item: Any, result: Any) -> None:
+        if pending == "first":
+            hold.wait(10)  # keeps the only thread busy while the others queue up
+        order.append((pending, result.token_ids, result.finished))
+        answered.release()
+
+    responder = Responder(respond, threads=1)
+    try:
+        item = _Item(streaming=True)
+        responder.push("first", item, _result(0, False))
+        time.sleep(0.1)  # the thread now holds "first"
+        responder.push("a", item, _result(1, False))
+        responder.push("b", item, _result(2, False))
+        responder.push("c", item, _result(3, False))
+        responder.push("c", item, _result(4, True))
+        hold.set()
+        for _ in range(4):
+            assert answered.acquire(timeout=10)
+    finally:
+        responder.close()
+    assert [entry[0] for entry in order] == ["first", "c", "a", "b"]
+    assert order[1] == ("c", [3, 4], True)  # merged, in order, final last
