@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from generator.build.pytorch import pytorch_engine_config
 from generator.convert.models import ModelSpec
 from generator.engine.distributed import pick_device
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
-from generator.engine.rank_env import ProcessInfo, process_info
+from generator.engine.rank_env import ProcessInfo, child_environment, free_port, process_info
 from generator.engine.sampling import SamplingConfig
 from generator.errors import ConfigError
 from generator.formats.dtypes import MODEL_DTYPES
@@ -106,27 +105,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the dir holding `generator/`, for spawned ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def spawn(nproc: int, argv: list[str]) -> int:
     """Start `nproc` copies of this script as ranks 0..nproc-1 (torchrun-style environment)."""
-    port = str(_free_port())
+    port = str(free_port())
     work = tempfile.mkdtemp(prefix="bench-engine-")
     forwarded = list(argv)
     if "--work-dir" not in forwarded:
         forwarded += ["--work-dir", work]
     processes = []
     for rank in range(nproc):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
-               "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env = child_environment(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                                MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         processes.append(subprocess.Popen([sys.executable, "-m", "generator.bench.engine", *forwarded], env=env))
     codes = [p.wait() for p in processes]
     shutil.rmtree(work, ignore_errors=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from generator.engine.rank_env import child_environment
 from generator.engine.requests import (
     Callback,
     GenerationRequest,
@@ -41,8 +41,6 @@ from generator.errors import ConfigError, GenRepoError
 
 log = logging.getLogger(__name__)
 
-#: the dir holding `generator/`, put first on the child's PYTHONPATH (the Triton stub ignores PYTHONPATH)
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 #: seconds between two reports of the executor's load while it is idle or between steps
 _LOAD_PERIOD_S = 0.5
 
@@ -87,12 +85,10 @@ class EngineProcess:
         stop. Raises ConfigError with the child's reason if it cannot start."""
         self.engine_dir = Path(engine_dir)
         parent_end, child_end = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         options = {"engine_dir": str(self.engine_dir), "device": device, **executor_options}
         self._process = subprocess.Popen(
             [_python(), "-m", "generator.engine.process", str(child_end.fileno()), json.dumps(options)],
-            pass_fds=(child_end.fileno(),), env=env)
+            pass_fds=(child_end.fileno(),), env=child_environment())
         child_end.close()
         self._conn = Connection(parent_end.detach())
         self._send_lock = threading.Lock()

@@ -1,14 +1,19 @@
-"""Rank, world size and local rank of this process, from the launcher's environment (mpirun, MPICH, torchrun or
-`generator.serving.local_launch`). No torch here: the Triton stub reads it before it knows whether to load one."""
+"""The launch environment: rank, world size and local rank of this process, from the launcher's variables
+(mpirun, MPICH, torchrun or `generator.serving.local_launch`); a free port for a rendezvous; the environment of a
+child that runs this package. No torch here: the Triton stub reads it before it knows whether to load one."""
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK")
 _SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")
 _LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "LOCAL_RANK")
+#: the dir holding `generator/`
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _first_int(names: tuple[str, ...], default: int) -> int:
@@ -33,3 +38,17 @@ def process_info() -> ProcessInfo:
     rank = _first_int(_RANK_VARIABLES, 0)
     world = _first_int(_SIZE_VARIABLES, 1)
     return ProcessInfo(rank, world, _first_int(_LOCAL_RANK_VARIABLES, rank))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment plus `extra`, with the dir holding `generator/` first on PYTHONPATH, so that a
+    `python -m generator...` child imports this same package (the Triton stub, for one, ignores PYTHONPATH)."""
+    path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

