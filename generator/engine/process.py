@@ -15,6 +15,7 @@ no request is left without its final result.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -101,10 +102,6 @@ class EngineProcess:
         self._on_exit = on_exit
         info = self._wait_ready()
         self.limits = RequestLimits(**info["limits"])
-        self.max_batch_size = int(info["max_batch_size"])
-        self.max_num_tokens = int(info["max_num_tokens"])
-        self.kv_cache_info: dict[str, int | bool] = info["kv_cache_info"]
-        self.weight_bytes = int(info["weight_bytes"])
         self._receiver = threading.Thread(target=self._receive, name="gen-repo-engine-results", daemon=True)
         self._receiver.start()
 
@@ -266,11 +263,7 @@ def serve(conn: Connection, options: dict[str, Any]) -> int:
     except Exception as error:
         send((_FAILED, f"the engine could not start: {type(error).__name__}: {error}"))
         raise
-    limits = executor.limits
-    send((_READY, {"limits": {"max_input_len": limits.max_input_len, "max_seq_len": limits.max_seq_len,
-                              "vocab_size": limits.vocab_size, "kv_cache_tokens": limits.kv_cache_tokens},
-                   "max_batch_size": executor.max_batch_size, "max_num_tokens": executor.max_num_tokens,
-                   "kv_cache_info": executor.kv_cache_info, "weight_bytes": executor.weight_bytes}))
+    send((_READY, {"limits": dataclasses.asdict(executor.limits)}))
     last_load = executor.load
     try:
         while True:
