@@ -88,20 +88,24 @@ class Responder:
             if buffer is None:
                 buffer = self._buffers[id(pending)] = _Buffer(pending)
             buffer.results.append((item, result))
-            if buffer.owned:
-                return  # its thread queues it again when done
-            if result.finished:
-                # final results jump the queue: the client is waiting on them to send its next request, and
-                # behind a round of every stream's tokens (~200 ms at 256 streams) they held the engine idle
-                if buffer.queued:
-                    self._ready.remove(buffer)
-                buffer.queued = True
-                self._ready.appendleft(buffer)
-                self._cond.notify()
-            elif not buffer.queued:
-                buffer.queued = True
-                self._ready.append(buffer)
-                self._cond.notify()
+            if not buffer.owned:  # else its thread queues it again when done
+                self._queue(buffer, result.finished)
+
+    def _queue(self, buffer: _Buffer, final: bool) -> None:
+        """Put a buffer with results and no thread on the ready queue (under `_cond`): at the back, so every
+        request gets its turn, or at the front when `final` (it holds a final result). The client waits on that
+        one to send its next request; behind a round of every stream's tokens (~200 ms at 256 streams) it held
+        the engine idle."""
+        if buffer.queued:
+            if not final:
+                return
+            self._ready.remove(buffer)
+        buffer.queued = True
+        if final:
+            self._ready.appendleft(buffer)
+        else:
+            self._ready.append(buffer)
+        self._cond.notify()
 
     def close(self, timeout: float = 30.0) -> None:
         """Answer what is buffered, then stop the threads."""
@@ -125,15 +129,8 @@ class Responder:
             self._answer(buffer.pending, results)
             with self._cond:
                 buffer.owned = False
-                if buffer.results:
-                    # more came in while we answered: to the back of the queue, so every request gets its turn
-                    # (to the front when it has its final result, as in push)
-                    buffer.queued = True
-                    if any(result.finished for _, result in buffer.results):
-                        self._ready.appendleft(buffer)
-                    else:
-                        self._ready.append(buffer)
-                    self._cond.notify()
+                if buffer.results:  # more came in while we answered
+                    self._queue(buffer, any(result.finished for _, result in buffer.results))
                 else:
                     self._buffers.pop(id(buffer.pending), None)
 
