@@ -20,13 +20,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from generator.pipeline import PipelineResult
 from generator.serving.serve import free_port
+from generator.serving.supervise import Stub, alive, session_stubs
 from tests.conftest import RunningServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
@@ -60,37 +60,6 @@ input [ { name: "x", data_type: TYPE_INT32, dims: [ 1 ] } ]
 output [ { name: "y", data_type: TYPE_INT32, dims: [ 1 ] } ]
 instance_group [ { count: 1, kind: KIND_CPU } ]
 '''
-
-
-@dataclass(frozen=True)
-class Stub:
-    """A python backend stub seen in /proc: argv is `triton_python_backend_stub <model.py> <shm region> ...`."""
-
-    pid: int
-    model: str
-    region: str
-
-
-def session_stubs(session_id: int) -> list[Stub]:
-    """The python stubs in the session of tritonserver `session_id` (it is started as a session leader)."""
-    stubs = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if not entry.name.isdigit() or os.getsid(int(entry.name)) != session_id:
-                continue
-            args = (entry / "cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if Path(args[0]).name == "triton_python_backend_stub":
-            stubs.append(Stub(int(entry.name), Path(args[1]).parent.parent.name, args[2]))
-    return stubs
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 class Serve:
