@@ -7,6 +7,8 @@ this also works inside tritonserver's python-backend stubs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from datetime import timedelta
 from typing import Any
@@ -19,6 +21,10 @@ from generator.errors import ConfigError
 from generator.formats.mapping import Mapping
 
 QUIET = -1  # kind of the step message that moves the next one to gloo (see Communicator.broadcast_step)
+ALL_REDUCE_ENV = "GEN_REPO_TP_ALLREDUCE"  # "nccl": every TP all-reduce through NCCL (default: "oneshot")
+STEP_STREAM_ENV = "GEN_REPO_STEP_STREAM"  # "0": step messages on the compute stream, as before the side stream
+_PEER_ALL_REDUCE_BYTES = 2 << 20  # decode-sized messages (256 x 4096 bf16); prefill's go through NCCL
+log = logging.getLogger(__name__)
 # followers block in a broadcast while rank 0 is idle (a server can sit idle for days): never time out there
 _IDLE_TIMEOUT = timedelta(days=365)
 
@@ -44,6 +50,10 @@ class Communicator:
         self.world_size = mapping.world_size
         self._tp_group: Any = None
         self._control_group: Any = None
+        self._peer_all_reduce: PeerAllReduce | None = None
+        # busy step messages go over their own NCCL group on their own stream (see broadcast_step)
+        self._step_group: Any = None
+        self._step_stream: torch.cuda.Stream | None = None
         # step messages and tokens travel as tensors here: on the GPU for NCCL, on the CPU for gloo
         self._tensor_device = device if device.type == "cuda" else torch.device("cpu")
         self._quiet = True  # followers start by waiting on gloo (rank 0 may take long to get its first request)
@@ -73,13 +83,32 @@ class Communicator:
         # step plans are small python objects: send them over gloo even when tensors go over NCCL
         self._control_group = (dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
                                if dist.get_backend() != "gloo" else dist.group.WORLD)
+        if device.type == "cuda" and os.environ.get(STEP_STREAM_ENV, "1") != "0":
+            self._step_group = dist.new_group(backend="nccl", timeout=_IDLE_TIMEOUT)
+            self._step_stream = torch.cuda.Stream(device)
 
     # tensor parallelism -------------------------------------------------------------------------------
     def tp_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's TP group (in place)."""
-        if self._tp_group is not None:
-            dist.all_reduce(tensor, group=self._tp_group)
+        """Sum over this rank's TP group: use the returned tensor (NCCL sums in place, the peer path does not)."""
+        if self._tp_group is None:
+            return tensor
+        peer = self._peer_all_reduce
+        if peer is not None and peer.fits(tensor):
+            return peer(tensor)
+        dist.all_reduce(tensor, group=self._tp_group)
         return tensor
+
+    def enable_peer_all_reduce(self, dtype: torch.dtype) -> None:
+        """Send decode-sized all-reduces of `dtype` through symmetric memory (see `PeerAllReduce`) unless
+        `GEN_REPO_TP_ALLREDUCE=nccl`. Every TP rank must call this at the same point; where it cannot work
+        (CPU, float16, no peer access) NCCL stays in charge."""
+        if (self._tp_group is None or self.device.type != "cuda" or dtype not in PeerAllReduce.DTYPES
+                or os.environ.get(ALL_REDUCE_ENV, "oneshot") == "nccl"):
+            return
+        try:
+            self._peer_all_reduce = PeerAllReduce(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
+        except Exception as error:  # noqa: BLE001 - an old torch or a host without P2P: NCCL still works
+            log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", error)
 
     def tp_all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every TP rank's `tensor` along `dim`, in TP-rank order."""
@@ -138,16 +167,21 @@ class Communicator:
             received = np.asarray(box[0], dtype=np.int64)
             self._quiet = False
         else:
-            header = torch.zeros(1, dtype=torch.long, device=self._tensor_device)
-            if message is not None:
-                header.fill_(len(message))
-            dist.broadcast(header, src=0)
-            if message is not None:
-                payload = torch.from_numpy(message).to(self._tensor_device)
-            else:
-                payload = torch.empty(int(header.item()), dtype=torch.long, device=self._tensor_device)
-            dist.broadcast(payload, src=0)
-            received = message if message is not None else payload.cpu().numpy()
+            # On a GPU the message travels on a side stream over its own communicator: a follower's wait for
+            # it then does not wait for its own previous forward, so it launches the next step while the
+            # previous one still runs, as rank 0 does (lookahead).
+            stream = self._step_stream
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                header = torch.zeros(1, dtype=torch.long, device=self._tensor_device)
+                if message is not None:
+                    header.fill_(len(message))
+                dist.broadcast(header, src=0, group=self._step_group)
+                if message is not None:
+                    payload = torch.from_numpy(message).to(self._tensor_device)
+                else:
+                    payload = torch.empty(int(header.item()), dtype=torch.long, device=self._tensor_device)
+                dist.broadcast(payload, src=0, group=self._step_group)
+                received = message if message is not None else payload.cpu().numpy()
         if int(received[0]) == QUIET:
             self._quiet = True
         return received
@@ -174,6 +208,41 @@ class Communicator:
         return int(box.item())
 
     def close(self) -> None:
+        self._peer_all_reduce = None
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class PeerAllReduce:
+    """A TP all-reduce for decode-sized messages through torch's symmetric memory (NVLink peer access).
+
+    One kernel per call (`one_shot_all_reduce_copy_out`): it copies this rank's tensor into its symmetric buffer,
+    waits at a barrier for the peers, reads every peer's buffer and writes the sum, then meets the peers at a
+    second barrier, so the buffer is free for the next call at once. NCCL's ring protocol costs more than the
+    data at these sizes. It captures into CUDA graphs; multicast (NVLS) is not used.
+    """
+
+    DTYPES = (torch.bfloat16, torch.float32)  # what torch's kernel is built for
+
+    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name = group.group_name
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed before torch 2.8, a no-op after
+            enable(self.group_name)
+        self.dtype = dtype
+        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)
+        self._reduce = torch.ops.symm_mem.one_shot_all_reduce_copy_out
+
+    def fits(self, tensor: torch.Tensor) -> bool:
+        """Same dtype, contiguous, within the buffer, and 16-byte aligned like the buffer (the kernel's rule)."""
+        return (tensor.dtype == self.dtype and tensor.is_contiguous() and tensor.numel() <= self.buffer.numel()
+                and (tensor.numel() * tensor.element_size()) % 16 == 0 and tensor.data_ptr() % 16 == 0)
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        self._reduce(self.buffer[:tensor.numel()], tensor, "sum", self.group_name, out)
+        return out.view_as(tensor)
 

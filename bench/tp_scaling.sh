@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# TP1 vs TP2 of MPT-7B shapes (bf16, 128/128, engine alone, weights made on the GPUs) in one lease, with the
+# multi-rank switches A/B: GEN_REPO_TP_ALLREDUCE (oneshot | nccl) and GEN_REPO_STEP_STREAM (1 | 0).
+#   bash bench/tp_scaling.sh OUT_DIR [batch sizes, default 1,64]
+set -u
+out=${1:?output dir}
+batches=${2:-1,64}
+mkdir -p "$out"
+export PYTHONPATH=$PWD
+shape=(--hidden 4096 --layers 32 --heads 32 --vocab 50432 --dtype bfloat16 --weights-on-device
+       --batch-sizes "$batches" --input-len 128 --output-len 128)
+run() {  # name, "VAR=value ...", extra bench args...
+    local name=$1 variables=$2; shift 2
+    echo "== $name" | tee -a "$out/summary.txt"
+    # shellcheck disable=SC2086 # the variables are words on purpose
+    env $variables timeout 240 python3 -m generator bench "${shape[@]}" --json "$out/$name.json" "$@" \
+        > "$out/$name.log" 2>&1
+    echo "rc $?" >> "$out/summary.txt"
+    pkill -9 -f "generator.bench" 2>/dev/null || true
+    grep -E "^batch|KV cache|ready" "$out/$name.log" | tee -a "$out/summary.txt"
+}
+nvidia-smi topo -m > "$out/topo.txt" 2>&1
+timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 bench/tp_allreduce_gpu.py 2>&1 \
+    | grep -v Warning | tee "$out/allreduce.txt"
+run tp1 "CUDA_VISIBLE_DEVICES=0"
+run tp2_nccl_nostream "GEN_REPO_TP_ALLREDUCE=nccl GEN_REPO_STEP_STREAM=0" --nproc 2
+run tp2_nccl_stream "GEN_REPO_TP_ALLREDUCE=nccl GEN_REPO_STEP_STREAM=1" --nproc 2
+run tp2_oneshot_nostream "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=0" --nproc 2
+run tp2_oneshot_stream "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=1" --nproc 2
