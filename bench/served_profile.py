@@ -239,6 +239,34 @@ def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], t
             stop_server(process)
 
 
+def run_engine_alone(args: argparse.Namespace, engine_dir: Path, report: dict[str, Any]) -> None:
+    """`gen-repo bench` on the served engine's limits, sending what the served clients send: first all of a level's
+    streams at once (`engine`), then per level the served load itself, a closed loop of that many streams over the
+    level's request count (`engine_closed_loop`)."""
+    limits = json.loads((engine_dir / "config.json").read_text())["build_config"]
+    common = [sys.executable, "-m", "generator.bench.engine", "--hidden", str(args.hidden), "--layers",
+              str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--dtype", args.dtype,
+              "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+              "--max-batch-size", str(limits["max_batch_size"]), "--max-input-len", str(limits["max_input_len"]),
+              "--max-seq-len", str(limits["max_seq_len"]), "--max-num-tokens", str(limits["max_num_tokens"]),
+              "--end-id", "0", "--min-tokens", str(args.output_len)]  # as the served requests: fixed length
+    runs = [("engine", ["--batch-sizes", ",".join(map(str, args.concurrency))])]
+    for concurrency in args.concurrency:
+        requests = args.requests_per_level or max(8, 2 * concurrency)
+        runs.append((f"engine_closed_loop_{concurrency}",
+                     ["--batch-sizes", str(concurrency), "--closed-loop", str(requests)]))
+    for name, extra in runs:
+        cmd = common + extra + ["--json", str(args.out / f"{name}.json")]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=False)
+        if (args.out / f"{name}.json").is_file():
+            result = json.loads((args.out / f"{name}.json").read_text())
+            if name == "engine":
+                report["engine"] = result
+            else:
+                report.setdefault("engine_closed_loop", []).extend(result["results"])
+
+
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -279,15 +307,7 @@ def main() -> None:
         serve_levels(args, result.triton_repo, report, None)
         post_config.write_text(post_original)
     if args.engine:
-        cmd = [sys.executable, "-m", "generator.bench.engine", "--hidden", str(args.hidden), "--layers",
-               str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--dtype", args.dtype,
-               "--batch-sizes", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
-               "--output-len", str(args.output_len), "--json", str(args.out / "engine.json"),
-               "--end-id", "0", "--min-tokens", str(args.output_len)]  # as the served requests: fixed length
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=False)
-        if (args.out / "engine.json").is_file():
-            report["engine"] = json.loads((args.out / "engine.json").read_text())
+        run_engine_alone(args, result.engine_dir, report)
     (args.out / "served_profile.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report["served"], indent=1))
 

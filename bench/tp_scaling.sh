@@ -17,7 +17,7 @@ run() {  # name, "VAR=value ...", extra bench args...
         > "$out/$name.log" 2>&1
     echo "rc $?" >> "$out/summary.txt"
     pkill -9 -f "generator.bench" 2>/dev/null || true
-    grep -E "^batch|KV cache|ready" "$out/$name.log" | tee -a "$out/summary.txt"
+    grep -E "^batch|KV cache|ready|symmetric" "$out/$name.log" | tee -a "$out/summary.txt"
 }
 nvidia-smi topo -m > "$out/topo.txt" 2>&1
 timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 bench/tp_allreduce_gpu.py 2>&1 \
