@@ -273,8 +273,8 @@ def format_result(result: dict[str, Any]) -> str:
     return (f"batch {result['batch']:3d}: {mode}{result['tokens_per_s']:9.1f} tokens/s  ({result['generated_tokens']} "
             f"tokens in {result['seconds']:.2f} s, mean TTFT {1000 * result['mean_ttft_s']:.1f} ms, decode step "
             f"{result['decode_step_ms']:.2f} ms, ITL p50 {result['itl_p50_ms']:.2f} / p99 {result['itl_p99_ms']:.2f}"
-            f" ms); steps: {steps['graph_steps']} graph, {steps['eager_steps']} eager ({steps['eager_tokens']} "
-            f"tokens, {steps['decode_rows_in_eager']} decode rows)")
+            f" ms); steps: {steps['graph_steps']} graph, {steps['eager_steps']} eager ({steps['mixed_steps']} mixed, "
+            f"{steps['eager_tokens']} tokens, {steps['decode_rows_in_eager']} decode rows)")
 
 
 def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
@@ -402,7 +402,8 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
               f"{ready:.1f} s; device {device}, world size {info.world_size} (tp {mapping.tensor_parallel_size}, "
               f"pp {mapping.pipeline_parallel_size}), dtype {args.dtype}", flush=True)
         print(f"KV cache: {kv['blocks']} blocks x {kv['tokens_per_block']} tokens = {kv['tokens']} tokens, "
-              f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}; weights on rank 0: "
+              f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}; prefill_wait_steps "
+              f"{executor.prefill_wait_steps}; weights on rank 0: "
               f"{executor.weight_bytes / 2**30:.2f} GiB ({args.weight_only or args.dtype})", flush=True)
         run_batch(executor, 1, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
         if args.profile:
@@ -416,7 +417,8 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
         # written before the executor shuts down, so a slow multi-rank teardown cannot lose the results
         summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "world_size": info.world_size, "kv_cache": kv, "results": results}
+                   "world_size": info.world_size, "kv_cache": kv, "prefill_wait_steps": executor.prefill_wait_steps,
+                   "results": results}
         print(json.dumps(summary), flush=True)
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))

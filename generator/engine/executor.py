@@ -210,6 +210,7 @@ class Executor:
         self.vocab_size = config.vocab_size
         self.limits = RequestLimits(self.max_input_len, self.max_seq_len, self.vocab_size,
                                     self._runner.cache.num_tokens)
+        self.prefill_wait_steps = wait
         self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens, wait)
         self._lock = threading.Condition()
         self._queue: deque[_Running] = deque()        # enqueued, not yet seen by the step loop

@@ -50,9 +50,10 @@ class ModelRunner:
     @staticmethod
     def _no_steps() -> dict[str, int]:
         """Step counters: graph replays (their rows) and eager forwards (their rows, tokens and decode rows:
-        a mixed step runs its decodes eagerly too, which is what makes it slower than a replay)."""
-        return dict.fromkeys(("graph_steps", "graph_rows", "eager_steps", "eager_rows", "eager_tokens",
-                              "decode_rows_in_eager"), 0)
+        a mixed step, prompt chunks and decodes together, runs its decodes eagerly too, which is what makes it
+        slower than a replay)."""
+        return dict.fromkeys(("graph_steps", "graph_rows", "eager_steps", "mixed_steps", "eager_rows",
+                              "eager_tokens", "decode_rows_in_eager"), 0)
 
     def _dummy_plan(self, tokens: int) -> ForwardPlan:
         """Fresh prompts of max_input_len filling `tokens`, all in the padding block (ids 0)."""
@@ -89,10 +90,12 @@ class ModelRunner:
             stats["graph_steps"] += 1
             stats["graph_rows"] += rows
             return self.graphs.forward(plan, device_tokens)
+        decodes = sum(len(tokens) == 1 for tokens in plan.tokens)
         stats["eager_steps"] += 1
+        stats["mixed_steps"] += 0 < decodes < rows
         stats["eager_rows"] += rows
         stats["eager_tokens"] += sum(len(tokens) for tokens in plan.tokens)
-        stats["decode_rows_in_eager"] += sum(len(tokens) == 1 for tokens in plan.tokens)
+        stats["decode_rows_in_eager"] += decodes
         batch = self._batch(plan)
         if device_tokens is not None:
             substitute(batch.token_ids, device_tokens)

@@ -140,7 +140,9 @@ def test_closed_loop_keeps_the_batch_in_flight_until_every_request_was_sent(
             "--input-len", "6", "--output-len", "4", "--closed-loop", "7", "--prefill-wait-steps", "2",
             "--json", str(report)]
     assert bench_main(argv) == 0
-    results = json.loads(report.read_text())["results"]
+    summary = json.loads(report.read_text())
+    assert summary["prefill_wait_steps"] == 2
+    results = summary["results"]
     assert [(r["batch"], r["mode"], r["requests"], r["generated_tokens"]) for r in results] == [
         (2, "closed-loop", 7, 28), (3, "closed-loop", 7, 28)]
     for result in results:
@@ -148,6 +150,7 @@ def test_closed_loop_keeps_the_batch_in_flight_until_every_request_was_sent(
         assert 0 < result["itl_p50_ms"] <= result["itl_p99_ms"] and result["decode_step_ms"] > 0
         steps = result["steps"]
         assert steps["graph_steps"] == 0 and steps["eager_steps"] >= 4  # CPU: every step eager
+        assert 0 <= steps["mixed_steps"] < steps["eager_steps"]
         # each request's 3 decodes after its prompt, and with the executor's lookahead maybe a wasted 4th
         assert 7 * 3 <= steps["decode_rows_in_eager"] <= 7 * 4
         assert steps["eager_tokens"] == 7 * 6 + steps["decode_rows_in_eager"]

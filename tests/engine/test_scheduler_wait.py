@@ -92,7 +92,7 @@ def test_waiting_prompts_get_the_same_greedy_tokens(mpt: tuple[Path, list[list[i
         stats = executor.step_stats
     assert before == dict.fromkeys(stats, 0)  # warm-up steps are not counted
     # CPU: no graphs; every row is a decode row or a prompt chunk
-    assert stats["graph_steps"] == stats["graph_rows"] == 0 and stats["eager_steps"] > 0
+    assert stats["graph_steps"] == stats["graph_rows"] == 0 and stats["eager_steps"] > stats["mixed_steps"] > 0
     assert stats["eager_rows"] >= stats["decode_rows_in_eager"] >= len(PROMPTS) * 2 * (NEW_TOKENS - 1)
     assert stats["eager_tokens"] >= sum(len(p) for p in PROMPTS) * 2 + len(PROMPTS) * 2 * (NEW_TOKENS - 1)
 
@@ -101,9 +101,9 @@ def test_the_wait_comes_from_the_environment(mpt: tuple[Path, list[list[int]]],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GEN_REPO_PREFILL_WAIT_STEPS", "5")
     with Executor(mpt[0]) as executor:
-        assert executor._scheduler.prefill_wait_steps == 5
+        assert executor.prefill_wait_steps == 5
     with Executor(mpt[0], prefill_wait_steps=0) as executor:  # the argument wins
-        assert executor._scheduler.prefill_wait_steps == 0
+        assert executor.prefill_wait_steps == 0
     monkeypatch.setenv("GEN_REPO_PREFILL_WAIT_STEPS", "soon")
     with pytest.raises(ConfigError, match="GEN_REPO_PREFILL_WAIT_STEPS must be an integer"):
         Executor(mpt[0])
