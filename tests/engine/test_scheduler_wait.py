@@ -10,6 +10,7 @@ import pytest
 
 from generator.engine import Executor
 from generator.engine.block_manager import BlockManager
+from generator.engine.process import EngineProcess
 from generator.engine.scheduler import Scheduler, Sequence
 from generator.errors import ConfigError
 from tests.engine.test_engine_paged import NEW_TOKENS, PROMPTS, engine_with_blocks, run_all
@@ -107,3 +108,9 @@ def test_the_wait_comes_from_the_environment(mpt: tuple[Path, list[list[int]]],
     monkeypatch.setenv("GEN_REPO_PREFILL_WAIT_STEPS", "soon")
     with pytest.raises(ConfigError, match="GEN_REPO_PREFILL_WAIT_STEPS must be an integer"):
         Executor(mpt[0])
+
+
+def test_the_engine_process_passes_the_wait_to_its_executor(mpt: tuple[Path, list[list[int]]]) -> None:
+    """The served path's EngineProcess hands its keyword arguments through: a bad wait is the child's error."""
+    with pytest.raises(ConfigError, match="prefill_wait_steps must be >= 0, got -1"):
+        EngineProcess(mpt[0], prefill_wait_steps=-1)
