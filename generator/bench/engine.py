@@ -3,8 +3,10 @@
 Each rank makes its own shard of a random TensorRT-LLM checkpoint on its device, in exactly the layout `convert`
 writes for that shape (`generator.bench.random_weights`), and writes it as `rank{N}.safetensors`; rank 0 builds
 the engine dir, then rank 0's Executor runs `batch` requests of `--input-len` random tokens at once for every
-batch size and reports generated tokens per second. With `--weights-on-device` nothing is written but the
-engine's config.json: each rank hands its tensors to the engine in memory (a 132B DBRX is 264 GB in bf16).
+batch size and reports generated tokens per second, and how many steps were CUDA-graph replays. `--closed-loop N`
+keeps each batch size's requests in flight instead, as a served benchmark's clients do, until N were sent (new
+prompts then join running decodes). With `--weights-on-device` nothing is written but the engine's config.json:
+each rank hands its tensors to the engine in memory (a 132B DBRX is 264 GB in bf16).
 
     gen-repo bench --hidden 256 --layers 4 --heads 8 --vocab 1024                        # tiny MPT, CPU
     gen-repo bench --hidden 4096 --layers 32 --heads 32 --vocab 50432 \
@@ -31,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -95,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--end-id", type=int, default=None, help="end_id of every request (default none)")
     parser.add_argument("--arrival-ms", type=float, default=0.0,
                         help="delay between two requests of a batch (default 0: all at once)")
+    parser.add_argument("--closed-loop", type=int, default=None, metavar="N",
+                        help="keep each batch size's requests in flight, sending the next when one finishes, until "
+                             "N were sent (a served benchmark's closed loop); default: the batch at once")
+    parser.add_argument("--prefill-wait-steps", type=int, default=None, metavar="W",
+                        help="new prompts wait up to W steps to join running ones together (default: "
+                             "GEN_REPO_PREFILL_WAIT_STEPS, else 0)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (best is reported)")
     parser.add_argument("--nproc", type=int, default=None, help="spawn this many local ranks (no mpirun needed)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir, removed after")
@@ -163,47 +172,109 @@ def batch_sizes(args: argparse.Namespace) -> list[int]:
     return [int(b) for b in args.batch_sizes.split(",")]
 
 
+class _Streams:
+    """Result callbacks of a timed run: each request's first-token time, token count and inter-token gaps."""
+
+    def __init__(self) -> None:
+        self.done = threading.Semaphore(0)
+        self.first_token: dict[int, float] = {}
+        self.last_seen: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
+        self.gaps: list[float] = []  # inter-token latencies: time between two results of one request
+
+    def on_result(self, result: GenerationResult) -> None:
+        now = time.perf_counter()
+        self.first_token.setdefault(result.request_id, now)
+        if result.request_id in self.last_seen and result.token_ids:
+            self.gaps.append(now - self.last_seen[result.request_id])
+        if result.token_ids:
+            self.last_seen[result.request_id] = now
+        self.counts[result.request_id] = self.counts.get(result.request_id, 0) + len(result.token_ids)
+        if result.finished:
+            self.done.release()
+
+    def report(self, batch: int, wall: float, ttft: float, decode_step_s: float) -> dict[str, float]:
+        gaps = sorted(self.gaps)
+
+        def percentile(q: float) -> float:
+            return 1000 * gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else 0.0
+
+        generated = sum(self.counts.values())
+        return {"batch": batch, "seconds": wall, "generated_tokens": generated, "tokens_per_s": generated / wall,
+                "mean_ttft_s": ttft, "decode_step_ms": 1000 * decode_step_s,
+                "itl_p50_ms": percentile(0.5), "itl_p99_ms": percentile(0.99)}
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=args.output_len, end_id=args.end_id, min_tokens=args.min_tokens)
+
+
 def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[str, float]:
     """Submit `batch` requests at once; returns wall time, tokens/s and mean time to first token."""
     generator = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, args.vocab, (batch, args.input_len), generator=generator).tolist()
-    done = threading.Semaphore(0)
-    first_token: dict[int, float] = {}
-    counts: dict[int, int] = {}
-
-    last_seen: dict[int, float] = {}
-    gaps: list[float] = []  # inter-token latencies: time between two results of one request
-
-    def on_result(result: GenerationResult) -> None:
-        now = time.perf_counter()
-        first_token.setdefault(result.request_id, now)
-        if result.request_id in last_seen and result.token_ids:
-            gaps.append(now - last_seen[result.request_id])
-        if result.token_ids:
-            last_seen[result.request_id] = now
-        counts[result.request_id] = counts.get(result.request_id, 0) + len(result.token_ids)
-        if result.finished:
-            done.release()
-
-    sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=args.end_id, min_tokens=args.min_tokens)
+    streams = _Streams()
+    sampling = _sampling(args)
     start = time.perf_counter()
     for prompt in prompts:
-        executor.enqueue(GenerationRequest(prompt, sampling, streaming=True), on_result)
+        executor.enqueue(GenerationRequest(prompt, sampling, streaming=True), streams.on_result)
         if args.arrival_ms:
             time.sleep(args.arrival_ms / 1000)  # requests join running ones: prefill chunks mix with decodes
     for _ in prompts:
-        done.acquire()
+        streams.done.acquire()
     wall = time.perf_counter() - start
-    generated = sum(counts.values())
-    ttft = sum(t - start for t in first_token.values()) / len(first_token)
-    gaps.sort()
+    ttft = sum(t - start for t in streams.first_token.values()) / len(streams.first_token)
+    return streams.report(batch, wall, ttft, (wall - ttft) / max(1, args.output_len - 1))
 
-    def percentile(q: float) -> float:
-        return 1000 * gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else 0.0
 
-    return {"batch": batch, "seconds": wall, "generated_tokens": generated, "tokens_per_s": generated / wall,
-            "mean_ttft_s": ttft, "decode_step_ms": 1000 * (wall - ttft) / max(1, args.output_len - 1),
-            "itl_p50_ms": percentile(0.5), "itl_p99_ms": percentile(0.99)}
+def run_closed_loop(executor: Executor, batch: int, total: int, args: argparse.Namespace) -> dict[str, float]:
+    """`batch` clients, each sending its next request when its last one finished, until `total` were sent (as a
+    served benchmark's closed loop does: new prompts keep joining running decodes). TTFT counts from each
+    request's submission; decode_step_ms is the mean inter-token gap."""
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, args.vocab, (total, args.input_len), generator=generator).tolist()
+    streams = _Streams()
+    sampling = _sampling(args)
+    sent: dict[int, float] = {}
+
+    def submit(prompt: list[int]) -> None:
+        now = time.perf_counter()
+        sent[executor.enqueue(GenerationRequest(prompt, sampling, streaming=True), streams.on_result)] = now
+
+    start = time.perf_counter()
+    for prompt in prompts[:batch]:
+        submit(prompt)
+    for prompt in prompts[batch:]:
+        streams.done.acquire()  # one request finished: its client sends the next
+        submit(prompt)
+    for _ in range(batch):
+        streams.done.acquire()
+    wall = time.perf_counter() - start
+    ttft = sum(streams.first_token[i] - t for i, t in sent.items()) / len(sent)
+    mean_gap = sum(streams.gaps) / len(streams.gaps) if streams.gaps else 0.0
+    return {**streams.report(batch, wall, ttft, mean_gap), "requests": total}
+
+
+def timed_run(executor: Executor, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One timed run of the flags' mode, with the engine's step counters of that run (`steps`)."""
+    before = executor.step_stats
+    if args.closed_loop:
+        result: dict[str, Any] = {"mode": "closed-loop", **run_closed_loop(executor, batch, args.closed_loop, args)}
+    else:
+        result = {"mode": "all-at-once", **run_batch(executor, batch, args)}
+    after = executor.step_stats
+    return {**result, "steps": {key: after[key] - before.get(key, 0) for key in after}}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The printed line of one batch size."""
+    steps = result["steps"]
+    mode = f"closed-loop, {result['requests']} requests: " if result["mode"] == "closed-loop" else ""
+    return (f"batch {result['batch']:3d}: {mode}{result['tokens_per_s']:9.1f} tokens/s  ({result['generated_tokens']} "
+            f"tokens in {result['seconds']:.2f} s, mean TTFT {1000 * result['mean_ttft_s']:.1f} ms, decode step "
+            f"{result['decode_step_ms']:.2f} ms, ITL p50 {result['itl_p50_ms']:.2f} / p99 {result['itl_p99_ms']:.2f}"
+            f" ms); steps: {steps['graph_steps']} graph, {steps['eager_steps']} eager ({steps['mixed_steps']} mixed, "
+            f"{steps['eager_tokens']} tokens, {steps['decode_rows_in_eager']} decode rows)")
 
 
 def profile_forwards(executor: Executor, args: argparse.Namespace) -> None:
@@ -247,6 +318,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> Mapping:
     mapping = Mapping.create(world_size // args.pp, args.pp, moe_expert_parallel_size=args.moe_ep_size)
     random_weights.checkpoint_config(model_spec(args), mapping, args.dtype, args.weight_only)
     build_settings(args, Path("checkpoint"), Path("engine"))
+    if args.closed_loop is not None and args.closed_loop < max(batch_sizes(args)):
+        raise ConfigError(f"--closed-loop {args.closed_loop} is smaller than batch size {max(batch_sizes(args))}: "
+                          "it counts every request sent")
+    if args.prefill_wait_steps is not None and args.prefill_wait_steps < 0:
+        raise ConfigError(f"--prefill-wait-steps must be >= 0, got {args.prefill_wait_steps}")
     return mapping
 
 
@@ -317,7 +393,8 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
         return 0
     results = []
     with Executor(engine, device=args.device, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
-                  max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache, weights=weights) as executor:
+                  max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache, weights=weights,
+                  prefill_wait_steps=args.prefill_wait_steps) as executor:
         ready = time.perf_counter() - started
         kv = executor.kv_cache_info
         made = "made on the device" if args.weights_on_device else "written and built"
@@ -325,24 +402,23 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
               f"{ready:.1f} s; device {device}, world size {info.world_size} (tp {mapping.tensor_parallel_size}, "
               f"pp {mapping.pipeline_parallel_size}), dtype {args.dtype}", flush=True)
         print(f"KV cache: {kv['blocks']} blocks x {kv['tokens_per_block']} tokens = {kv['tokens']} tokens, "
-              f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}; weights on rank 0: "
+              f"{int(kv['bytes']) / 2**30:.2f} GiB; max_num_tokens {executor.max_num_tokens}; prefill_wait_steps "
+              f"{executor.prefill_wait_steps}; weights on rank 0: "
               f"{executor.weight_bytes / 2**30:.2f} GiB ({args.weight_only or args.dtype})", flush=True)
         run_batch(executor, 1, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
         if args.profile:
             profile_forwards(executor, args)
         for batch in batch_sizes(args):
-            best = max((run_batch(executor, batch, args) for _ in range(args.repeats)),
+            best = max((timed_run(executor, batch, args) for _ in range(args.repeats)),
                        key=lambda r: r["tokens_per_s"])
             results.append(best)
-            print(f"batch {batch:3d}: {best['tokens_per_s']:9.1f} tokens/s  ({best['generated_tokens']} tokens in "
-                  f"{best['seconds']:.2f} s, mean TTFT {1000 * best['mean_ttft_s']:.1f} ms, "
-                  f"decode step {best['decode_step_ms']:.2f} ms, ITL p50 {best['itl_p50_ms']:.2f} / p99 "
-                  f"{best['itl_p99_ms']:.2f} ms)", flush=True)
+            print(format_result(best), flush=True)
         kv = executor.kv_cache_info  # with the preemptions of the timed runs
         # written before the executor shuts down, so a slow multi-rank teardown cannot lose the results
         summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "world_size": info.world_size, "kv_cache": kv, "results": results}
+                   "world_size": info.world_size, "kv_cache": kv, "prefill_wait_steps": executor.prefill_wait_steps,
+                   "results": results}
         print(json.dumps(summary), flush=True)
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))

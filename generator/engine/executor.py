@@ -154,6 +154,18 @@ def _receive_forward(comm: Communicator, message: np.ndarray) -> tuple[ForwardPl
     return ForwardPlan.from_array(message[3 + 2 * rows:]), (message[3:3 + rows].tolist(), sources, tokens)
 
 
+def _prefill_wait_steps(value: int | None) -> int:
+    if value is None:
+        text = os.environ.get("GEN_REPO_PREFILL_WAIT_STEPS", "0")
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"GEN_REPO_PREFILL_WAIT_STEPS must be an integer, got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"prefill_wait_steps must be >= 0, got {value}")
+    return int(value)
+
+
 class Executor:
     """Rank 0's engine: `enqueue` requests from any thread, results come back through callbacks."""
 
@@ -162,13 +174,16 @@ class Executor:
                  max_tokens_in_paged_kv_cache: int | None = None,
                  enable_kv_cache_reuse: bool = False, max_num_tokens: int | None = None,
                  result_sink: ResultSink | None = None,
-                 weights: dict[str, torch.Tensor] | None = None) -> None:
+                 weights: dict[str, torch.Tensor] | None = None, prefill_wait_steps: int | None = None) -> None:
         """Load the engine, size the KV pool (`kv_cache_free_gpu_mem_fraction` of the GPU memory free after
         the weights, default 0.9, or `max_tokens_in_paged_kv_cache` tokens), capture the decode graphs, and
         start the step loop. `max_num_tokens` overrides the engine's per-step token budget. `result_sink`, if
         given, takes each step's (callback, result) pairs at once instead of the callbacks being called.
-        `weights` replace the rank file (see `DecoderModel`)."""
+        `weights` replace the rank file (see `DecoderModel`). `prefill_wait_steps` (default: the environment's
+        GEN_REPO_PREFILL_WAIT_STEPS, else 0) holds new prompts back up to that many steps while others run, so
+        they join together and more steps are pure decodes (see `Scheduler`)."""
         self.engine_dir = Path(engine_dir)
+        wait = _prefill_wait_steps(prefill_wait_steps)
         config, comm, model = _load_rank(self.engine_dir, device, weights)
         if comm.mapping.rank != 0:
             raise ConfigError(f"rank {comm.mapping.rank} must call generator.engine.follow(), not Executor()")
@@ -196,7 +211,8 @@ class Executor:
         self.vocab_size = config.vocab_size
         self.limits = RequestLimits(self.max_input_len, self.max_seq_len, self.vocab_size,
                                     self._runner.cache.num_tokens)
-        self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens)
+        self.prefill_wait_steps = wait
+        self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens, wait)
         self._lock = threading.Condition()
         self._queue: deque[_Running] = deque()        # enqueued, not yet seen by the step loop
         self._active: dict[int, _Running] = {}        # the step loop's: in the scheduler (waiting or running)
@@ -225,6 +241,11 @@ class Executor:
         return {"blocks": cache.num_blocks - 1, "tokens_per_block": cache.block_size, "tokens": cache.num_tokens,
                 "bytes": cache.nbytes, "reuse": self._blocks.enable_reuse,
                 "preemptions": self._scheduler.num_preemptions, "reused_blocks": self._blocks.num_reused}
+
+    @property
+    def step_stats(self) -> dict[str, int]:
+        """Counters of the forwards run so far: CUDA-graph replays and eager steps (see `ModelRunner.stats`)."""
+        return dict(self._runner.stats)
 
     @property
     def weight_bytes(self) -> int:

@@ -43,8 +43,17 @@ class ModelRunner:
         blocks = model.comm.min_over_ranks(blocks)
         self.cache: KVPool = model.new_cache(blocks, self.block_size)
         self.graphs = DecodeGraphs(model, self.cache, self.max_blocks_per_sequence) if graphs_enabled(model) else None
+        self.stats = self._no_steps()
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s", blocks - 1, self.block_size,
                  self.cache.num_tokens, self.cache.nbytes / 2**30, model.device)
+
+    @staticmethod
+    def _no_steps() -> dict[str, int]:
+        """Step counters: graph replays (their rows) and eager forwards (their rows, tokens and decode rows:
+        a mixed step, prompt chunks and decodes together, runs its decodes eagerly too, which is what makes it
+        slower than a replay)."""
+        return dict.fromkeys(("graph_steps", "graph_rows", "eager_steps", "mixed_steps", "eager_rows",
+                              "eager_tokens", "decode_rows_in_eager"), 0)
 
     def _dummy_plan(self, tokens: int) -> ForwardPlan:
         """Fresh prompts of max_input_len filling `tokens`, all in the padding block (ids 0)."""
@@ -76,8 +85,17 @@ class ModelRunner:
         `device_tokens` (rows, sources, tokens): decode rows `rows` take `tokens[sources]`, tokens sampled by
         the previous step and still on the device (their places in `plan` hold a placeholder).
         """
+        stats, rows = self.stats, len(plan.tokens)
         if self.graphs is not None and self.graphs.handles(plan):
+            stats["graph_steps"] += 1
+            stats["graph_rows"] += rows
             return self.graphs.forward(plan, device_tokens)
+        decodes = sum(len(tokens) == 1 for tokens in plan.tokens)
+        stats["eager_steps"] += 1
+        stats["mixed_steps"] += 0 < decodes < rows
+        stats["eager_rows"] += rows
+        stats["eager_tokens"] += sum(len(tokens) for tokens in plan.tokens)
+        stats["decode_rows_in_eager"] += decodes
         batch = self._batch(plan)
         if device_tokens is not None:
             substitute(batch.token_ids, device_tokens)
@@ -98,6 +116,7 @@ class ModelRunner:
             self.execute(plan)
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)
+        self.stats = self._no_steps()  # count requests' steps only
 
     def release(self) -> None:
         """Drop the CUDA graphs before the communicator goes: graphs that captured NCCL collectives keep the

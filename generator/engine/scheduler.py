@@ -9,7 +9,9 @@ computed in chunks. Each step (as TensorRT-LLM's chunked context and vLLM's v1 s
    it already returned is returned again);
 2. then queued sequences, oldest first, while the batch has room (`max_batch_size`), the budget has tokens
    and the pool has blocks for the whole sequence (less its cached prefix) next to a small reserve for the
-   running sequences' growth.
+   running sequences' growth. With `prefill_wait_steps` W > 0 (vLLM's old `scheduler_delay_factor` idea) new
+   prompts join running sequences only once the oldest has waited W steps, so several join in one mixed step
+   and the others stay pure decode steps (CUDA-graph replays); TTFT grows by at most W steps.
 A sequence is sampled after the step that computes its last token.
 """
 
@@ -31,6 +33,7 @@ class Sequence:
     num_computed: int = 0
     block_hashes: list[int] = field(default_factory=list)  # of its full blocks, in order (prefix reuse)
     preemptions: int = 0
+    queued_at: int = 0  # the scheduler step it was added at
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
@@ -62,7 +65,8 @@ class Scheduled:
 class Scheduler:
     """Waiting and running sequences over one `BlockManager`."""
 
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int,
+                 prefill_wait_steps: int = 0) -> None:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         # every running sequence must be able to decode in one step
@@ -71,8 +75,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.reserve = max(1, blocks.capacity // 100)  # blocks kept free at admission for running growth
         self.num_preemptions = 0
+        self.prefill_wait_steps = prefill_wait_steps
+        self.steps = 0  # calls of schedule()
 
     def add(self, sequence: Sequence) -> None:
+        sequence.queued_at = self.steps
         self.waiting.append(sequence)
 
     def remove(self, sequence: Sequence) -> None:
@@ -94,6 +101,14 @@ class Scheduler:
         sequence.preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(sequence)
+
+    def _admitting(self) -> bool:
+        """Whether waiting sequences may join this step (see `prefill_wait_steps`). An idle engine and a
+        preempted sequence (recomputing what it had) never wait."""
+        if not self.prefill_wait_steps or not self.running or not self.waiting:
+            return True
+        head = self.waiting[0]
+        return head.preemptions > 0 or self.steps - head.queued_at >= self.prefill_wait_steps
 
     def schedule(self) -> list[Scheduled]:
         """The next step's work: decodes first, then prefill chunks (the order the model runner wants)."""
@@ -120,7 +135,9 @@ class Scheduler:
             else:
                 chosen[sequence] = Scheduled(sequence, sequence.num_computed, count)
                 budget -= count
-        while not preempted and self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+        admitting = self._admitting()
+        self.steps += 1
+        while admitting and not preempted and self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             sequence = self.waiting[0]
             if not sequence.block_table:
                 tokens = sequence.tokens()

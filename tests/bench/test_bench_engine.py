@@ -20,6 +20,7 @@ from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.convert.models import ModelSpec
 from generator.engine.executor import Executor
 from generator.engine.sampling import SamplingConfig
+from generator.errors import ConfigError
 from generator.formats.mapping import Mapping
 from generator.formats.safetensors import read_safetensors_header
 from tests.factories import make_dbrx
@@ -130,3 +131,43 @@ def test_dbrx_on_two_ranks_with_weights_on_device(tmp_path: Path) -> None:
     assert not list((tmp_path / "work" / "checkpoint").iterdir())
     build = json.loads((tmp_path / "work" / "engine" / "config.json").read_text())["build_config"]
     assert (build["max_batch_size"], build["max_seq_len"]) == (8, 64)
+
+
+def test_closed_loop_keeps_the_batch_in_flight_until_every_request_was_sent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "bench.json"
+    argv = ["--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "128", "--batch-sizes", "2,3",
+            "--input-len", "6", "--output-len", "4", "--closed-loop", "7", "--prefill-wait-steps", "2",
+            "--json", str(report)]
+    assert bench_main(argv) == 0
+    summary = json.loads(report.read_text())
+    assert summary["prefill_wait_steps"] == 2
+    results = summary["results"]
+    assert [(r["batch"], r["mode"], r["requests"], r["generated_tokens"]) for r in results] == [
+        (2, "closed-loop", 7, 28), (3, "closed-loop", 7, 28)]
+    for result in results:
+        assert result["tokens_per_s"] > 0 and result["mean_ttft_s"] > 0
+        assert 0 < result["itl_p50_ms"] <= result["itl_p99_ms"] and result["decode_step_ms"] > 0
+        steps = result["steps"]
+        assert steps["graph_steps"] == 0 and steps["eager_steps"] >= 4  # CPU: every step eager
+        assert 0 <= steps["mixed_steps"] < steps["eager_steps"]
+        # each request's 3 decodes after its prompt, and with the executor's lookahead maybe a wasted 4th
+        assert 7 * 3 <= steps["decode_rows_in_eager"] <= 7 * 4
+        assert steps["eager_tokens"] == 7 * 6 + steps["decode_rows_in_eager"]
+    out = capsys.readouterr().out
+    assert "batch   2: closed-loop, 7 requests:" in out and " eager (" in out
+
+
+def test_all_at_once_stays_the_default_and_reports_its_steps(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    assert bench_main(["--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "128", "--batch-sizes", "3",
+                       "--input-len", "6", "--output-len", "4", "--json", str(report)]) == 0
+    (result,) = json.loads(report.read_text())["results"]
+    assert (result["mode"], result["generated_tokens"], "requests" in result) == ("all-at-once", 12, False)
+    steps = result["steps"]
+    assert steps["eager_steps"] >= 4 and steps["eager_tokens"] == 3 * 6 + steps["decode_rows_in_eager"]
+
+
+def test_closed_loop_smaller_than_a_batch_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--closed-loop 2 is smaller than batch size 3"):
+        bench_main(["--batch-sizes", "1,3", "--closed-loop", "2"])
