@@ -151,6 +151,13 @@ class TritonPythonModel:
         options: dict[str, Any] = {"kv_cache_free_gpu_mem_fraction": float(fraction) if fraction else None,
                                    "max_tokens_in_paged_kv_cache": int(max_kv_tokens) if max_kv_tokens else None,
                                    "enable_kv_cache_reuse": parse_bool(parameter(config, "enable_kv_cache_reuse"), False)}
+        # ours, not the anchor's: new prompts wait up to this many steps to be prefilled together (see Scheduler)
+        wait = parameter(config, "prefill_wait_steps")
+        if wait:
+            if not wait.strip().isdigit():
+                raise pb_utils.TritonModelException(f"tensorrt_llm: prefill_wait_steps must be a whole number >= 0, "
+                                                    f"got {wait!r}")
+            options["prefill_wait_steps"] = int(wait)
         # the step loop in a process of its own, so that this process's response threads never hold it up
         # (`engine_process` false: in this process, as before; for A/B measurements)
         in_child = parse_bool(parameter(config, "engine_process"), True)
