@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -108,10 +109,13 @@ def client_worker(url: str, model: str, concurrency: int, total: int, output_len
         send()
     done: list[dict[str, Any]] = []
     errors = 0
+    messages: list[str] = []  # the first few errors' texts, to tell a rejected input from a fault
     while len(done) + errors < total:
         now, result, error = events.get(timeout=900)
         if error is not None:
             errors += 1
+            if len(messages) < 5:
+                messages.append(str(error))
             if sent < total:
                 send()
             continue
@@ -127,7 +131,8 @@ def client_worker(url: str, model: str, concurrency: int, total: int, output_len
                 send()
     client.stop_stream()
     client.close()
-    results.put({"done": done, "errors": errors, "first": first, "last": time.perf_counter()})
+    results.put({"done": done, "errors": errors, "error_messages": messages, "first": first,
+                 "last": time.perf_counter()})
 
 
 def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +157,7 @@ def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) 
         proc.join()
     done = [d for g in gathered for d in g["done"]]
     errors = sum(g["errors"] for g in gathered)
+    error_messages = [m for g in gathered for m in g["error_messages"]][:5]
     ttft = [d["times"][0] - d["start"] for d in done if d["times"]]
     itl = [(d["times"][-1] - d["times"][0]) / (len(d["times"]) - 1) for d in done if len(d["times"]) > 1]
     # per token, as AIPerf counts it: a response may carry several tokens when responses fall behind the engine
@@ -168,7 +174,8 @@ def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) 
             "responses_per_s": round(responses / elapsed, 1),
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),  # between responses
-            "itl_token_ms_p50": pct(itl_token, 50), "itl_token_ms_p99": pct(itl_token, 99)}
+            "itl_token_ms_p50": pct(itl_token, 50), "itl_token_ms_p99": pct(itl_token, 99),
+            "error_messages": error_messages}
 
 
 def stub_pids(server_pid: int) -> dict[str, int]:
@@ -237,6 +244,8 @@ def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], t
     finally:
         if not args.keep_serving:
             stop_server(process)
+        if any(level["errors"] for level in report["served"]):  # the server's side of the failures
+            shutil.copy(log_file, args.out / f"tritonserver{'-' + args.profile_tag if args.profile_tag else ''}.log")
 
 
 def run_engine_alone(args: argparse.Namespace, engine_dir: Path, report: dict[str, Any]) -> None:

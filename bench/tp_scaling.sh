@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # TP1 vs TP2 of MPT-7B shapes (bf16, 128/128, engine alone, weights made on the GPUs) in one lease, with the
 # multi-rank switches A/B: GEN_REPO_TP_ALLREDUCE (oneshot | nccl) and GEN_REPO_STEP_STREAM (1 | 0).
-#   bash bench/tp_scaling.sh OUT_DIR [batch sizes, default 1,64]
+#   bash bench/tp_scaling.sh OUT_DIR [batch sizes, default 1,64] [variants, default all: before,nccl_stream,oneshot_nostream,after]
 set -u
 out=${1:?output dir}
 batches=${2:-1,64}
+variants=${3:-before,nccl_stream,oneshot_nostream,after}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
 shape=(--hidden 4096 --layers 32 --heads 32 --vocab 50432 --dtype bfloat16 --weights-on-device
@@ -19,11 +20,15 @@ run() {  # name, "VAR=value ...", extra bench args...
     pkill -9 -f "generator.bench" 2>/dev/null || true
     grep -E "^batch|KV cache|ready|symmetric" "$out/$name.log" | tee -a "$out/summary.txt"
 }
+has() { [[ ",$variants," == *",$1,"* ]]; }
 nvidia-smi topo -m > "$out/topo.txt" 2>&1
-timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 bench/tp_allreduce_gpu.py 2>&1 \
-    | grep -v Warning | tee "$out/allreduce.txt"
+if [[ $variants == before,nccl_stream,oneshot_nostream,after ]]; then
+    timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 bench/tp_allreduce_gpu.py 2>&1 \
+        | grep -v Warning | tee "$out/allreduce.txt"
+fi
 run tp1 "CUDA_VISIBLE_DEVICES=0"
-run tp2_nccl_nostream "GEN_REPO_TP_ALLREDUCE=nccl GEN_REPO_STEP_STREAM=0" --nproc 2
-run tp2_nccl_stream "GEN_REPO_TP_ALLREDUCE=nccl GEN_REPO_STEP_STREAM=1" --nproc 2
-run tp2_oneshot_nostream "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=0" --nproc 2
-run tp2_oneshot_stream "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=1" --nproc 2
+has before && run tp2_nccl_nostream "GEN_REPO_TP_ALLREDUCE=nccl GEN_REPO_STEP_STREAM=0" --nproc 2
+has nccl_stream && run tp2_nccl_stream "GEN_REPO_TP_ALLREDUCE=nccl GEN_REPO_STEP_STREAM=1" --nproc 2
+has oneshot_nostream && run tp2_oneshot_nostream "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=0" --nproc 2
+has after && run tp2_oneshot_stream "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=1" --nproc 2
+true
