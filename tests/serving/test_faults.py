@@ -397,6 +397,25 @@ def test_a_truncated_engine_is_reported_in_one_line(tiny_mpt_job: PipelineResult
         serve.kill()
 
 
+def test_a_bad_engine_parameter_is_reported_in_one_line(tiny_mpt_job: PipelineResult, tmp_path: Path) -> None:
+    """A `tensorrt_llm` parameter an operator mistyped (`prefill_wait_steps`) stops `serve` with one line that
+    names it, before the engine loads."""
+    repository = tmp_path / "triton_repo"
+    shutil.copytree(tiny_mpt_job.triton_repo, repository)
+    config = repository / "tensorrt_llm" / "config.pbtxt"
+    config.write_text(config.read_text()
+                      + 'parameters: { key: "prefill_wait_steps", value: { string_value: "four" } }\n')
+    serve = Serve(repository, tmp_path / "log")
+    try:
+        assert serve.wait(timeout_s=60) == 2, serve.output
+        errors = [line for line in serve.lines if "failed to load" in line]
+        assert len(errors) == 1, serve.output
+        assert "prefill_wait_steps must be a whole number >= 0, got 'four'" in errors[0], errors
+        assert len(serve.lines) < 10, serve.output
+    finally:
+        serve.kill()
+
+
 def test_cpu_server_log_has_no_cuda_errors(triton_server: RunningServer) -> None:
     """Issue 10 item 9: on a CPU-only host the server log of a healthy start shows no CUDA error lines."""
     from generator.serving.serve import detect_cpu_only
