@@ -15,6 +15,7 @@ the same batch sizes in the same run, `--hf` transformers' `generate` (run with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -51,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--requests-per-level", type=int, default=0, help="0: 2 x concurrency, at least 8")
+    parser.add_argument("--requests-per-level", type=int, default=0, help="0: 4 x concurrency (at least 16) up to 64 streams, 2 x above")
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--profile-level", type=int, nargs="*", default=[])
@@ -135,8 +136,13 @@ def client_worker(url: str, model: str, concurrency: int, total: int, output_len
                  "last": time.perf_counter()})
 
 
+def requests_for(concurrency: int, args: argparse.Namespace) -> int:
+    """A level's request count: `--requests-per-level`, else 4 x streams (at least 16) up to 64 streams, 2 x above."""
+    return args.requests_per_level or (max(16, 4 * concurrency) if concurrency <= 64 else 2 * concurrency)
+
+
 def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
-    total = args.requests_per_level or (max(16, 4 * concurrency) if concurrency <= 64 else 2 * concurrency)
+    total = requests_for(concurrency, args)
     clients = min(args.clients, concurrency)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -222,6 +228,7 @@ def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], t
     settings = ServeSettings(model_repository=repo, http_port=ports[0], grpc_port=ports[1],
                              metrics_port=ports[2], master_port=free_port(), extra_args=extra)
     process, log_file = start_server(settings)
+    first_level = len(report["served"])
     try:
         wait_until_ready(process, "127.0.0.1", ports[0], 900.0, log_file)
         url = f"127.0.0.1:{ports[1]}"
@@ -244,8 +251,10 @@ def serve_levels(args: argparse.Namespace, repo: Path, report: dict[str, Any], t
     finally:
         if not args.keep_serving:
             stop_server(process)
-        if any(level["errors"] for level in report["served"]):  # the server's side of the failures
-            shutil.copy(log_file, args.out / f"tritonserver{'-' + args.profile_tag if args.profile_tag else ''}.log")
+        if any(level["errors"] for level in report["served"][first_level:]):  # the server's side of the failures
+            name = "-".join(part for part in ("tritonserver", args.profile_tag, str(threads or "")) if part)
+            with contextlib.suppress(OSError):
+                shutil.copy(log_file, args.out / f"{name}.log")
 
 
 def run_engine_alone(args: argparse.Namespace, engine_dir: Path, report: dict[str, Any]) -> None:
@@ -261,7 +270,7 @@ def run_engine_alone(args: argparse.Namespace, engine_dir: Path, report: dict[st
               "--end-id", "0", "--min-tokens", str(args.output_len)]  # as the served requests: fixed length
     runs = [("engine", ["--batch-sizes", ",".join(map(str, args.concurrency))])]
     for concurrency in args.concurrency:
-        requests = args.requests_per_level or max(8, 2 * concurrency)
+        requests = requests_for(concurrency, args)
         runs.append((f"engine_closed_loop_{concurrency}",
                      ["--batch-sizes", str(concurrency), "--closed-loop", str(requests)]))
     for name, extra in runs:

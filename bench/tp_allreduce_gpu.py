@@ -60,12 +60,15 @@ def main() -> None:
         x = torch.randn(batch, hidden, device="cuda", dtype=torch.bfloat16) * (rank + 1)
         expected = nccl(x.clone())
         got = peer(x.clone())
+        # bit-equal at 2 ranks; with more, NCCL adds in another order and the last bits of bf16 differ
         exact = torch.equal(got, expected)
-        nccl_us = graph_latency_us(nccl, x.clone())
+        largest = (got.float() - expected.float()).abs().max().item()
+        nccl_us = graph_latency_us(nccl, x.clone())  # sums in place, replay after replay: the values grow (timing only)
         peer_us = graph_latency_us(peer, x.clone())
         if rank == 0:
             print(f"{batch:4d} x {hidden}: NCCL {nccl_us:6.1f} us  one-shot symmetric memory {peer_us:6.1f} us  "
-                  f"({nccl_us / peer_us:.2f}x)  sums equal NCCL's: {exact}", flush=True)
+                  f"({nccl_us / peer_us:.2f}x)  sums bit-equal to NCCL's: {exact} (largest difference "
+                  f"{largest:.3g})", flush=True)
     dist.destroy_process_group()
 
 

@@ -47,6 +47,7 @@ from generator.engine.distributed import pick_device
 from generator.engine.executor import Executor, GenerationRequest, GenerationResult, follow
 from generator.engine.rank_env import ProcessInfo, child_environment, free_port, process_info
 from generator.engine.sampling import SamplingConfig
+from generator.engine.scheduler import parse_prefill_wait_steps
 from generator.errors import ConfigError
 from generator.formats.dtypes import MODEL_DTYPES
 from generator.formats.mapping import Mapping
@@ -321,8 +322,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> Mapping:
     if args.closed_loop is not None and args.closed_loop < max(batch_sizes(args)):
         raise ConfigError(f"--closed-loop {args.closed_loop} is smaller than batch size {max(batch_sizes(args))}: "
                           "it counts every request sent")
-    if args.prefill_wait_steps is not None and args.prefill_wait_steps < 0:
-        raise ConfigError(f"--prefill-wait-steps must be >= 0, got {args.prefill_wait_steps}")
+    if args.prefill_wait_steps is not None:
+        parse_prefill_wait_steps(args.prefill_wait_steps, "--prefill-wait-steps")
     return mapping
 
 

@@ -29,14 +29,24 @@ log = logging.getLogger(__name__)
 _IDLE_TIMEOUT = timedelta(days=365)
 
 
-def _one_cta() -> Any:
-    """NCCL options of the step-message group: one block (CTA), the SM that the carveout above leaves free."""
+def _switch(name: str, allowed: tuple[str, ...]) -> str:
+    """The value of a multi-rank switch (its first allowed value when unset); ConfigError for anything else.
+    Every rank reads its own environment: launchers pass one environment to all ranks."""
+    value = os.environ.get(name, allowed[0])
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _single_cta_options() -> Any:
+    """NCCL options of the step-message group: one block (CTA), on the SM the carveout leaves free."""
     options_type = getattr(dist, "ProcessGroupNCCL", None)
     if options_type is None:  # a CPU-only build
         return None
     options = options_type.Options()
     config = getattr(options, "config", None)
     if config is None or not hasattr(config, "max_ctas"):
+        log.warning("this torch cannot limit an NCCL group's CTAs; step messages use NCCL's default")
         return None
     config.min_ctas = 1
     config.max_ctas = 1
@@ -97,15 +107,21 @@ class Communicator:
         # step plans are small python objects: send them over gloo even when tensors go over NCCL
         self._control_group = (dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
                                if dist.get_backend() != "gloo" else dist.group.WORLD)
-        if device.type == "cuda" and os.environ.get(STEP_STREAM_ENV, "1") != "0":
-            self._step_group = dist.new_group(backend="nccl", timeout=_IDLE_TIMEOUT, pg_options=_one_cta())
+        if device.type == "cuda" and _switch(STEP_STREAM_ENV, ("1", "0")) == "1":
+            self._step_group = dist.new_group(backend="nccl", timeout=_IDLE_TIMEOUT,
+                                              pg_options=_single_cta_options())
             self._step_stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(self._step_stream):  # NCCL sets a communicator up on its first call: now,
+                dist.broadcast(torch.zeros(1, device=device), src=0, group=self._step_group)  # not in a request
             # A follower's receive of the next step waits on its GPU while the forward it queued runs. Kernels
             # that size their grid to every SM (torch's grouped GEMM of the MoE layers) then have one block that
-            # cannot start until that wait ends: DBRX TP4's batch-16 step went from 35 to 42 ms. Keep one SM
-            # out of their count. (Set before the decode graphs are captured: a grid is fixed at capture.)
+            # cannot start until that wait ends: DBRX TP4's batch-16 step took 42 ms instead of 35. The
+            # carveout is process-wide (cuBLAS sizes its grids by it too) and set before the decode graphs are
+            # captured, since a grid is fixed at capture.
             set_carveout = getattr(torch._C, "_set_sm_carveout_experimental", None)
-            if set_carveout is not None:
+            if set_carveout is None:
+                log.warning("this torch has no SM carveout; MoE layers may wait behind the step messages")
+            else:
                 set_carveout(1)
 
     # tensor parallelism -------------------------------------------------------------------------------
@@ -123,13 +139,21 @@ class Communicator:
         """Send decode-sized all-reduces of `dtype` through symmetric memory (see `PeerAllReduce`) unless
         `GEN_REPO_TP_ALLREDUCE=nccl`. Every TP rank must call this at the same point; where it cannot work
         (CPU, float16, no peer access) NCCL stays in charge."""
-        if (self._tp_group is None or self.device.type != "cuda" or dtype not in PeerAllReduce.DTYPES
-                or os.environ.get(ALL_REDUCE_ENV, "oneshot") == "nccl"):
+        if self._tp_group is None:
             return
+        usable = (self.device.type == "cuda" and dtype in PeerAllReduce.DTYPES
+                  and _switch(ALL_REDUCE_ENV, ("oneshot", "nccl")) == "oneshot")
+        # every rank must take the same path: the rendezvous is a collective, and a rank on NCCL beside one on
+        # the peer kernel would wait for each other forever
+        if not self.min_over_ranks(int(usable)):
+            return
+        peer = None
         try:
-            self._peer_all_reduce = PeerAllReduce(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
+            peer = PeerAllReduce(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
         except Exception as error:  # noqa: BLE001 - an old torch or a host without P2P: NCCL still works
             log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", error)
+        if self.min_over_ranks(int(peer is not None)):
+            self._peer_all_reduce = peer
 
     def tp_all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every TP rank's `tensor` along `dim`, in TP-rank order."""
@@ -174,10 +198,10 @@ class Communicator:
     def broadcast_step(self, message: np.ndarray | None) -> np.ndarray:
         """Rank 0 passes a step message (int64 array, `message[0]` its kind), the others pass None and get it.
 
-        While rank 0 is busy, messages go as device tensors over the tensors' own communicator (NCCL on GPU: no
-        pickling, no CPU collective). A message whose kind is `QUIET` (rank 0 is about to sit idle) switches both
-        sides to the gloo group, where a follower can wait for days without spinning its GPU; the next message
-        goes there and switches back.
+        While rank 0 is busy, messages go as tensors: on a GPU over the step group's NCCL communicator on the side
+        stream (no pickling, no CPU collective), on CPU over gloo. A message whose kind is `QUIET` (rank 0 is
+        about to sit idle) switches both sides to the gloo control group, where a follower can wait for days
+        without spinning its GPU; the next message goes there and switches back.
         """
         if self.world_size == 1:
             assert message is not None
@@ -208,8 +232,9 @@ class Communicator:
         return received
 
     def broadcast_tokens(self, tokens: torch.Tensor | None, count: int) -> torch.Tensor:
-        """Rank 0 passes `count` int64 tokens, the others None and get them: stream-ordered, no host sync on
-        a GPU. Only between busy steps (the step messages then go over the same communicator)."""
+        """Rank 0 passes `count` int64 tokens, the others None and get them: on the compute stream over the
+        world group, so stream-ordered after the forward that sampled them, with no host sync on a GPU. Every
+        rank calls it right after the step message that announced the tokens, so the calls line up."""
         if tokens is None:
             tokens = torch.empty(count, dtype=torch.long, device=self._tensor_device)
         dist.broadcast(tokens, src=0)
@@ -230,6 +255,8 @@ class Communicator:
 
     def close(self) -> None:
         self._peer_all_reduce = None
+        if self._step_stream is not None:
+            self._step_stream.synchronize()  # the last message (shutdown) has left before the groups go
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -245,22 +272,24 @@ class PeerAllReduce:
 
     DTYPES = (torch.bfloat16, torch.float32)  # what torch's kernel is built for
 
-    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed before torch 2.8, a no-op after
-            enable(self.group_name)
+        major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+        if (major, minor) < (2, 8):  # needed before 2.8; deprecated (a warning in the log) after
+            symm_mem.enable_symm_mem_for_group(self.group_name)
         self.dtype = dtype
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
         self._reduce = torch.ops.symm_mem.one_shot_all_reduce_copy_out
 
     def fits(self, tensor: torch.Tensor) -> bool:
-        """Same dtype, contiguous, within the buffer, and 16-byte aligned like the buffer (the kernel's rule)."""
+        """Same dtype, contiguous, within the buffer, and 16-byte aligned like the buffer (the kernel's rule).
+        Shapes and offsets only, never addresses: every rank must answer the same (allocations start aligned)."""
         return (tensor.dtype == self.dtype and tensor.is_contiguous() and tensor.numel() <= self.buffer.numel()
-                and (tensor.numel() * tensor.element_size()) % 16 == 0 and tensor.data_ptr() % 16 == 0)
+                and (tensor.numel() * tensor.element_size()) % 16 == 0
+                and (tensor.storage_offset() * tensor.element_size()) % 16 == 0)
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         out = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)

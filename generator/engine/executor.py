@@ -47,7 +47,7 @@ from generator.engine.requests import (
     validate_request,
 )
 from generator.engine.sampling import SequenceState, mask_min_tokens, new_generator, sample
-from generator.engine.scheduler import Scheduled, Scheduler, Sequence
+from generator.engine.scheduler import Scheduled, Scheduler, Sequence, parse_prefill_wait_steps
 from generator.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -154,18 +154,6 @@ def _receive_forward(comm: Communicator, message: np.ndarray) -> tuple[ForwardPl
     return ForwardPlan.from_array(message[3 + 2 * rows:]), (message[3:3 + rows].tolist(), sources, tokens)
 
 
-def _prefill_wait_steps(value: int | None) -> int:
-    if value is None:
-        text = os.environ.get("GEN_REPO_PREFILL_WAIT_STEPS", "0")
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"GEN_REPO_PREFILL_WAIT_STEPS must be an integer, got {text!r}") from None
-    if value < 0:
-        raise ConfigError(f"prefill_wait_steps must be >= 0, got {value}")
-    return int(value)
-
-
 class Executor:
     """Rank 0's engine: `enqueue` requests from any thread, results come back through callbacks."""
 
@@ -183,7 +171,7 @@ class Executor:
         GEN_REPO_PREFILL_WAIT_STEPS, else 0) holds new prompts back up to that many steps while others run, so
         they join together and more steps are pure decodes (see `Scheduler`)."""
         self.engine_dir = Path(engine_dir)
-        wait = _prefill_wait_steps(prefill_wait_steps)
+        wait = parse_prefill_wait_steps(prefill_wait_steps)
         config, comm, model = _load_rank(self.engine_dir, device, weights)
         if comm.mapping.rank != 0:
             raise ConfigError(f"rank {comm.mapping.rank} must call generator.engine.follow(), not Executor()")

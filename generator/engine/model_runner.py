@@ -43,15 +43,16 @@ class ModelRunner:
         blocks = model.comm.min_over_ranks(blocks)
         self.cache: KVPool = model.new_cache(blocks, self.block_size)
         self.graphs = DecodeGraphs(model, self.cache, self.max_blocks_per_sequence) if graphs_enabled(model) else None
-        self.stats = self._no_steps()
+        self.stats = self._zero_step_stats()
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s", blocks - 1, self.block_size,
                  self.cache.num_tokens, self.cache.nbytes / 2**30, model.device)
 
     @staticmethod
-    def _no_steps() -> dict[str, int]:
-        """Step counters: graph replays (their rows) and eager forwards (their rows, tokens and decode rows:
-        a mixed step, prompt chunks and decodes together, runs its decodes eagerly too, which is what makes it
-        slower than a replay)."""
+    def _zero_step_stats() -> dict[str, int]:
+        """Step counters: graph replays (their rows) and eager forwards (their rows, tokens and one-token rows,
+        i.e. decodes and one-token prompt chunks: a mixed step, prompt chunks and decodes together, runs its
+        decodes eagerly too, which is what makes it slower than a replay). Read while the step loop runs, they
+        may include the step in flight."""
         return dict.fromkeys(("graph_steps", "graph_rows", "eager_steps", "mixed_steps", "eager_rows",
                               "eager_tokens", "decode_rows_in_eager"), 0)
 
@@ -116,7 +117,7 @@ class ModelRunner:
             self.execute(plan)
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)
-        self.stats = self._no_steps()  # count requests' steps only
+        self.stats = self._zero_step_stats()  # count requests' steps only
 
     def release(self) -> None:
         """Drop the CUDA graphs before the communicator goes: graphs that captured NCCL collectives keep the

@@ -17,10 +17,25 @@ A sequence is sampled after the step that computes its last token.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
 from generator.engine.block_manager import BlockManager
+from generator.errors import ConfigError
+
+PREFILL_WAIT_ENV = "GEN_REPO_PREFILL_WAIT_STEPS"
+
+
+def parse_prefill_wait_steps(value: str | int | None, source: str = "prefill_wait_steps") -> int:
+    """`prefill_wait_steps` from an argument, a config parameter or the environment (None: $GEN_REPO_PREFILL_WAIT_STEPS,
+    else 0); ConfigError naming `source` for anything but a whole number >= 0."""
+    if value is None:
+        value, source = os.environ.get(PREFILL_WAIT_ENV, "0"), PREFILL_WAIT_ENV
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"{source} must be a whole number >= 0, got {value!r}")
+    return int(text)
 
 
 @dataclass(eq=False)

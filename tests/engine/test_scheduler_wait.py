@@ -106,11 +106,11 @@ def test_the_wait_comes_from_the_environment(mpt: tuple[Path, list[list[int]]],
     with Executor(mpt[0], prefill_wait_steps=0) as executor:  # the argument wins
         assert executor.prefill_wait_steps == 0
     monkeypatch.setenv("GEN_REPO_PREFILL_WAIT_STEPS", "soon")
-    with pytest.raises(ConfigError, match="GEN_REPO_PREFILL_WAIT_STEPS must be an integer"):
+    with pytest.raises(ConfigError, match="GEN_REPO_PREFILL_WAIT_STEPS must be a whole number >= 0, got .soon."):
         Executor(mpt[0])
 
 
 def test_the_engine_process_passes_the_wait_to_its_executor(mpt: tuple[Path, list[list[int]]]) -> None:
     """The served path's EngineProcess hands its keyword arguments through: a bad wait is the child's error."""
-    with pytest.raises(ConfigError, match="prefill_wait_steps must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match="prefill_wait_steps must be a whole number >= 0, got -1"):
         EngineProcess(mpt[0], prefill_wait_steps=-1)

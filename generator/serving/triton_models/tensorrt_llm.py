@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from generator.errors import ConfigError
 from generator.serving import contract
 from generator.serving.triton_models.common import (
     RequestError,
@@ -154,10 +155,12 @@ class TritonPythonModel:
         # ours, not the anchor's: new prompts wait up to this many steps to be prefilled together (see Scheduler)
         wait = parameter(config, "prefill_wait_steps")
         if wait:
-            if not wait.strip().isdigit():
-                raise pb_utils.TritonModelException(f"tensorrt_llm: prefill_wait_steps must be a whole number >= 0, "
-                                                    f"got {wait!r}")
-            options["prefill_wait_steps"] = int(wait)
+            from generator.engine.scheduler import parse_prefill_wait_steps
+
+            try:
+                options["prefill_wait_steps"] = parse_prefill_wait_steps(wait)
+            except ConfigError as error:
+                raise pb_utils.TritonModelException(f"tensorrt_llm: {error}") from None
         # the step loop in a process of its own, so that this process's response threads never hold it up
         # (`engine_process` false: in this process, as before; for A/B measurements)
         in_child = parse_bool(parameter(config, "engine_process"), True)
