@@ -14,7 +14,6 @@ import pytest
 
 from generator.build import BuildSettings, build_engine
 from generator.convert.job import ConvertSettings, convert_checkpoint
-from generator.errors import ConfigError
 from tests.factories import hf_greedy, make_dbrx, make_mpt
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200, 3]]
@@ -85,34 +84,3 @@ def test_world_size_must_match_the_engine(mpt: tuple[Path, Path, list[list[int]]
                                 "1,2"], capture_output=True, text=True, timeout=120, env=env)
     assert completed.returncode == 2
     assert "mpirun -n 2" in completed.stderr
-
-
-def test_multi_rank_switches_refuse_unknown_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GEN_REPO_STEP_STREAM / GEN_REPO_TP_ALLREDUCE decide collective steps on every rank: a typo is one clear
-    error, never a silent default."""
-    from generator.engine import distributed
-
-    monkeypatch.setenv(distributed.ALL_REDUCE_ENV, "NCCL")
-    with pytest.raises(ConfigError, match="GEN_REPO_TP_ALLREDUCE must be one of oneshot, nccl, got 'NCCL'"):
-        distributed._switch(distributed.ALL_REDUCE_ENV, ("oneshot", "nccl"))
-    monkeypatch.setenv(distributed.STEP_STREAM_ENV, "0")
-    assert distributed._switch(distributed.STEP_STREAM_ENV, ("1", "0")) == "0"
-    monkeypatch.delenv(distributed.STEP_STREAM_ENV)
-    assert distributed._switch(distributed.STEP_STREAM_ENV, ("1", "0")) == "1"
-
-
-def test_the_peer_all_reduce_takes_what_every_rank_can_take() -> None:
-    """`PeerAllReduce.fits` answers from dtype, size and offsets alone, so every rank takes the same path."""
-    import torch
-
-    from generator.engine.distributed import PeerAllReduce
-
-    peer = PeerAllReduce.__new__(PeerAllReduce)  # the rule only: the buffer needs CUDA and peers
-    peer.dtype, peer.buffer = torch.bfloat16, torch.empty(4096, dtype=torch.bfloat16)
-    rows = torch.zeros(4, 1024, dtype=torch.bfloat16)
-    assert peer.fits(rows) and peer.fits(rows[1:3])
-    assert not peer.fits(rows.float())                                     # another dtype: NCCL
-    assert not peer.fits(torch.zeros(5, 1024, dtype=torch.bfloat16))       # more than the buffer
-    assert not peer.fits(rows[:, :3])                                      # not contiguous
-    assert not peer.fits(torch.zeros(12, dtype=torch.bfloat16)[1:9])       # offset not 16-byte aligned
-    assert not peer.fits(torch.zeros(7, dtype=torch.bfloat16))             # size not a multiple of 16 bytes
