@@ -199,7 +199,6 @@ class Executor:
         self.vocab_size = config.vocab_size
         self.limits = RequestLimits(self.max_input_len, self.max_seq_len, self.vocab_size,
                                     self._runner.cache.num_tokens)
-        self.prefill_wait_steps = wait
         self._scheduler = Scheduler(self._blocks, self.max_batch_size, self.max_num_tokens, wait)
         self._lock = threading.Condition()
         self._queue: deque[_Running] = deque()        # enqueued, not yet seen by the step loop
@@ -229,6 +228,11 @@ class Executor:
         return {"blocks": cache.num_blocks - 1, "tokens_per_block": cache.block_size, "tokens": cache.num_tokens,
                 "bytes": cache.nbytes, "reuse": self._blocks.enable_reuse,
                 "preemptions": self._scheduler.num_preemptions, "reused_blocks": self._blocks.num_reused}
+
+    @property
+    def prefill_wait_steps(self) -> int:
+        """Steps new prompts may wait to join running ones together (the scheduler's)."""
+        return self._scheduler.prefill_wait_steps
 
     @property
     def step_stats(self) -> dict[str, int]:

@@ -49,10 +49,9 @@ class ModelRunner:
 
     @staticmethod
     def _zero_step_stats() -> dict[str, int]:
-        """Step counters: graph replays (their rows) and eager forwards (their rows, tokens and one-token rows,
-        i.e. decodes and one-token prompt chunks: a mixed step, prompt chunks and decodes together, runs its
-        decodes eagerly too, which is what makes it slower than a replay). Read while the step loop runs, they
-        may include the step in flight."""
+        """Step counters: graph replays (their rows) and eager forwards (their rows, tokens and decode rows:
+        a mixed step, prompt chunks and decodes together, runs its decodes eagerly too, which is what makes it
+        slower than a replay). Read while the step loop runs, they may include the step in flight."""
         return dict.fromkeys(("graph_steps", "graph_rows", "eager_steps", "mixed_steps", "eager_rows",
                               "eager_tokens", "decode_rows_in_eager"), 0)
 
@@ -91,13 +90,13 @@ class ModelRunner:
             stats["graph_steps"] += 1
             stats["graph_rows"] += rows
             return self.graphs.forward(plan, device_tokens)
-        decodes = sum(len(tokens) == 1 for tokens in plan.tokens)
+        batch = self._batch(plan)
+        decodes = plan.num_decode
         stats["eager_steps"] += 1
         stats["mixed_steps"] += 0 < decodes < rows
         stats["eager_rows"] += rows
-        stats["eager_tokens"] += sum(len(tokens) for tokens in plan.tokens)
+        stats["eager_tokens"] += batch.num_tokens
         stats["decode_rows_in_eager"] += decodes
-        batch = self._batch(plan)
         if device_tokens is not None:
             substitute(batch.token_ids, device_tokens)
         return self.model.forward(batch, self.cache)
