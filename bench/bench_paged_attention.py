@@ -4,11 +4,13 @@ effective bandwidth of both (MPT-7B shapes by default: 32 heads of 128, blocks o
     python bench/bench_paged_attention.py                          # batch 1, 8, 64, 256 at 192 tokens each
     python bench/bench_paged_attention.py --kv-heads 8 --heads 48  # DBRX's GQA
     python bench/bench_paged_attention.py --int8                   # an INT8 KV cache
+    python bench/bench_paged_attention.py --sweep                  # every TILE x num_warps x num_stages
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -43,6 +45,10 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=192, help="tokens per sequence")
     parser.add_argument("--no-alibi", action="store_true")
     parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time each launch configuration of the kernel")
+    parser.add_argument("--sweep-rows", type=int, default=5, help="fastest configurations printed per batch")
+    parser.add_argument("--warps", type=int, nargs="*", default=[2, 4, 8], help="num_warps tried by --sweep")
+    parser.add_argument("--stages", type=int, nargs="*", default=[1, 2, 3], help="num_stages tried by --sweep")
     args = parser.parse_args()
     device = torch.device("cuda")
     heads, kv_heads, hd, block = args.heads, args.kv_heads or args.heads, args.head_size, args.block_size
@@ -77,6 +83,21 @@ def main() -> int:
         if error > 2e-2:
             print("MISMATCH", flush=True)
             return 1
+        if args.sweep:
+            timings = []
+            for tile, warps, stages in itertools.product((16, 32, 64, 128, 256), args.warps, args.stages):
+                launch = {"TILE": tile, "num_warps": warps, "num_stages": stages}
+                try:
+                    got = paged_decode_attention(*inputs, launch=launch)
+                    if (got.float() - want.float()).abs().max().item() > 2e-2:
+                        print(f"  {launch}: MISMATCH", flush=True)
+                        continue
+                    timings.append((time_ms(lambda launch=launch, inputs=inputs: paged_decode_attention(*inputs, launch=launch)),
+                                    launch))
+                except Exception as error:  # noqa: BLE001 - a configuration the compiler refuses (resources)
+                    print(f"  {launch}: {type(error).__name__}", flush=True)
+            for took, launch in sorted(timings, key=lambda item: item[0])[:args.sweep_rows]:
+                print(f"  {1000 * took:8.1f} us ({read / took / 1e6:7.1f} GB/s)  {launch}", flush=True)
     return 0
 
 

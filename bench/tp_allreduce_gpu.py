@@ -1,9 +1,14 @@
-"""Latency of one TP all-reduce inside a CUDA graph: NCCL vs the engine's symmetric-memory path (PeerAllReduce).
+"""Latency of one TP all-reduce inside a CUDA graph: NCCL vs the engine's symmetric-memory paths.
 
     python3 -m torch.distributed.run --nproc-per-node 2 bench/tp_allreduce_gpu.py
 
 Each size is a decode step's message (batch x hidden, bf16). A graph of 64 all-reduces is replayed 50 times;
 the figure is the mean time of one all-reduce. The sums are compared with NCCL's.
+
+Then the fused all-reduce + residual add + LayerNorm (`PeerAllReduceNorm`) against the engine's two kernels
+(one-shot all-reduce, then `add_layer_norm`): its results must equal theirs on every rank, call after call in a
+graph that alternates the two buffers as a forward does (a race in its barrier shows as a mismatch), and the
+figure is the time of one block boundary.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from generator.engine.allreduce_norm import PeerAllReduceNorm  # noqa: E402
+from generator.engine.attention import add_layer_norm  # noqa: E402
 from generator.engine.distributed import PeerAllReduce  # noqa: E402
 
 
@@ -69,7 +76,81 @@ def main() -> None:
             print(f"{batch:4d} x {hidden}: NCCL {nccl_us:6.1f} us  one-shot symmetric memory {peer_us:6.1f} us  "
                   f"({nccl_us / peer_us:.2f}x)  sums bit-equal to NCCL's: {exact} (largest difference "
                   f"{largest:.3g})", flush=True)
+    fused_boundaries(group, peer)
     dist.destroy_process_group()
+
+
+def fused_boundaries(group: dist.ProcessGroup, peer: PeerAllReduce, layers: int = 32, replays: int = 20) -> None:
+    """The fused kernel against one-shot + add_layer_norm: a chain of `layers` x (attention, mlp) boundaries, as
+    in a forward (each boundary's output feeds the next), checked for equality and timed in CUDA graphs."""
+    fused = PeerAllReduceNorm(group, torch.device("cuda"), torch.bfloat16, 2 << 20)
+    for batch, hidden in [(1, 4096), (3, 4096), (64, 4096), (100, 4096), (256, 4096), (16, 6144), (64, 6144)]:
+        fused_boundary(group, peer, fused, batch, hidden, layers, replays)
+
+
+def fused_boundary(group: dist.ProcessGroup, peer: PeerAllReduce, fused: PeerAllReduceNorm, batch: int,
+                   hidden: int, layers: int, replays: int) -> None:
+    """One message size of `fused_boundaries`."""
+    rank = dist.get_rank()
+    generator = torch.Generator(device="cuda").manual_seed(1000 * rank + batch)
+    partials = torch.randn(2 * layers, batch, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
+    weight = 1 + 0.1 * torch.randn(hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
+    dist.broadcast(weight, 0, group=group)  # norms are replicated
+    start = torch.randn(batch, hidden, device="cuda", dtype=torch.bfloat16)
+    dist.broadcast(start, 0, group=group)
+
+    def chain(boundary):  # type: ignore[no-untyped-def]
+        hidden_state = start
+        for index in range(2 * layers):
+            # the next partial depends on the last output, as a sublayer's GEMM would
+            partial = partials[index] + 0.001 * hidden_state
+            role = "attention" if index % 2 == 0 else "mlp"
+            hidden_state, normed = boundary(role, partial, hidden_state)
+        return hidden_state, normed
+
+    def separate(role, partial, residual):  # type: ignore[no-untyped-def]
+        return add_layer_norm(peer(partial), residual, weight, None, 1e-5)
+
+    def together(role, partial, residual):  # type: ignore[no-untyped-def]
+        return fused(role, partial, residual, weight, None, 1e-5)
+
+    want = chain(separate)
+    got = chain(together)
+    equal = all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    graphs = {}
+    for name, boundary in (("separate", separate), ("fused", together)):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain(boundary)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = chain(boundary)
+        graphs[name] = (graph, outputs)
+    mismatches = 0
+    for _ in range(replays):  # both graphs again and again: the fused one must keep giving the same bits
+        graphs["separate"][0].replay()
+        graphs["fused"][0].replay()
+        torch.cuda.synchronize()
+        mismatches += int(not all(torch.equal(a, b) for a, b in zip(graphs["separate"][1], graphs["fused"][1],
+                                                                   strict=True)))
+    timings = {}
+    for name, (graph, _) in graphs.items():
+        dist.barrier(group=group)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        timings[name] = (time.perf_counter() - started) / (replays * 2 * layers) * 1e6
+    total = torch.tensor([mismatches + int(not equal)], device="cuda")
+    dist.all_reduce(total, group=group)
+    if rank == 0:
+        print(f"{batch:4d} x {hidden}: one-shot + add_layer_norm {timings['separate']:6.1f} us, fused "
+              f"{timings['fused']:6.1f} us per boundary ({timings['separate'] / timings['fused']:.2f}x); equal "
+              f"to the separate kernels on every rank: {int(total.item()) == 0} ({int(total.item())} mismatches "
+              f"over {replays + 1} runs x ranks)", flush=True)
 
 
 if __name__ == "__main__":

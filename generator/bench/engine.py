@@ -24,6 +24,7 @@ The world size (from mpirun, torchrun or --nproc) is the tensor-parallel size un
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -111,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default cuda:<local rank> if available, else cpu")
     parser.add_argument("--profile", action="store_true",
                         help="time single forwards and print torch.profiler's top operations (single rank)")
+    parser.add_argument("--trace-batch", type=int, default=None, metavar="B",
+                        help="after the timed runs, run batch B once more under torch.profiler (rank 0) and print "
+                             "where the GPU time went: each kernel's time per decode step, and the GPU's idle share")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here (rank 0)")
     return parser.parse_args(argv)
 
@@ -181,6 +185,7 @@ class _Streams:
         self.first_token: dict[int, float] = {}
         self.last_seen: dict[int, float] = {}
         self.counts: dict[int, int] = {}
+        self.tokens: dict[int, list[int]] = {}
         self.gaps: list[float] = []  # inter-token latencies: time between two results of one request
 
     def on_result(self, result: GenerationResult) -> None:
@@ -191,17 +196,21 @@ class _Streams:
         if result.token_ids:
             self.last_seen[result.request_id] = now
         self.counts[result.request_id] = self.counts.get(result.request_id, 0) + len(result.token_ids)
+        self.tokens.setdefault(result.request_id, []).extend(result.token_ids)
         if result.finished:
             self.done.release()
 
-    def report(self, batch: int, wall: float, ttft: float, decode_step_s: float) -> dict[str, float]:
+    def report(self, batch: int, wall: float, ttft: float, decode_step_s: float) -> dict[str, Any]:
         gaps = sorted(self.gaps)
 
         def percentile(q: float) -> float:
             return 1000 * gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else 0.0
 
         generated = sum(self.counts.values())
-        return {"batch": batch, "seconds": wall, "generated_tokens": generated, "tokens_per_s": generated / wall,
+        # the greedy tokens of every request, in request order: equal digests = equal tokens (A/B runs of one shape)
+        digest = hashlib.sha256(json.dumps([self.tokens[i] for i in sorted(self.tokens)]).encode()).hexdigest()
+        return {"batch": batch, "tokens_sha256": digest[:16], "seconds": wall, "generated_tokens": generated,
+                "tokens_per_s": generated / wall,
                 "mean_ttft_s": ttft, "decode_step_ms": 1000 * decode_step_s,
                 "itl_p50_ms": percentile(0.5), "itl_p99_ms": percentile(0.99)}
 
@@ -210,7 +219,7 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=args.output_len, end_id=args.end_id, min_tokens=args.min_tokens)
 
 
-def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[str, float]:
+def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Submit `batch` requests at once; returns wall time, tokens/s and mean time to first token."""
     generator = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, args.vocab, (batch, args.input_len), generator=generator).tolist()
@@ -228,7 +237,7 @@ def run_batch(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
     return streams.report(batch, wall, ttft, (wall - ttft) / max(1, args.output_len - 1))
 
 
-def run_closed_loop(executor: Executor, batch: int, total: int, args: argparse.Namespace) -> dict[str, float]:
+def run_closed_loop(executor: Executor, batch: int, total: int, args: argparse.Namespace) -> dict[str, Any]:
     """`batch` clients, each sending its next request when its last one finished, until `total` were sent (as a
     served benchmark's closed loop does: new prompts keep joining running decodes). TTFT counts from each
     request's submission; decode_step_ms is the mean inter-token gap."""
@@ -267,6 +276,53 @@ def timed_run(executor: Executor, batch: int, args: argparse.Namespace) -> dict[
     return {**result, "steps": {key: after[key] - before.get(key, 0) for key in after}}
 
 
+def _kernel_profile(executor: Executor, batch: int, args: argparse.Namespace) -> tuple[dict[str, Any], dict]:
+    """One run under torch.profiler: its result, and {kernel name: [count, GPU us]} plus span and busy time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = timed_run(executor, batch, args)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, reach = 0.0, float("-inf")
+    for start, end in spans:  # union of the kernels' intervals (two streams may overlap)
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        entry = by_name.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.time_range.elapsed_us()
+    span = (max(end for _, end in spans) - spans[0][0]) if spans else 0.0
+    return result, {"kernels": by_name, "span_us": span, "busy_us": busy}
+
+
+def trace_run(executor: Executor, batch: int, args: argparse.Namespace, rows: int = 30) -> dict[str, Any]:
+    """Where a decode step's GPU time goes on this rank (CUDA-graph replays included): `batch` runs under the
+    profiler twice, with 2 new tokens (prefill + one decode) and with `--output-len`; the difference over the
+    extra steps is each kernel's time per decode step, and the share of those steps the GPU was idle."""
+    if args.output_len < 4:
+        raise ConfigError("--trace-batch needs --output-len of at least 4")
+    _, short = _kernel_profile(executor, batch, argparse.Namespace(**{**vars(args), "output_len": 2}))
+    result, full = _kernel_profile(executor, batch, args)
+    steps = args.output_len - 2
+    table = []
+    for name, (count, total) in full["kernels"].items():
+        base_count, base_total = short["kernels"].get(name, [0, 0.0])
+        table.append({"name": name, "per_step": (count - base_count) / steps, "us_per_step": (total - base_total) / steps})
+    table.sort(key=lambda entry: -entry["us_per_step"])
+    step_us = (full["span_us"] - short["span_us"]) / steps
+    busy_us = (full["busy_us"] - short["busy_us"]) / steps
+    summary = {"batch": batch, "tokens_per_s": result["tokens_per_s"], "decode_step_us": step_us,
+               "gpu_busy_us_per_step": busy_us, "kernels": table}
+    print(f"trace, batch {batch} ({result['tokens_per_s']:.1f} tokens/s under the profiler): a decode step spans "
+          f"{step_us:.1f} us, kernels busy {busy_us:.1f} us (idle {100 * (1 - busy_us / max(step_us, 1e-9)):.1f}%)",
+          flush=True)
+    for entry in table[:rows]:
+        print(f"  {entry['us_per_step']:8.1f} us {entry['per_step']:6.1f}x  {entry['name'][:110]}", flush=True)
+    return summary
+
+
 def format_result(result: dict[str, Any]) -> str:
     """The printed line of one batch size."""
     steps = result["steps"]
@@ -274,7 +330,8 @@ def format_result(result: dict[str, Any]) -> str:
     return (f"batch {result['batch']:3d}: {mode}{result['tokens_per_s']:9.1f} tokens/s  ({result['generated_tokens']} "
             f"tokens in {result['seconds']:.2f} s, mean TTFT {1000 * result['mean_ttft_s']:.1f} ms, decode step "
             f"{result['decode_step_ms']:.2f} ms, ITL p50 {result['itl_p50_ms']:.2f} / p99 {result['itl_p99_ms']:.2f}"
-            f" ms); steps: {steps['graph_steps']} graph, {steps['eager_steps']} eager ({steps['mixed_steps']} mixed, "
+            f" ms, tokens {result['tokens_sha256']}); steps: {steps['graph_steps']} graph, {steps['eager_steps']} eager "
+            f"({steps['mixed_steps']} mixed, "
             f"{steps['eager_tokens']} tokens, {steps['decode_rows_in_eager']} decode rows)")
 
 
@@ -359,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, device: torch.device,
                work: Path) -> int:
     """Make the weights and the engine dir, then (rank 0) time every batch size."""
+    if args.trace_batch and device.type != "cuda":
+        raise ConfigError("--trace-batch traces CUDA kernels: it needs a GPU")
     checkpoint, engine = work / "checkpoint", work / "engine"
     checkpoint.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -414,12 +473,13 @@ def _benchmark(args: argparse.Namespace, info: ProcessInfo, mapping: Mapping, de
                        key=lambda r: r["tokens_per_s"])
             results.append(best)
             print(format_result(best), flush=True)
+        trace = trace_run(executor, args.trace_batch, args) if args.trace_batch else None
         kv = executor.kv_cache_info  # with the preemptions of the timed runs
         # written before the executor shuts down, so a slow multi-rank teardown cannot lose the results
         summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "world_size": info.world_size, "kv_cache": kv, "prefill_wait_steps": executor.prefill_wait_steps,
-                   "results": results}
+                   "results": results, **({"trace": trace} if trace else {})}
         print(json.dumps(summary), flush=True)
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))

@@ -25,7 +25,6 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # cuDNN's SDPA builds a new plan for every key length (one more each decode step): tens of ms per call
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_TILE = 64  # keys per kernel iteration (several blocks when blocks are small)
 
 
 def prefill_kernel_available(device: torch.device) -> bool:
@@ -293,12 +292,27 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, key_
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(hd))
 
 
+def decode_launch(programs: int) -> dict[str, int]:
+    """Keys per iteration and warps of the decode kernel for `programs` (rows x query heads) programs.
+
+    Swept on an H200 (bench/bench_paged_attention.py --sweep, bf16, 16-32 heads of 128, 192-1024 tokens): with
+    enough programs to fill the GPU, one warp each over 64 keys reads K/V at 3.7-4.2 TB/s (the old 4 warps: 2.3-3.2);
+    with fewer, bigger tiles keep more loads in flight per program."""
+    if programs >= 1024:
+        return {"TILE": 64, "num_warps": 1}
+    return {"TILE": 256, "num_warps": 4}
+
+
 def paged_decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
                            tables: torch.Tensor, lengths: torch.Tensor, scale: float,
-                           slopes: torch.Tensor | None, kv_scale: float | None) -> torch.Tensor:
-    """The Triton kernel; same contract as `decode_attention_reference` (`tables`, `lengths`: int32)."""
+                           slopes: torch.Tensor | None, kv_scale: float | None,
+                           launch: dict[str, int] | None = None) -> torch.Tensor:
+    """The Triton kernel; same contract as `decode_attention_reference` (`tables`, `lengths`: int32).
+
+    `launch` overrides `TILE`, `num_warps` and `num_stages` (bench/bench_paged_attention.py --sweep)."""
     assert triton is not None
     rows, heads, hd = q.shape
+    launch = {**decode_launch(rows * heads), **(launch or {})}
     kv_heads = key_blocks.shape[2]
     out = torch.empty_like(q)
     if rows == 0:
@@ -309,8 +323,7 @@ def paged_decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_bloc
         q.stride(0), q.stride(1), key_blocks.stride(0), key_blocks.stride(1), key_blocks.stride(2),
         tables.stride(0), out.stride(0), out.stride(1),
         GROUP=heads // kv_heads, BLOCK_SIZE=key_blocks.shape[1], HEAD_DIM=hd,
-        BLOCK_D=triton.next_power_of_2(hd), TILE=_TILE, HAS_ALIBI=slopes is not None,
-        INT8=kv_scale is not None)
+        BLOCK_D=triton.next_power_of_2(hd), HAS_ALIBI=slopes is not None, INT8=kv_scale is not None, **launch)
     return out
 
 

@@ -17,11 +17,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from generator.engine.allreduce_norm import PeerAllReduceNorm
 from generator.errors import ConfigError
 from generator.formats.mapping import Mapping
 
 QUIET = -1  # kind of the step message that moves the next one to gloo (see Communicator.broadcast_step)
-ALL_REDUCE_ENV = "GEN_REPO_TP_ALLREDUCE"  # "nccl": every TP all-reduce through NCCL (default: "oneshot")
+# "fused" (default): decode all-reduces through symmetric memory, each block's fused with its residual add and
+# LayerNorm (engine/allreduce_norm.py); "oneshot": the all-reduce alone through symmetric memory; "nccl": NCCL only
+ALL_REDUCE_ENV = "GEN_REPO_TP_ALLREDUCE"
+ALL_REDUCE_MODES = ("fused", "oneshot", "nccl")
 STEP_STREAM_ENV = "GEN_REPO_STEP_STREAM"  # "0": step messages on the compute stream, as before the side stream
 _PEER_ALL_REDUCE_BYTES = 2 << 20  # decode-sized messages (256 x 4096 bf16); prefill's go through NCCL
 log = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ class Communicator:
         self._tp_group: Any = None
         self._control_group: Any = None
         self._peer_all_reduce: PeerAllReduce | None = None
+        self.peer_norm: PeerAllReduceNorm | None = None  # the fused all-reduce + add + LayerNorm, when enabled
         # busy step messages go over their own NCCL group on their own stream (see broadcast_step)
         self._step_group: Any = None
         self._step_stream: torch.cuda.Stream | None = None
@@ -136,13 +141,13 @@ class Communicator:
         return tensor
 
     def enable_peer_all_reduce(self, dtype: torch.dtype) -> None:
-        """Send decode-sized all-reduces of `dtype` through symmetric memory (see `PeerAllReduce`) unless
-        `GEN_REPO_TP_ALLREDUCE=nccl`. Every TP rank must call this at the same point; where it cannot work
-        (CPU, float16, no peer access) NCCL stays in charge."""
+        """Send decode-sized all-reduces of `dtype` through symmetric memory (see `PeerAllReduce`), and build
+        the fused all-reduce + add + LayerNorm (`peer_norm`), as `GEN_REPO_TP_ALLREDUCE` says. Every TP rank must
+        call this at the same point; where it cannot work (CPU, float16, no peer access) NCCL stays in charge."""
         if self._tp_group is None:
             return
-        usable = (self.device.type == "cuda" and dtype in PeerAllReduce.DTYPES
-                  and _switch(ALL_REDUCE_ENV, ("oneshot", "nccl")) == "oneshot")
+        mode = _switch(ALL_REDUCE_ENV, ALL_REDUCE_MODES)
+        usable = self.device.type == "cuda" and dtype in PeerAllReduce.DTYPES and mode != "nccl"
         # every rank must take the same path: the rendezvous is a collective, and a rank on NCCL beside one on
         # the peer kernel would wait for each other forever
         if not self.min_over_ranks(int(usable)):
@@ -152,8 +157,18 @@ class Communicator:
             peer = PeerAllReduce(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
         except Exception as error:  # noqa: BLE001 - an old torch or a host without P2P: NCCL still works
             log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", error)
-        if self.min_over_ranks(int(peer is not None)):
-            self._peer_all_reduce = peer
+        if not self.min_over_ranks(int(peer is not None)):
+            return
+        self._peer_all_reduce = peer
+        if mode != "fused":
+            return
+        fused = None
+        try:
+            fused = PeerAllReduceNorm(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
+        except Exception as error:  # noqa: BLE001 - e.g. no Triton: the separate kernels still work
+            log.warning("fused all-reduce + LayerNorm unavailable (%s); using separate kernels", error)
+        if self.min_over_ranks(int(fused is not None)):
+            self.peer_norm = fused
 
     def tp_all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every TP rank's `tensor` along `dim`, in TP-rank order."""
@@ -255,6 +270,7 @@ class Communicator:
 
     def close(self) -> None:
         self._peer_all_reduce = None
+        self.peer_norm = None
         if self._step_stream is not None:
             self._step_stream.synchronize()  # the last message (shutdown) has left before the groups go
         if self.world_size > 1 and dist.is_initialized():

@@ -409,7 +409,10 @@ class DecoderModel:
         return out + bias if bias is not None else out
 
     def _attention(self, local: int, x: torch.Tensor, batch: ForwardBatch, cache: KVPool,
-                   bias: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                   bias: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                   reduce: bool = True) -> torch.Tensor:
+        """The attention block's output; with `reduce=False` this rank's partial sum (no bias), for the caller's
+        fused all-reduce."""
         prefix = f"transformer.layers.{local}.attention"
         tokens = x.shape[0]
         hd = self.head_size
@@ -456,21 +459,22 @@ class DecoderModel:
             out = out.transpose(1, 2).reshape(-1, self.heads * hd)[batch.output_index]
             parts.append(out)
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self._row_linear(out, prefix + ".dense")
+        return self._row_linear(out, prefix + ".dense") if reduce else self._matmul(out, prefix + ".dense.weight")
 
-    def _mlp(self, local: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, local: int, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The MLP (or MoE) block's output; with `reduce=False` this rank's partial sum (no bias)."""
         prefix = f"transformer.layers.{local}.mlp"
         if self.config.moe is not None:
-            return self._moe(local, x)
+            return self._moe(local, x, reduce)
         hidden = self._linear(x, prefix + ".fc")
         if self.config.hidden_act == "gelu":
             hidden = F.gelu(hidden)  # exact erf GELU, as HF MPT
         else:  # swiglu: fc holds [up; gate]
             up, gate = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
-        return self._row_linear(hidden, prefix + ".proj")
+        return self._row_linear(hidden, prefix + ".proj") if reduce else self._matmul(hidden, prefix + ".proj.weight")
 
-    def _moe(self, local: int, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, local: int, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """Top-k routing in float32 on every rank; each rank runs its experts' share of F (no host sync, see
         engine/moe.py), then one all-reduce."""
         moe = self.config.moe
@@ -488,7 +492,8 @@ class DecoderModel:
             experts.fc_quantized, experts.proj_quantized = fc_quantized, proj_quantized
         else:
             experts.fc, experts.proj = fc, proj
-        return self.comm.tp_all_reduce(moe_forward(tokens, weights, chosen, experts)).reshape(shape)
+        partial = moe_forward(tokens, weights, chosen, experts)
+        return (self.comm.tp_all_reduce(partial) if reduce else partial).reshape(shape)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """ln_f + vocab-parallel lm_head -> float32 logits `[B, vocab_size]`."""
@@ -550,24 +555,46 @@ class DecoderModel:
 
     def _fused_layers(self, hidden: torch.Tensor, batch: ForwardBatch, cache: KVPool, bias: torch.Tensor | None,
                       rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """The layers with each residual add fused into the LayerNorm after it (the same arithmetic)."""
-        eps = self.config.norm_epsilon
+        """The layers with each residual add fused into the LayerNorm after it (the same arithmetic), and with
+        TP the all-reduce before it too, where the communicator has the fused kernel (`_reduce_add_norm`)."""
         count = len(self.layer_ids)
         normed = self._norm(hidden, "transformer.layers.0.input_layernorm")
         for local in range(count):
             prefix = f"transformer.layers.{local}"
-            update = self._attention(local, normed, batch, cache, bias, rope)
-            post = prefix + ".post_layernorm"
-            hidden, normed = add_layer_norm(update, hidden, self.tensors[post + ".weight"],
-                                            self._optional(post + ".bias"), eps)
-            update = self._mlp(local, normed)
-            if local + 1 == count:
-                hidden = hidden + update  # ln_f runs on the last tokens only (in _head)
-            else:
-                after = f"transformer.layers.{local + 1}.input_layernorm"
-                hidden, normed = add_layer_norm(update, hidden, self.tensors[after + ".weight"],
-                                                self._optional(after + ".bias"), eps)
+            partial = self._attention(local, normed, batch, cache, bias, rope,
+                                      reduce=not self._fusable(prefix, "attention"))
+            hidden, after = self._reduce_add_norm("attention", partial, hidden, prefix, prefix + ".post_layernorm")
+            assert after is not None
+            partial = self._mlp(local, after, reduce=not self._fusable(prefix, "mlp"))
+            # ln_f runs on the last tokens only (in _head): the last layer adds without a norm
+            norm = f"transformer.layers.{local + 1}.input_layernorm" if local + 1 < count else None
+            hidden, normed_next = self._reduce_add_norm("mlp", partial, hidden, prefix, norm)
+            if normed_next is not None:
+                normed = normed_next
         return hidden
+
+    def _fusable(self, prefix: str, role: str) -> bool:
+        """Whether the block's output all-reduce goes into the fused kernel: it exists, and no bias comes after
+        the sum. (The block then returns its partial sum; the fused kernel decides by shape per call.)"""
+        row_bias = prefix + (".attention.dense.bias" if role == "attention" else ".mlp.proj.bias")
+        return self.comm.peer_norm is not None and row_bias not in self.tensors
+
+    def _reduce_add_norm(self, role: str, update: torch.Tensor, residual: torch.Tensor, prefix: str,
+                         norm: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(residual + the block's output, the LayerNorm `norm` of that or None). `update` is the partial sum
+        when `_fusable` said so: then the fused kernel sums it over TP, or NCCL does for messages too big."""
+        weight = self.tensors[norm + ".weight"] if norm else None
+        norm_bias = self._optional(norm + ".bias") if norm else None
+        eps = self.config.norm_epsilon
+        fused = self.comm.peer_norm
+        if self._fusable(prefix, role):
+            assert fused is not None
+            if fused.fits(update):
+                return fused(role, update, residual, weight, norm_bias, eps)
+            update = self.comm.tp_all_reduce(update)
+        if weight is None:
+            return residual + update, None
+        return add_layer_norm(update, residual, weight, norm_bias, eps)
 
     def kv_token_bytes(self) -> int:
         """Bytes one token's K and V take in this rank's pool."""

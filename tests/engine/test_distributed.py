@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from generator.engine import distributed
+from generator.engine.allreduce_norm import PeerAllReduceNorm
 from generator.engine.distributed import PeerAllReduce
 from generator.errors import ConfigError
 
@@ -14,8 +15,10 @@ def test_multi_rank_switches_refuse_unknown_values(monkeypatch: pytest.MonkeyPat
     """GEN_REPO_STEP_STREAM / GEN_REPO_TP_ALLREDUCE decide collective steps on every rank: a typo is one clear
     error, never a silent default."""
     monkeypatch.setenv(distributed.ALL_REDUCE_ENV, "NCCL")
-    with pytest.raises(ConfigError, match="GEN_REPO_TP_ALLREDUCE must be one of oneshot, nccl, got 'NCCL'"):
-        distributed._switch(distributed.ALL_REDUCE_ENV, ("oneshot", "nccl"))
+    with pytest.raises(ConfigError, match="GEN_REPO_TP_ALLREDUCE must be one of fused, oneshot, nccl, got 'NCCL'"):
+        distributed._switch(distributed.ALL_REDUCE_ENV, distributed.ALL_REDUCE_MODES)
+    monkeypatch.delenv(distributed.ALL_REDUCE_ENV)
+    assert distributed._switch(distributed.ALL_REDUCE_ENV, distributed.ALL_REDUCE_MODES) == "fused"
     monkeypatch.setenv(distributed.STEP_STREAM_ENV, "0")
     assert distributed._switch(distributed.STEP_STREAM_ENV, ("1", "0")) == "0"
     monkeypatch.delenv(distributed.STEP_STREAM_ENV)
@@ -33,3 +36,16 @@ def test_the_peer_all_reduce_takes_what_every_rank_can_take() -> None:
     assert not peer.fits(rows[:, :3])                                      # not contiguous
     assert not peer.fits(torch.zeros(12, dtype=torch.bfloat16)[1:9])       # offset not 16-byte aligned
     assert not peer.fits(torch.zeros(7, dtype=torch.bfloat16))             # size not a multiple of 16 bytes
+
+
+def test_the_fused_all_reduce_norm_takes_decode_messages_by_shape() -> None:
+    """`PeerAllReduceNorm.fits` decides from dtype, shape and strides (never addresses): every rank fuses the same
+    block boundaries, and prefill-sized messages go to NCCL and the separate add + LayerNorm."""
+    fused = PeerAllReduceNorm.__new__(PeerAllReduceNorm)  # the rule only: the buffers need CUDA and peers
+    fused.dtype, fused.max_elements = torch.bfloat16, 4 * 1024
+    rows = torch.zeros(4, 1024, dtype=torch.bfloat16)
+    assert fused.fits(rows) and fused.fits(rows[1:3])
+    assert not fused.fits(rows.float())                                    # another dtype
+    assert not fused.fits(torch.zeros(5, 1024, dtype=torch.bfloat16))      # more than a buffer: prefill
+    assert not fused.fits(rows.t())                                        # columns not contiguous
+    assert not fused.fits(rows.view(-1))                                   # not [rows, d]
