@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # TP1 vs TP2 of MPT-7B shapes (bf16, 128/128, engine alone, weights made on the GPUs) in one lease, with the
-# multi-rank switches A/B: GEN_REPO_TP_ALLREDUCE (oneshot | nccl) and GEN_REPO_STEP_STREAM (1 | 0).
+# multi-rank switches A/B: GEN_REPO_TP_ALLREDUCE (fused | oneshot | nccl) and GEN_REPO_STEP_STREAM (1 | 0).
 #   bash bench/tp_scaling.sh OUT_DIR [batch sizes, default 1,64] [what, default all of:
-#       allreduce,tp2_before,tp2_nccl_stream,tp2_oneshot_nostream,tp2_after]
+#       allreduce,tp2_before,tp2_nccl_stream,tp2_oneshot_nostream,tp2_oneshot,tp2_after]
 # TP1 always runs. `allreduce` is bench/tp_allreduce_gpu.py; `tp2_before` is NCCL with the step messages on the
-# compute stream; `tp2_after` the defaults (one-shot all-reduce, side stream).
+# compute stream; `tp2_oneshot` the one-shot all-reduce alone; `tp2_after` the defaults (all-reduce fused with the
+# residual add and LayerNorm, side stream).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:?output dir}
 batches=${2:-1,64}
-what=${3:-allreduce,tp2_before,tp2_nccl_stream,tp2_oneshot_nostream,tp2_after}
+what=${3:-allreduce,tp2_before,tp2_nccl_stream,tp2_oneshot_nostream,tp2_oneshot,tp2_after}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
 shape=(--hidden 4096 --layers 32 --heads 32 --vocab 50432 --dtype bfloat16 --weights-on-device
@@ -36,4 +37,5 @@ if wanted tp2_nccl_stream; then run tp2_nccl_stream "GEN_REPO_TP_ALLREDUCE=nccl 
 if wanted tp2_oneshot_nostream; then
     run tp2_oneshot_nostream "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=0" --nproc 2
 fi
-if wanted tp2_after; then run tp2_after "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=1" --nproc 2; fi
+if wanted tp2_oneshot; then run tp2_oneshot "GEN_REPO_TP_ALLREDUCE=oneshot GEN_REPO_STEP_STREAM=1" --nproc 2; fi
+if wanted tp2_after; then run tp2_after "GEN_REPO_TP_ALLREDUCE=fused GEN_REPO_STEP_STREAM=1" --nproc 2; fi

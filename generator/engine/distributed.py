@@ -161,6 +161,7 @@ class Communicator:
             return
         self._peer_all_reduce = peer
         if mode != "fused":
+            log.info("TP all-reduce: one-shot")
             return
         fused = None
         try:
@@ -169,6 +170,7 @@ class Communicator:
             log.warning("fused all-reduce + LayerNorm unavailable (%s); using separate kernels", error)
         if self.min_over_ranks(int(fused is not None)):
             self.peer_norm = fused
+        log.info("TP all-reduce: %s", "fused with add + LayerNorm" if self.peer_norm else "one-shot")
 
     def tp_all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every TP rank's `tensor` along `dim`, in TP-rank order."""
