@@ -300,12 +300,15 @@ def _kernel_profile(executor: Executor, batch: int, args: argparse.Namespace) ->
 def trace_run(executor: Executor, batch: int, args: argparse.Namespace, rows: int = 30) -> dict[str, Any]:
     """Where a decode step's GPU time goes on this rank (CUDA-graph replays included): `batch` runs under the
     profiler twice, with 2 new tokens (prefill + one decode) and with `--output-len`; the difference over the
-    extra steps is each kernel's time per decode step, and the share of those steps the GPU was idle."""
-    if args.output_len < 4:
-        raise ConfigError("--trace-batch needs --output-len of at least 4")
-    _, short = _kernel_profile(executor, batch, argparse.Namespace(**{**vars(args), "output_len": 2}))
+    extra steps (from the engine's step counters) is each kernel's time per decode step, and the share of those
+    steps the GPU was idle. Copies and memsets count as kernels here."""
+    short_result, short = _kernel_profile(executor, batch, argparse.Namespace(**{**vars(args), "output_len": 2}))
     result, full = _kernel_profile(executor, batch, args)
-    steps = args.output_len - 2
+
+    def step_count(run: dict[str, Any]) -> int:
+        return int(run["steps"]["graph_steps"] + run["steps"]["eager_steps"])
+
+    steps = max(1, step_count(result) - step_count(short_result))
     table = []
     for name, (count, total) in full["kernels"].items():
         base_count, base_total = short["kernels"].get(name, [0, 0.0])
@@ -381,6 +384,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> Mapping:
                           "it counts every request sent")
     if args.prefill_wait_steps is not None:
         parse_prefill_wait_steps(args.prefill_wait_steps, "--prefill-wait-steps")
+    if args.trace_batch is not None and (args.output_len < 4 or args.closed_loop):
+        raise ConfigError("--trace-batch needs --output-len of at least 4 and all requests at once (no --closed-loop)")
     return mapping
 
 

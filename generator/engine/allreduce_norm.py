@@ -8,10 +8,16 @@ of launch and tail; at TP2 these fixed costs are a quarter of a step that the GE
 `PeerAllReduceNorm` does it in one Triton kernel over torch's symmetric memory (each rank maps every peer's
 buffer): each program copies its rows of this rank's partial into this rank's buffer, meets the same program of
 every peer at a flag barrier, then sums the rows of every rank's buffer in rank order (so every rank computes
-the same bits), adds the residual and normalizes. Two buffers, one for the attention outputs and one for the
-MLP outputs, which alternate: a rank writes a buffer again only after the barrier of the call between, which
-the peers enter only once they finished reading it. There is no second barrier. Messages up to 2 MiB (decode);
-larger ones (prefill) take NCCL and `add_layer_norm`. Multicast (NVLS) is not used.
+the same bits), adds the residual and normalizes. Messages up to 2 MiB (decode); larger ones (prefill) take
+NCCL and `add_layer_norm`. Multicast (NVLS) is not used.
+
+There is no second barrier at the end of a call. Instead two buffers alternate, one for the attention blocks'
+outputs and one for the MLP blocks' (`role`), and a rank writes a buffer again only after a collective that
+every peer enters after its previous kernel ended (kernels on one stream run one after the other): between two
+calls on one buffer the layer loop always makes a call on the other buffer, or a prefill-sized message goes
+through NCCL. The flags are per program and per peer; every rank launches the same programs for a given row
+count, so each call raises and lowers each flag once. All programs of a call (at most 64) must be resident at
+once on every rank, which a GPU of more SMs than that guarantees.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ try:  # part of torch's CUDA wheels
 except ImportError:  # pragma: no cover - CPU-only installs never build this class
     triton = None
 
-PROGRAMS = 64           # fixed grid width: row r is always program r % PROGRAMS's (see the module docstring)
+PROGRAMS = 64           # row r is always program r % PROGRAMS's; min(rows, PROGRAMS) programs run
 ROLES = ("attention", "mlp")
 
 if triton is not None:
@@ -70,7 +76,8 @@ if triton is not None:
             for rank in tl.static_range(WORLD):  # rank order: the same sum on every rank
                 source = tl.load(buffers_ptr + rank).to(tl.pointer_type(dtype)) + role_offset
                 acc += tl.load(source + row * WIDTH + columns, mask=mask, other=0.0).to(tl.float32)
-            reduced = acc.to(dtype)  # rounded as the all-reduce's output is
+            # rounded once; torch's one-shot kernel rounds after each add: the same bits at TP2, not beyond
+            reduced = acc.to(dtype)
             residual = tl.load(residual_ptr + row * stride_residual + columns, mask=mask, other=0.0)
             total = (reduced.to(tl.float32) + residual.to(tl.float32)).to(dtype)  # as add_layer_norm rounds
             tl.store(sum_ptr + row * stride_sum + columns, total, mask=mask)
@@ -86,13 +93,24 @@ if triton is not None:
                 tl.store(out_ptr + row * stride_out + columns, normed.to(dtype), mask=mask)
 
 
+def enable_symmetric_memory(group: dist.ProcessGroup) -> None:
+    """torch before 2.8 needs symmetric memory enabled per group (deprecated, a warning in the log, after)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 8):
+        symm_mem.enable_symm_mem_for_group(group.group_name)
+
+
 class PeerAllReduceNorm:
-    """`sum over TP ranks of partial + residual`, and its LayerNorm, in one kernel (CUDA, bf16/fp16/fp32)."""
+    """`sum over TP ranks of partial + residual`, and its LayerNorm, in one kernel (CUDA; the engine builds it
+    for bf16 and float32, as `PeerAllReduce`)."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         assert triton is not None
+        enable_symmetric_memory(group)
         self.dtype = dtype
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -100,10 +118,11 @@ class PeerAllReduceNorm:
         self.data = symm_mem.empty(len(ROLES) * self.max_elements, dtype=dtype, device=device)
         self.flags = symm_mem.empty(PROGRAMS * self.world, dtype=torch.int32, device=device)
         self.flags.zero_()
-        data_handle = symm_mem.rendezvous(self.data, group.group_name)
-        flag_handle = symm_mem.rendezvous(self.flags, group.group_name)
-        self.data_ptrs = torch.tensor(list(data_handle.buffer_ptrs), dtype=torch.int64, device=device)
-        self.flag_ptrs = torch.tensor(list(flag_handle.buffer_ptrs), dtype=torch.int64, device=device)
+        # the handles are kept: they hold the mappings of the peers' buffers
+        self.handles = (symm_mem.rendezvous(self.data, group.group_name),
+                        symm_mem.rendezvous(self.flags, group.group_name))
+        self.data_ptrs = torch.tensor(list(self.handles[0].buffer_ptrs), dtype=torch.int64, device=device)
+        self.flag_ptrs = torch.tensor(list(self.handles[1].buffer_ptrs), dtype=torch.int64, device=device)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every pad is zero before any rank raises a flag in it
 
@@ -115,7 +134,8 @@ class PeerAllReduceNorm:
 
     def __call__(self, role: str, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                  bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(residual + all-reduced partial, its LayerNorm with `weight`/`bias`, or None without `weight`)."""
+        """(residual + all-reduced partial, its LayerNorm with `weight`/`bias`, or None without `weight`).
+        `role` ("attention" or "mlp") picks the buffer: calls must alternate roles (see the module docstring)."""
         assert triton is not None
         rows, width = partial.shape
         total = torch.empty_like(residual)

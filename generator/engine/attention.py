@@ -75,18 +75,26 @@ def decode_attention_reference(q: torch.Tensor, key_blocks: torch.Tensor, value_
 
 if triton is not None:
     # the table's row stride follows the batch's widest table: specializing on it would recompile per width
-    @triton.jit(do_not_specialize=["stride_table_row"])
+    @triton.jit(do_not_specialize=["stride_table_row", "partition"])
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_ptr, out_ptr,
-                             scale, kv_scale,
+                             split_acc_ptr, split_stats_ptr, partition, scale, kv_scale,
                              stride_q_row, stride_q_head, stride_block, stride_slot, stride_kv_head,
                              stride_table_row, stride_out_row, stride_out_head,
                              GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, TILE: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                             INT8: tl.constexpr):
+                             INT8: tl.constexpr, SPLIT: tl.constexpr):
+        """One (row, query head) program over all its keys; with SPLIT, one (row, head, split) program over
+        `partition` keys, writing its unnormalized sum and softmax statistics for `_combine_splits_kernel`."""
         row = tl.program_id(0)
         head = tl.program_id(1)
         kv_head = head // GROUP
         length = tl.load(lengths_ptr + row)
+        first = 0
+        end = length
+        if SPLIT:
+            split = tl.program_id(2)
+            first = split * partition
+            end = tl.minimum(length, first + partition)
         dims = tl.arange(0, BLOCK_D)
         dims_ok = dims < HEAD_DIM
         q = tl.load(q_ptr + row * stride_q_row + head * stride_q_head + dims, mask=dims_ok, other=0.0)
@@ -98,9 +106,9 @@ if triton is not None:
         total = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         offsets = tl.arange(0, TILE)
-        for start in range(0, length, TILE):
+        for start in range(first, end, TILE):
             positions = start + offsets
-            valid = positions < length
+            valid = positions < end
             block = tl.load(tables_ptr + row * stride_table_row + positions // BLOCK_SIZE, mask=valid, other=0)
             base = block.to(tl.int64) * stride_block + (positions % BLOCK_SIZE) * stride_slot + kv_head * stride_kv_head
             both_ok = valid[:, None] & dims_ok[None, :]
@@ -120,9 +128,36 @@ if triton is not None:
             total = total * correction + tl.sum(weights, 0)
             acc = acc * correction + tl.sum(weights[:, None] * values, 0)
             best = new_best
-        out = acc / total
+        if SPLIT:  # an empty split (past the row's length) writes best -inf, total 0
+            index = (row * tl.num_programs(1) + head) * tl.num_programs(2) + split
+            tl.store(split_acc_ptr + index * BLOCK_D + dims, acc)
+            pair = tl.arange(0, 2)
+            tl.store(split_stats_ptr + index * 2 + pair, tl.where(pair == 0, tl.sum(best, 0), tl.sum(total, 0)))
+        else:
+            out = acc / total
+            tl.store(out_ptr + row * stride_out_row + head * stride_out_head + dims,
+                     out.to(out_ptr.dtype.element_ty), mask=dims_ok)
+
+    @triton.jit(do_not_specialize=["partition", "splits"])
+    def _combine_splits_kernel(split_acc_ptr, split_stats_ptr, lengths_ptr, out_ptr, partition, splits,
+                               stride_out_row, stride_out_head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The splits of one (row, head) merged as flash-decoding does: rescale each to the largest maximum."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        used = tl.cdiv(tl.load(lengths_ptr + row), partition)  # splits past the length are empty
+        base = (row * tl.num_programs(1) + head) * splits
+        dims = tl.arange(0, BLOCK_D)
+        best = tl.load(split_stats_ptr + base * 2)  # split 0 is never empty (length >= 1)
+        for split in range(1, used):
+            best = tl.maximum(best, tl.load(split_stats_ptr + (base + split) * 2))
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)  # the same in every lane
+        for split in range(0, used):
+            weight = tl.exp(tl.load(split_stats_ptr + (base + split) * 2) - best)
+            total += weight * tl.load(split_stats_ptr + (base + split) * 2 + 1)
+            acc += weight * tl.load(split_acc_ptr + (base + split) * BLOCK_D + dims)
         tl.store(out_ptr + row * stride_out_row + head * stride_out_head + dims,
-                 out.to(out_ptr.dtype.element_ty), mask=dims_ok)
+                 (acc / total).to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
     @triton.jit
@@ -292,38 +327,73 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, key_
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(hd))
 
 
-def decode_launch(programs: int) -> dict[str, int]:
-    """Keys per iteration and warps of the decode kernel for `programs` (rows x query heads) programs.
+def decode_launch(programs: int, head_dim: int = 128, keys: int | None = None) -> dict[str, int]:
+    """Keys per iteration and warps of the decode kernel for `programs` programs (`keys`: the split size when
+    the keys are split, else None).
 
     Swept on an H200 (bench/bench_paged_attention.py --sweep, bf16, 16-32 heads of 128, 192-1024 tokens): with
     enough programs to fill the GPU, one warp each over 64 keys reads K/V at 3.7-4.2 TB/s (the old 4 warps: 2.3-3.2);
-    with fewer, bigger tiles keep more loads in flight per program."""
-    if programs >= 1024:
-        return {"TILE": 64, "num_warps": 1}
-    return {"TILE": 256, "num_warps": 4}
+    with fewer, bigger tiles keep more loads in flight per program. Tiles shrink with wider heads, so a thread
+    holds as many values as at head size 128."""
+    scale = max(1, triton.next_power_of_2(head_dim) // 128) if triton is not None else 1
+    if programs >= 1024 and keys is None:
+        return {"TILE": 64 // scale, "num_warps": 1}
+    return {"TILE": 256 // scale, "num_warps": 4}  # and for splits: a split of 256 keys is one tile
+
+
+_PARTITION = 256             # keys of one split (flash-decoding): one tile
+_SPLIT_BELOW = 64            # rows x heads up to this many split their keys (batch 1-2 at 32 heads)
+_MAX_SPLIT_PROGRAMS = 16384  # beyond this many programs splits grow instead (most of them are empty)
+
+
+def decode_splits(programs: int, capacity: int) -> int:
+    """How many splits of the keys for `programs` (rows x query heads) programs whose tables hold up to
+    `capacity` tokens. Only few programs (`_SPLIT_BELOW`) with tables of 1,024 tokens or more split, one split
+    per `_PARTITION` keys of the table: the host knows only the table's width (a CUDA graph's tables are as
+    wide as the longest sequence allowed), so a short row leaves its last splits empty; they end at once, and
+    the combining kernel reads only the splits a row used. Measured on an H200 at batch 1 (bench/README.md):
+    8,192 keys 59.4 vs 203 us, 1,000 keys in a 32,768-token table 12.2 vs 21.3 us, 192 in 2,048 8.3 vs 6.4 us.
+    With more programs, splitting gained little or lost when rows are shorter than their tables."""
+    if programs > _SPLIT_BELOW or capacity < 1024:
+        return 1
+    return max(1, min(-(-capacity // _PARTITION), _MAX_SPLIT_PROGRAMS // programs))
 
 
 def paged_decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
                            tables: torch.Tensor, lengths: torch.Tensor, scale: float,
                            slopes: torch.Tensor | None, kv_scale: float | None,
-                           launch: dict[str, int] | None = None) -> torch.Tensor:
+                           launch: dict[str, int] | None = None, splits: int | None = None) -> torch.Tensor:
     """The Triton kernel; same contract as `decode_attention_reference` (`tables`, `lengths`: int32).
 
-    `launch` overrides `TILE`, `num_warps` and `num_stages` (bench/bench_paged_attention.py --sweep)."""
+    `launch` overrides `TILE`, `num_warps` and `num_stages`, `splits` the number of key splits
+    (bench/bench_paged_attention.py --sweep)."""
     assert triton is not None
     rows, heads, hd = q.shape
-    launch = {**decode_launch(rows * heads), **(launch or {})}
     kv_heads = key_blocks.shape[2]
+    block_size = key_blocks.shape[1]
     out = torch.empty_like(q)
     if rows == 0:
         return out
-    _paged_decode_kernel[(rows, heads)](
+    capacity = tables.shape[1] * block_size
+    splits = splits if splits is not None else decode_splits(rows * heads, capacity)
+    partition = -(-capacity // splits)
+    launch = {**decode_launch(rows * heads * splits, hd, partition if splits > 1 else None), **(launch or {})}
+    block_d = triton.next_power_of_2(hd)
+    partition = -(-partition // launch["TILE"]) * launch["TILE"]  # whole tiles per split
+    split_acc = split_stats = q  # unused without splits
+    if splits > 1:
+        split_acc = torch.empty(rows * heads * splits * block_d, dtype=torch.float32, device=q.device)
+        split_stats = torch.empty(rows * heads * splits * 2, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(rows, heads, splits)](
         q, key_blocks, value_blocks, tables, lengths, slopes if slopes is not None else q, out,
-        scale, kv_scale if kv_scale is not None else 1.0,
+        split_acc, split_stats, partition, scale, kv_scale if kv_scale is not None else 1.0,
         q.stride(0), q.stride(1), key_blocks.stride(0), key_blocks.stride(1), key_blocks.stride(2),
         tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=heads // kv_heads, BLOCK_SIZE=key_blocks.shape[1], HEAD_DIM=hd,
-        BLOCK_D=triton.next_power_of_2(hd), HAS_ALIBI=slopes is not None, INT8=kv_scale is not None, **launch)
+        GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=hd, BLOCK_D=block_d,
+        HAS_ALIBI=slopes is not None, INT8=kv_scale is not None, SPLIT=splits > 1, **launch)
+    if splits > 1:
+        _combine_splits_kernel[(rows, heads)](split_acc, split_stats, lengths, out, partition, splits,
+                                              out.stride(0), out.stride(1), HEAD_DIM=hd, BLOCK_D=block_d)
     return out
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from generator.engine.allreduce_norm import PeerAllReduceNorm
+from generator.engine.allreduce_norm import PeerAllReduceNorm, enable_symmetric_memory
 from generator.errors import ConfigError
 from generator.formats.mapping import Mapping
 
@@ -140,16 +140,18 @@ class Communicator:
         dist.all_reduce(tensor, group=self._tp_group)
         return tensor
 
-    def enable_peer_all_reduce(self, dtype: torch.dtype) -> None:
+    def enable_peer_all_reduce(self, dtype: torch.dtype, fused_layers: bool) -> None:
         """Send decode-sized all-reduces of `dtype` through symmetric memory (see `PeerAllReduce`), and build
-        the fused all-reduce + add + LayerNorm (`peer_norm`), as `GEN_REPO_TP_ALLREDUCE` says. Every TP rank must
-        call this at the same point; where it cannot work (CPU, float16, no peer access) NCCL stays in charge."""
+        the fused all-reduce + add + LayerNorm (`peer_norm`) when the model's layer loop can use it
+        (`fused_layers`), as `GEN_REPO_TP_ALLREDUCE` says. Every TP rank must call this at the same point, with the
+        same settings (checked: a rank on another path would wait for its peers forever); where it cannot work
+        (CPU, float16, no peer access) NCCL stays in charge."""
         if self._tp_group is None:
             return
         mode = _switch(ALL_REDUCE_ENV, ALL_REDUCE_MODES)
+        self._agree(ALL_REDUCE_MODES.index(mode), f"{ALL_REDUCE_ENV} ({mode} here)")
+        self._agree(int(fused_layers), f"GEN_REPO_FUSED_NORM / GEN_REPO_PAGED_KERNEL (fused layers {fused_layers} here)")
         usable = self.device.type == "cuda" and dtype in PeerAllReduce.DTYPES and mode != "nccl"
-        # every rank must take the same path: the rendezvous is a collective, and a rank on NCCL beside one on
-        # the peer kernel would wait for each other forever
         if not self.min_over_ranks(int(usable)):
             return
         peer = None
@@ -160,17 +162,21 @@ class Communicator:
         if not self.min_over_ranks(int(peer is not None)):
             return
         self._peer_all_reduce = peer
-        if mode != "fused":
-            log.info("TP all-reduce: one-shot")
-            return
-        fused = None
-        try:
-            fused = PeerAllReduceNorm(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
-        except Exception as error:  # noqa: BLE001 - e.g. no Triton: the separate kernels still work
-            log.warning("fused all-reduce + LayerNorm unavailable (%s); using separate kernels", error)
-        if self.min_over_ranks(int(fused is not None)):
-            self.peer_norm = fused
-        log.info("TP all-reduce: %s", "fused with add + LayerNorm" if self.peer_norm else "one-shot")
+        if mode == "fused" and fused_layers:
+            fused = None
+            try:
+                fused = PeerAllReduceNorm(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
+            except Exception as error:  # noqa: BLE001 - e.g. no Triton: the separate kernels still work
+                log.warning("fused all-reduce + LayerNorm unavailable (%s); using separate kernels", error)
+            if self.min_over_ranks(int(fused is not None)):
+                self.peer_norm = fused
+        log.info("TP all-reduce: %s", "one-shot, fused with add + LayerNorm at block boundaries"
+                 if self.peer_norm else "one-shot")
+
+    def _agree(self, value: int, what: str) -> None:
+        """ConfigError (one line, on every rank) unless every rank passes the same `value`."""
+        if self.min_over_ranks(value) != -self.min_over_ranks(-value):
+            raise ConfigError(f"the ranks disagree on {what}: every rank must run with the same setting")
 
     def tp_all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every TP rank's `tensor` along `dim`, in TP-rank order."""
@@ -294,12 +300,10 @@ class PeerAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
-        major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-        if (major, minor) < (2, 8):  # needed before 2.8; deprecated (a warning in the log) after
-            symm_mem.enable_symm_mem_for_group(self.group_name)
+        enable_symmetric_memory(group)
         self.dtype = dtype
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)  # kept: it holds the peers' mappings
         self._reduce = torch.ops.symm_mem.one_shot_all_reduce_copy_out
 
     def fits(self, tensor: torch.Tensor) -> bool:

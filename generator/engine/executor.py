@@ -106,7 +106,7 @@ def _load_rank(engine_dir: Path, device: str | None, weights: dict[str, torch.Te
     _set_cpu_threads(config.world_size, torch_device)
     comm = Communicator(mapping, torch_device)
     model = DecoderModel(config, Path(engine_dir), comm, torch_device, weights)
-    comm.enable_peer_all_reduce(model.dtype)
+    comm.enable_peer_all_reduce(model.dtype, model.fused_norm)
     return config, comm, model
 
 

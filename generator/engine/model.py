@@ -459,7 +459,10 @@ class DecoderModel:
             out = out.transpose(1, 2).reshape(-1, self.heads * hd)[batch.output_index]
             parts.append(out)
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self._row_linear(out, prefix + ".dense") if reduce else self._matmul(out, prefix + ".dense.weight")
+        if reduce:
+            return self._row_linear(out, prefix + ".dense")
+        assert prefix + ".dense.bias" not in self.tensors, "a partial sum cannot carry the bias"
+        return self._matmul(out, prefix + ".dense.weight")
 
     def _mlp(self, local: int, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """The MLP (or MoE) block's output; with `reduce=False` this rank's partial sum (no bias)."""
@@ -472,11 +475,14 @@ class DecoderModel:
         else:  # swiglu: fc holds [up; gate]
             up, gate = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
-        return self._row_linear(hidden, prefix + ".proj") if reduce else self._matmul(hidden, prefix + ".proj.weight")
+        if reduce:
+            return self._row_linear(hidden, prefix + ".proj")
+        assert prefix + ".proj.bias" not in self.tensors, "a partial sum cannot carry the bias"
+        return self._matmul(hidden, prefix + ".proj.weight")
 
     def _moe(self, local: int, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """Top-k routing in float32 on every rank; each rank runs its experts' share of F (no host sync, see
-        engine/moe.py), then one all-reduce."""
+        engine/moe.py), then one all-reduce (with `reduce=False` the caller's)."""
         moe = self.config.moe
         assert moe is not None
         prefix = f"transformer.layers.{local}.mlp"
@@ -561,36 +567,37 @@ class DecoderModel:
         normed = self._norm(hidden, "transformer.layers.0.input_layernorm")
         for local in range(count):
             prefix = f"transformer.layers.{local}"
-            partial = self._attention(local, normed, batch, cache, bias, rope,
-                                      reduce=not self._fusable(prefix, "attention"))
-            hidden, after = self._reduce_add_norm("attention", partial, hidden, prefix, prefix + ".post_layernorm")
-            assert after is not None
-            partial = self._mlp(local, after, reduce=not self._fusable(prefix, "mlp"))
+            fused = self._fusable(prefix + ".attention.dense.bias")
+            partial = self._attention(local, normed, batch, cache, bias, rope, reduce=not fused)
+            hidden, mlp_input = self._reduce_add_norm("attention", fused, partial, hidden,
+                                                      prefix + ".post_layernorm")
+            assert mlp_input is not None
+            fused = self._fusable(prefix + ".mlp.proj.bias")
+            partial = self._mlp(local, mlp_input, reduce=not fused)
             # ln_f runs on the last tokens only (in _head): the last layer adds without a norm
             norm = f"transformer.layers.{local + 1}.input_layernorm" if local + 1 < count else None
-            hidden, normed_next = self._reduce_add_norm("mlp", partial, hidden, prefix, norm)
-            if normed_next is not None:
-                normed = normed_next
+            hidden, next_input = self._reduce_add_norm("mlp", fused, partial, hidden, norm)
+            if next_input is not None:
+                normed = next_input
         return hidden
 
-    def _fusable(self, prefix: str, role: str) -> bool:
-        """Whether the block's output all-reduce goes into the fused kernel: it exists, and no bias comes after
-        the sum. (The block then returns its partial sum; the fused kernel decides by shape per call.)"""
-        row_bias = prefix + (".attention.dense.bias" if role == "attention" else ".mlp.proj.bias")
+    def _fusable(self, row_bias: str) -> bool:
+        """Whether a block's output all-reduce goes into the fused kernel: the communicator has it, and no bias
+        (`row_bias`) is added after the sum. The block then returns its partial sum."""
         return self.comm.peer_norm is not None and row_bias not in self.tensors
 
-    def _reduce_add_norm(self, role: str, update: torch.Tensor, residual: torch.Tensor, prefix: str,
+    def _reduce_add_norm(self, role: str, fused: bool, update: torch.Tensor, residual: torch.Tensor,
                          norm: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(residual + the block's output, the LayerNorm `norm` of that or None). `update` is the partial sum
-        when `_fusable` said so: then the fused kernel sums it over TP, or NCCL does for messages too big."""
+        """(residual + the block's output, the LayerNorm `norm` of that or None). With `fused`, `update` is this
+        rank's partial sum: the fused kernel sums it over TP, or NCCL does for a message too big for it."""
         weight = self.tensors[norm + ".weight"] if norm else None
         norm_bias = self._optional(norm + ".bias") if norm else None
         eps = self.config.norm_epsilon
-        fused = self.comm.peer_norm
-        if self._fusable(prefix, role):
-            assert fused is not None
-            if fused.fits(update):
-                return fused(role, update, residual, weight, norm_bias, eps)
+        if fused:
+            peer_norm = self.comm.peer_norm
+            assert peer_norm is not None
+            if peer_norm.fits(update):
+                return peer_norm(role, update, residual, weight, norm_bias, eps)
             update = self.comm.tp_all_reduce(update)
         if weight is None:
             return residual + update, None

@@ -64,7 +64,8 @@ def test_each_block_boundary_reduces_once_and_tokens_match_transformers(
         counts["forward"] += 1
         return plain_forward(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    def enable(self: Communicator, dtype: torch.dtype) -> None:
+    def enable(self: Communicator, dtype: torch.dtype, fused_layers: bool) -> None:
+        assert fused_layers
         self.peer_norm = stand_in  # type: ignore[assignment]
 
     monkeypatch.setattr(model_module, "fused_norm_available", lambda device: True)
