@@ -177,3 +177,7 @@ def fused_boundary(group: dist.ProcessGroup, peer: PeerAllReduce, fused: PeerAll
               f"{timings['fused']:6.1f} us per boundary ({timings['separate'] / timings['fused']:.2f}x); {verdict} "
               f"over {replays + 1} runs; every rank holds the same hidden states: {bool(ranks_agree.item())}",
               flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,8 +22,8 @@ from generator.errors import ConfigError
 from generator.formats.mapping import Mapping
 
 QUIET = -1  # kind of the step message that moves the next one to gloo (see Communicator.broadcast_step)
-# "fused" (default): decode all-reduces through symmetric memory, each block's fused with its residual add and
-# LayerNorm (engine/allreduce_norm.py); "oneshot": the all-reduce alone through symmetric memory; "nccl": NCCL only
+# "fused" (default): decode all-reduces through symmetric memory, at TP2 each block's fused with its residual add
+# and LayerNorm (engine/allreduce_norm.py); "oneshot": the all-reduce alone through symmetric memory; "nccl": NCCL
 ALL_REDUCE_ENV = "GEN_REPO_TP_ALLREDUCE"
 ALL_REDUCE_MODES = ("fused", "oneshot", "nccl")
 STEP_STREAM_ENV = "GEN_REPO_STEP_STREAM"  # "0": step messages on the compute stream, as before the side stream
@@ -162,7 +162,10 @@ class Communicator:
         if not self.min_over_ranks(int(peer is not None)):
             return
         self._peer_all_reduce = peer
-        if mode == "fused" and fused_layers:
+        # measured on H200s (bench/tp_allreduce_gpu.py): at TP2 the fused boundary takes 8.2-11.8 us where one-shot
+        # + add_layer_norm take 10.7-17.1; at TP4 it is slower (14.6 vs 11.5 us at one row): its barrier signals
+        # the peers one after the other. So it is built for two ranks only.
+        if mode == "fused" and fused_layers and self.mapping.tensor_parallel_size == 2:
             fused = None
             try:
                 fused = PeerAllReduceNorm(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
