@@ -3,7 +3,8 @@
 Decode rows (one new token each) read their keys and values straight from the pool blocks through their block
 tables: on CUDA with a Triton-language kernel (one program per sequence and query head, an online softmax over
 tiles of keys gathered through the block table, GQA/MQA by head grouping, ALiBi from the slopes, int8 K/V
-dequantized on load); elsewhere with `decode_attention_reference`, which gathers the padded table's slots and
+dequantized on load; with few sequences and wide tables the keys are split over several programs and merged by a
+second kernel, see `decode_splits`); elsewhere with `decode_attention_reference`, which gathers the padded table's slots and
 runs SDPA (the CPU path and the kernel's correctness reference). Both have fixed shapes for a fixed table width,
 so they can be captured in CUDA graphs. RoPE is applied before K is written, so the pool holds rotated keys.
 """

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from generator.engine import distributed
 from generator.engine.allreduce_norm import PeerAllReduceNorm
 from generator.engine.distributed import PeerAllReduce
+from generator.engine.rank_env import free_port
 from generator.errors import ConfigError
 
 
@@ -49,3 +55,38 @@ def test_the_fused_all_reduce_norm_takes_decode_messages_by_shape() -> None:
     assert not fused.fits(torch.zeros(5, 1024, dtype=torch.bfloat16))      # more than a buffer: prefill
     assert not fused.fits(rows.t())                                        # columns not contiguous
     assert not fused.fits(rows.view(-1))                                   # not [rows, d]
+
+
+_DISAGREE = """
+import os, sys
+from generator.engine.distributed import Communicator
+from generator.errors import ConfigError
+from generator.formats.mapping import Mapping
+import torch
+rank = int(sys.argv[1])
+os.environ["GEN_REPO_TP_ALLREDUCE"] = sys.argv[2 + rank]
+comm = Communicator(Mapping.create(tensor_parallel_size=2).with_rank(rank), torch.device("cpu"))
+try:
+    comm.enable_peer_all_reduce(torch.float32, fused_layers=sys.argv[4 + rank] == "1")
+    print("agreed")
+except ConfigError as error:
+    print(f"error: {error}")
+comm.close()
+"""
+
+
+@pytest.mark.parametrize(("modes", "fused"), [(("fused", "oneshot"), ("1", "1")), (("fused", "fused"), ("1", "0")),
+                                                (("nccl", "nccl"), ("0", "0"))])
+def test_ranks_that_disagree_on_the_all_reduce_path_stop_with_one_line(modes: tuple[str, str],
+                                                                        fused: tuple[str, str]) -> None:
+    """A rank on the fused kernel beside one on another path would spin on the GPU forever: every rank checks
+    at start that all run the same GEN_REPO_TP_ALLREDUCE and the same layer loop, and all stop with one line."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, "-c", _DISAGREE, str(rank), *modes, *fused], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2]) for rank in range(2)]
+    outputs = [rank.communicate(timeout=120)[0].strip().splitlines()[-1] for rank in ranks]
+    if modes[0] == modes[1] and fused[0] == fused[1]:
+        assert outputs == ["agreed", "agreed"]
+    else:
+        assert all(line.startswith("error: the ranks disagree on ") for line in outputs), outputs
