@@ -93,6 +93,8 @@ def main() -> int:
         mixed_want = decode_attention_reference(q, keys, values, tables, mixed, scale, slopes, kv_scale)
         mixed_got = paged_decode_attention(q, keys, values, tables, mixed, scale, slopes, kv_scale)
         error = max(error, (mixed_got.float() - mixed_want.float()).abs().max().item())
+        forced = paged_decode_attention(q, keys, values, tables, mixed, scale, slopes, kv_scale, splits=4)
+        error = max(error, (forced.float() - mixed_want.float()).abs().max().item())  # the split kernel, any shape
         inputs = (q, keys, values, tables, lengths, scale, slopes, kv_scale)
         kernel = time_ms(lambda inputs=inputs: paged_decode_attention(*inputs))
         unsplit = time_ms(lambda inputs=inputs: paged_decode_attention(*inputs, splits=1))

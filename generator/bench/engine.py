@@ -308,7 +308,9 @@ def trace_run(executor: Executor, batch: int, args: argparse.Namespace, rows: in
     def step_count(run: dict[str, Any]) -> int:
         return int(run["steps"]["graph_steps"] + run["steps"]["eager_steps"])
 
-    steps = max(1, step_count(result) - step_count(short_result))
+    steps = step_count(result) - step_count(short_result)
+    if steps <= 0:
+        raise ConfigError(f"--trace-batch: the longer run took {steps} more steps than the short one; nothing to divide")
     table = []
     for name, (count, total) in full["kernels"].items():
         base_count, base_total = short["kernels"].get(name, [0, 0.0])

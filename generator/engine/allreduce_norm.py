@@ -107,10 +107,13 @@ class PeerAllReduceNorm:
     for bf16 and float32, as `PeerAllReduce`)."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
+        """This rank's buffers only; `connect` (a collective) maps the peers' once every rank has them."""
         import torch.distributed._symmetric_memory as symm_mem
 
         assert triton is not None
         enable_symmetric_memory(group)
+        self.group = group
+        self.device = device
         self.dtype = dtype
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -118,13 +121,19 @@ class PeerAllReduceNorm:
         self.data = symm_mem.empty(len(ROLES) * self.max_elements, dtype=dtype, device=device)
         self.flags = symm_mem.empty(PROGRAMS * self.world, dtype=torch.int32, device=device)
         self.flags.zero_()
+        self.handles: tuple = ()
+        self.data_ptrs = self.flag_ptrs = torch.empty(0, dtype=torch.int64, device=device)
+
+    def connect(self) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
         # the handles are kept: they hold the mappings of the peers' buffers
-        self.handles = (symm_mem.rendezvous(self.data, group.group_name),
-                        symm_mem.rendezvous(self.flags, group.group_name))
-        self.data_ptrs = torch.tensor(list(self.handles[0].buffer_ptrs), dtype=torch.int64, device=device)
-        self.flag_ptrs = torch.tensor(list(self.handles[1].buffer_ptrs), dtype=torch.int64, device=device)
-        torch.cuda.synchronize(device)
-        dist.barrier(group=group)  # every pad is zero before any rank raises a flag in it
+        self.handles = (symm_mem.rendezvous(self.data, self.group.group_name),
+                        symm_mem.rendezvous(self.flags, self.group.group_name))
+        self.data_ptrs = torch.tensor(list(self.handles[0].buffer_ptrs), dtype=torch.int64, device=self.device)
+        self.flag_ptrs = torch.tensor(list(self.handles[1].buffer_ptrs), dtype=torch.int64, device=self.device)
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)  # every pad is zero before any rank raises a flag in it
 
     def fits(self, partial: torch.Tensor) -> bool:
         """A decode-sized `[rows, d]` message of this dtype with unit stride along d (shapes only: every rank
@@ -135,7 +144,8 @@ class PeerAllReduceNorm:
     def __call__(self, role: str, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                  bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(residual + all-reduced partial, its LayerNorm with `weight`/`bias`, or None without `weight`).
-        `role` ("attention" or "mlp") picks the buffer: calls must alternate roles (see the module docstring)."""
+        `role` ("attention" or "mlp") picks the buffer. Two calls on one buffer need a call on the other buffer,
+        or another TP collective, between them (see the module docstring)."""
         assert triton is not None
         rows, width = partial.shape
         total = torch.empty_like(residual)

@@ -3,8 +3,8 @@
 Decode rows (one new token each) read their keys and values straight from the pool blocks through their block
 tables: on CUDA with a Triton-language kernel (one program per sequence and query head, an online softmax over
 tiles of keys gathered through the block table, GQA/MQA by head grouping, ALiBi from the slopes, int8 K/V
-dequantized on load; with few sequences and wide tables the keys are split over several programs and merged by a
-second kernel, see `decode_splits`); elsewhere with `decode_attention_reference`, which gathers the padded table's slots and
+dequantized on load; with few sequences and wide tables each (sequence, head)'s keys are split over several
+programs and merged by a second kernel, see `decode_splits`); elsewhere with `decode_attention_reference`, which gathers the padded table's slots and
 runs SDPA (the CPU path and the kernel's correctness reference). Both have fixed shapes for a fixed table width,
 so they can be captured in CUDA graphs. RoPE is applied before K is written, so the pool holds rotated keys.
 """
@@ -328,34 +328,36 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, key_
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(hd))
 
 
-def decode_launch(programs: int, head_dim: int = 128, keys: int | None = None) -> dict[str, int]:
-    """Keys per iteration and warps of the decode kernel for `programs` programs (`keys`: the split size when
-    the keys are split, else None).
+def decode_launch(programs: int, head_dim: int = 128, split: bool = False) -> dict[str, int]:
+    """Keys per iteration and warps of the decode kernel for `programs` programs (`split`: the keys of each
+    (row, head) are split over several programs).
 
     Swept on an H200 (bench/bench_paged_attention.py --sweep, bf16, 16-32 heads of 128, 192-1024 tokens): with
     enough programs to fill the GPU, one warp each over 64 keys reads K/V at 3.7-4.2 TB/s (the old 4 warps: 2.3-3.2);
     with fewer, bigger tiles keep more loads in flight per program. Tiles shrink with wider heads, so a thread
     holds as many values as at head size 128."""
     scale = max(1, triton.next_power_of_2(head_dim) // 128) if triton is not None else 1
-    if programs >= 1024 and keys is None:
+    if programs >= 1024 and not split:
         return {"TILE": 64 // scale, "num_warps": 1}
-    return {"TILE": 256 // scale, "num_warps": 4}  # and for splits: a split of 256 keys is one tile
+    return {"TILE": 256 // scale, "num_warps": 4}
 
 
-_PARTITION = 256             # keys of one split (flash-decoding): one tile
-_SPLIT_BELOW = 64            # rows x heads up to this many split their keys (batch 1-2 at 32 heads)
-_MAX_SPLIT_PROGRAMS = 16384  # beyond this many programs splits grow instead (most of them are empty)
+_PARTITION = 256             # keys of one split (flash-decoding), rounded up to whole tiles
+_SPLIT_MAX_PROGRAMS = 64     # rows x heads (on this rank) up to this many split their keys: batch 1-2 at 32 heads
+_MAX_SPLIT_PROGRAMS = 16384  # beyond this many programs, each split covers more keys instead (most are empty)
 
 
 def decode_splits(programs: int, capacity: int) -> int:
     """How many splits of the keys for `programs` (rows x query heads) programs whose tables hold up to
-    `capacity` tokens. Only few programs (`_SPLIT_BELOW`) with tables of 1,024 tokens or more split, one split
-    per `_PARTITION` keys of the table: the host knows only the table's width (a CUDA graph's tables are as
-    wide as the longest sequence allowed), so a short row leaves its last splits empty; they end at once, and
-    the combining kernel reads only the splits a row used. Measured on an H200 at batch 1 (bench/README.md):
-    8,192 keys 59.4 vs 203 us, 1,000 keys in a 32,768-token table 12.2 vs 21.3 us, 192 in 2,048 8.3 vs 6.4 us.
-    With more programs, splitting gained little or lost when rows are shorter than their tables."""
-    if programs > _SPLIT_BELOW or capacity < 1024:
+    `capacity` tokens. Only few programs (`_SPLIT_MAX_PROGRAMS`) with tables of 1,024 tokens or more split, one
+    split per `_PARTITION` keys of the table: the host knows only the table's width (a CUDA graph's tables are as
+    wide as the longest sequence allowed), so a short row leaves its last splits empty; they end at once, and the
+    combining kernel reads only the splits a row used. Measured on an H200 at batch 1, split vs one program per
+    (row, head): 8,192 keys 59.4 vs 203 us; 1,000 keys in a 32,768-token table 12.2 vs 21.3 us; but 192 keys in a
+    2,048-token table 8.3 vs 6.4 us, which a batch-1 decode graph pays at every short context. With more
+    programs, splitting gained little or lost. Eager steps (tables as wide as the batch's longest row) and graph
+    steps may split the same row differently, and so round differently in the last bits."""
+    if programs > _SPLIT_MAX_PROGRAMS or capacity < 1024:
         return 1
     return max(1, min(-(-capacity // _PARTITION), _MAX_SPLIT_PROGRAMS // programs))
 
@@ -378,7 +380,7 @@ def paged_decode_attention(q: torch.Tensor, key_blocks: torch.Tensor, value_bloc
     capacity = tables.shape[1] * block_size
     splits = splits if splits is not None else decode_splits(rows * heads, capacity)
     partition = -(-capacity // splits)
-    launch = {**decode_launch(rows * heads * splits, hd, partition if splits > 1 else None), **(launch or {})}
+    launch = {**decode_launch(rows * heads * splits, hd, split=splits > 1), **(launch or {})}
     block_d = triton.next_power_of_2(hd)
     partition = -(-partition // launch["TILE"]) * launch["TILE"]  # whole tiles per split
     split_acc = split_stats = q  # unused without splits

@@ -141,15 +141,17 @@ class Communicator:
         return tensor
 
     def enable_peer_all_reduce(self, dtype: torch.dtype, fused_layers: bool) -> None:
-        """Send decode-sized all-reduces of `dtype` through symmetric memory (see `PeerAllReduce`), and build
-        the fused all-reduce + add + LayerNorm (`peer_norm`) when the model's layer loop can use it
+        """Send decode-sized all-reduces of `dtype` through symmetric memory (see `PeerAllReduce`), and at TP2
+        build the fused all-reduce + add + LayerNorm (`peer_norm`) when the model's layer loop can use it
         (`fused_layers`), as `GEN_REPO_TP_ALLREDUCE` says. Every TP rank must call this at the same point, with the
         same settings (checked: a rank on another path would wait for its peers forever); where it cannot work
-        (CPU, float16, no peer access) NCCL stays in charge."""
+        (CPU, float16, no peer access) NCCL stays in charge. Each buffer is allocated on every rank, the ranks
+        agree that all succeeded, and only then do they map each other's (a collective)."""
         if self._tp_group is None:
             return
-        mode = _switch(ALL_REDUCE_ENV, ALL_REDUCE_MODES)
-        self._agree(ALL_REDUCE_MODES.index(mode), f"{ALL_REDUCE_ENV} ({mode} here)")
+        raw = os.environ.get(ALL_REDUCE_ENV, ALL_REDUCE_MODES[0])
+        self._agree(ALL_REDUCE_MODES.index(raw) if raw in ALL_REDUCE_MODES else -1, f"{ALL_REDUCE_ENV} ({raw!r} here)")
+        mode = _switch(ALL_REDUCE_ENV, ALL_REDUCE_MODES)  # a typo: the same one-line error on every rank
         self._agree(int(fused_layers), f"GEN_REPO_FUSED_NORM / GEN_REPO_PAGED_KERNEL (fused layers {fused_layers} here)")
         usable = self.device.type == "cuda" and dtype in PeerAllReduce.DTYPES and mode != "nccl"
         if not self.min_over_ranks(int(usable)):
@@ -161,6 +163,8 @@ class Communicator:
             log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", error)
         if not self.min_over_ranks(int(peer is not None)):
             return
+        assert peer is not None
+        peer.connect()
         self._peer_all_reduce = peer
         # measured on H200s (bench/tp_allreduce_gpu.py): at TP2 the fused boundary takes 8.2-11.8 us where one-shot
         # + add_layer_norm take 10.7-17.1; at TP4 it is slower (14.6 vs 11.5 us at one row): its barrier signals
@@ -172,6 +176,8 @@ class Communicator:
             except Exception as error:  # noqa: BLE001 - e.g. no Triton: the separate kernels still work
                 log.warning("fused all-reduce + LayerNorm unavailable (%s); using separate kernels", error)
             if self.min_over_ranks(int(fused is not None)):
+                assert fused is not None
+                fused.connect()
                 self.peer_norm = fused
         log.info("TP all-reduce: %s", "one-shot, fused with add + LayerNorm at block boundaries"
                  if self.peer_norm else "one-shot")
@@ -300,14 +306,20 @@ class PeerAllReduce:
     DTYPES = (torch.bfloat16, torch.float32)  # what torch's kernel is built for
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
+        """This rank's buffer only; `connect` (a collective) maps the peers' once every rank has one."""
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
         enable_symmetric_memory(group)
         self.dtype = dtype
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)  # kept: it holds the peers' mappings
+        self.handle: Any = None
         self._reduce = torch.ops.symm_mem.one_shot_all_reduce_copy_out
+
+    def connect(self) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)  # kept: it holds the peers' mappings
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """Same dtype, contiguous, within the buffer, and 16-byte aligned like the buffer (the kernel's rule).

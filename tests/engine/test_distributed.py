@@ -76,7 +76,7 @@ comm.close()
 
 
 @pytest.mark.parametrize(("modes", "fused"), [(("fused", "oneshot"), ("1", "1")), (("fused", "fused"), ("1", "0")),
-                                                (("nccl", "nccl"), ("0", "0"))])
+                                                (("nccl", "NCCL"), ("1", "1")), (("nccl", "nccl"), ("0", "0"))])
 def test_ranks_that_disagree_on_the_all_reduce_path_stop_with_one_line(modes: tuple[str, str],
                                                                         fused: tuple[str, str]) -> None:
     """A rank on the fused kernel beside one on another path would spin on the GPU forever: every rank checks

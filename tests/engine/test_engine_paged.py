@@ -234,6 +234,10 @@ for heads, kv_heads, alibi, int8 in [(4, 4, True, False), (8, 2, False, False), 
     want = decode_attention_reference(q, k, v, tables, lengths, scale, slopes, kv_scale)
     got = paged_decode_attention(q, k, v, tables, lengths, scale, slopes, kv_scale)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (heads, kv_heads, (got - want).abs().max())
+    # split keys (flash-decoding): 3 splits of 8 keys over 16-token tables, the last always empty
+    split = paged_decode_attention(q, k, v, tables, lengths, scale, slopes, kv_scale, {"TILE": 4, "num_warps": 1},
+                                   splits=3)
+    assert torch.allclose(split, want, atol=1e-4, rtol=1e-4), (heads, kv_heads, (split - want).abs().max())
 from generator.engine.attention import store_kv
 qkv = torch.randn(5, (4 + 2 * 2) * 16)
 k, v = qkv[:, 64:96].view(5, 2, 16), qkv[:, 96:].view(5, 2, 16)  # strided views, as the model passes them

@@ -1,13 +1,17 @@
 """The layer loop's fused block boundaries (all-reduce + residual add + LayerNorm in one call), wired on CPU.
 
-The fused kernel itself needs CUDA and peer GPUs (bench/tp_allreduce_gpu.py checks it on a GPU machine against
-the separate kernels, and `gen-repo bench` shows equal tokens for every GEN_REPO_TP_ALLREDUCE). Here a stand-in
-with the kernel's contract takes its place, so the wiring is checked: exactly one reduction per block boundary,
-whether the fused call takes the message or it is too big and NCCL's path does, and the tokens of transformers.
+Its barrier needs peer GPUs (bench/tp_allreduce_gpu.py checks the kernel on a GPU machine against the separate
+kernels, and `gen-repo bench` shows equal tokens for every GEN_REPO_TP_ALLREDUCE). Here a stand-in with the
+kernel's contract takes its place in the engine, so the wiring is checked: exactly one reduction per block
+boundary, whether the fused call takes the message or it is too big and NCCL's path does, and the tokens of
+transformers; and the kernel's arithmetic runs under the Triton interpreter at one rank.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,40 @@ def test_each_block_boundary_reduces_once_and_tokens_match_transformers(
         assert reduced > 0  # prefills of more than 4 tokens took the unfused path
     # the roles alternate, attention then mlp, so the kernel's two buffers alternate
     assert set(stand_in.roles[::2]) == {"attention"} and set(stand_in.roles[1::2]) == {"mlp"}
+
+
+_KERNEL_CHECK = """
+import torch
+import torch.nn.functional as F
+from generator.engine import allreduce_norm as an
+torch.manual_seed(0)
+rows, width = 5, 40
+partial, residual = torch.randn(rows, width), torch.randn(rows, width)
+weight, bias = torch.randn(width), torch.randn(width)
+data = torch.zeros(2 * 4096)
+flags = torch.zeros(an.PROGRAMS, dtype=torch.int32)
+data_ptrs = torch.tensor([data.data_ptr()], dtype=torch.int64)
+flag_ptrs = torch.tensor([flags.data_ptr()], dtype=torch.int64)
+for role_offset, w, b in [(0, weight, bias), (4096, weight, None), (0, None, None)]:
+    total = torch.empty_like(residual); out = torch.empty_like(residual)
+    an._all_reduce_add_norm_kernel[(min(rows, an.PROGRAMS),)](
+        partial, residual, w if w is not None else residual, b if b is not None else residual, total, out,
+        data_ptrs, flag_ptrs, role_offset, rows, partial.stride(0), residual.stride(0), total.stride(0), out.stride(0),
+        1e-5, RANK=0, WORLD=1, WIDTH=width, BLOCK=64, PROGRAMS=an.PROGRAMS, HAS_NORM=w is not None,
+        HAS_BIAS=b is not None)
+    assert torch.equal(total, partial + residual), (total - partial - residual).abs().max()
+    if w is not None:
+        want = F.layer_norm(partial + residual, (width,), w, b, 1e-5)
+        assert torch.allclose(out, want, atol=1e-5), (out - want).abs().max()
+print("ok")
+"""
+
+
+def test_the_fused_kernel_adds_and_normalizes_as_the_separate_kernels() -> None:
+    """The fused kernel's arithmetic, interpreted on CPU at one rank (no peers: the barrier has nobody to wait
+    for): rows copied through the buffer, both buffers, with and without a norm and its bias."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    completed = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env,
+                               timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert completed.returncode == 0 and "ok" in completed.stdout, completed.stdout + completed.stderr
