@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ ALL_REDUCE_MODES = ("fused", "oneshot", "nccl")
 STEP_STREAM_ENV = "GEN_REPO_STEP_STREAM"  # "0": step messages on the compute stream, as before the side stream
 _PEER_ALL_REDUCE_BYTES = 2 << 20  # decode-sized messages (256 x 4096 bf16); prefill's go through NCCL
 log = logging.getLogger(__name__)
+_Peer = TypeVar("_Peer", "PeerAllReduce", PeerAllReduceNorm)
 # followers block in a broadcast while rank 0 is idle (a server can sit idle for days): never time out there
 _IDLE_TIMEOUT = timedelta(days=365)
 
@@ -156,31 +158,40 @@ class Communicator:
         usable = self.device.type == "cuda" and dtype in PeerAllReduce.DTYPES and mode != "nccl"
         if not self.min_over_ranks(int(usable)):
             return
-        peer = None
-        try:
-            peer = PeerAllReduce(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
-        except Exception as error:  # noqa: BLE001 - an old torch or a host without P2P: NCCL still works
-            log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", error)
-        if not self.min_over_ranks(int(peer is not None)):
+        peer = self._built(lambda: PeerAllReduce(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES),
+                           "symmetric-memory all-reduce unavailable (%s); using NCCL")
+        if peer is None:
             return
-        assert peer is not None
-        peer.connect()
         self._peer_all_reduce = peer
         # measured on H200s (bench/tp_allreduce_gpu.py): at TP2 the fused boundary takes 8.2-11.8 us where one-shot
         # + add_layer_norm take 10.7-17.1; at TP4 it is slower (14.6 vs 11.5 us at one row): its barrier signals
         # the peers one after the other. So it is built for two ranks only.
         if mode == "fused" and fused_layers and self.mapping.tensor_parallel_size == 2:
-            fused = None
-            try:
-                fused = PeerAllReduceNorm(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES)
-            except Exception as error:  # noqa: BLE001 - e.g. no Triton: the separate kernels still work
-                log.warning("fused all-reduce + LayerNorm unavailable (%s); using separate kernels", error)
-            if self.min_over_ranks(int(fused is not None)):
-                assert fused is not None
-                fused.connect()
-                self.peer_norm = fused
+            self.peer_norm = self._built(
+                lambda: PeerAllReduceNorm(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES),
+                "fused all-reduce + LayerNorm unavailable (%s); using separate kernels")
         log.info("TP all-reduce: %s", "one-shot, fused with add + LayerNorm at block boundaries"
                  if self.peer_norm else "one-shot")
+
+    def _built(self, make: Callable[[], _Peer], failure: str) -> _Peer | None:
+        """`make()` on every rank, then `connect()` (a collective) only if every rank made it, then the same
+        verdict everywhere: the object, or None (logged with `failure`) if any rank failed a step. An old torch, a
+        host without peer access or no Triton then leaves NCCL or the separate kernels in charge."""
+        made: _Peer | None = None
+        try:
+            made = make()
+        except Exception as error:  # noqa: BLE001 - any failure to allocate: fall back, on every rank
+            log.warning(failure, error)
+        if not self.min_over_ranks(int(made is not None)):
+            return None
+        assert made is not None
+        connected = True
+        try:
+            made.connect()
+        except Exception as error:  # noqa: BLE001 - e.g. no peer mapping: every rank fails the same way
+            log.warning(failure, error)
+            connected = False
+        return made if self.min_over_ranks(int(connected)) else None
 
     def _agree(self, value: int, what: str) -> None:
         """ConfigError (one line, on every rank) unless every rank passes the same `value`."""

@@ -15,6 +15,7 @@ from generator.engine.allreduce_norm import PeerAllReduceNorm
 from generator.engine.distributed import PeerAllReduce
 from generator.engine.rank_env import free_port
 from generator.errors import ConfigError
+from generator.formats.mapping import Mapping
 
 
 def test_multi_rank_switches_refuse_unknown_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,3 +91,26 @@ def test_ranks_that_disagree_on_the_all_reduce_path_stop_with_one_line(modes: tu
         assert outputs == ["agreed", "agreed"]
     else:
         assert all(line.startswith("error: the ranks disagree on ") for line in outputs), outputs
+
+
+def test_a_peer_path_that_fails_to_build_or_connect_falls_back() -> None:
+    """Allocation, then (only if every rank allocated) the collective mapping; any failure leaves NCCL or the
+    separate kernels in charge on every rank, never a half-built peer path."""
+    comm = distributed.Communicator(Mapping.create(), torch.device("cpu"))  # one rank: the verdicts are its own
+
+    class Peer:
+        def __init__(self, fail_connect: bool) -> None:
+            self.fail_connect, self.connected = fail_connect, False
+
+        def connect(self) -> None:
+            if self.fail_connect:
+                raise RuntimeError("no peer access")
+            self.connected = True
+
+    def fail_to_allocate() -> Peer:
+        raise RuntimeError("out of memory")
+
+    assert comm._built(fail_to_allocate, "unavailable (%s)") is None  # type: ignore[type-var]
+    assert comm._built(lambda: Peer(fail_connect=True), "unavailable (%s)") is None  # type: ignore[type-var]
+    built = comm._built(lambda: Peer(fail_connect=False), "unavailable (%s)")  # type: ignore[type-var]
+    assert isinstance(built, Peer) and built.connected
