@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="time single forwards and print torch.profiler's top operations (single rank)")
     parser.add_argument("--trace-batch", type=int, default=None, metavar="B",
-                        help="after the timed runs, run batch B once more under torch.profiler (rank 0) and print "
+                        help="after the timed runs, run batch B twice more under torch.profiler (rank 0) and print "
                              "where the GPU time went: each kernel's time per decode step, and the GPU's idle share")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here (rank 0)")
     return parser.parse_args(argv)
@@ -178,13 +178,12 @@ def batch_sizes(args: argparse.Namespace) -> list[int]:
 
 
 class _Streams:
-    """Result callbacks of a timed run: each request's first-token time, token count and inter-token gaps."""
+    """Result callbacks of a timed run: each request's first-token time, tokens and inter-token gaps."""
 
     def __init__(self) -> None:
         self.done = threading.Semaphore(0)
         self.first_token: dict[int, float] = {}
         self.last_seen: dict[int, float] = {}
-        self.counts: dict[int, int] = {}
         self.tokens: dict[int, list[int]] = {}
         self.gaps: list[float] = []  # inter-token latencies: time between two results of one request
 
@@ -195,7 +194,6 @@ class _Streams:
             self.gaps.append(now - self.last_seen[result.request_id])
         if result.token_ids:
             self.last_seen[result.request_id] = now
-        self.counts[result.request_id] = self.counts.get(result.request_id, 0) + len(result.token_ids)
         self.tokens.setdefault(result.request_id, []).extend(result.token_ids)
         if result.finished:
             self.done.release()
@@ -206,7 +204,7 @@ class _Streams:
         def percentile(q: float) -> float:
             return 1000 * gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else 0.0
 
-        generated = sum(self.counts.values())
+        generated = sum(len(tokens) for tokens in self.tokens.values())
         # the greedy tokens of every request, in request order: equal digests = equal tokens (A/B runs of one shape)
         digest = hashlib.sha256(json.dumps([self.tokens[i] for i in sorted(self.tokens)]).encode()).hexdigest()
         return {"batch": batch, "tokens_sha256": digest[:16], "seconds": wall, "generated_tokens": generated,

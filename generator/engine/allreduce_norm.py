@@ -28,6 +28,8 @@ import torch.distributed as dist
 try:  # part of torch's CUDA wheels
     import triton
     import triton.language as tl
+
+    from generator.engine.attention import layer_norm_row
 except ImportError:  # pragma: no cover - CPU-only installs never build this class
     triton = None
 
@@ -82,14 +84,7 @@ if triton is not None:
             total = (reduced.to(tl.float32) + residual.to(tl.float32)).to(dtype)  # as add_layer_norm rounds
             tl.store(sum_ptr + row * stride_sum + columns, total, mask=mask)
             if HAS_NORM:
-                values = total.to(tl.float32)
-                mean = tl.sum(values, 0) / WIDTH
-                centered = tl.where(mask, values - mean, 0.0)
-                variance = tl.sum(centered * centered, 0) / WIDTH
-                normed = centered * tl.rsqrt(variance + eps) * tl.load(weight_ptr + columns, mask=mask,
-                                                                        other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    normed += tl.load(bias_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+                normed = layer_norm_row(total, columns, mask, weight_ptr, bias_ptr, eps, WIDTH, HAS_BIAS)
                 tl.store(out_ptr + row * stride_out + columns, normed.to(dtype), mask=mask)
 
 
@@ -153,11 +148,11 @@ class PeerAllReduceNorm:
         if rows == 0:
             return total, out
         block = triton.next_power_of_2(width)
+        normed = out if out is not None else total  # not written without a norm
         _all_reduce_add_norm_kernel[(min(rows, PROGRAMS),)](
             partial, residual, weight if weight is not None else residual,
-            bias if bias is not None else residual, total, out if out is not None else total,
+            bias if bias is not None else residual, total, normed,
             self.data_ptrs, self.flag_ptrs, ROLES.index(role) * self.max_elements, rows,
-            partial.stride(0), residual.stride(0), total.stride(0), (out if out is not None else total).stride(0),
-            eps, RANK=self.rank, WORLD=self.world, WIDTH=width, BLOCK=block, PROGRAMS=PROGRAMS,
+            partial.stride(0), residual.stride(0), total.stride(0), normed.stride(0), eps, RANK=self.rank, WORLD=self.world, WIDTH=width, BLOCK=block, PROGRAMS=PROGRAMS,
             HAS_NORM=weight is not None, HAS_BIAS=bias is not None, num_warps=8 if block >= 2048 else 4)
         return total, out

@@ -4,8 +4,8 @@ Decode rows (one new token each) read their keys and values straight from the po
 tables: on CUDA with a Triton-language kernel (one program per sequence and query head, an online softmax over
 tiles of keys gathered through the block table, GQA/MQA by head grouping, ALiBi from the slopes, int8 K/V
 dequantized on load; with few sequences and wide tables each (sequence, head)'s keys are split over several
-programs and merged by a second kernel, see `decode_splits`); elsewhere with `decode_attention_reference`, which gathers the padded table's slots and
-runs SDPA (the CPU path and the kernel's correctness reference). Both have fixed shapes for a fixed table width,
+programs and merged by a second kernel, see `decode_splits`); elsewhere with `decode_attention_reference`, which
+gathers the padded table's slots and runs SDPA (the CPU path and the kernel's correctness reference). Both have fixed shapes for a fixed table width,
 so they can be captured in CUDA graphs. RoPE is applied before K is written, so the pool holds rotated keys.
 """
 
@@ -286,6 +286,13 @@ if triton is not None:
         residual = tl.load(residual_ptr + row * stride_residual + columns, mask=mask, other=0.0)
         total = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded as torch's add rounds
         tl.store(sum_ptr + row * stride_sum + columns, total, mask=mask)
+        out = layer_norm_row(total, columns, mask, weight_ptr, bias_ptr, eps, WIDTH, HAS_BIAS)
+        tl.store(out_ptr + row * stride_out + columns, out.to(x.dtype), mask=mask)
+
+    @triton.jit
+    def layer_norm_row(total, columns, mask, weight_ptr, bias_ptr, eps, WIDTH: tl.constexpr,
+                       HAS_BIAS: tl.constexpr):
+        """LayerNorm of one row `total` (masked past WIDTH) in float32; also the fused all-reduce's."""
         values = total.to(tl.float32)
         mean = tl.sum(values, 0) / WIDTH
         centered = tl.where(mask, values - mean, 0.0)
@@ -293,7 +300,7 @@ if triton is not None:
         out = centered * tl.rsqrt(variance + eps) * tl.load(weight_ptr + columns, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             out += tl.load(bias_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + columns, out.to(x.dtype), mask=mask)
+        return out
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -336,10 +336,15 @@ class DecoderModel:
         bias = self._optional(prefix + ".bias")
         return out + bias if bias is not None else out
 
-    def _row_linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        """Row-parallel linear: partial products summed over TP, then the bias once."""
-        out = self.comm.tp_all_reduce(self._matmul(x, prefix + ".weight"))
+    def _row_linear(self, x: torch.Tensor, prefix: str, reduce: bool = True) -> torch.Tensor:
+        """Row-parallel linear: partial products summed over TP, then the bias once; with `reduce=False` this
+        rank's partial product (for the caller's fused all-reduce, so no bias)."""
+        out = self._matmul(x, prefix + ".weight")
         bias = self._optional(prefix + ".bias")
+        if not reduce:
+            assert bias is None, "a partial sum cannot carry the bias"
+            return out
+        out = self.comm.tp_all_reduce(out)
         return out + bias if bias is not None else out
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
@@ -459,10 +464,7 @@ class DecoderModel:
             out = out.transpose(1, 2).reshape(-1, self.heads * hd)[batch.output_index]
             parts.append(out)
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if reduce:
-            return self._row_linear(out, prefix + ".dense")
-        assert prefix + ".dense.bias" not in self.tensors, "a partial sum cannot carry the bias"
-        return self._matmul(out, prefix + ".dense.weight")
+        return self._row_linear(out, prefix + ".dense", reduce)
 
     def _mlp(self, local: int, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """The MLP (or MoE) block's output; with `reduce=False` this rank's partial sum (no bias)."""
@@ -475,10 +477,7 @@ class DecoderModel:
         else:  # swiglu: fc holds [up; gate]
             up, gate = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
-        if reduce:
-            return self._row_linear(hidden, prefix + ".proj")
-        assert prefix + ".proj.bias" not in self.tensors, "a partial sum cannot carry the bias"
-        return self._matmul(hidden, prefix + ".proj.weight")
+        return self._row_linear(hidden, prefix + ".proj", reduce)
 
     def _moe(self, local: int, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """Top-k routing in float32 on every rank; each rank runs its experts' share of F (no host sync, see
