@@ -163,9 +163,9 @@ class Communicator:
         if peer is None:
             return
         self._peer_all_reduce = peer
-        # measured on H200s (bench/tp_allreduce_gpu.py): at TP2 the fused boundary takes 8.2-11.8 us where one-shot
-        # + add_layer_norm take 10.7-17.1; at TP4 it is slower (14.6 vs 11.5 us at one row): its barrier signals
-        # the peers one after the other. So it is built for two ranks only.
+        # measured on H200s (bench/tp_allreduce_gpu.py): at TP2 the fused boundary takes 6.4-10.1 us where one-shot
+        # + add_layer_norm take 10.8-17.2. At TP4 only an earlier version (a flag barrier, remote loads) was
+        # measured, and it was slower (14.6 vs 11.5 us at one row). So it is built for two ranks only.
         if mode == "fused" and fused_layers and self.mapping.tensor_parallel_size == 2:
             self.peer_norm = self._built(
                 lambda: PeerAllReduceNorm(self._tp_group, self.device, dtype, _PEER_ALL_REDUCE_BYTES),

@@ -505,10 +505,10 @@ class DecoderModel:
         hidden = self._norm(hidden, "transformer.ln_f")
         weight = self.tensors.get("lm_head.weight", self.tensors.get("transformer.vocab_embedding.weight"))
         assert weight is not None
-        logits = F.linear(hidden, weight).float()
-        if weight.shape[0] < self.config.vocab_size:
+        logits = F.linear(hidden, weight)
+        if weight.shape[0] < self.config.vocab_size:  # gathered in the model's dtype: half of float32's bytes
             logits = self.comm.tp_all_gather(logits, dim=-1)
-        return logits[:, : self.config.vocab_size]
+        return logits[:, : self.config.vocab_size].float()
 
     # the forward ----------------------------------------------------------------------------------------
     @property

@@ -90,6 +90,15 @@ CONFIGS: dict[tuple[int, int, int], Config] = {
 }
 
 
+# Float (bf16/fp16) weights: (M bucket, N, K) -> config, only for shapes where bench/decode_gemm_gpu.py measured
+# the kernel faster than cuBLAS; every other shape stays with cuBLAS (`dense_config` returns None).
+DENSE_CONFIGS: dict[tuple[int, int, int], Config] = {}
+
+
+def dense_config(rows: int, outputs: int, depth: int) -> Config | None:
+    """The measured-faster launch for a float `[rows, depth] x [outputs, depth]^T` product, else None."""
+    return DENSE_CONFIGS.get((m_bucket(rows), outputs, depth)) if rows <= MAX_ROWS else None
+
 @cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -189,8 +198,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "k_tiles"])
 def _dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, k_tiles,
                 tiles_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc[n, m] = sum_k W[n, k] * x[m, k] over this program's N tile and K range, all M rows at once."""
+                EVEN_K: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """acc[n, m] = sum_k W[n, k] * x[m, k] over this program's N tile and K range, all M rows at once (W int8
+    with a per-row scale, or W float and no scale)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -216,7 +226,10 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_x
         x_ptrs += BLOCK_K
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
-    scale = tl.load(s_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_SCALE:
+        scale = tl.load(s_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[:, None]
+    else:
+        scale = tl.full((BLOCK_N, 1), 1.0, tl.float32)
     offsets = offs_m[None, :] * N + offs_n[:, None]
     _epilogue(acc, scale, out_ptr + offsets, ws_ptr + offsets, M * N, cnt_ptr + pid_n, in_n[:, None] & in_m[None, :],
               pid_k, tl.num_programs(1), REDUCE)
@@ -227,12 +240,29 @@ def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, config
     """`(x @ weight.T) * scales` in x's dtype: x `[M, K]` (M <= 64), weight int8 `[N, K]` contiguous, scales
     `[N]`. `config`: a launch configuration (default: `pick_config`); `counters`: zeroed int32, at least
     `cdiv(N, MIN_BLOCK_N)` (from `new_counters`), else a shared per-device set is used."""
+    if weight.dtype != torch.int8:
+        raise ValueError(f"w8a16_mm: weight must be int8, got {weight.dtype}")
+    return _mm(x, weight, scales, config, counters)
+
+
+def dense_mm(x: torch.Tensor, weight: torch.Tensor, config: Config, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T` for a float weight `[N, K]` (K contiguous, x's dtype) by the same tensor-core kernel, for
+    decode shapes where `DENSE_CONFIGS` measured it faster than cuBLAS (`dense_config`)."""
+    if weight.dtype != x.dtype:
+        raise ValueError(f"dense_mm: weight {weight.dtype} and x {x.dtype} differ")
+    if config.kernel != "dot":
+        raise ValueError(f"dense_mm runs the dot kernel only, got {config.label}")
+    return _mm(x, weight, None, config, counters)
+
+
+def _mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, config: Config | None,
+        counters: torch.Tensor | None) -> torch.Tensor:
     rows, depth = x.shape
     outputs = weight.shape[0]
     if rows > MAX_ROWS:
-        raise ValueError(f"w8a16_mm takes at most {MAX_ROWS} rows, got {rows}")
-    if weight.shape[1] != depth or weight.stride(1) != 1 or weight.dtype != torch.int8:
-        raise ValueError(f"w8a16_mm: weight must be int8 [N, {depth}] with K contiguous, got {weight.dtype} "
+        raise ValueError(f"the Triton decode GEMM takes at most {MAX_ROWS} rows, got {rows}")
+    if weight.shape[1] != depth or weight.stride(1) != 1:
+        raise ValueError(f"the Triton decode GEMM: weight must be [N, {depth}] with K contiguous, got "
                          f"{tuple(weight.shape)} strides {weight.stride()}")
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -258,15 +288,17 @@ def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, config
         cnt = counters
     even_k = depth % cfg.block_k == 0
     grid = (n_tiles, split)
+    scale_arg = scales if scales is not None else out  # not read without HAS_SCALE
     if cfg.kernel == "gemv":
+        assert scales is not None, "the gemv kernel is int8-only"
         _gemv_kernel[grid](x, weight, scales, out, workspace, cnt, outputs, depth, weight.stride(0), k_tiles,
                            tiles_per_split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
                            REDUCE=reduce, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        _dot_kernel[grid](x, weight, scales, out, workspace, cnt, rows, outputs, depth, x.stride(0),
+        _dot_kernel[grid](x, weight, scale_arg, out, workspace, cnt, rows, outputs, depth, x.stride(0),
                           weight.stride(0), k_tiles, tiles_per_split, BLOCK_M=m_bucket(max(rows, 2)),
                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, REDUCE=reduce,
-                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HAS_SCALE=scales is not None,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if reduce == _REDUCE_ATOMIC:
         out.copy_(workspace)

@@ -1,10 +1,10 @@
 """The layer loop's fused block boundaries (all-reduce + residual add + LayerNorm in one call), wired on CPU.
 
-Its barrier needs peer GPUs (bench/tp_allreduce_gpu.py checks the kernel on a GPU machine against the separate
-kernels, and `gen-repo bench` shows equal tokens for every GEN_REPO_TP_ALLREDUCE). Here a stand-in with the
+Two ranks of it need peer GPUs (bench/tp_allreduce_gpu.py checks the kernel on a GPU machine against the
+separate kernels, and `gen-repo bench` shows equal tokens for every GEN_REPO_TP_ALLREDUCE). Here a stand-in with the
 kernel's contract takes its place in the engine, so the wiring is checked: exactly one reduction per block
 boundary, whether the fused call takes the message or it is too big and NCCL's path does, and the tokens of
-transformers; and the kernel's arithmetic runs under the Triton interpreter at one rank.
+transformers; and the kernel runs under the Triton interpreter as one of two ranks, the peer's rows in place.
 """
 
 from __future__ import annotations
@@ -97,31 +97,48 @@ import torch
 import torch.nn.functional as F
 from generator.engine import allreduce_norm as an
 torch.manual_seed(0)
-rows, width = 5, 40
-partial, residual = torch.randn(rows, width), torch.randn(rows, width)
+rows, width, slot = 5, 40, 4096
+EMPTY = -(1 << 31)
+mine, theirs, residual = torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, width)
+mine[0, :3] = -0.0  # a -0.0 in this rank's partial leaves as +0.0
 weight, bias = torch.randn(width), torch.randn(width)
-data = torch.zeros(2 * 4096)
-flags = torch.zeros(an.PROGRAMS, dtype=torch.int32)
-data_ptrs = torch.tensor([data.data_ptr()], dtype=torch.int64)
-flag_ptrs = torch.tensor([flags.data_ptr()], dtype=torch.int64)
-for role_offset, w, b in [(0, weight, bias), (4096, weight, None), (0, None, None)]:
-    total = torch.empty_like(residual); out = torch.empty_like(residual)
-    an._all_reduce_add_norm_kernel[(min(rows, an.PROGRAMS),)](
-        partial, residual, w if w is not None else residual, b if b is not None else residual, total, out,
-        data_ptrs, flag_ptrs, role_offset, rows, partial.stride(0), residual.stride(0), total.stride(0), out.stride(0),
-        1e-5, RANK=0, WORLD=1, WIDTH=width, BLOCK=64, PROGRAMS=an.PROGRAMS, HAS_NORM=w is not None,
-        HAS_BIAS=b is not None)
-    assert torch.equal(total, partial + residual), (total - partial - residual).abs().max()
-    if w is not None:
-        want = F.layer_norm(partial + residual, (width,), w, b, 1e-5)
-        assert torch.allclose(out, want, atol=1e-5), (out - want).abs().max()
+for rank in (0, 1):
+    own = torch.empty(2 * 2 * slot)          # [role][sending rank][slot]: this rank's buffer
+    peer = torch.empty(2 * 2 * slot)         # the other rank's
+    own.view(torch.int32).fill_(EMPTY); peer.view(torch.int32).fill_(EMPTY)
+    ptrs = [own.data_ptr(), peer.data_ptr()] if rank == 0 else [peer.data_ptr(), own.data_ptr()]
+    data_ptrs = torch.tensor(ptrs, dtype=torch.int64)
+    other = 1 - rank
+    for role, w, b in [(0, weight, bias), (1, weight, None), (0, None, None)]:
+        role_offset = role * 2 * slot
+        # the peer's push, as it would land: its partial in this rank's slot `other`
+        own[role_offset + other * slot: role_offset + other * slot + rows * width] = theirs.flatten()
+        total = torch.empty_like(residual); out = torch.empty_like(residual)
+        an._all_reduce_add_norm_kernel[(min(rows, an.PROGRAMS),)](
+            mine, residual, w if w is not None else residual, b if b is not None else residual, total, out,
+            data_ptrs, role_offset, slot, rows, mine.stride(0), residual.stride(0), total.stride(0), out.stride(0),
+            1e-5, RANK=rank, WORLD=2, WIDTH=width, BLOCK=64, PROGRAMS=an.PROGRAMS, HAS_NORM=w is not None,
+            HAS_BIAS=b is not None, BITS=an.tl.int32, EMPTY=EMPTY)
+        first, second = (mine, theirs) if rank == 0 else (theirs, mine)
+        want = (first + second) + residual
+        assert torch.equal(total, want), (total - want).abs().max()
+        if w is not None:
+            normed = F.layer_norm(want, (width,), w, b, 1e-5)
+            assert torch.allclose(out, normed, atol=1e-5), (out - normed).abs().max()
+        # what this rank read is empty again; what it pushed sits in the peer's slot `rank`, -0.0 as +0.0
+        read = own[role_offset + other * slot: role_offset + other * slot + rows * width]
+        assert bool((read.view(torch.int32) == EMPTY).all())
+        sent = peer[role_offset + rank * slot: role_offset + rank * slot + rows * width].view(rows, width)
+        assert torch.equal(sent, mine) and not bool((sent.view(torch.int32) == EMPTY).any())
+        peer.view(torch.int32).fill_(EMPTY)
 print("ok")
 """
 
 
 def test_the_fused_kernel_adds_and_normalizes_as_the_separate_kernels() -> None:
-    """The fused kernel's arithmetic, interpreted on CPU at one rank (no peers: the barrier has nobody to wait
-    for): rows copied through the buffer, both buffers, with and without a norm and its bias."""
+    """The fused kernel interpreted on CPU as either of two ranks, the peer's rows already in its buffer: the
+    sum in rank order, add and LayerNorm (both buffers, with and without a norm and its bias); its own rows land
+    in the peer's buffer with -0.0 sent as +0.0, and what it read is EMPTY again for the next call."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     completed = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env,
