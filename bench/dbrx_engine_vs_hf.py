@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generator.bench.engine import run_batch  # noqa: E402
+from generator.build import BuildSettings, build_engine  # noqa: E402
+from generator.convert.job import ConvertSettings, convert_checkpoint  # noqa: E402
 from generator.engine import Executor  # noqa: E402
-from generator.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from generator.tiny import EOS_TOKEN, PAD_TOKEN, train_tokenizer  # noqa: E402
 
 
@@ -92,13 +93,17 @@ def main() -> None:
     started = time.perf_counter()
     write_random_dbrx(args.work / "hf", args)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    result = run_pipeline(PipelineSettings(
-        model=str(args.work / "hf"), output_dir=args.work / "job", dtype="bfloat16", max_batch_size=max(batches),
-        max_input_len=args.input_len, max_seq_len=args.input_len + args.output_len, progress=False))
+    # convert and build only: the engine alone needs no Triton repository (nor tritonclient, which render reads
+    # configs with); the engine's rank files are hard links to the checkpoint's, so the disk holds them once
+    checkpoint = convert_checkpoint(ConvertSettings(args.work / "hf", args.work / "checkpoint", dtype="bfloat16",
+                                                    progress=False))
+    engine_dir = build_engine(BuildSettings(checkpoint, args.work / "engine", max_batch_size=max(batches),
+                                            max_input_len=args.input_len,
+                                            max_seq_len=args.input_len + args.output_len))
     print(f"checkpoint, convert and build: {time.perf_counter() - started:.1f} s", flush=True)
     run_args = argparse.Namespace(vocab=args.vocab, input_len=args.input_len, output_len=args.output_len,
-                                  arrival_ms=0.0)
-    with Executor(result.engine_dir) as executor:
+                                  arrival_ms=0.0, end_id=None, min_tokens=0)  # no end id: every request runs full
+    with Executor(engine_dir) as executor:
         run_batch(executor, 1, argparse.Namespace(**{**vars(run_args), "output_len": 4}))  # warm-up
         for batch in batches:
             row = run_batch(executor, batch, run_args)

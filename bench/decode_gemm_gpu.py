@@ -10,8 +10,8 @@ At a decode batch of 16-64 rows a linear is bound by reading its weight, and cuB
 (e.g. 8192 outputs in 80-wide tiles are 103 programs on 132 SMs). Timing is what a decode step sees: each variant
 is a CUDA graph of calls over enough weight copies (>= --rotate-mib) that nothing comes from L2; median over
 replays. The output is checked against float32 (max error / max |reference|). It prints each shape's best config,
-its speed over cuBLAS, the bandwidth both reach, and a `DENSE_CONFIGS` table (shapes the kernel won by more than
---margin) to paste into generator/engine/triton_w8a16.py.
+its speed over cuBLAS, the bandwidth both reach, and a `DENSE_CONFIGS` table (every shape's best launch and its
+ratio to cuBLAS) to paste into generator/engine/triton_w8a16.py.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def sweep(depth: int, outputs: int, rows_list: list[int], configs: list[Config],
     return results
 
 
-def report(results: list[dict[str, object]], configs: list[Config], margin: float) -> None:
+def report(results: list[dict[str, object]], configs: list[Config]) -> None:
     lines, entries = [], {}
     by_label = {c.label: c for c in configs}
     for row in results:
@@ -86,15 +86,16 @@ def report(results: list[dict[str, object]], configs: list[Config], margin: floa
         us = good[best][0]
         lines.append([str(row["K"]), str(row["N"]), str(row["M"]), f"{base[0]:.1f}", f"{gb / base[0] * 1e3:.2f}",
                       f"{us:.1f}", f"{gb / us * 1e3:.2f}", f"{base[0] / us:.2f}x", best])
-        if us * margin < base[0]:
-            entries[(m_bucket(int(row["M"])), int(row["N"]), int(row["K"]))] = by_label[best]  # type: ignore[call-overload]
+        entries[(m_bucket(int(row["M"])), int(row["N"]), int(row["K"]))] = (  # type: ignore[call-overload]
+            by_label[best], base[0] / us)
     print("\nus per linear (CUDA-graph replay, weights rotated past L2); TB/s = weight bytes / time")
     print(table(["K", "N", "M", "cublas us", "TB/s", "triton us", "TB/s", "speed-up", "best launch"], lines))
-    print(f"\n# paste into generator/engine/triton_w8a16.py (shapes the kernel won by > {100 * (margin - 1):.0f}%)")
-    print("DENSE_CONFIGS: dict[tuple[int, int, int], Config] = {")
-    for key, c in sorted(entries.items()):
-        print(f"    {key}: Config({c.kernel!r}, {c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, "
-              f"{c.num_stages}, {c.reduce!r}),")
+    print("\n# paste into generator/engine/triton_w8a16.py (with the cuBLAS / kernel ratio; dense_config applies "
+          "DENSE_MARGIN and GELU_MARGIN to it)")
+    print("DENSE_CONFIGS: dict[tuple[int, int, int], tuple[Config, float]] = {")
+    for key, (c, ratio) in sorted(entries.items()):
+        print(f"    {key}: (Config({c.kernel!r}, {c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, "
+              f"{c.num_stages}), {ratio:.2f}),")
     print("}")
 
 
@@ -103,7 +104,6 @@ def main() -> int:
     parser.add_argument("--rows", default="16,64")
     parser.add_argument("--shapes", default="", help="KxN,KxN,... (default: MPT-7B at TP1 and TP2)")
     parser.add_argument("--quick", action="store_true", help="four launches only")
-    parser.add_argument("--margin", type=float, default=1.03, help="how much faster a launch must be to enter the table")
     parser.add_argument("--rotate-mib", type=int, default=512)
     parser.add_argument("--min-calls", type=int, default=48)
     parser.add_argument("--replays", type=int, default=15)
@@ -128,7 +128,7 @@ def main() -> int:
     results = []
     for depth, outputs in shapes:
         results += sweep(depth, outputs, rows_list, configs, args, device, dtype)
-    report(results, configs, args.margin)
+    report(results, configs)
     return 0
 
 

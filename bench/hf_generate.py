@@ -26,6 +26,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    import transformers
+
+    print(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                      "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}), flush=True)
     model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=getattr(torch, args.dtype)).to(device).eval()
     vocab = model.config.vocab_size
     for batch in [int(b) for b in args.batch_sizes.split(",")]:

@@ -31,6 +31,7 @@ from generator.engine.attention import (
     paged_prefill_attention,
 )
 from generator.engine.config import EngineConfig, alibi_slopes
+from generator.engine.decode_gemm import DecodeGemm
 from generator.engine.distributed import Communicator
 from generator.engine.kv_cache import KVPool, bytes_per_token
 from generator.engine.moe import METHOD_ENV, Experts, moe_forward, route
@@ -227,6 +228,7 @@ class DecoderModel:
         self.layer_ids = self.mapping.pp_layers(config.num_layers)
         self.tensors = self._load(Path(engine_dir) / f"rank{self.mapping.rank}.safetensors", weights)
         self._check_shapes()
+        self.dense = DecodeGemm(device, self.dtype)  # float linears: cuBLAS, or our kernel where it measured faster
         start = self.mapping.tp_rank * self.heads
         self.slopes = (alibi_slopes(config.num_heads, config.alibi_bias_max)[start:start + self.heads]
                        .to(device) if config.position_embedding_type == "alibi" else None)
@@ -329,7 +331,7 @@ class DecoderModel:
         quantized = self.weight_only.get(name)
         if isinstance(quantized, WeightOnlyLinear):
             return quantized(x)
-        return F.linear(x, self.tensors[name])
+        return self.dense(x, self.tensors[name])
 
     def _linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         out = self._matmul(x, prefix + ".weight")
@@ -471,10 +473,14 @@ class DecoderModel:
         prefix = f"transformer.layers.{local}.mlp"
         if self.config.moe is not None:
             return self._moe(local, x, reduce)
-        hidden = self._linear(x, prefix + ".fc")
-        if self.config.hidden_act == "gelu":
-            hidden = F.gelu(hidden)  # exact erf GELU, as HF MPT
+        fc = prefix + ".fc"
+        if self.config.hidden_act == "gelu":  # exact erf GELU, as HF MPT
+            if fc + ".bias" in self.tensors or fc + ".weight" in self.weight_only:
+                hidden = F.gelu(self._linear(x, fc))
+            else:  # in the GEMM's epilogue where DecodeGemm takes the shape
+                hidden = self.dense(x, self.tensors[fc + ".weight"], gelu=True)
         else:  # swiglu: fc holds [up; gate]
+            hidden = self._linear(x, fc)
             up, gate = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
         return self._row_linear(hidden, prefix + ".proj", reduce)
@@ -505,7 +511,7 @@ class DecoderModel:
         hidden = self._norm(hidden, "transformer.ln_f")
         weight = self.tensors.get("lm_head.weight", self.tensors.get("transformer.vocab_embedding.weight"))
         assert weight is not None
-        logits = F.linear(hidden, weight)
+        logits = self.dense(hidden, weight)
         if weight.shape[0] < self.config.vocab_size:  # gathered in the model's dtype: half of float32's bytes
             logits = self.comm.tp_all_gather(logits, dim=-1)
         return logits[:, : self.config.vocab_size].float()

@@ -5,6 +5,7 @@ child that runs this package. No torch here: the Triton stub reads it before it 
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,33 @@ def process_info() -> ProcessInfo:
     return ProcessInfo(rank, world, _first_int(_LOCAL_RANK_VARIABLES, rank))
 
 
+_LOWEST_PICK = 10000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
+    """A TCP port nothing listens on right now, below the OS's ephemeral range when there is room. A port the
+    OS could hand to an outgoing connection may be taken before the server that was told it binds it (a
+    multi-rank engine opens many while its Triton model loads, before the endpoints bind: seen as "already in
+    use" in tests)."""
+    start = _ephemeral_start()
+    picks = random.SystemRandom()
+    for _ in range(64 if start > _LOWEST_PICK + 1000 else 0):
+        port = picks.randrange(_LOWEST_PICK, start)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the range: the OS picks one
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

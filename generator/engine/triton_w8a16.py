@@ -90,14 +90,50 @@ CONFIGS: dict[tuple[int, int, int], Config] = {
 }
 
 
-# Float (bf16/fp16) weights: (M bucket, N, K) -> config, only for shapes where bench/decode_gemm_gpu.py measured
-# the kernel faster than cuBLAS; every other shape stays with cuBLAS (`dense_config` returns None).
-DENSE_CONFIGS: dict[tuple[int, int, int], Config] = {}
+# Float (bf16) weights: (M bucket, N, K) -> (the best launch, cuBLAS time / its time), measured by
+# bench/decode_gemm_gpu.py on DENSE_DEVICE (CUDA-graph replays, weights rotated past L2; MPT-7B's linears whole
+# and halved for TP2). `dense_config` takes the kernel where it beat cuBLAS by DENSE_MARGIN, or, with the MLP's
+# GELU in its epilogue (which saves a kernel of its own), where it came within GELU_MARGIN. Other GPUs, other
+# shapes and other row buckets stay with cuBLAS.
+DENSE_DEVICE = "NVIDIA H200"
+DENSE_MARGIN, GELU_MARGIN = 1.03, 0.95
+DENSE_CONFIGS: dict[tuple[int, int, int], tuple[Config, float]] = {
+    (16, 4096, 2048): (Config("dot", 64, 128, 1, 4, 5), 1.01),
+    (16, 4096, 4096): (Config("dot", 64, 128, 2, 4, 5), 1.12),
+    (16, 4096, 8192): (Config("dot", 64, 128, 4, 4, 3), 1.10),
+    (16, 4096, 16384): (Config("dot", 64, 128, 2, 4, 5), 1.03),
+    (16, 6144, 4096): (Config("dot", 64, 128, 1, 4, 5), 1.05),
+    (16, 8192, 4096): (Config("dot", 64, 128, 1, 4, 5), 1.03),
+    (16, 12288, 4096): (Config("dot", 64, 128, 1, 4, 4), 1.05),
+    (16, 16384, 4096): (Config("dot", 64, 128, 1, 4, 4), 1.01),
+    (16, 25216, 4096): (Config("dot", 64, 128, 0, 4, 3), 1.07),
+    (16, 50432, 4096): (Config("dot", 64, 128, 1, 4, 3), 1.10),
+    (64, 4096, 8192): (Config("dot", 64, 128, 2, 4, 5), 1.07),
+    (64, 4096, 16384): (Config("dot", 64, 128, 2, 4, 5), 1.03),
+    (64, 6144, 4096): (Config("dot", 64, 128, 1, 4, 5), 1.01),
+    (64, 8192, 4096): (Config("dot", 64, 128, 1, 4, 5), 1.02),
+    (64, 12288, 4096): (Config("dot", 64, 64, 1, 4, 5), 1.00),
+    (64, 16384, 4096): (Config("dot", 128, 128, 1, 8, 3), 0.98),
+    (64, 25216, 4096): (Config("dot", 128, 64, 1, 4, 4), 1.00),
+    (64, 50432, 4096): (Config("dot", 128, 128, 0, 8, 3), 1.02),
+}
 
 
-def dense_config(rows: int, outputs: int, depth: int) -> Config | None:
-    """The measured-faster launch for a float `[rows, depth] x [outputs, depth]^T` product, else None."""
-    return DENSE_CONFIGS.get((m_bucket(rows), outputs, depth)) if rows <= MAX_ROWS else None
+@cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def dense_config(rows: int, outputs: int, depth: int, device: torch.device, gelu: bool = False) -> Config | None:
+    """The launch for a float `[rows, depth] x [outputs, depth]^T` product (plus GELU) where the table says the
+    kernel wins on this GPU, else None (cuBLAS). An entry measured at M rows serves M/2 < rows <= M: the kernel
+    pads rows to its M tile, while cuBLAS gets faster with fewer."""
+    bucket = m_bucket(rows)
+    entry = DENSE_CONFIGS.get((bucket, outputs, depth)) if rows <= MAX_ROWS and 2 * rows > bucket else None
+    if entry is None or device.type != "cuda" or _device_name(device) != DENSE_DEVICE:
+        return None
+    config, speedup = entry
+    return config if speedup >= (GELU_MARGIN if gelu else DENSE_MARGIN) else None
 
 @cache
 def _sm_count(device: torch.device) -> int:
@@ -145,10 +181,23 @@ def _counters_for(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 @triton.jit
-def _epilogue(acc, scale, out_ptrs, ws_ptrs, ws_step, cnt_ptr, mask, pid_k, splits, REDUCE: tl.constexpr):
-    """Scale and store `acc` (this program's float32 sum over its K range), reducing across the K splits."""
+def _finish(value, dtype, ACTIVATION: tl.constexpr):
+    """The product rounded to the output dtype; with ACTIVATION 1, then exact (erf) GELU computed in float32 from
+    that rounded value and rounded again: what `F.gelu(F.linear(x, w))` does in two kernels."""
+    out = value.to(dtype)
+    if ACTIVATION == 1:
+        x = out.to(tl.float32)
+        out = (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(dtype)
+    return out
+
+
+@triton.jit
+def _epilogue(acc, scale, out_ptrs, ws_ptrs, ws_step, cnt_ptr, mask, pid_k, splits, REDUCE: tl.constexpr,
+              ACTIVATION: tl.constexpr = 0):
+    """Scale and store `acc` (this program's float32 sum over its K range), reducing across the K splits (an
+    ACTIVATION needs REDUCE 0 or 2: the atomic path's cast happens outside the kernel)."""
     if REDUCE == 0:
-        tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, _finish(acc * scale, out_ptrs.dtype.element_ty, ACTIVATION), mask=mask)
     elif REDUCE == 1:  # ws: a zeroed float32 [M, N] (scaling each partial is the same as scaling their sum)
         tl.atomic_add(ws_ptrs, acc * scale, mask=mask)
     else:  # ws: float32 [splits, M, N]; the last split to arrive at this N tile's counter sums them
@@ -159,7 +208,7 @@ def _epilogue(acc, scale, out_ptrs, ws_ptrs, ws_step, cnt_ptr, mask, pid_k, spli
             total = tl.zeros_like(acc)
             for split in range(0, splits):  # .cg: from L2, never a stale L1 line of another SM's partial
                 total += tl.load(ws_ptrs + split * ws_step, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, (total * scale).to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.store(out_ptrs, _finish(total * scale, out_ptrs.dtype.element_ty, ACTIVATION), mask=mask)
             tl.atomic_xchg(cnt_ptr, 0)  # re-armed for the next call (or CUDA graph replay)
 
 
@@ -198,7 +247,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, stride_wn,
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "k_tiles"])
 def _dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, k_tiles,
                 tiles_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr):
+                EVEN_K: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr,
+                ACTIVATION: tl.constexpr):
     """acc[n, m] = sum_k W[n, k] * x[m, k] over this program's N tile and K range, all M rows at once (W int8
     with a per-row scale, or W float and no scale)."""
     pid_n = tl.program_id(0)
@@ -232,7 +282,7 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_x
         scale = tl.full((BLOCK_N, 1), 1.0, tl.float32)
     offsets = offs_m[None, :] * N + offs_n[:, None]
     _epilogue(acc, scale, out_ptr + offsets, ws_ptr + offsets, M * N, cnt_ptr + pid_n, in_n[:, None] & in_m[None, :],
-              pid_k, tl.num_programs(1), REDUCE)
+              pid_k, tl.num_programs(1), REDUCE, ACTIVATION)
 
 
 def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, config: Config | None = None,
@@ -245,18 +295,20 @@ def w8a16_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, config
     return _mm(x, weight, scales, config, counters)
 
 
-def dense_mm(x: torch.Tensor, weight: torch.Tensor, config: Config, counters: torch.Tensor | None = None) -> torch.Tensor:
+def dense_mm(x: torch.Tensor, weight: torch.Tensor, config: Config, counters: torch.Tensor | None = None,
+             gelu: bool = False) -> torch.Tensor:
     """`x @ weight.T` for a float weight `[N, K]` (K contiguous, x's dtype) by the same tensor-core kernel, for
-    decode shapes where `DENSE_CONFIGS` measured it faster than cuBLAS (`dense_config`)."""
+    decode shapes where `DENSE_CONFIGS` measured it faster than cuBLAS (`dense_config`); `gelu`: exact GELU of
+    the product in the epilogue (one kernel for the MLP's first linear and its activation)."""
     if weight.dtype != x.dtype:
         raise ValueError(f"dense_mm: weight {weight.dtype} and x {x.dtype} differ")
-    if config.kernel != "dot":
-        raise ValueError(f"dense_mm runs the dot kernel only, got {config.label}")
-    return _mm(x, weight, None, config, counters)
+    if config.kernel != "dot" or (gelu and config.reduce == "atomic"):
+        raise ValueError(f"dense_mm runs the dot kernel, with GELU not on atomic splits; got {config.label}")
+    return _mm(x, weight, None, config, counters, activation=1 if gelu else 0)
 
 
 def _mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, config: Config | None,
-        counters: torch.Tensor | None) -> torch.Tensor:
+        counters: torch.Tensor | None, activation: int = 0) -> torch.Tensor:
     rows, depth = x.shape
     outputs = weight.shape[0]
     if rows > MAX_ROWS:
@@ -299,7 +351,7 @@ def _mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, conf
                           weight.stride(0), k_tiles, tiles_per_split, BLOCK_M=m_bucket(max(rows, 2)),
                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, REDUCE=reduce,
                           PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HAS_SCALE=scales is not None,
-                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                          ACTIVATION=activation, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if reduce == _REDUCE_ATOMIC:
         out.copy_(workspace)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.engine import distributed
+from generator.engine import distributed, rank_env
 from generator.engine.allreduce_norm import PeerAllReduceNorm
 from generator.engine.distributed import PeerAllReduce
 from generator.engine.rank_env import free_port
@@ -114,3 +115,14 @@ def test_a_peer_path_that_fails_to_build_or_connect_falls_back() -> None:
     assert comm._built(lambda: Peer(fail_connect=True), "unavailable (%s)") is None  # type: ignore[type-var]
     built = comm._built(lambda: Peer(fail_connect=False), "unavailable (%s)")  # type: ignore[type-var]
     assert isinstance(built, Peer) and built.connected
+
+
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    """A picked port is bindable and lies below the range the OS hands to outgoing connections, so a rank's
+    sockets cannot take it before tritonserver binds it (the old OS-picked port could be: a flaky test)."""
+    start = rank_env._ephemeral_start()
+    for _ in range(20):
+        port = free_port()
+        assert rank_env._LOWEST_PICK <= port < start
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

@@ -16,6 +16,7 @@ from generator.convert.job import ConvertSettings, convert_checkpoint
 from generator.engine import SamplingConfig, run_prompts
 from generator.engine.moe import METHOD_ENV, Experts, moe_forward, route
 from generator.engine.weight_only import KERNEL_ENV, expert_linears, weight_only_linear
+from generator.errors import ConfigError
 from generator.formats.weight_only import dequantize_weight, quantize_weight
 from tests.engine.test_engine import _dequantized_copy
 from tests.engine.test_engine_mpi import MPIRUN, mpirun_generate
@@ -117,6 +118,28 @@ for batch in (1, 5, 70):
     out = linear(x)
     assert out.shape == (batch, 1, 136)
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol, batch
+# float weights (the decode GEMM): the same kernel without a scale, and with exact GELU in the epilogue
+from generator.engine.triton_w8a16 import dense_mm
+import torch.nn.functional as F
+for rows, outputs, depth in [(3, 100, 520), (16, 48, 256), (64, 40, 96)]:
+    g = torch.Generator().manual_seed(rows + depth)
+    x = torch.randn(rows, depth, generator=g).to(device, dtype)
+    w = (torch.randn(outputs, depth, generator=g) * 0.05).to(device, dtype)
+    counters = new_counters(outputs, x.device)
+    for cfg in [Config("dot", 16, 32, 1), Config("dot", 32, 16, 4), Config("dot", 16, 64, 2)]:
+        for gelu in (False, True):
+            for repeat in range(2):
+                out = dense_mm(x, w, cfg, counters, gelu=gelu)
+                ref = x.double() @ w.double().t()
+                ref = F.gelu(ref) if gelu else ref
+                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                assert out.dtype == dtype and err < tol, (rows, outputs, depth, cfg, gelu, err)
+    assert int(counters.abs().sum()) == 0
+try:
+    dense_mm(x, w, Config("dot", 16, 32, 2, reduce="atomic"), gelu=True)
+    raise AssertionError("GELU on atomic splits must be refused")
+except ValueError:
+    pass
 g = torch.Generator().manual_seed(0)
 experts, outputs, depth = 4, 70, 300
 a = torch.randn(6, depth, generator=g).to(device, dtype)
@@ -328,3 +351,30 @@ def test_each_moe_kernel_on_two_ranks_matches_transformers(tmp_path: Path, monke
     expected = hf_greedy(hf_dir, MPI_PROMPTS, MPI_NEW_TOKENS)
     for moe_tp, moe_ep in ((2, 1), (1, 2)):
         assert mpirun_generate(sharded_engine(hf_dir, tmp_path, 2, 1, moe_tp, moe_ep), 2) == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_decode_gemm_takes_the_kernel_only_where_the_table_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dense_config`: the table's GPU only; an entry measured at M rows serves M/2 < rows <= M; a plain product
+    needs DENSE_MARGIN, one with GELU in the epilogue GELU_MARGIN. DecodeGemm is cuBLAS on CPU or when switched."""
+    from generator.engine import decode_gemm
+    from generator.engine import triton_w8a16 as kernels
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kernels, "_device_name", lambda device: kernels.DENSE_DEVICE)
+    monkeypatch.setattr(kernels, "DENSE_CONFIGS", {(64, 4096, 8192): (kernels.Config("dot", 64, 128, 2), 1.07),
+                                                   (64, 16384, 4096): (kernels.Config("dot", 128, 128, 1), 0.98)})
+    assert kernels.dense_config(64, 4096, 8192, cuda) is not None
+    assert kernels.dense_config(33, 4096, 8192, cuda) is not None
+    assert kernels.dense_config(32, 4096, 8192, cuda) is None and kernels.dense_config(65, 4096, 8192, cuda) is None
+    assert kernels.dense_config(64, 16384, 4096, cuda) is None  # 2% slower than cuBLAS alone
+    assert kernels.dense_config(64, 16384, 4096, cuda, gelu=True) is not None  # but it saves the GELU kernel
+    assert kernels.dense_config(64, 4096, 8192, torch.device("cpu")) is None
+    monkeypatch.setattr(kernels, "_device_name", lambda device: "another GPU")
+    assert kernels.dense_config(64, 4096, 8192, cuda) is None
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    gemm = decode_gemm.DecodeGemm(torch.device("cpu"), torch.bfloat16)
+    assert not gemm.enabled and torch.equal(gemm(x, w, gelu=True), torch.nn.functional.gelu(x @ w.t()))
+    monkeypatch.setenv(decode_gemm.ENV, "cuBLAS")
+    with pytest.raises(ConfigError, match="GEN_REPO_DECODE_GEMM must be one of table, cublas"):
+        decode_gemm.DecodeGemm(torch.device("cpu"), torch.float32)
