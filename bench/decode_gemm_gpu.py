@@ -4,6 +4,7 @@
 
     python bench/decode_gemm_gpu.py                      # MPT-7B's linears at TP1 and TP2, M 16 and 64
     python bench/decode_gemm_gpu.py --rows 1,16,32,64 --shapes 4096x6144,8192x4096
+    python bench/decode_gemm_gpu.py --check-table        # the engine's DENSE_CONFIGS against cuBLAS (+ GELU)
     TRITON_INTERPRET=1 python bench/decode_gemm_gpu.py --cpu-smoke   # checks this script, measures nothing
 
 At a decode batch of 16-64 rows a linear is bound by reading its weight, and cuBLAS's tiles can leave SMs idle
@@ -23,7 +24,7 @@ import engine_kernels_only  # noqa: F401  (before the kernel modules: see its do
 import torch
 from int8_sweep_gpu import BAD_ERROR, measure, rel_error, table
 
-from generator.engine.triton_w8a16 import Config, dense_mm, m_bucket, new_counters
+from generator.engine.triton_w8a16 import DENSE_CONFIGS, Config, dense_mm, m_bucket, new_counters
 
 # (K, N) = (in, out) of MPT-7B's four linears per layer and lm_head, whole (TP1) and one rank's shard of two
 SHAPES = {"tp1": ((4096, 12288), (4096, 4096), (4096, 16384), (16384, 4096), (4096, 50432)),
@@ -99,6 +100,22 @@ def report(results: list[dict[str, object]], configs: list[Config]) -> None:
     print("}")
 
 
+def check_table(device: torch.device) -> None:
+    """Each `DENSE_CONFIGS` launch, plain and with GELU in its epilogue, against `F.linear` / `F.gelu(F.linear)`
+    at its M: the largest difference relative to the largest value, and the share of bit-equal elements."""
+    counters = new_counters(max(outputs for _, outputs, _ in DENSE_CONFIGS), device)
+    for (rows, outputs, depth), (config, _) in sorted(DENSE_CONFIGS.items()):
+        x = torch.randn(rows, depth, device=device, dtype=torch.bfloat16)
+        w = torch.randn(outputs, depth, device=device, dtype=torch.bfloat16) * 0.02
+        for gelu in (False, True):
+            reference = torch.nn.functional.linear(x, w)
+            reference = torch.nn.functional.gelu(reference) if gelu else reference
+            out = dense_mm(x, w, config, counters, gelu=gelu)
+            difference = ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+            print(f"M{rows} N{outputs} K{depth} gelu={gelu}: max relative difference {difference:.2e}, "
+                  f"equal elements {(out == reference).float().mean().item():.3f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="16,64")
@@ -108,7 +125,11 @@ def main() -> int:
     parser.add_argument("--min-calls", type=int, default=48)
     parser.add_argument("--replays", type=int, default=15)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--check-table", action="store_true", help="check the engine's table against cuBLAS, no timing")
     args = parser.parse_args()
+    if args.check_table:
+        check_table(torch.device("cuda"))
+        return 0
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.float32
         shapes = [(64, 48)]

@@ -183,6 +183,17 @@ def test_int8_sweep_script_runs() -> None:
     assert "!" not in results and "~" not in results, completed.stdout[-2000:]
 
 
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_decode_gemm_sweep_script_runs() -> None:
+    """bench/decode_gemm_gpu.py end to end on CPU (tiny shapes, interpreted kernel): a table comes out."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "decode_gemm_gpu.py"
+    completed = subprocess.run([sys.executable, str(script), "--cpu-smoke"], capture_output=True, text=True,
+                               timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=script.parent.parent)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "DENSE_CONFIGS: dict" in completed.stdout and "(16, 48, 64): (Config('dot'" in completed.stdout, \
+        completed.stdout[-2000:]
+
 # --- the MoE kernels -------------------------------------------------------------------------------------------
 
 def _experts(count: int, d: int, hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
