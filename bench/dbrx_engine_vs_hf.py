@@ -1,7 +1,7 @@
 """DBRX at full width with few layers: the pytorch engine alone against transformers' `generate`, same weights.
 
 Writes a random DBRX checkpoint in Hugging Face layout (d 6144, 48 heads, 8 KV heads, 16 experts top-4, ffn
-10752, vocab 100352; `--layers` deep), generated on the GPU; converts and builds it (`gen-repo` pipeline), runs the
+10752, vocab 100352; `--layers` deep), generated on the GPU; converts and builds it (`gen-repo convert` + `build`), runs the
 engine at the given batch sizes (128 input / 128 output tokens), and prints one JSON line per batch size. Run the
 transformers side with `bench/hf_generate.py --hf WORK/hf` (an interpreter whose numpy transformers imports with).
 
