@@ -282,8 +282,9 @@ def _kernel_profile(executor: Executor, batch: int, args: argparse.Namespace) ->
         result = timed_run(executor, batch, args)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    # busy: the union of the kernels' intervals, without the NCCL broadcasts of the step messages, which wait on
-    # a side stream for the next message and would count a waiting GPU as busy
+    # busy: the union of the kernels' intervals, without NCCL broadcasts: the step messages' wait on a side stream
+    # for the next message and would count a waiting GPU as busy (this also leaves out the device tokens' short
+    # broadcast on the compute stream, a few microseconds a step)
     working = sorted((e.time_range.start, e.time_range.end) for e in kernels if "Broadcast" not in e.name)
     busy, reach = 0.0, float("-inf")
     for start, end in working:

@@ -22,7 +22,9 @@ peer's rows of a call on the other buffer (or passed another collective), which 
 previous kernel, the one that read and emptied this buffer, had ended (kernels on one stream run one after the
 other). Between two calls on one buffer the layer loop always makes a call on the other, or a prefill-sized
 message goes through NCCL. All programs of a call (at most 64) must be resident at once on every rank, as a
-program waits for its peer's program; a GPU of more SMs than that guarantees it.
+program waits for its peer's program; a GPU of more SMs than that guarantees it. A rank that stops in the middle
+of a forward (an error) leaves its peers' buffers out of step, as a missed NCCL call would leave the group: the
+engine must be restarted (an error in a follower's forward already ends its `follow` loop).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ if triton is not None:
                 if peer != RANK:
                     dest = tl.load(buffers_ptr + peer).to(tl.pointer_type(dtype)) + role_offset + RANK * slot
                     tl.store(dest + row * WIDTH + columns, part, mask=mask)
+        tl.debug_barrier()  # every row is pushed before any thread waits: no compiler may sink a push below a wait
         own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(dtype)) + role_offset
         empty = tl.full([BLOCK], EMPTY, BITS)
         for row in range(program, rows, PROGRAMS):

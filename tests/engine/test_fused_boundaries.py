@@ -4,7 +4,8 @@ Two ranks of it need peer GPUs (bench/tp_allreduce_gpu.py checks the kernel on a
 separate kernels, and `gen-repo bench` shows equal tokens for every GEN_REPO_TP_ALLREDUCE). Here a stand-in with the
 kernel's contract takes its place in the engine, so the wiring is checked: exactly one reduction per block
 boundary, whether the fused call takes the message or it is too big and NCCL's path does, and the tokens of
-transformers; and the kernel runs under the Triton interpreter as one of two ranks, the peer's rows in place.
+transformers; and the kernel runs under the Triton interpreter: as one of two ranks with the peer's rows in
+place, and as two processes at once, call after call.
 """
 
 from __future__ import annotations
@@ -144,3 +145,74 @@ def test_the_fused_kernel_adds_and_normalizes_as_the_separate_kernels() -> None:
     completed = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env,
                                timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stdout + completed.stderr
+
+
+_TWO_RANKS_CHECK = """
+import multiprocessing as mp
+import random
+import time
+import torch
+torch.set_num_threads(1)  # no intra-op pool in the parent: its forked children would inherit a locked one
+import torch.nn.functional as F
+from generator.engine import allreduce_norm as an
+EMPTY, width, slot = -(1 << 31), 40, 200 * 40
+ROWS = [1, 70, 3, 130, 64, 200, 2, 65]  # row counts call after call; >64 rows: a program takes several
+buffers = [torch.empty(len(an.ROLES) * 2 * slot).share_memory_() for _ in range(2)]  # each rank's buffer
+for buffer in buffers:
+    buffer.view(torch.int32).fill_(EMPTY)
+data_ptrs = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
+weight = torch.randn(width, generator=torch.Generator().manual_seed(1))
+
+def tensor(seed: int, rows: int) -> torch.Tensor:
+    values = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+    values[0, :2] = -0.0  # sent as +0.0: must never read as "not arrived"
+    return values
+
+def run(rank: int, failures: "mp.Queue[str]") -> None:
+    try:
+        for call, rows in enumerate(ROWS):
+            if rank == 1:
+                time.sleep(random.Random(call).random() * 0.2)  # the peer waits, spinning, for these rows
+            mine, residual = tensor(100 * call + rank, rows), tensor(100 * call + 7, rows)
+            total, out = torch.empty_like(residual), torch.empty_like(residual)
+            an._all_reduce_add_norm_kernel[(min(rows, an.PROGRAMS),)](
+                mine, residual, weight, residual, total, out, data_ptrs, (call % 2) * 2 * slot, slot, rows,
+                mine.stride(0), residual.stride(0), total.stride(0), out.stride(0), 1e-5, RANK=rank, WORLD=2,
+                WIDTH=width, BLOCK=64, PROGRAMS=an.PROGRAMS, HAS_NORM=True, HAS_BIAS=False, BITS=an.tl.int32,
+                EMPTY=EMPTY)
+            want = (tensor(100 * call, rows) + tensor(100 * call + 1, rows)) + residual  # rank order
+            assert torch.equal(total, want), (rank, call, (total - want).abs().max())
+            assert torch.allclose(out, F.layer_norm(want, (width,), weight, None, 1e-5), atol=1e-5), (rank, call)
+    except BaseException as error:
+        failures.put(f"rank {rank}: {error!r}")
+        raise
+
+context = mp.get_context("fork")  # the children see the parent's shared buffers at the same addresses
+failures = context.Queue()
+ranks = [context.Process(target=run, args=(rank, failures)) for rank in (0, 1)]
+for process in ranks:
+    process.start()
+for process in ranks:
+    process.join(timeout=90)
+hung = [process.pid for process in ranks if process.is_alive()]
+for process in ranks:
+    process.kill() if process.is_alive() else None
+assert not hung, f"ranks {hung} still waiting: a row never arrived"
+assert failures.empty(), failures.get()
+assert all(process.exitcode == 0 for process in ranks)
+assert all(bool((buffer.view(torch.int32) == EMPTY).all()) for buffer in buffers), "a buffer was not emptied"
+print("ok")
+"""
+
+
+def test_two_ranks_push_wait_and_empty_their_buffers_call_after_call() -> None:
+    """The kernel's protocol, interpreted on CPU by two processes at once over shared buffers: calls back to back
+    on alternating buffers, 1 to 200 rows (a program takes several rows past 64), one rank late by up to 0.2 s
+    before each call, -0.0 in the rows. Every call gives both ranks the sum in rank order, plus the residual and
+    the norm; no rank waits forever; every buffer is all EMPTY at the end. (float32 only: the interpreter
+    compares a bf16 -0.0 with 0.0 wrongly.)"""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    completed = subprocess.run([sys.executable, "-c", _TWO_RANKS_CHECK], capture_output=True, text=True, env=env,
+                               timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert completed.returncode == 0 and "ok" in completed.stdout, completed.stdout + completed.stderr[-3000:]
