@@ -4,9 +4,6 @@ parity with transformers through chunked prefill, preemption + recompute and reu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +16,7 @@ from generator.engine import Executor, GenerationRequest, GenerationResult, Samp
 from generator.engine.block_manager import BlockManager
 from generator.engine.scheduler import Scheduler, Sequence
 from tests.factories import hf_greedy, make_dbrx, make_mpt
+from tests.interpreted import run_interpreted
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11, [300, 5, 17, 17, 250, 9, 10]]
 NEW_TOKENS = 10
@@ -295,9 +293,7 @@ print("ok")
 
 def test_paged_decode_kernel_matches_the_gather_reference() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    completed = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env,
-                               timeout=300, cwd=Path(__file__).resolve().parents[2])
+    completed = run_interpreted("-c", _KERNEL_CHECK)
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stdout + completed.stderr
 
 
@@ -328,10 +324,7 @@ def test_engine_through_the_kernel_matches_transformers(mpt: tuple[Path, Path, l
     """The whole engine on the (interpreted) decode and prefill kernels, blocks of 4 tokens, whole prompts and
     chunked ones."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    completed = subprocess.run([sys.executable, "-c", _ENGINE_CHECK, str(mpt[1]), json.dumps(PROMPTS),
-                                str(NEW_TOKENS)], capture_output=True, text=True, env=env, timeout=300,
-                               cwd=Path(__file__).resolve().parents[2])
+    completed = run_interpreted("-c", _ENGINE_CHECK, str(mpt[1]), json.dumps(PROMPTS), str(NEW_TOKENS))
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout.splitlines()[-1]) == [mpt[2], mpt[2]]
 

@@ -10,9 +10,6 @@ place, and as two processes at once, call after call.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from generator.engine import model as model_module
 from generator.engine.distributed import Communicator
 from tests.engine.test_engine_paged import NEW_TOKENS, PROMPTS, engine_with_blocks, run_all
 from tests.factories import hf_greedy, make_mpt
+from tests.interpreted import run_interpreted
 
 
 class _StandIn:
@@ -141,9 +139,7 @@ def test_the_fused_kernel_adds_and_normalizes_as_the_separate_kernels() -> None:
     sum in rank order, add and LayerNorm (both buffers, with and without a norm and its bias); its own rows land
     in the peer's buffer with -0.0 sent as +0.0, and what it read is EMPTY again for the next call."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    completed = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env,
-                               timeout=300, cwd=Path(__file__).resolve().parents[2])
+    completed = run_interpreted("-c", _KERNEL_CHECK)
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stdout + completed.stderr
 
 
@@ -212,7 +208,5 @@ def test_two_ranks_push_wait_and_empty_their_buffers_call_after_call() -> None:
     the norm; no rank waits forever; every buffer is all EMPTY at the end. (float32 only: the interpreter
     compares a bf16 -0.0 with 0.0 wrongly.)"""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    completed = subprocess.run([sys.executable, "-c", _TWO_RANKS_CHECK], capture_output=True, text=True, env=env,
-                               timeout=300, cwd=Path(__file__).resolve().parents[2])
+    completed = run_interpreted("-c", _TWO_RANKS_CHECK)
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stdout + completed.stderr[-3000:]

@@ -4,9 +4,6 @@ reference, the old dequantize-at-load path, the old expert loop and transformers
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from generator.formats.weight_only import dequantize_weight, quantize_weight
 from tests.engine.test_engine import _dequantized_copy
 from tests.engine.test_engine_mpi import MPIRUN, mpirun_generate
 from tests.factories import hf_greedy, make_dbrx, make_mpt
+from tests.interpreted import run_interpreted
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 200], [42] * 11]
 NEW_TOKENS = 8
@@ -155,17 +153,12 @@ print("ok", checked)
 """
 
 
-def _triton_env() -> dict[str, str]:
-    return {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_w8a16_kernel_matches_the_reference() -> None:
     """Every kernel (gemv, dot) and K-split reduction (none, fixup, atomic), odd N and K, M 1..64, the counters
     re-armed after each call, and the engine's linear on it. On CUDA directly; without a GPU through Triton's
     interpreter (TRITON_INTERPRET=1)."""
-    completed = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
-                               env=_triton_env(), cwd=Path(__file__).resolve().parents[2])
+    completed = run_interpreted("-c", _TRITON_CHECK, timeout=600, gpu_if_present=True)
     assert completed.returncode == 0 and "ok" in completed.stdout, completed.stderr[-2000:]
 
 
@@ -173,10 +166,8 @@ def test_triton_w8a16_kernel_matches_the_reference() -> None:
 def test_int8_sweep_script_runs() -> None:
     """bench/int8_sweep_gpu.py end to end on CPU (tiny shapes, interpreted kernels): every config's error is
     checked and a CONFIGS table comes out."""
-    script = Path(__file__).resolve().parents[2] / "bench" / "int8_sweep_gpu.py"
-    completed = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--configs", "g1,g5,g6,g7,d1,d6,d7"],
-                               capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=script.parent.parent)
+    completed = run_interpreted("bench/int8_sweep_gpu.py", "--cpu-smoke", "--configs", "g1,g5,g6,g7,d1,d6,d7",
+                                timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "CONFIGS: dict" in completed.stdout and "FAILED" not in completed.stdout, completed.stdout[-2000:]
     results = completed.stdout.split("\nlegend (")[0].split("max err")[1]  # the table's rows
@@ -187,9 +178,7 @@ def test_int8_sweep_script_runs() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_decode_gemm_sweep_script_runs() -> None:
     """bench/decode_gemm_gpu.py end to end on CPU (tiny shapes, interpreted kernel): a table comes out."""
-    script = Path(__file__).resolve().parents[2] / "bench" / "decode_gemm_gpu.py"
-    completed = subprocess.run([sys.executable, str(script), "--cpu-smoke"], capture_output=True, text=True,
-                               timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=script.parent.parent)
+    completed = run_interpreted("bench/decode_gemm_gpu.py", "--cpu-smoke", timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "DENSE_CONFIGS: dict" in completed.stdout and "(16, 48, 64): (Config('dot'" in completed.stdout, \
         completed.stdout[-2000:]
