@@ -8,8 +8,9 @@ the figure is the mean time of one all-reduce. The sums are compared with NCCL's
 Then the fused all-reduce + residual add + LayerNorm (`PeerAllReduceNorm`) against the engine's two kernels
 (one-shot all-reduce, then `add_layer_norm`), call after call in a graph that alternates the two buffers as a
 forward does, and the time of one block boundary. At TP2 its results must equal theirs (a rank that read a
-peer's rows before they arrived, or overwrote rows not yet read, shows as a mismatch); beyond, the largest difference is printed (the two round differently), and
-every rank must hold the same hidden states. The "one rank late" rows time the injected delays too.
+peer's rows before they arrived, or overwrote rows not yet read, shows as a mismatch); beyond, the largest
+difference is printed (the two round differently), and every rank must hold the same hidden states. The "one
+rank late" rows time the injected delays too.
 """
 
 from __future__ import annotations
@@ -87,21 +88,19 @@ def fused_boundaries(group: dist.ProcessGroup, peer: PeerAllReduce, layers: int 
     in a forward (each boundary's output feeds the next; the last one adds without a norm), checked and timed in
     CUDA graphs; then the same with a norm bias, and with one rank late by a random few microseconds before
     some boundaries (a barrier that let a rank overwrite a buffer its peer still reads would show there)."""
-    kernels = {"fused": PeerAllReduceNorm(group, torch.device("cuda"), torch.bfloat16, 2 << 20)}
-    for kernel in kernels.values():
-        kernel.connect()
+    fused = PeerAllReduceNorm(group, torch.device("cuda"), torch.bfloat16, 2 << 20)
+    fused.connect()
     for batch, hidden in [(1, 4096), (3, 4096), (64, 4096), (100, 4096), (256, 4096), (16, 6144), (64, 6144)]:
-        fused_boundary(group, peer, kernels, batch, hidden, layers, replays)
+        fused_boundary(group, peer, fused, batch, hidden, layers, replays)
     for batch, hidden in [(1, 4096), (64, 4096)]:
-        fused_boundary(group, peer, kernels, batch, hidden, layers, replays, with_bias=True, skewed=True)
+        fused_boundary(group, peer, fused, batch, hidden, layers, replays, with_bias=True, skewed=True)
 
 
-def fused_boundary(group: dist.ProcessGroup, peer: PeerAllReduce, kernels: dict[str, PeerAllReduceNorm], batch: int,
+def fused_boundary(group: dist.ProcessGroup, peer: PeerAllReduce, fused: PeerAllReduceNorm, batch: int,
                    hidden: int, layers: int, replays: int, with_bias: bool = False, skewed: bool = False) -> None:
-    """One message size of `fused_boundaries`, for each kernel in `kernels`. At TP2 the results must equal the
-    separate kernels' (the sum of two bf16 values rounds the same; the fused kernel sends -0.0 as +0.0, an equal
-    number); beyond, torch's kernel rounds after each add and the fused one once, so there the figure is the
-    largest difference."""
+    """One message size of `fused_boundaries`. At TP2 the results must equal the separate kernels' (the sum of
+    two bf16 values rounds the same; the fused kernel sends -0.0 as +0.0, an equal number); beyond, torch's
+    kernel rounds after each add and the fused one once, so there the figure is the largest difference."""
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator(device="cuda").manual_seed(1000 * rank + batch)
     partials = torch.randn(2 * layers, batch, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -134,17 +133,15 @@ def fused_boundary(group: dist.ProcessGroup, peer: PeerAllReduce, kernels: dict[
             return residual + reduced, None
         return add_layer_norm(reduced, residual, norm_weight, bias, 1e-5)
 
-    def fused(kernel):  # type: ignore[no-untyped-def]
-        return lambda role, partial, residual, norm_weight: kernel(role, partial, residual, norm_weight, bias, 1e-5)
+    def together(role, partial, residual, norm_weight):  # type: ignore[no-untyped-def]
+        return fused(role, partial, residual, norm_weight, bias, 1e-5)
 
     def difference(a_list, b_list) -> float:  # type: ignore[no-untyped-def]
         return max((a.float() - b.float()).abs().max().item() for a, b in zip(a_list, b_list, strict=True))
 
-    boundaries = {"separate": separate, **{name: fused(kernel) for name, kernel in kernels.items()}}
-    reference = chain(separate)
-    largest = {name: difference(reference, chain(boundaries[name])) for name in kernels}
+    largest = difference(chain(separate), chain(together))
     graphs = {}
-    for name, boundary in boundaries.items():
+    for name, boundary in (("separate", separate), ("fused", together)):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -154,20 +151,17 @@ def fused_boundary(group: dist.ProcessGroup, peer: PeerAllReduce, kernels: dict[
         with torch.cuda.graph(graph):
             outputs = chain(boundary)
         graphs[name] = (graph, outputs)
-    for _ in range(replays):  # the graphs again and again: the fused ones must keep giving the same results
-        for graph, _ in graphs.values():
-            graph.replay()
+    for _ in range(replays):  # both graphs again and again: the fused one must keep giving the same results
+        graphs["separate"][0].replay()
+        graphs["fused"][0].replay()
         torch.cuda.synchronize()
-        for name in kernels:
-            largest[name] = max(largest[name], difference(graphs["separate"][1], graphs[name][1]))
-    agree = {}
-    for name in kernels:  # every rank must hold the same hidden states: compare with rank 0's
-        mine = torch.cat([t.flatten().float() for t in graphs[name][1]])
-        first = mine.clone()
-        dist.broadcast(first, 0, group=group)
-        ranks_agree = torch.tensor([int(torch.equal(mine, first))], device="cuda")
-        dist.all_reduce(ranks_agree, op=dist.ReduceOp.MIN, group=group)
-        agree[name] = bool(ranks_agree.item())
+        largest = max(largest, difference(graphs["separate"][1], graphs["fused"][1]))
+    # every rank must hold the same hidden states: compare with rank 0's
+    mine = torch.cat([t.flatten().float() for t in graphs["fused"][1]])
+    first = mine.clone()
+    dist.broadcast(first, 0, group=group)
+    ranks_agree = torch.tensor([int(torch.equal(mine, first))], device="cuda")
+    dist.all_reduce(ranks_agree, op=dist.ReduceOp.MIN, group=group)
     timings = {}
     for name, (graph, _) in graphs.items():
         dist.barrier(group=group)
@@ -177,17 +171,16 @@ def fused_boundary(group: dist.ProcessGroup, peer: PeerAllReduce, kernels: dict[
             graph.replay()
         torch.cuda.synchronize()
         timings[name] = (time.perf_counter() - started) / (replays * 2 * layers) * 1e6
-    for name in kernels:
-        worst = torch.tensor([largest[name]], device="cuda")
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-        if rank == 0:
-            variant = (" with a norm bias" if with_bias else "") + (", one rank late" if skewed else "")
-            verdict = (f"equal to the separate kernels: {worst.item() == 0}" if world == 2
-                       else f"largest difference from the separate kernels {worst.item():.3g}")
-            print(f"{batch:4d} x {hidden}{variant}: one-shot + add_layer_norm {timings['separate']:6.1f} us, fused "
-                  f"{timings[name]:6.1f} us per boundary ({timings['separate'] / timings[name]:.2f}x); "
-                  f"{verdict} over {replays + 1} runs; every rank holds the same hidden states: {agree[name]}",
-                  flush=True)
+    worst = torch.tensor([largest], device="cuda")
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    if rank == 0:
+        variant = (" with a norm bias" if with_bias else "") + (", one rank late" if skewed else "")
+        verdict = (f"equal to the separate kernels: {worst.item() == 0}" if world == 2
+                   else f"largest difference from the separate kernels {worst.item():.3g}")
+        print(f"{batch:4d} x {hidden}{variant}: one-shot + add_layer_norm {timings['separate']:6.1f} us, fused "
+              f"{timings['fused']:6.1f} us per boundary ({timings['separate'] / timings['fused']:.2f}x); {verdict} "
+              f"over {replays + 1} runs; every rank holds the same hidden states: {bool(ranks_agree.item())}",
+              flush=True)
 
 
 if __name__ == "__main__":

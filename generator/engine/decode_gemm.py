@@ -14,7 +14,6 @@ from generator.errors import ConfigError
 
 ENV = "GEN_REPO_DECODE_GEMM"
 MODES = ("table", "cublas")  # "cublas": F.linear always (the reference the table was measured against)
-_MAX_ROWS = 64
 
 
 class DecodeGemm:
@@ -33,9 +32,10 @@ class DecodeGemm:
             self.counters = new_counters(max(outputs for _, outputs, _ in DENSE_CONFIGS), device)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        if self.enabled and x.dim() == 2 and x.shape[0] <= _MAX_ROWS and weight.dtype == x.dtype:
+        if self.enabled and x.dim() == 2 and weight.dtype == x.dtype:
             from generator.engine.triton_w8a16 import dense_config, dense_mm
 
+            # None past MAX_ROWS rows, on other GPUs and for shapes the table does not hold
             config = dense_config(x.shape[0], weight.shape[0], weight.shape[1], x.device, gelu)
             if config is not None:
                 return dense_mm(x, weight, config, self.counters, gelu=gelu)
